@@ -1,0 +1,1 @@
+"""jaguar: distributed training and retrieval for individual-animal re-identification."""

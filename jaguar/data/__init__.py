@@ -1,0 +1,1 @@
+"""Data: synthetic jaguars, shard preparation, shard reading, sampling and augmentation."""

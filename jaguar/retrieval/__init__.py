@@ -1,0 +1,1 @@
+"""Retrieval: feature extraction, query expansion, re-ranking, metrics, submissions."""

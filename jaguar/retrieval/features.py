@@ -1,0 +1,80 @@
+"""A feature set: L2-normalised embeddings that carry their image names and labels with them,
+so nothing downstream is matched by position by accident. Stored as safetensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save as save_bytes
+from safetensors import safe_open
+
+from jaguar.io import atomic_write_bytes
+
+
+@dataclass
+class FeatureSet:
+    names: list[str]  # image file names, e.g. "test_0001.png"
+    embeddings: torch.Tensor  # N x D float32, rows L2-normalised
+    labels: torch.Tensor  # N int64; -1 where the identity is unknown
+    label_names: dict[int, str] = field(default_factory=dict)  # label -> identity name
+    meta: dict = field(default_factory=dict)  # free-form provenance (split, checkpoint, tta, ...)
+
+    def __post_init__(self) -> None:
+        self.embeddings = torch.as_tensor(self.embeddings, dtype=torch.float32)
+        self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
+        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.names):
+            raise ValueError(f"feature set has {len(self.names)} names but embeddings of shape "
+                             f"{tuple(self.embeddings.shape)}")
+        if self.labels.shape != (len(self.names),):
+            raise ValueError(f"feature set has {len(self.names)} names but {self.labels.shape[0]} labels")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("feature set has duplicate image names")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def normalized(self) -> "FeatureSet":
+        emb = torch.nn.functional.normalize(self.embeddings, dim=1)
+        return FeatureSet(list(self.names), emb, self.labels.clone(), dict(self.label_names), dict(self.meta))
+
+    def select(self, names: list[str]) -> "FeatureSet":
+        """The rows for `names`, in that order; unknown names are an error naming them."""
+        position = {name: i for i, name in enumerate(self.names)}
+        missing = [n for n in names if n not in position]
+        if missing:
+            raise KeyError(f"{len(missing)} image(s) have no features, e.g. {missing[:5]}")
+        index = torch.tensor([position[n] for n in names], dtype=torch.long)
+        return FeatureSet(list(names), self.embeddings[index], self.labels[index],
+                          dict(self.label_names), dict(self.meta))
+
+    def save(self, path: str | Path) -> None:
+        metadata = {
+            "names": json.dumps(self.names),
+            "label_names": json.dumps({str(k): v for k, v in self.label_names.items()}),
+            "meta": json.dumps(self.meta),
+        }
+        tensors = {"embeddings": self.embeddings.contiguous(), "labels": self.labels.contiguous()}
+        atomic_write_bytes(Path(path), save_bytes(tensors, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureSet":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"feature file {path} does not exist; run `jaguar extract` first")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+        return cls(
+            names=json.loads(metadata["names"]),
+            embeddings=tensors["embeddings"],
+            labels=tensors["labels"],
+            label_names={int(k): v for k, v in json.loads(metadata.get("label_names", "{}")).items()},
+            meta=json.loads(metadata.get("meta", "{}")),
+        )
+
+    def numpy(self) -> np.ndarray:
+        return self.embeddings.numpy()

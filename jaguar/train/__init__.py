@@ -1,0 +1,1 @@
+"""Training loop, optimisation, checkpoints and logging."""

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment and install jaguar with its test extras.
+# Idempotent: skips the install when pyproject.toml has not changed since the last one.
+# Usage: source it or run it; JAGUAR_VENV overrides the venv location (default: ./.venv).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${JAGUAR_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.jaguar-installed"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+  echo "[setup] installing jaguar and its dependencies into $VENV (a few minutes the first time)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+  echo "$WANT" > "$STAMP"
+fi
+# DeepSpeed JIT-compiles ops on first use: keep them in a persistent cache.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
+export PATH="$VENV/bin:$PATH"
