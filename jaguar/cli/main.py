@@ -12,6 +12,10 @@ from jaguar.config import ConfigError
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
 COMMAND_MODULES = (
     "jaguar.cli.cmd_config",
+    "jaguar.cli.cmd_synth",
+    "jaguar.cli.cmd_prep",
+    "jaguar.cli.cmd_train",
+    "jaguar.cli.cmd_extract",
 )
 
 

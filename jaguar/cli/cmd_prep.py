@@ -1,0 +1,34 @@
+"""`jaguar prep SRC OUT`: convert a challenge-layout or folder-per-identity data set into WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("prep", help="convert images into WebDataset shards + manifest.json")
+    parser.add_argument("src", help="challenge layout (train.csv, train/, test.csv, test/) or SRC/<identity>/*.png")
+    parser.add_argument("out", help="output folder (built aside and renamed at the end)")
+    parser.add_argument("--max-side", type=int, default=1024, help="cap on the long side in pixels (default 1024)")
+    parser.add_argument("--shard-size", type=int, default=500, help="samples per tar shard (default 500)")
+    parser.add_argument("--workers", type=int, default=2, help="decode/resize/encode processes (default 2)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave bad files out (listed in manifest.json) instead of failing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import sys
+
+    from jaguar.data.prep import PrepError, prepare, summary
+
+    try:
+        manifest = prepare(args.src, args.out, max_side=args.max_side, shard_size=args.shard_size,
+                           workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                           progress=sys.stderr.isatty())
+    except PrepError as err:
+        print(f"jaguar prep: error: {err}", file=sys.stderr)
+        return 2
+    print(summary(manifest, args.out))
+    return 0

@@ -1,0 +1,23 @@
+"""`jaguar train RECIPE_OR_YAML [key=value ...]`: train (one process, or under accelerate/torchrun/srun)."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaguar.config import load_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a model from a recipe or YAML config",
+        description="Train from recipes/*.py or a YAML config. Run it as is for one process, or under "
+                    "`accelerate launch -m jaguar.cli.main train ...` for several.")
+    parser.add_argument("recipe", help="recipes/*.py or a .yaml config")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.shards=DIR train.epochs=5")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jaguar.train.entry import run_training
+
+    return run_training(load_config(args.recipe, args.overrides))

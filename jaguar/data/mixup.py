@@ -1,0 +1,48 @@
+"""Mixup on a batch: images blended with a permutation of the same batch, weight lam ~ Beta(a, a).
+
+The loss is then lam * loss(labels_a) + (1 - lam) * loss(labels_b). Metric losses on identities
+(triplet, center) have no meaning for a blended image; the trainer should apply them only to
+batches that were not mixed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from jaguar.config import Config
+
+MixupResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
+
+
+def mixup_batch(images: torch.Tensor, labels: torch.Tensor, alpha: float, prob: float,
+                generator: torch.Generator) -> Optional[MixupResult]:
+    """Mix the batch with probability `prob`: returns (mixed images, labels_a, labels_b, lam), or
+    None when this batch is left alone (also whenever alpha <= 0 or prob <= 0).
+
+    All randomness comes from `generator`, so a resumed run mixes exactly as the original did."""
+    if alpha <= 0 or prob <= 0:
+        return None
+    if float(torch.rand((), generator=generator)) >= prob:
+        return None
+    # torch's Beta sampler takes no generator; a numpy Generator seeded from ours keeps it reproducible.
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    permutation = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    mixed = images * lam + images[permutation] * (1.0 - lam)
+    return mixed, labels, labels[permutation], lam
+
+
+def build_mixup(cfg: Config) -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[MixupResult]]]:
+    """`mixup(images, labels, generator)` with data.mixup_alpha / data.mixup_prob, or None if disabled."""
+    if cfg.data.mixup_alpha <= 0 or cfg.data.mixup_prob <= 0:
+        return None
+    return functools.partial(_mixup_call, alpha=cfg.data.mixup_alpha, prob=cfg.data.mixup_prob)
+
+
+def _mixup_call(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
+                alpha: float, prob: float) -> Optional[MixupResult]:
+    return mixup_batch(images, labels, alpha, prob, generator)

@@ -1,0 +1,253 @@
+"""`jaguar prep`: turn a challenge-layout or folder-per-identity image folder into deterministic WebDataset
+shards (RGBA PNG + json per sample), a wids index per split and a manifest.json; bad input is reported in full."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from jaguar.data.layouts import Listing, Problem, SourceImage, read_listing
+from jaguar.io import atomic_directory, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "jaguar-shards/1"
+SPLITS = ("train", "test")
+PNG_COMPRESS_LEVEL = 3  # fixed: the same input always gives the same bytes
+_MAX_LISTED_WARNINGS = 20
+
+
+class PrepError(ValueError):
+    """Bad input for `jaguar prep`; the message lists every bad file and its problem."""
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info)
+
+
+def convert_image(path: str, require_alpha: bool, max_side: int) -> dict:
+    """Decode, check and re-encode one image as an RGBA PNG whose long side is at most `max_side`.
+
+    Returns {"png", "orig_size", "size", "alpha_bbox", "warning"} or {"error": reason}."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except FileNotFoundError:
+        return {"error": "missing: the file disappeared while preparing"}
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return {"error": f"corrupt or truncated image ({type(err).__name__}: {err})"}
+    warning = None
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+    elif require_alpha:
+        return {"error": f"no alpha channel (mode {image.mode}): the challenge layout needs RGBA PNGs whose "
+                         f"alpha is the animal mask"}
+    else:
+        rgba = image.convert("RGB").convert("RGBA")
+        warning = "no alpha channel: given an opaque mask"
+    orig_size = list(rgba.size)
+    if max(rgba.size) > max_side:
+        scale = max_side / max(rgba.size)
+        size = (max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale)))
+        # RGB and alpha separately: PIL's RGBA resize premultiplies, which would alter the colour under the mask
+        rgb = rgba.convert("RGB").resize(size, Image.LANCZOS)
+        alpha = rgba.getchannel("A").resize(size, Image.LANCZOS)
+        rgba = Image.merge("RGBA", (*rgb.split(), alpha))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    bbox = rgba.getchannel("A").getbbox()
+    return {"png": buffer.getvalue(), "orig_size": orig_size, "size": list(rgba.size),
+            "alpha_bbox": list(bbox) if bbox else None, "warning": warning}
+
+
+def _convert_task(task: tuple[str, bool, int]) -> dict:
+    return convert_image(*task)
+
+
+def _format_problems(src: Path, problems: list[Problem], skip_hint: bool) -> str:
+    lines = [f"{len(problems)} problem(s) in {src}:"] + [f"  {p.file}: {p.reason}" for p in problems]
+    if skip_hint:
+        lines.append("fix or remove these files, or pass --skip-bad to leave them out (they are then listed "
+                     "in manifest.json)")
+    else:
+        lines.append("these cannot be skipped: fix the file(s) named above")
+    return "\n".join(lines)
+
+
+def _convert_all(listing: Listing, max_side: int, workers: int, spool: Path, progress: bool
+                 ) -> tuple[list[tuple[SourceImage, dict]], list[Problem]]:
+    """Convert every image (in parallel), keeping PNG bytes in a spool file so memory stays flat."""
+    from tqdm import tqdm
+
+    tasks = [(str(image.path), listing.require_alpha, max_side) for image in listing.images]
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(tasks) > 1 else None
+    results = pool.map(_convert_task, tasks, chunksize=4) if pool else map(_convert_task, tasks)
+    converted, problems = [], []
+    try:
+        with spool.open("wb") as handle:
+            for image, result in tqdm(zip(listing.images, results), total=len(tasks), disable=not progress,
+                                      desc="prep", unit="img"):
+                if "error" in result:
+                    problems.append(Problem(str(image.path), result["error"]))
+                    continue
+                png = result.pop("png")
+                result["spool"] = (handle.tell(), len(png))
+                result["sha256"] = hashlib.sha256(png).hexdigest()
+                handle.write(png)
+                converted.append((image, result))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return converted, problems
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # fixed owner, mode and time: the same input gives byte-identical tars
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uname = info.gname = "jaguar"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_split(out: Path, split: str, samples: list[dict], spool: Path, shard_size: int) -> dict:
+    """Write one split's tar shards and wids index into `out`; returns the split's manifest entry.
+
+    `samples` (in shard order) are {"key", "meta" (the sample json), "spool": (offset, length) of the PNG
+    bytes in the file `spool`, "sha256" of those bytes}."""
+    shards = []
+    with spool.open("rb") as source:
+        for first in range(0, len(samples), shard_size):
+            name = f"{split}-{len(shards):06d}.tar"
+            chunk = samples[first:first + shard_size]
+            # stdlib tarfile rather than webdataset's TarWriter: same member layout, without importing torch
+            with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for sample in chunk:
+                    offset, length = sample.pop("spool")
+                    source.seek(offset)
+                    members = {"json": json.dumps(sample["meta"], sort_keys=True).encode("utf-8"),
+                               "png": source.read(length)}
+                    for extension, data in members.items():
+                        _add_member(tar, f"{sample['key']}.{extension}", data)
+            digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
+            shards.append({"url": name, "nsamples": len(chunk), "sha256": digest,
+                           "filesize": (out / name).stat().st_size})
+    index = f"{split}.wids.json"
+    atomic_write_json(out / index, {"wids_version": 1, "name": split,
+                                    "shardlist": [{"url": s["url"], "nsamples": s["nsamples"],
+                                                   "filesize": s["filesize"]} for s in shards]})
+    return {"num_samples": len(samples), "shards": shards, "index": index,
+            "samples": [{"key": s["key"], "filename": s["meta"]["filename"], "label": s["meta"]["label"],
+                         "sha256": s["sha256"]} for s in samples]}
+
+
+def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: int = 500, workers: int = 2,
+            skip_bad: bool = False, overwrite: bool = False, progress: bool = False) -> dict:
+    """Convert `src` into shards in `out` (built in a temporary sibling, renamed at the end); returns the manifest.
+
+    Raises PrepError listing every bad input (unless `skip_bad`, which leaves them out and lists them)."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder {src} does not exist; give the folder holding train.csv "
+                                f"(challenge layout) or one sub-folder per identity")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; remove it, choose another OUT or pass --overwrite")
+    if max_side < 1 or shard_size < 1:
+        raise PrepError(f"--max-side ({max_side}) and --shard-size ({shard_size}) must be positive")
+    try:
+        listing = read_listing(src)
+    except ValueError as err:
+        raise PrepError(str(err)) from None
+    listing.images.sort(key=lambda image: (SPLITS.index(image.split), image.filename))
+    fatal = [p for p in listing.problems if p.fatal]
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output is shared data
+        spool = tmp / ".spool"
+        converted, bad_images = _convert_all(listing, max_side, max(1, workers), spool, progress)
+        problems = listing.problems + bad_images
+        if fatal:
+            raise PrepError(_format_problems(src, fatal, skip_hint=False)
+                            + ("\n" + _format_problems(src, [p for p in problems if not p.fatal], True)
+                               if len(problems) > len(fatal) else ""))
+        if problems and not skip_bad:
+            raise PrepError(_format_problems(src, problems, skip_hint=True))
+        if not converted:
+            raise PrepError(f"no usable images in {src}; nothing to prepare")
+
+        identities = sorted({image.identity for image, _ in converted
+                             if image.split == "train" and image.identity is not None})
+        labels = {name: label for label, name in enumerate(identities)}
+        warnings = _warnings(converted, labels)
+        per_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
+        for image, result in converted:
+            meta = {"filename": image.filename, "identity": image.identity,
+                    "label": labels.get(image.identity, -1) if image.identity is not None else -1,
+                    "orig_size": result["orig_size"], "size": result["size"], "alpha_bbox": result["alpha_bbox"]}
+            per_split[image.split].append({"key": image.key, "meta": meta, "spool": result["spool"],
+                                           "sha256": result["sha256"]})
+        splits = {split: write_split(tmp, split, samples, spool, shard_size)
+                  for split, samples in per_split.items() if samples}
+        spool.unlink()
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "layout": listing.layout,
+            "source": str(src.resolve()),
+            "options": {"max_side": max_side, "shard_size": shard_size, "skip_bad": skip_bad,
+                        "png_compress_level": PNG_COMPRESS_LEVEL},
+            "identities": labels,
+            "splits": splits,
+            "skipped": [{"file": p.file, "reason": p.reason} for p in problems],
+            "warnings": warnings,
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    log.info("prepared %s from %s", out, src)
+    return manifest
+
+
+def _warnings(converted: list[tuple[SourceImage, dict]], labels: dict[str, int]) -> list[str]:
+    warnings = []
+    opaque = [image.filename for image, result in converted if result["warning"]]
+    if opaque:
+        shown = ", ".join(opaque[:_MAX_LISTED_WARNINGS]) + (", ..." if len(opaque) > _MAX_LISTED_WARNINGS else "")
+        warnings.append(f"{len(opaque)} image(s) had no alpha channel and were given an opaque mask: {shown}")
+    unknown = sorted({image.identity for image, _ in converted
+                      if image.split != "train" and image.identity is not None and image.identity not in labels})
+    if unknown:
+        warnings.append(f"{len(unknown)} test identit(y/ies) never seen in train get label -1: {', '.join(unknown)}")
+    empty_mask = [image.filename for image, result in converted if result["alpha_bbox"] is None]
+    if empty_mask:
+        warnings.append(f"{len(empty_mask)} image(s) have an empty alpha mask: "
+                        + ", ".join(empty_mask[:_MAX_LISTED_WARNINGS]))
+    return warnings
+
+
+def summary(manifest: dict, out: str | Path) -> str:
+    """A few human-readable lines describing a prepared shard folder."""
+    lines = [f"prepared {out} ({manifest['layout']} layout, {len(manifest['identities'])} identities)"]
+    for split, entry in manifest["splits"].items():
+        lines.append(f"  {split}: {entry['num_samples']} samples in {len(entry['shards'])} shard(s), "
+                     f"index {entry['index']}")
+    if manifest["skipped"]:
+        lines.append(f"  skipped {len(manifest['skipped'])} bad file(s):")
+        lines += [f"    {item['file']}: {item['reason']}" for item in manifest["skipped"]]
+    lines += [f"  warning: {w}" for w in manifest["warnings"]]
+    return "\n".join(lines)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_write_split = write_split  # the name jaguar.pseudo imports

@@ -1,0 +1,146 @@
+"""Reading a `jaguar prep` output: the manifest, checksum verification, and random access to one split
+through its wids index (picklable, opened lazily in each DataLoader worker process)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from jaguar.config import ConfigError
+
+MANIFEST_FORMAT = "jaguar-shards/1"
+
+
+class ShardsError(ConfigError):
+    """A shard folder that cannot be used; the message names the folder or file and what to do."""
+
+
+def load_manifest(shards_dir: str | Path) -> dict:
+    """The manifest.json of a `jaguar prep` output folder, checked for its format."""
+    shards_dir = Path(shards_dir)
+    path = shards_dir / "manifest.json"
+    if not shards_dir.is_dir():
+        raise FileNotFoundError(f"shard folder {shards_dir} does not exist; create it with `jaguar prep SRC "
+                                f"{shards_dir}` (or fix data.shards)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {shards_dir} is not a `jaguar prep` output; "
+                                f"re-run `jaguar prep SRC {shards_dir}`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardsError(f"{path} is unreadable ({err}); re-run `jaguar prep`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardsError(f"{path} has format {found!r}, expected {MANIFEST_FORMAT!r}; re-run `jaguar prep` "
+                          f"with this version of jaguar")
+    return manifest
+
+
+def verify_shards(shards_dir: str | Path) -> list[str]:
+    """Check every shard's presence, sha256 and each split's index; returns the problems found (empty = ok)."""
+    shards_dir = Path(shards_dir)
+    manifest = load_manifest(shards_dir)
+    problems = []
+    for split, entry in manifest["splits"].items():
+        if not (shards_dir / entry["index"]).is_file():
+            problems.append(f"{shards_dir / entry['index']}: missing wids index of split {split!r}")
+        listed = sum(shard["nsamples"] for shard in entry["shards"])
+        if listed != entry["num_samples"] or listed != len(entry["samples"]):
+            problems.append(f"{shards_dir / 'manifest.json'}: split {split!r} lists {entry['num_samples']} samples, "
+                            f"its shards hold {listed} and its sample list {len(entry['samples'])}")
+        for shard in entry["shards"]:
+            path = shards_dir / shard["url"]
+            if not path.is_file():
+                problems.append(f"{path}: missing shard")
+                continue
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != shard["sha256"]:
+                problems.append(f"{path}: sha256 {digest.hexdigest()} differs from the manifest's {shard['sha256']}"
+                                f" (corrupt or replaced); re-run `jaguar prep`")
+    return problems
+
+
+def _shard_path_as_is(url: str) -> str:
+    # wids copies shards to a cache dir by default; local shards are opened in place (no copy, no stale cache)
+    return url
+
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return value.read()  # a stream
+
+
+class ShardSplit:
+    """Random access to one split of a `jaguar prep` output: item i is (RGBA image, sample json).
+
+    `filenames`, `labels` and `identities` come from the manifest (no tar is opened) in item order."""
+
+    def __init__(self, shards_dir: str | Path, split: str) -> None:
+        self.shards_dir = Path(shards_dir).resolve()
+        self.manifest = load_manifest(self.shards_dir)
+        self.split = split
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise ShardsError(f"split {split!r} is not in {self.shards_dir / 'manifest.json'}; it has "
+                              f"{', '.join(sorted(splits)) or 'no splits'}")
+        entry = splits[split]
+        self.index_path = self.shards_dir / entry["index"]
+        if not self.index_path.is_file():
+            raise FileNotFoundError(f"wids index {self.index_path} is missing; re-run `jaguar prep`")
+        self.filenames: list[str] = [s["filename"] for s in entry["samples"]]
+        self.labels: np.ndarray = np.array([s["label"] for s in entry["samples"]], dtype=np.int64)
+        self.label_names: dict[int, str] = {int(v): k for k, v in self.manifest["identities"].items()}
+        self.identities: list[str | None] = [self.label_names.get(int(label)) for label in self.labels]
+        self._dataset = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.filenames)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_dataset"], state["_pid"] = None, None  # open file handles and mmaps stay in their process
+        return state
+
+    def _open(self):
+        if self._dataset is None or self._pid != os.getpid():
+            import wids
+
+            # wids prints a banner on every open; one per worker process is noise
+            with contextlib.redirect_stderr(io.StringIO()):
+                self._dataset = wids.ShardListDataset(str(self.index_path), localname=_shard_path_as_is,
+                                                      transformations=[], lru_size=16)
+            self._pid = os.getpid()
+            if len(self._dataset) != len(self.filenames):
+                raise ShardsError(f"{self.index_path} holds {len(self._dataset)} samples but the manifest lists "
+                                  f"{len(self.filenames)}; re-run `jaguar prep`")
+        return self._dataset
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, dict]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for split {self.split!r} of {len(self)} samples")
+        i = int(i) % len(self)
+        sample = self._open()[i]
+        meta = json.loads(_as_bytes(sample[".json"]))
+        if meta["filename"] != self.filenames[i]:
+            raise ShardsError(f"sample {i} of {self.split!r} in {self.shards_dir} is {meta['filename']}, the "
+                              f"manifest says {self.filenames[i]}; the shards were changed, re-run `jaguar prep`")
+        image = Image.open(io.BytesIO(_as_bytes(sample[".png"])))
+        image.load()
+        return (image if image.mode == "RGBA" else image.convert("RGBA")), meta
+
+    def label_counts(self) -> dict[int, int]:
+        """Images per label (unknown = -1), e.g. for a PK sampler."""
+        values, counts = np.unique(self.labels, return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts)}

@@ -1,0 +1,339 @@
+"""Synthetic jaguars in the challenge's exact layout: identity lives only in a per-animal rosette coat
+pattern; pose, lighting, blur, noise, occlusion and a cluttered background vary per photo."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from jaguar.io import atomic_directory
+
+log = logging.getLogger(__name__)
+
+# Images per identity in the real training set (jaguar_train_labels.csv): the synthetic set copies the shape
+# of this distribution, scaled to the requested size.
+REAL_IDENTITY_COUNTS: dict[str, int] = {
+    "Abril": 21, "Akaloi": 19, "Alira": 23, "Apeiara": 20, "Ariely": 34, "Bagua": 60, "Benita": 86,
+    "Bernard": 13, "Bororo": 22, "Estella": 16, "Guaraci": 31, "Ipepo": 13, "Jaju": 104, "Kamaikua": 105,
+    "Katniss": 63, "Kwang": 113, "Lua": 120, "Madalena": 27, "Marcela": 183, "Medrosa": 170, "Ousado": 179,
+    "Overa": 62, "Oxum": 17, "Patricia": 19, "Pixana": 50, "Pollyanna": 16, "Pyte": 36, "Saseka": 79,
+    "Solar": 45, "Ti": 86, "Tomas": 63,
+}
+
+PNG_COMPRESS_LEVEL = 1  # fixed so the same seed always gives byte-identical files
+_SPLIT_CODE = {"train": 1, "test": 2}
+
+
+# ---------------------------------------------------------------- who is in the data set
+
+
+def choose_identities(count: int) -> dict[str, int]:
+    """`count` identity names with their real image counts (the weights for apportioning images).
+
+    Fewer than 31: names spread evenly over the real size ranking, so small subsets keep both common and
+    rare animals. More than 31: extra names `Synth032`, ... reuse the real counts cyclically."""
+    if count < 1:
+        raise ValueError(f"identities must be >= 1, got {count}")
+    ranked = sorted(REAL_IDENTITY_COUNTS, key=lambda name: (-REAL_IDENTITY_COUNTS[name], name))
+    if count <= len(ranked):
+        picks = sorted({round(i * (len(ranked) - 1) / max(count - 1, 1)) for i in range(count)})
+        names = [ranked[i] for i in picks]
+    else:
+        names = list(ranked) + [f"Synth{i + 1:03d}" for i in range(len(ranked), count)]
+    weights = {name: REAL_IDENTITY_COUNTS.get(name, REAL_IDENTITY_COUNTS[ranked[i % len(ranked)]])
+               for i, name in enumerate(names)}
+    return dict(sorted(weights.items()))
+
+
+def apportion(total: int, weights: list[float], minimum: int) -> list[int]:
+    """Split `total` into integers proportional to `weights`, each at least `minimum` (largest remainder)."""
+    if total < minimum * len(weights):
+        raise ValueError(f"cannot give {len(weights)} identities at least {minimum} image(s) each "
+                         f"from {total} images; ask for at least {minimum * len(weights)}")
+    quota = np.asarray(weights, dtype=np.float64) * total / float(np.sum(weights))
+    counts = np.maximum(minimum, np.floor(quota + 1e-9)).astype(np.int64)
+    while counts.sum() < total:
+        counts[int(np.argmax(quota - counts))] += 1
+    while counts.sum() > total:
+        excess = np.where(counts > minimum, counts - quota, -np.inf)
+        counts[int(np.argmax(excess))] -= 1
+    return counts.tolist()
+
+
+# ---------------------------------------------------------------- the animal in body coordinates
+
+
+@dataclass(frozen=True)
+class CoatPattern:
+    """One identity's coat, in normalised body-canvas coordinates (x, y in [0, 1])."""
+
+    centres: list[list[tuple[float, float]]]  # rosette centre polygons (slightly darker)
+    blotches: list[list[tuple[float, float]]]  # dark blotches: rosette rings and solid spots
+
+
+def _blob(rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, angle: float,
+          vertices: int = 9) -> list[tuple[float, float]]:
+    """An irregular, rotated elliptical polygon (a blotch is never a perfect ellipse)."""
+    theta = np.linspace(0, 2 * np.pi, vertices, endpoint=False) + rng.uniform(0, 0.5)
+    radius = rng.uniform(0.7, 1.15, vertices)
+    px, py = rx * radius * np.cos(theta), ry * radius * np.sin(theta)
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + ca * a - sa * b, cy + sa * a + ca * b) for a, b in zip(px, py)]
+
+
+@lru_cache(maxsize=4)
+def _silhouette(width: int) -> Image.Image:
+    """The body shape (shared by every identity): ellipse body, neck, head, ears, legs and tail."""
+    height = width // 2
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+
+    def ellipse(cx: float, cy: float, rx: float, ry: float) -> None:
+        draw.ellipse([(cx - rx) * width, (cy - ry) * height, (cx + rx) * width, (cy + ry) * height], fill=255)
+
+    ellipse(0.50, 0.50, 0.30, 0.22)
+    ellipse(0.76, 0.44, 0.09, 0.16)
+    ellipse(0.86, 0.36, 0.075, 0.13)
+    ellipse(0.84, 0.22, 0.018, 0.05)
+    ellipse(0.89, 0.23, 0.018, 0.05)
+    for leg_x in (0.30, 0.37, 0.64, 0.71):
+        draw.line([(leg_x * width, 0.6 * height), ((leg_x + 0.01) * width, 0.95 * height)],
+                  fill=255, width=max(2, int(0.045 * width)))
+    draw.line([(0.22 * width, 0.45 * height), (0.10 * width, 0.55 * height), (0.04 * width, 0.80 * height)],
+              fill=255, width=max(2, int(0.03 * width)), joint="curve")
+    return canvas
+
+
+def make_pattern(seed: int, name: str) -> CoatPattern:
+    """The coat of identity `name` for data set `seed`: rosettes dart-thrown over the body, spots elsewhere."""
+    rng = np.random.default_rng([seed, 0, zlib.crc32(name.encode("utf-8"))])
+    mask = np.asarray(_silhouette(256)) > 0  # where a pattern element may sit (normalised via 256 x 128)
+    aspect = 2.0  # canvas width / height: a circle of radius r (height units) is r/aspect wide
+    placed: list[tuple[float, float, float]] = []
+    centres, blotches = [], []
+    for _ in range(900):
+        if len(placed) >= 55:
+            break
+        x, y = rng.uniform(0.15, 0.8), rng.uniform(0.25, 0.72)
+        radius = rng.uniform(0.055, 0.1)
+        if not mask[int(y * 128), int(x * 256)]:
+            continue
+        if any(math.hypot((x - px) * aspect, y - py) < 1.15 * (radius + pr) for px, py, pr in placed):
+            continue
+        placed.append((x, y, radius))
+        centres.append(_blob(rng, x, y, 0.8 * radius / aspect, 0.8 * radius, rng.uniform(0, np.pi)))
+        ring = int(rng.integers(3, 8))
+        start = rng.uniform(0, 2 * np.pi)
+        for j in range(ring):
+            angle = start + 2 * np.pi * j / ring + rng.normal(0, 0.25)
+            size = radius * rng.uniform(0.28, 0.5)
+            blotches.append(_blob(rng, x + math.cos(angle) * radius / aspect, y + math.sin(angle) * radius,
+                                  size / aspect, size * rng.uniform(0.45, 0.8), angle + np.pi / 2))
+    for _ in range(60):  # solid spots on the head, neck, legs and tail
+        x, y = rng.uniform(0.0, 0.95), rng.uniform(0.1, 0.95)
+        if mask[int(y * 128), int(x * 256)]:
+            size = rng.uniform(0.012, 0.03)
+            blotches.append(_blob(rng, x, y, size / aspect, size, rng.uniform(0, np.pi), vertices=7))
+    return CoatPattern(centres, blotches)
+
+
+@lru_cache(maxsize=64)
+def _body_canvas(seed: int, name: str, width: int) -> np.ndarray:
+    """H x W x 3 uint8 canvas: (silhouette, pattern darkness, belly shading) of one identity."""
+    height = width // 2
+    pattern = make_pattern(seed, name)
+    dark = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(dark)
+    for polygon in pattern.centres:
+        draw.polygon([(x * width, y * height) for x, y in polygon], fill=70)
+    for polygon in pattern.blotches:
+        draw.polygon([(x * width, y * height) for x, y in polygon], fill=255)
+    dark = dark.filter(ImageFilter.GaussianBlur(width / 500))
+    belly = np.clip((np.linspace(0, 1, height) - 0.55) * 3.0, 0, 1)[:, None] * np.ones((1, width))
+    return np.dstack([np.asarray(_silhouette(width)), np.asarray(dark), (belly * 255).astype(np.uint8)])
+
+
+# ---------------------------------------------------------------- one photo
+
+
+def _homography(rng: np.random.Generator, size: int, canvas_w: int, canvas_h: int) -> np.ndarray:
+    """Body canvas -> image: perspective tilt, flip, anisotropic scale, rotation, translation."""
+    centre = np.array([[1, 0, -canvas_w / 2], [0, 1, -canvas_h / 2], [0, 0, 1]], dtype=np.float64)
+    tilt = np.eye(3)
+    tilt[2, :2] = rng.uniform(-0.25, 0.25, 2) / canvas_w
+    flip = np.diag([-1.0 if rng.random() < 0.5 else 1.0, 1.0, 1.0])
+    scale = size * rng.uniform(0.75, 1.2) / canvas_w
+    stretch = np.diag([scale, scale * rng.uniform(0.85, 1.15), 1.0])
+    angle = math.radians(rng.uniform(-35, 35))
+    rotate = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    reach = 0.35 if rng.random() < 0.2 else 0.15  # sometimes the animal is cut by the image border
+    shift = size / 2 + rng.uniform(-reach, reach, 2) * size
+    move = np.array([[1, 0, shift[0]], [0, 1, shift[1]], [0, 0, 1]])
+    return move @ rotate @ stretch @ flip @ tilt @ centre
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Cluttered forest floor: smooth colour field, leaves, branches, shadows. Independent of identity."""
+    palette = np.array([[60, 80, 40], [95, 110, 55], [120, 100, 70], [70, 60, 45], [140, 130, 95],
+                        [40, 55, 35], [160, 150, 120]], dtype=np.float64)
+    coarse = palette[rng.integers(0, len(palette), (6, 6))] * rng.uniform(0.7, 1.2, (6, 6, 1))
+    field = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    draw = ImageDraw.Draw(field)
+    for _ in range(int(rng.integers(8, 25))):
+        colour = tuple(int(c) for c in np.clip(palette[rng.integers(len(palette))] * rng.uniform(0.4, 1.3), 0, 255))
+        x, y = rng.uniform(-0.1, 1.1, 2) * size
+        if rng.random() < 0.3:
+            dx, dy = rng.normal(0, 0.4, 2) * size
+            draw.line([(x, y), (x + dx, y + dy)], fill=colour, width=max(1, int(rng.uniform(0.005, 0.03) * size)))
+        else:
+            rx, ry = rng.uniform(0.01, 0.08, 2) * size
+            draw.polygon(_blob(rng, x, y, rx, ry, rng.uniform(0, np.pi)), fill=colour)
+    return np.asarray(field.filter(ImageFilter.GaussianBlur(size / 300)), dtype=np.float32)
+
+
+def render_image(seed: int, name: str, split: str, index: int, size: int) -> Image.Image:
+    """Photo number `index` of split `split` showing identity `name`, as an RGBA image (alpha = mask)."""
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
+    canvas_w = max(192, int(round(1.25 * size / 32)) * 32)
+    canvas = _body_canvas(seed, name, canvas_w)
+    to_canvas = np.linalg.inv(_homography(rng, size, canvas_w, canvas_w // 2))
+    to_canvas /= to_canvas[2, 2]
+    warped = Image.fromarray(canvas).transform((size, size), Image.PERSPECTIVE, tuple(to_canvas.ravel()[:8]),
+                                               resample=Image.BILINEAR)
+    mask, dark, belly = (np.asarray(warped, dtype=np.float32)[..., c] / 255.0 for c in range(3))
+
+    # coat colour is jittered per photo so that identity cannot be read from colour
+    base = np.array([rng.uniform(165, 225), rng.uniform(110, 160), rng.uniform(45, 95)], dtype=np.float32)
+    cream = np.array([235, 222, 195], dtype=np.float32) * rng.uniform(0.85, 1.0)
+    ink = np.array([30, 24, 18], dtype=np.float32) * rng.uniform(0.6, 1.4)
+    coat = base * (1 - belly[..., None] * 0.8) + cream * (belly[..., None] * 0.8)
+    strength = dark[..., None] * rng.uniform(0.75, 0.95)
+    coat = coat * (1 - strength) + ink * strength
+    alpha = mask[..., None]
+    rgb = _background(rng, size) * (1 - alpha) + coat * alpha
+
+    if rng.random() < 0.35:  # foliage in front of the animal: it hides the coat and is cut from the mask
+        ys, xs = np.nonzero(mask > 0.5)
+        if len(xs):
+            pick = int(rng.integers(len(xs)))
+            leaves = Image.new("L", (size, size), 0)
+            draw = ImageDraw.Draw(leaves)
+            for _ in range(int(rng.integers(3, 9))):
+                x, y = xs[pick] + rng.normal(0, 0.07 * size), ys[pick] + rng.normal(0, 0.07 * size)
+                draw.polygon(_blob(rng, x, y, *(rng.uniform(0.03, 0.09, 2) * size), rng.uniform(0, np.pi)), fill=255)
+            cover = np.asarray(leaves, dtype=np.float32)[..., None] / 255.0
+            green = np.array([rng.uniform(30, 80), rng.uniform(80, 140), rng.uniform(20, 60)], dtype=np.float32)
+            rgb = rgb * (1 - cover) + green * cover
+            alpha = alpha * (1 - cover)
+
+    # camera: exposure, contrast, colour cast, blur, sensor noise (on the whole photo)
+    rgb = rgb * rng.uniform(0.65, 1.3) * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    # contrast about a fixed grey, not the photo's mean, which would leak the coat into the background
+    rgb = (rgb - 110.0) * rng.uniform(0.7, 1.3) + 110.0
+    photo = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    if rng.random() < 0.4:
+        photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5) * size / 256))
+    noisy = np.asarray(photo, dtype=np.float32) + rng.normal(0, rng.uniform(0, 8), (size, size, 3)).astype(np.float32)
+    alpha8 = np.round(alpha[..., 0] * 255).astype(np.uint8)
+    alpha8[alpha8 < 8] = 0  # a clean 0 outside the animal
+    rgba = np.dstack([np.clip(noisy, 0, 255).astype(np.uint8), alpha8])
+    return Image.fromarray(rgba, "RGBA")
+
+
+def _render_png(job: tuple[int, str, str, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    render_image(*job).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- the data set on disk
+
+
+def _assign(counts: dict[str, int], rng: np.random.Generator | None) -> list[str]:
+    """One identity per image; grouped by name like the real train.csv, or shuffled when rng is given."""
+    names = [name for name, count in counts.items() for _ in range(count)]
+    if rng is not None:
+        names = [names[i] for i in rng.permutation(len(names))]
+    return names
+
+
+def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 1895, test_images: int = 371,
+                   size: int = 256, seed: int = 0, workers: int | None = None, overwrite: bool = False,
+                   progress: bool = False) -> Path:
+    """Write a synthetic data set in the challenge layout to `out` (atomically) and return its path."""
+    if size < 32:
+        raise ValueError(f"image size must be >= 32 px, got {size}")
+    if test_images < 2:
+        raise ValueError(f"test_images must be >= 2 to form pairs, got {test_images}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; remove it, choose another output or pass --overwrite")
+    weights = choose_identities(identities)
+    train_counts = dict(zip(weights, apportion(train_images, list(weights.values()), 2)))
+    test_counts = dict(zip(weights, apportion(test_images, list(weights.values()), 1)))
+    train_names = _assign(train_counts, None)
+    test_names = _assign(test_counts, np.random.default_rng([seed, 3]))
+    train_files = [f"train_{i + 1:04d}.png" for i in range(len(train_names))]
+    test_files = [f"test_{i + 1:04d}.png" for i in range(len(test_names))]
+    jobs = [(seed, name, "train", i, size) for i, name in enumerate(train_names)]
+    jobs += [(seed, name, "test", i, size) for i, name in enumerate(test_names)]
+    paths = [Path("train") / f for f in train_files] + [Path("test") / f for f in test_files]
+    workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output is shared data
+        (tmp / "train").mkdir()
+        (tmp / "test").mkdir()
+        _write_csv(tmp / "train.csv", ["filename", "ground_truth"], zip(train_files, train_names))
+        _write_csv(tmp / "test_labels.csv", ["filename", "ground_truth"], zip(test_files, test_names))
+        _write_pairs(tmp / "test.csv", test_files)
+        from tqdm import tqdm
+
+        if workers == 1:
+            results = map(_render_png, jobs)
+            pool = None
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            results = pool.map(_render_png, jobs, chunksize=16)
+        try:
+            for path, png in tqdm(zip(paths, results), total=len(jobs), disable=not progress,
+                                  desc="synth", unit="img"):
+                (tmp / path).write_bytes(png)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    log.info("wrote %d train + %d test synthetic images of %d identities to %s",
+             len(train_files), len(test_files), len(weights), out)
+    return out
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _write_pairs(path: Path, files: list[str]) -> None:
+    """Every ordered pair of distinct test images, query-major, row_id from 0."""
+    lines, row = ["row_id,query_image,gallery_image"], 0
+    for query in files:
+        for gallery in files:
+            if gallery != query:
+                lines.append(f"{row},{query},{gallery}")
+                row += 1
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,113 @@
+"""Training losses of the ReID model: (label-smoothed, mixup-aware) cross-entropy on the head's logits,
+batch-hard triplet and center loss on the pre-BNNeck features, combined with the configured weights.
+
+Mixup: the criterion rebuilds the head's margin from the config (`build_margin`) and applies it to
+the margin-free `ReIDOutput.similarity` once per target set, so margin heads get cos(θ+m) on each
+mixed target. Triplet and center terms are skipped for mixed batches (their labels are ambiguous)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaguar.config import Config, ConfigError
+from jaguar.models.heads import build_margin
+from jaguar.models.reid import ReIDOutput
+
+
+def pairwise_euclidean(features: torch.Tensor) -> torch.Tensor:
+    """B x B Euclidean distances, with a floor inside the sqrt so the zero diagonal has finite gradients."""
+    squared = features.pow(2).sum(dim=1)
+    dist2 = squared[:, None] + squared[None, :] - 2.0 * features @ features.t()
+    return dist2.clamp(min=1e-12).sqrt()
+
+
+def batch_hard_triplet_loss(features: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean over anchors of max(0, d(a, hardest positive) - d(a, hardest negative) + margin);
+    soft margin log(1 + exp(d_ap - d_an)) when margin == 0. Anchors without a negative are skipped."""
+    features = features.float()
+    dist = pairwise_euclidean(features)
+    same = labels[:, None] == labels[None, :]
+    hardest_positive = dist.masked_fill(~same, float("-inf")).amax(dim=1)
+    hardest_negative = dist.masked_fill(same, float("inf")).amin(dim=1)
+    valid = torch.isfinite(hardest_negative)
+    if not bool(valid.any()):
+        return features.sum() * 0.0
+    gap = hardest_positive[valid] - hardest_negative[valid]
+    if margin > 0:
+        return F.relu(gap + margin).mean()
+    return F.softplus(gap).mean()
+
+
+class CenterLoss(nn.Module):
+    """mean over the batch of ||x - c_y||^2 with a learnable centre c per identity (Wen et al.)."""
+
+    def __init__(self, num_classes: int, feat_dim: int) -> None:
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (features.float() - self.centers[labels]).pow(2).sum(dim=1).mean()
+
+
+class ReIDCriterion(nn.Module):
+    """forward(output, labels, mix=None) -> {"loss": weighted total, "ce"/"triplet"/"center": raw terms}.
+
+    The centres get the gradient of the unweighted center loss (BoT divides their gradient by the
+    weight before its SGD step); here that is built into the loss graph, so the trainer only needs
+    `center_optimizer.step()` with the other step."""
+
+    def __init__(self, cfg: Config, num_classes: int, feat_dim: int) -> None:
+        super().__init__()
+        loss_cfg = cfg.loss
+        for key in ("ce_weight", "triplet_weight", "center_weight", "label_smoothing", "triplet_margin"):
+            if getattr(loss_cfg, key) < 0:
+                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss_cfg, key)}")
+        if loss_cfg.label_smoothing >= 1:
+            raise ConfigError(f"loss.label_smoothing must be < 1, got {loss_cfg.label_smoothing}")
+        if loss_cfg.ce_weight == loss_cfg.triplet_weight == loss_cfg.center_weight == 0:
+            raise ConfigError("loss.ce_weight, loss.triplet_weight and loss.center_weight are all 0; "
+                              "enable at least one term")
+        if loss_cfg.ce_weight == 0 and cfg.data.mixup_prob > 0 and cfg.data.mixup_alpha > 0:
+            raise ConfigError("mixup (data.mixup_prob > 0) trains only the cross-entropy term, but "
+                              "loss.ce_weight is 0; set loss.ce_weight > 0 or data.mixup_prob=0")
+        self.ce_weight = loss_cfg.ce_weight
+        self.triplet_weight = loss_cfg.triplet_weight
+        self.triplet_margin = loss_cfg.triplet_margin
+        self.center_weight = loss_cfg.center_weight
+        self.label_smoothing = loss_cfg.label_smoothing
+        self.margin = build_margin(cfg.model)
+        self.center: Optional[CenterLoss] = (CenterLoss(num_classes, feat_dim)
+                                             if self.center_weight > 0 else None)
+
+    def _cross_entropy(self, similarity: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.margin(similarity, labels)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def forward(self, output: ReIDOutput, labels: torch.Tensor,
+                mix: Optional[tuple[torch.Tensor, float]] = None) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        total = output.features.new_zeros((), dtype=torch.float32)
+        if self.ce_weight > 0:
+            if mix is None:
+                ce = self._cross_entropy(output.similarity, labels)
+            else:
+                labels_b, lam = mix
+                ce = (lam * self._cross_entropy(output.similarity, labels)
+                      + (1.0 - lam) * self._cross_entropy(output.similarity, labels_b))
+            terms["ce"] = ce
+            total = total + self.ce_weight * ce
+        if mix is None and self.triplet_weight > 0:
+            triplet = batch_hard_triplet_loss(output.features, labels, self.triplet_margin)
+            terms["triplet"] = triplet
+            total = total + self.triplet_weight * triplet
+        if mix is None and self.center is not None:
+            # Same value as weight * center; features get the weighted gradient, centres the unweighted one.
+            from_features = (output.features.float() - self.center.centers.detach()[labels]).pow(2).sum(1).mean()
+            toward_centers = self.center(output.features.detach(), labels)
+            terms["center"] = from_features
+            total = total + self.center_weight * from_features + (toward_centers - toward_centers.detach())
+        return {"loss": total, **terms}

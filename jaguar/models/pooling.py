@@ -1,0 +1,73 @@
+"""Global pooling of a backbone's feature grid into one vector: GeM (learnable p), avg, max, avgmax, cls."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.layers import SelectAdaptivePool2d
+from torch import nn
+
+from jaguar.config import ConfigError, ModelConfig
+from jaguar.models.backbone import BackboneFeatures
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling, (mean x^p)^(1/p) over positions; p=1 is average, p→∞ is max.
+
+    Activations are clamped at `eps` (GeM is defined for positive inputs) and p at 1 (below 1 the
+    mean favours small responses, which is never what a retrieval feature wants)."""
+
+    def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        if p < 1.0:
+            raise ConfigError(f"model.gem_p must be >= 1, got {p}")
+        initial = torch.tensor([float(p)])
+        if learnable:
+            self.p = nn.Parameter(initial)
+        else:
+            self.register_buffer("p", initial)
+        self.eps = eps
+
+    def current_p(self) -> float:
+        return float(self.p.detach().clamp(min=1.0).item())
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        # fp32 so x^p neither overflows nor underflows in half precision.
+        p = self.p.float().clamp(min=1.0)
+        powered = grid.float().clamp(min=self.eps).pow(p)
+        return powered.mean(dim=(-2, -1)).pow(1.0 / p).to(grid.dtype)
+
+
+class GlobalPool(nn.Module):
+    """Pools BackboneFeatures to B x C with the configured method."""
+
+    def __init__(self, method: str, gem_p: float = 3.0, gem_learnable: bool = True) -> None:
+        super().__init__()
+        self.method = method
+        self.gem: Optional[GeM] = None
+        self.pool: Optional[nn.Module] = None
+        if method == "gem":
+            self.gem = GeM(gem_p, gem_learnable)
+        elif method in ("avg", "max", "avgmax"):
+            # timm's avgmax is 0.5 * (avg + max): the sum up to a constant the neck's BN removes.
+            self.pool = SelectAdaptivePool2d(pool_type=method, flatten=True)
+        elif method != "cls":
+            raise ConfigError(f"model.pooling={method!r} is not one of gem, avg, max, avgmax, cls")
+
+    def gem_p(self) -> Optional[float]:
+        return self.gem.current_p() if self.gem is not None else None
+
+    def forward(self, features: BackboneFeatures) -> torch.Tensor:
+        if self.method == "cls":
+            if features.cls_token is None:
+                raise ConfigError("model.pooling=cls needs a token backbone with a class token (ViT, EVA); "
+                                  "use model.pooling=gem or avg for this backbone")
+            return features.cls_token
+        if self.gem is not None:
+            return self.gem(features.grid)
+        return self.pool(features.grid)
+
+
+def build_pooling(model_cfg: ModelConfig) -> GlobalPool:
+    return GlobalPool(model_cfg.pooling, model_cfg.gem_p, model_cfg.gem_learnable)

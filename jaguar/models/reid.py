@@ -1,0 +1,72 @@
+"""The ReID model: backbone -> pooling -> neck -> head, with the inference embedding and the
+normalisation constants of the backbone's pretrained weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from jaguar.config import Config
+from jaguar.models.backbone import Backbone, build_backbone
+from jaguar.models.heads import MarginHead, build_head
+from jaguar.models.neck import Neck, build_neck
+from jaguar.models.pooling import GlobalPool, build_pooling
+
+
+@dataclass
+class ReIDOutput:
+    logits: torch.Tensor  # B x classes; with the margin on the target when labels were given
+    features: torch.Tensor  # B x D before the BNNeck (triplet / center losses)
+    embedding: torch.Tensor  # B x D after the BNNeck (retrieval)
+    similarity: torch.Tensor  # B x classes, the head's margin-free similarity (criterion re-applies margins)
+
+
+class ReIDModel(nn.Module):
+    """images -> ReIDOutput for training; `embed(images)` -> B x D for retrieval (not normalised)."""
+
+    def __init__(self, backbone: Backbone, pooling: GlobalPool, neck: Neck, head: MarginHead,
+                 num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.neck = neck
+        self.head = head
+        self.num_classes = num_classes
+        self.embed_dim = neck.out_dim
+        data_config = backbone.data_config()
+        self.mean: tuple[float, ...] = tuple(float(v) for v in data_config["mean"])
+        self.std: tuple[float, ...] = tuple(float(v) for v in data_config["std"])
+
+    def _features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pooling(self.backbone(images))
+        return self.neck(pooled)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ReIDOutput:
+        features, embedding = self._features(images)
+        similarity = self.head.similarity(self.neck.head_input(embedding))
+        logits = self.head.margin(similarity, labels)
+        return ReIDOutput(logits=logits, features=features, embedding=embedding, similarity=similarity)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The retrieval embedding (post-neck, not L2-normalised); call under eval() and no_grad()."""
+        return self._features(images)[1]
+
+    def gem_p(self) -> Optional[float]:
+        """The current GeM exponent (for TensorBoard), or None when pooling is not GeM."""
+        return self.pooling.gem_p()
+
+    def head_modules(self) -> nn.ModuleList:
+        """Everything trained from scratch (pooling, neck, head): the optimizer's head-LR groups."""
+        return nn.ModuleList([self.pooling, self.neck, self.head])
+
+
+def build_model(cfg: Config, num_classes: int) -> ReIDModel:
+    """Build the ReID model described by `cfg.model` for `num_classes` training identities."""
+    backbone = build_backbone(cfg.model)
+    pooling = build_pooling(cfg.model)
+    neck = build_neck(cfg.model, backbone.num_features)
+    head = build_head(cfg.model, neck.out_dim, num_classes)
+    return ReIDModel(backbone, pooling, neck, head, num_classes)

@@ -1,0 +1,84 @@
+"""Build the Accelerator for a run: the same call on 1 CPU process, 2 CPU processes (gloo), N GPUs,
+DDP or DeepSpeed ZeRO. The CPU traps (gloo backend, DeepSpeed on CPU) are handled here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+from jaguar.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def launched_with_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator configured from the run config and the launcher's environment."""
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() != "true"
+    kwargs_handlers = []
+    if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without GPUs NCCL is unavailable; accelerate would otherwise pick it for DeepSpeed.
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    deepspeed_plugin = None
+    if cfg.train.deepspeed_config and not launched_with_deepspeed():
+        path = Path(cfg.train.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed_config={path} does not exist (see launch/deepspeed/*.json)")
+        deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(path))
+    if deepspeed_plugin is not None or launched_with_deepspeed():
+        try:
+            import transformers  # noqa: F401  (accelerate's DeepSpeed integration imports it)
+        except ImportError as err:
+            raise ConfigError("DeepSpeed through accelerate needs `transformers`: pip install transformers") from err
+    precision = _PRECISION[cfg.train.precision]
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError("train.precision=fp16 needs a GPU; use train.precision=bf16 or fp32 on CPU")
+    deepspeed_run = deepspeed_plugin is not None or launched_with_deepspeed()
+    if deepspeed_run:
+        # An unfilled "auto" gradient_clipping would become 1.0; 0 turns clipping off.
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(cfg.optim.grad_clip)
+    accelerator = Accelerator(
+        # Accelerate drops a yaml's use_cpu on the way to the workers, so ask for CPU here; but
+        # cpu=True silently disables DeepSpeed, which picks its own CPU accelerator anyway.
+        cpu=not on_gpu and not deepspeed_run,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        deepspeed_plugin=deepspeed_plugin,
+        kwargs_handlers=kwargs_handlers,
+        step_scheduler_with_optimizer=False,
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes (WORLD_SIZE) but Accelerate set up "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type}); on CPU use "
+                           f"`accelerate launch --config_file launch/cpu_2proc.yaml` or torchrun")
+    return accelerator
+
+
+def set_deepspeed_micro_batch(accelerator: Accelerator, micro_batch: int) -> None:
+    """DeepSpeed's "auto" micro-batch is filled from a prepared DataLoader; ours is rank-aware and
+    is not prepared, so state it."""
+    if uses_deepspeed(accelerator):
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def prepare_model_for_deepspeed(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """DeepSpeed bf16 casts parameters but not buffers; EVA-02's rope/k_bias buffers stay fp32 and break
+    attention ('Float and BFloat16'). Casting the whole module first keeps every tensor in one dtype."""
+    if uses_deepspeed(accelerator) and accelerator.mixed_precision == "bf16":
+        return model.to(torch.bfloat16)
+    return model

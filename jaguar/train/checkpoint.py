@@ -1,0 +1,106 @@
+"""Checkpoints: complete or absent. Each is written to a hidden temporary folder and renamed into
+place by the main process once every rank has finished writing; `trainer_state.json`, written
+last, marks a checkpoint complete. `resume=auto` picks the newest complete one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from jaguar.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "weights.safetensors"  # consolidated model weights, for extraction
+EMA_WEIGHTS_FILE = "weights_ema.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file()
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete step checkpoints, oldest first. Temporary and half-written folders are ignored."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> Optional[Path]:
+    """The checkpoint `train.resume` asks for: auto → newest complete one (or None), none → None."""
+    if resume in ("", "none", "no", "false"):
+        return None
+    if resume == "auto":
+        complete = list_checkpoints(checkpoint_dir)
+        return complete[-1] if complete else None
+    path = Path(resume)
+    if not is_complete(path):
+        raise FileNotFoundError(f"train.resume={resume}: no complete checkpoint there (missing {STATE_FILE})")
+    return path
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _state_dict_to_cpu(state: dict) -> dict:
+    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+
+
+def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, name: str,
+                    trainer_state: dict, keep_last: int) -> Path:
+    """Save the full training state under checkpoint_dir/name atomically; prune old step checkpoints."""
+    final = checkpoint_dir / name
+    tmp = checkpoint_dir / f".{name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    # Gathering the full state dict is collective under ZeRO-3: every rank calls it.
+    weights = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_file(_state_dict_to_cpu(weights), str(tmp / WEIGHTS_FILE))
+        if ema is not None:
+            save_file(_state_dict_to_cpu(ema.module.state_dict()), str(tmp / EMA_WEIGHTS_FILE))
+        atomic_write_json(tmp / STATE_FILE, trainer_state)
+        if final.exists():
+            old = checkpoint_dir / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        if _STEP_DIR.match(name) and keep_last > 0:
+            for stale in list_checkpoints(checkpoint_dir)[:-keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+        log.info("checkpoint saved: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def best_or_latest(checkpoint_dir: Path) -> Optional[Path]:
+    """The checkpoint extraction should use by default: best if kept, else the newest."""
+    best = checkpoint_dir / "best"
+    if is_complete(best):
+        return best
+    complete = list_checkpoints(checkpoint_dir)
+    final = checkpoint_dir / "final"
+    candidates = ([final] if is_complete(final) else []) + complete[::-1]
+    return candidates[0] if candidates else None

@@ -1,0 +1,77 @@
+"""The training run's data: the train split of the shards (plus any extra, e.g. pseudo-labelled,
+shards), its train/validation partition, and the label space the classifier head sees."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaguar.config import Config, ConfigError
+from jaguar.data.shards import ShardSplit
+from jaguar.io import atomic_write_json
+
+
+class ConcatSplit:
+    """Several ShardSplits read as one; labels must share the first split's label space."""
+
+    def __init__(self, splits: list) -> None:
+        self.splits = splits
+        self.filenames = [name for split in splits for name in split.filenames]
+        self.labels = np.concatenate([np.asarray(split.labels, dtype=np.int64) for split in splits])
+        self.identities = [ident for split in splits for ident in split.identities]
+        self.label_names = dict(splits[0].label_names)
+        self._offsets = np.cumsum([0] + [len(split) for split in splits])
+        if len(set(self.filenames)) != len(self.filenames):
+            raise ConfigError("data.extra_shards repeat images already in data.shards (duplicate filenames)")
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int):
+        which = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return self.splits[which][index - int(self._offsets[which])]
+
+
+def open_train_split(cfg: Config):
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is not set: point it at a `jaguar prep` output, e.g. data.shards=data/shards")
+    base = ShardSplit(cfg.data.shards, "train")
+    if not cfg.data.extra_shards:
+        return base
+    extras = [ShardSplit(path, "train") for path in cfg.data.extra_shards]
+    for path, extra in zip(cfg.data.extra_shards, extras):
+        for label, name in extra.label_names.items():
+            if base.label_names.get(label, name) != name:
+                raise ConfigError(f"data.extra_shards {path}: label {label} is '{name}' there but "
+                                  f"'{base.label_names[label]}' in {cfg.data.shards}; extra shards must "
+                                  f"use the same identity→label map")
+    return ConcatSplit([base, *extras])
+
+
+@dataclass
+class RunSplit:
+    """Positions (into the train split) used for training and for validation, by file name too."""
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    class_of_label: dict[int, int]  # shard label -> contiguous head class
+
+    def to_json(self, split) -> dict:
+        return {
+            "train": [split.filenames[i] for i in self.train_indices],
+            "val": [split.filenames[i] for i in self.val_indices],
+            "class_of_label": {str(k): v for k, v in self.class_of_label.items()},
+        }
+
+
+def save_run_split(path: Path, run_split: RunSplit, split) -> None:
+    atomic_write_json(path, run_split.to_json(split))
+
+
+def load_val_names(run_dir: Path) -> list[str]:
+    path = Path(run_dir) / "split.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the validation split is written by `jaguar train`")
+    return json.loads(path.read_text())["val"]

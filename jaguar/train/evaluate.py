@@ -1,0 +1,65 @@
+"""Validation during training: embed the validation images (each rank its own contiguous slice),
+score identity-balanced mAP and rank-1 all-vs-all, and log a retrieval grid to TensorBoard."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+from jaguar.config import Config
+from jaguar.data.loader import build_eval_loader
+from jaguar.retrieval.extract import contiguous_slice, embed_batches
+from jaguar.retrieval.metrics import identity_balanced_map
+from jaguar.train.tb import TensorBoardLogger, retrieval_grid
+
+
+def embed_positions(model, split, positions, cfg: Config, accelerator: Accelerator, mean, std,
+                    flip_tta: bool) -> torch.Tensor:
+    """L2-normalised embeddings of split[positions], in that order, on every rank."""
+    start, end = contiguous_slice(len(positions), accelerator.process_index, accelerator.num_processes)
+    mine = list(positions[start:end])
+    loader = build_eval_loader(cfg, split, mine, mean, std, cfg.data.batch_size)
+    was_training = model.training
+    model.eval()
+    _, embeddings = embed_batches(model.embed, loader, accelerator.device, flip_tta=flip_tta)
+    model.train(was_training)
+    if accelerator.num_processes == 1:
+        return embeddings
+    gathered = [None] * accelerator.num_processes
+    dist.all_gather_object(gathered, embeddings)
+    return torch.cat([part for part in gathered if part.numel() > 0])
+
+
+def validate(model, split, val_indices, cfg: Config, accelerator: Accelerator, mean, std,
+             tb: TensorBoardLogger, step: int) -> dict:
+    embeddings = embed_positions(model, split, val_indices, cfg, accelerator, mean, std,
+                                 cfg.retrieval.flip_tta)
+    labels = torch.as_tensor(split.labels[val_indices])
+    similarity = embeddings @ embeddings.T
+    mean_ap = float(identity_balanced_map(similarity, labels))
+    ranked = similarity.clone()
+    ranked.fill_diagonal_(float("-inf"))
+    nearest = ranked.argmax(dim=1)
+    has_match = (labels.view(-1, 1) == labels.view(1, -1)).sum(dim=1) > 1
+    rank1 = float((labels[nearest] == labels)[has_match].float().mean()) if has_match.any() else 0.0
+    result = {"mAP_balanced": mean_ap, "rank1": rank1}
+    tb.scalars({"val/mAP_balanced": mean_ap, "val/rank1": rank1}, step)
+    if accelerator.is_main_process and len(val_indices) > 1:
+        _log_grid(split, val_indices, similarity, labels, cfg, mean, std, tb, step)
+    return result
+
+
+def _log_grid(split, val_indices, similarity, labels, cfg, mean, std, tb, step, num_queries: int = 4) -> None:
+    # Only the queries shown and their top-5 are decoded again; `shown` is sorted, so the queries
+    # (positions 0..num_queries-1) come first and keep their global top-5 inside the subset.
+    scores = similarity.clone()
+    scores.fill_diagonal_(float("-inf"))
+    top = min(5, len(val_indices) - 1)
+    queries = list(range(min(num_queries, len(val_indices))))
+    shown = sorted({q for q in queries} | {int(m) for q in queries for m in scores[q].topk(top).indices})
+    loader = build_eval_loader(cfg, split, [val_indices[i] for i in shown], mean, std, len(shown))
+    images = torch.cat([batch for batch, _ in loader])
+    grid = retrieval_grid(images, similarity[shown][:, shown], labels[shown], mean, std,
+                          num_queries=len(queries), top=top)
+    tb.image("val/retrieval_grid", grid, step)

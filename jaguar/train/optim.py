@@ -1,0 +1,159 @@
+"""Optimisation of a ReID model: timm optimizers with no-decay and layer-decay parameter groups,
+a head LR multiplier, per-update LR schedules (warmup + cosine / multistep / constant) and weight EMA."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from jaguar.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# timm names: "momentum" is SGD with momentum and nesterov off ("sgd" in timm turns nesterov on).
+_TIMM_OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}
+
+
+def _no_weight_decay_names(net: nn.Module) -> set[str]:
+    names = net.no_weight_decay() if hasattr(net, "no_weight_decay") else set()
+    return set(names)
+
+
+def _decay_suffix(group: dict) -> str:
+    return "decay" if group["weight_decay"] > 0 else "no_decay"
+
+
+def param_groups(cfg: Config, model: nn.Module) -> list[dict]:
+    """Parameter groups for `model` (a ReIDModel): backbone groups (layer-decayed for ViTs when
+    optim.layer_decay > 0) and head groups (pooling, neck, head) at optim.head_lr_mult.
+
+    Each group has a readable "name", an "lr_scale" that timm schedulers multiply into the scheduled LR,
+    "lr" = optim.lr * lr_scale (right before the first scheduler step too) and "initial_lr" = optim.lr."""
+    optim_cfg = cfg.optim
+    if optim_cfg.layer_decay < 0 or optim_cfg.layer_decay > 1:
+        raise ConfigError(f"optim.layer_decay must be in [0, 1] (0 disables it), got {optim_cfg.layer_decay}")
+    if optim_cfg.head_lr_mult <= 0:
+        raise ConfigError(f"optim.head_lr_mult must be > 0, got {optim_cfg.head_lr_mult}")
+    net = model.backbone.net
+    no_decay = _no_weight_decay_names(net)
+    groups: list[dict] = []
+    if optim_cfg.layer_decay > 0:
+        backbone_groups = param_groups_layer_decay(net, weight_decay=optim_cfg.weight_decay,
+                                                   no_weight_decay_list=no_decay,
+                                                   layer_decay=optim_cfg.layer_decay)
+        # timm gives no layer ids back; order the groups by scale so names read from the stem up.
+        scales = sorted({g["lr_scale"] for g in backbone_groups})
+        for group in backbone_groups:
+            layer = scales.index(group["lr_scale"])
+            group["name"] = f"backbone.layer{layer:02d}.{_decay_suffix(group)}"
+    else:
+        backbone_groups = param_groups_weight_decay(net, weight_decay=optim_cfg.weight_decay,
+                                                    no_weight_decay_list=no_decay)
+        for group in backbone_groups:
+            group["lr_scale"] = 1.0
+            group["name"] = f"backbone.{_decay_suffix(group)}"
+    groups.extend(backbone_groups)
+    for group in param_groups_weight_decay(model.head_modules(), weight_decay=optim_cfg.weight_decay):
+        group["lr_scale"] = optim_cfg.head_lr_mult
+        group["name"] = f"head.{_decay_suffix(group)}"
+        groups.append(group)
+    for group in groups:
+        group["initial_lr"] = optim_cfg.lr
+        group["lr"] = optim_cfg.lr * group["lr_scale"]
+    return groups
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """optim.name over `param_groups(cfg, model)`: no weight decay on norms, biases, position/class
+    tokens and GeM p; layer-wise LR decay; head LR multiplier."""
+    optim_cfg = cfg.optim
+    if optim_cfg.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {optim_cfg.lr}")
+    if optim_cfg.name not in _TIMM_OPTIMIZERS:
+        raise ConfigError(f"optim.name={optim_cfg.name!r} is not one of {', '.join(_TIMM_OPTIMIZERS)}")
+    if optim_cfg.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {optim_cfg.grad_clip}")
+    extra: dict = {}
+    if optim_cfg.name in ("adam", "adamw"):
+        if len(optim_cfg.betas) != 2:
+            raise ConfigError(f"optim.betas must be [beta1, beta2], got {optim_cfg.betas}")
+        extra["betas"] = tuple(optim_cfg.betas)
+    optimizer = create_optimizer_v2(param_groups(cfg, model), opt=_TIMM_OPTIMIZERS[optim_cfg.name],
+                                    lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
+                                    momentum=optim_cfg.momentum, **extra)
+    return optimizer
+
+
+def grad_clip_norm(cfg: Config) -> Optional[float]:
+    """The max gradient norm for the trainer's clip_grad_norm_ (optim.grad_clip), None when disabled."""
+    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None
+
+
+def build_center_optimizer(cfg: Config, criterion: nn.Module) -> Optional[torch.optim.Optimizer]:
+    """BoT's separate SGD for the center-loss centres (loss.center_lr), or None without center loss."""
+    center = getattr(criterion, "center", None)
+    if cfg.loss.center_weight <= 0 or center is None:
+        return None
+    if cfg.loss.center_lr <= 0:
+        raise ConfigError(f"loss.center_lr must be > 0 when loss.center_weight > 0, got {cfg.loss.center_lr}")
+    return torch.optim.SGD(center.parameters(), lr=cfg.loss.center_lr)
+
+
+def total_updates(cfg: Config, steps_per_epoch: int) -> int:
+    """Optimizer updates of the whole run: train.epochs * steps_per_epoch, capped by train.max_steps."""
+    total = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps > 0:
+        total = min(total, cfg.train.max_steps)
+    return total
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler:
+    """A timm scheduler stepped per optimizer update: call `scheduler.step_update(num_updates)` after
+    each update (num_updates = updates done so far). `state_dict()`/`load_state_dict()` resume it.
+
+    Warmup goes linearly from optim.warmup_lr to optim.lr over optim.warmup_epochs; then cosine to
+    optim.min_lr at the last update, or x optim.gamma at each of optim.milestones (epochs counted from
+    the start of training, warmup included, as in BoT), or constant."""
+    optim_cfg = cfg.optim
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is the training set empty?)")
+    total = total_updates(cfg, steps_per_epoch)
+    warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
+    if optim_cfg.warmup_epochs < 0:
+        raise ConfigError(f"optim.warmup_epochs must be >= 0, got {optim_cfg.warmup_epochs}")
+    common = dict(warmup_t=warmup, warmup_lr_init=optim_cfg.warmup_lr, t_in_epochs=False)
+    if optim_cfg.scheduler == "cosine":
+        if warmup >= total:
+            raise ConfigError(f"optim.warmup_epochs={optim_cfg.warmup_epochs} covers the whole run "
+                              f"({total} updates); lower it or raise train.epochs")
+        return CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=optim_cfg.min_lr,
+                                 warmup_prefix=True, cycle_limit=1, **common)
+    if optim_cfg.scheduler == "multistep":
+        if not optim_cfg.milestones:
+            raise ConfigError("optim.scheduler=multistep needs optim.milestones (epochs), e.g. [35, 60]")
+        if sorted(optim_cfg.milestones) != list(optim_cfg.milestones):
+            raise ConfigError(f"optim.milestones must be increasing, got {optim_cfg.milestones}")
+        # timm applies a milestone d at update index d - 1; +1 makes epoch m start its first update decayed.
+        decay_updates = [int(round(m * steps_per_epoch)) + 1 for m in optim_cfg.milestones]
+        return MultiStepLRScheduler(optimizer, decay_t=decay_updates, decay_rate=optim_cfg.gamma,
+                                    warmup_prefix=False, **common)
+    if optim_cfg.scheduler == "constant":
+        return MultiStepLRScheduler(optimizer, decay_t=[], decay_rate=1.0, warmup_prefix=False, **common)
+    raise ConfigError(f"optim.scheduler={optim_cfg.scheduler!r} is not one of cosine, multistep, constant")
+
+
+def build_ema(cfg: Config, model: nn.Module) -> Optional[ModelEmaV3]:
+    """An EMA copy of `model` (optim.ema, decay optim.ema_decay); call `ema.update(model, step)` after
+    each optimizer update and evaluate `ema.module`."""
+    if not cfg.optim.ema:
+        return None
+    if not 0.0 < cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in (0, 1), got {cfg.optim.ema_decay}")
+    return ModelEmaV3(model, decay=cfg.optim.ema_decay)

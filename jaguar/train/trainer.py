@@ -1,0 +1,361 @@
+"""The training loop: one code path for 1 CPU process, N processes (gloo/NCCL), DDP or DeepSpeed.
+Gradient accumulation without sync on non-final micro-steps, mixed precision, clipping, a guard
+against non-finite losses, periodic validation, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from jaguar.config import Config, ConfigError, save_config
+from jaguar.data.loader import build_train_loader, make_label_map, split_train_val
+from jaguar.data.mixup import mixup_batch
+from jaguar.io import atomic_write_json
+from jaguar.models import build_model
+from jaguar.models.losses import ReIDCriterion
+from jaguar.train import checkpoint as ckpt
+from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, set_deepspeed_micro_batch,
+                                uses_deepspeed)
+from jaguar.train.data import RunSplit, open_train_split, save_run_split
+from jaguar.train.evaluate import validate
+from jaguar.train.optim import build_center_optimizer, build_ema, build_optimizer, build_scheduler
+from jaguar.train.tb import TensorBoardLogger
+
+log = logging.getLogger("jaguar.train")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early for a reason the user must act on (e.g. too many non-finite losses)."""
+
+
+class _PreemptFlag:
+    """Set by SIGUSR1/SIGTERM; the loop checkpoints and exits at the next optimizer-step boundary."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.accelerator = build_accelerator(cfg)
+        acc = self.accelerator
+        set_seed(cfg.run.seed)
+        self.run_dir = Path(cfg.run.dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        self.split = open_train_split(cfg)
+        train_idx, val_idx = split_train_val(self.split.labels, cfg.data.val_fraction, cfg.data.val_split,
+                                             cfg.run.seed)
+        train_idx = np.asarray([i for i in train_idx if self.split.labels[i] >= 0], dtype=np.int64)
+        class_of_label = make_label_map(self.split.labels[train_idx])
+        self.run_split = RunSplit(np.asarray(train_idx), np.asarray(val_idx), class_of_label)
+        if acc.is_main_process:
+            save_run_split(self.run_dir / "split.json", self.run_split, self.split)
+        self.num_classes = len(class_of_label)
+
+        model = build_model(cfg, self.num_classes)
+        if cfg.train.init_from:
+            self._load_initial_weights(model, Path(cfg.train.init_from))
+        self.mean, self.std = tuple(model.mean), tuple(model.std)
+        self.criterion = ReIDCriterion(cfg, self.num_classes, model.embed_dim)
+        optimizer = build_optimizer(cfg, model)
+        self.center_optimizer = build_center_optimizer(cfg, self.criterion)
+
+        self.loader = build_train_loader(cfg, self.split, self.run_split.train_indices, acc.process_index,
+                                         acc.num_processes, self.mean, self.std)
+        batches = len(self.loader.batch_sampler)
+        self.steps_per_epoch = max(1, batches // cfg.train.grad_accum)
+        if batches != self.steps_per_epoch * cfg.train.grad_accum:
+            # An epoch holds whole optimizer steps, so that checkpoints fall on step boundaries.
+            self.loader = build_train_loader(cfg, self.split, self.run_split.train_indices, acc.process_index,
+                                             acc.num_processes, self.mean, self.std,
+                                             batches_per_epoch=self.steps_per_epoch * cfg.train.grad_accum)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps > 0:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.scheduler = build_scheduler(cfg, optimizer, self.steps_per_epoch)
+
+        model = prepare_model_for_deepspeed(model, acc)
+        set_deepspeed_micro_batch(acc, self.loader.batch_sampler.batch_size)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.input_dtype = next(self.model.parameters()).dtype
+        self.criterion.to(acc.device)
+        self.ema = build_ema(cfg, acc.unwrap_model(self.model))
+        acc.register_for_checkpointing(self.scheduler, self.criterion)
+        if self.center_optimizer is not None:
+            acc.register_for_checkpointing(self.center_optimizer)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+
+        self.tb = TensorBoardLogger(self.run_dir / "tb", enabled=acc.is_main_process)
+        self.step = 0  # optimizer-step slots consumed (data position); skipped steps count too
+        self.bad_steps = 0
+        self.best: dict = {}
+        self.history: list[dict] = []
+        self.preempt = _PreemptFlag()
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _load_initial_weights(self, model: torch.nn.Module, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = path / ckpt.WEIGHTS_FILE if path.is_dir() else path
+        if not weights.is_file():
+            raise ConfigError(f"train.init_from={path}: no {ckpt.WEIGHTS_FILE} there")
+        state = load_file(str(weights))
+        own = model.state_dict()
+        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(compatible, strict=False)
+        log.info("initialised %d/%d tensors from %s", len(compatible), len(own), weights)
+
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "batch_in_epoch": (self.step % self.steps_per_epoch) * self.cfg.train.grad_accum,
+            "steps_per_epoch": self.steps_per_epoch,
+            "bad_steps": self.bad_steps,
+            "best": self.best,
+            "history": self.history,
+            "num_classes": self.num_classes,
+            "world_size": self.accelerator.num_processes,
+        }
+
+    def _resume(self) -> None:
+        source = ckpt.find_resume_checkpoint(self.checkpoint_dir, self.cfg.train.resume)
+        if source is None:
+            return
+        state = ckpt.read_state(source)
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ConfigError(f"checkpoint {source} was made with {state['steps_per_epoch']} steps per epoch, "
+                              f"this run has {self.steps_per_epoch} (batch size, world size or data changed); "
+                              f"resume with the same settings or start a new run.dir")
+        self.accelerator.load_state(str(source))
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.best, self.history = state["best"], state["history"]
+        self.accelerator.step = self.step * self.cfg.train.grad_accum
+        log.info("resumed from %s at step %d (epoch %d)", source, self.step, state["epoch"])
+
+    def _log_start(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        per_step = self.loader.batch_sampler.batch_size if hasattr(self.loader.batch_sampler, "batch_size") else None
+        log.info("world size %d (%s, %s), precision %s, DeepSpeed %s", acc.num_processes, acc.device,
+                 acc.distributed_type, cfg.train.precision, uses_deepspeed(acc))
+        log.info("data: %d training images of %d identities, %d validation images; %s",
+                 len(self.run_split.train_indices), self.num_classes, len(self.run_split.val_indices),
+                 cfg.data.shards)
+        log.info("micro-batch %s per process x %d processes x %d accumulation = effective batch %s; "
+                 "%d steps/epoch, %d steps in all", per_step, acc.num_processes, cfg.train.grad_accum,
+                 per_step * acc.num_processes * cfg.train.grad_accum if per_step else "?",
+                 self.steps_per_epoch, self.total_steps)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        self._resume()
+        self._log_start()
+        acc, cfg = self.accelerator, self.cfg
+        if self.step >= self.total_steps:
+            log.info("training already finished at step %d; nothing to do", self.step)
+            return self._write_metrics()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
+                   desc="train", dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        window_steps, images_seen, window_start = 0, 0, time.perf_counter()
+        while self.step < self.total_steps:
+            epoch, position = divmod(self.step, self.steps_per_epoch)
+            self.loader.batch_sampler.set_position(epoch, position * cfg.train.grad_accum)
+            batches = iter(self.loader)
+            epoch_start = time.perf_counter()
+            while position < self.steps_per_epoch and self.step < self.total_steps:
+                terms, grad_norm, count = self._optimizer_step(batches)
+                self.step += 1
+                position += 1
+                images_seen += count
+                window_steps += 1
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    self._log_scalars(sums, window_steps, grad_norm,
+                                      images_seen * acc.num_processes / max(elapsed, 1e-9))
+                    bar.set_postfix(loss=f"{sums.get('loss', 0.0) / window_steps:.3f}")
+                    sums, window_steps, images_seen, window_start = {}, 0, 0, time.perf_counter()
+                if self._preempt_requested():
+                    self._save("step")
+                    if acc.is_main_process:
+                        (self.run_dir / "PREEMPT").unlink(missing_ok=True)
+                    log.warning("preempted at step %d: checkpoint saved, exiting", self.step)
+                    bar.close()
+                    return {"preempted": True, "step": self.step}
+                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    self._save("step")
+            if position == self.steps_per_epoch:
+                self._end_of_epoch(epoch, time.perf_counter() - epoch_start)
+        bar.close()
+        if not ckpt.is_complete(self.checkpoint_dir / f"step-{self.step:06d}"):
+            self._save("step")
+        return self._write_metrics()
+
+    def _optimizer_step(self, batches) -> tuple[dict[str, float], Optional[float], int]:
+        """Run `grad_accum` micro-batches and one optimizer update; returns loss terms, grad norm, images."""
+        acc, cfg = self.accelerator, self.cfg
+        self.model.train()
+        totals: dict[str, float] = {}
+        any_bad = False
+        count = 0
+        grad_norm = None
+        for micro in range(cfg.train.grad_accum):
+            images, labels, _ = next(batches)
+            # Under DeepSpeed bf16 the weights themselves are bf16, and so must the inputs be.
+            images, labels = images.to(acc.device, self.input_dtype), labels.to(acc.device)
+            count += images.shape[0]
+            mix = None
+            if cfg.data.mixup_prob > 0 and cfg.data.mixup_alpha > 0:
+                generator = torch.Generator().manual_seed(
+                    hash((cfg.run.seed, self.step, micro, acc.process_index)) & 0x7FFFFFFF)
+                mixed = mixup_batch(images, labels, cfg.data.mixup_alpha, cfg.data.mixup_prob, generator)
+                if mixed is not None:
+                    images, labels_a, labels_b, lam = mixed
+                    mix = (labels_b, lam)
+            with acc.accumulate(self.model):
+                output = self.model(images, labels)
+                terms = self.criterion(output, labels, mix=mix)
+                loss = terms["loss"]
+                finite = torch.isfinite(loss.detach()).float()
+                finite = acc.reduce(finite, reduction="sum") if acc.num_processes > 1 else finite
+                if finite.item() < acc.num_processes:
+                    # Every rank must still run backward (DDP), but a non-finite batch contributes nothing.
+                    any_bad = True
+                    loss = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    self._sync_center_grads()
+                    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+                    norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                    grad_norm = float(norm) if norm is not None else None
+                    if not any_bad:
+                        self.optimizer.step()
+                        if self.center_optimizer is not None:
+                            self.center_optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.center_optimizer is not None:
+                        self.center_optimizer.zero_grad(set_to_none=True)
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.train.grad_accum
+        if any_bad:
+            self.bad_steps += 1
+            log.warning("non-finite loss at step %d: update skipped (%d so far)", self.step, self.bad_steps)
+            if self.bad_steps > cfg.train.max_bad_steps:
+                raise TrainingStopped(f"{self.bad_steps} steps had a non-finite loss (train.max_bad_steps="
+                                      f"{cfg.train.max_bad_steps}); lower optim.lr or use train.precision=fp32")
+        else:
+            self.scheduler.step_update(self.step + 1)
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.model), step=self.step + 1)
+        return totals, grad_norm, count
+
+    def _sync_center_grads(self) -> None:
+        """The centres live outside DDP: average their gradients across ranks, and undo fp16 loss scaling."""
+        scaler = self.accelerator.scaler
+        divisor = float(self.accelerator.num_processes) * (scaler.get_scale() if scaler is not None else 1.0)
+        for param in self.criterion.parameters():
+            if param.grad is not None:
+                if self.accelerator.num_processes > 1:
+                    torch.distributed.all_reduce(param.grad)
+                param.grad /= divisor
+
+    def _preempt_requested(self) -> bool:
+        local = self.preempt.raised or (self.run_dir / "PREEMPT").exists()
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    # ------------------------------------------------------------------ periodic work
+
+    def _log_scalars(self, sums: dict[str, float], steps: int, grad_norm: Optional[float],
+                     images_per_sec: float) -> None:
+        values = {("train/loss" if key == "loss" else f"train/loss_{key}"): value / steps
+                  for key, value in sums.items()}
+        for index, group in enumerate(self.optimizer.param_groups):
+            values[f"train/lr/{group.get('name', index)}"] = group["lr"]
+        values["train/grad_norm"] = grad_norm
+        values["train/images_per_sec"] = images_per_sec
+        values["train/skipped_steps"] = self.bad_steps
+        gem_p = self.accelerator.unwrap_model(self.model).gem_p()
+        values["model/gem_p"] = gem_p
+        self.tb.scalars(values, self.step)
+
+    def _end_of_epoch(self, epoch: int, seconds: float) -> None:
+        cfg = self.cfg
+        self.tb.scalars({"train/epoch_time_s": seconds}, self.step)
+        last = self.step >= self.total_steps
+        evaluate = cfg.train.eval_every > 0 and len(self.run_split.val_indices) > 0 and (
+            (epoch + 1) % cfg.train.eval_every == 0 or last)
+        if evaluate:
+            model = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+            result = validate(model, self.split, self.run_split.val_indices, cfg, self.accelerator,
+                              self.mean, self.std, self.tb, self.step)
+            entry = {"epoch": epoch + 1, "step": self.step, **result}
+            self.history.append(entry)
+            log.info("epoch %d: validation identity-balanced mAP %.4f, rank-1 %.4f", epoch + 1,
+                     result["mAP_balanced"], result["rank1"])
+            if not self.best or result["mAP_balanced"] > self.best["mAP_balanced"]:
+                self.best = entry
+                self._save("best")
+        if not cfg.train.checkpoint_every and not last:
+            self._save("step")
+        self.tb.flush()
+
+    def _save(self, kind: str) -> None:
+        name = "best" if kind == "best" else f"step-{self.step:06d}"
+        ckpt.save_checkpoint(self.accelerator, self.model, self.ema, self.checkpoint_dir, name,
+                             self._trainer_state(), self.cfg.train.keep_last)
+
+    def _param_checksums(self) -> list[float]:
+        """A checksum of this rank's parameters, gathered from every rank: equal when ranks are in step."""
+        model = self.accelerator.unwrap_model(self.model)
+        local = sum(float(p.detach().double().sum()) for p in model.parameters())
+        if self.accelerator.num_processes == 1:
+            return [local]
+        gathered = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, local)
+        return gathered
+
+    def _write_metrics(self) -> dict:
+        metrics = {"best": self.best, "history": self.history, "steps": self.step,
+                   "skipped_steps": self.bad_steps, "num_classes": self.num_classes,
+                   "world_size": self.accelerator.num_processes, "param_checksums": self._param_checksums()}
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.run_dir / "metrics.json", metrics)
+        self.tb.close()
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+
+def train(cfg: Config) -> dict:
+    """Train a model as the config says; returns the run's metrics."""
+    return Trainer(cfg).train()

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole pipeline on an embedded synthetic default, on 2 CPU processes:
+#   synth -> prep -> train (recipes/tiny_cpu.py, 2 processes) -> extract (2 processes) -> tune-post
+#   -> submission.csv -> local score -> report.
+# Re-running skips finished stages. Usage: bash launch/demo.sh [--fast] [--dir DIR]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FAST=0
+DEMO="${DEMO_DIR:-$ROOT/demo}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --fast) FAST=1 ;;
+    --dir) DEMO="$2"; shift ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "demo.sh: unknown argument '$1' (expected --fast or --dir DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+source "$ROOT/launch/setup.sh"
+cd "$ROOT"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+if [ "$FAST" = 1 ]; then
+  SYNTH=(--identities 8 --train-images 160 --test-images 24 --size 128)
+  TRAIN=(train.epochs=4 model.img_size=[96,96])
+else
+  SYNTH=(--identities 16 --train-images 400 --test-images 60 --size 192)
+  TRAIN=()
+fi
+RAW="$DEMO/raw"; SHARDS="$DEMO/shards"; RUN="$DEMO/run"
+LAUNCH=(accelerate launch --config_file "$ROOT/launch/cpu_2proc.yaml")
+stage() { printf '\n==> %s\n' "$*"; }
+t0=$(date +%s)
+
+stage "1/8 synthetic jaguars -> $RAW"
+[ -f "$RAW/test_labels.csv" ] && echo "exists, skipped" || jaguar synth "$RAW" "${SYNTH[@]}" --seed 0
+stage "2/8 prepare shards -> $SHARDS"
+[ -f "$SHARDS/manifest.json" ] && echo "exists, skipped" || jaguar prep "$RAW" "$SHARDS" --max-side 256 --workers 2
+stage "3/8 train recipes/tiny_cpu.py on 2 CPU processes -> $RUN"
+"${LAUNCH[@]}" recipes/tiny_cpu.py data.shards="$SHARDS" run.dir="$RUN" train.resume=auto "${TRAIN[@]}"
+stage "4/8 extract validation and test features on 2 processes"
+"${LAUNCH[@]}" -m jaguar.cli.main extract "$RUN" --split val
+"${LAUNCH[@]}" -m jaguar.cli.main extract "$RUN" --split test
+stage "5/8 tune post-processing on the validation split"
+jaguar tune-post "$RUN"
+stage "6/8 write the submission for every ordered test pair"
+jaguar submit "$RUN" --test-csv "$RAW/test.csv" -o "$RUN/submission.csv"
+stage "7/8 score it locally against the hidden labels"
+jaguar score "$RUN/submission.csv" --test-csv "$RAW/test.csv" --labels "$RAW/test_labels.csv" --json "$RUN/score.json"
+stage "8/8 report"
+jaguar report "$RUN" --test-labels "$RAW/test_labels.csv"
+
+cat <<EOT
+
+Done in $(( $(date +%s) - t0 )) s.
+  run:         $RUN
+  submission:  $RUN/submission.csv
+  report:      $RUN/report/index.html
+  TensorBoard: tensorboard --logdir $RUN/tb
+EOT

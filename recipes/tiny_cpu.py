@@ -1,0 +1,59 @@
+"""A small model at a small input size that learns the synthetic jaguars on 2 CPU cores in minutes:
+the smoke run for a laptop, and the model of the demo (`bash launch/demo.sh`).
+
+    accelerate launch --config_file launch/cpu_2proc.yaml recipes/tiny_cpu.py data.shards=demo/shards
+"""
+
+from jaguar.config import Config
+
+config = Config()
+config.model.backbone = "resnet18"
+config.model.pretrained = False  # no hub needed; the synthetic coat patterns are learned from scratch
+config.model.img_size = [128, 128]
+config.model.pooling = "gem"
+config.model.neck = "bnneck"
+config.model.head = "arcface"
+config.model.head_scale = 30.0
+config.model.head_margin = 0.3
+
+config.data.val_fraction = 0.2
+config.data.crop_to_alpha = True
+config.data.p_identities = 4
+config.data.k_images = 4
+config.data.batch_size = 32
+config.data.num_workers = 0
+config.data.hflip = 0.5
+config.data.rotation = 10.0
+config.data.scale = [0.9, 1.0]
+config.data.color_jitter = 0.2
+
+config.loss.triplet_weight = 1.0
+config.loss.triplet_margin = 0.3
+
+config.optim.name = "adamw"
+config.optim.lr = 1e-3
+config.optim.weight_decay = 1e-4
+config.optim.scheduler = "cosine"
+config.optim.warmup_epochs = 1.0
+config.optim.warmup_lr = 1e-5
+config.optim.min_lr = 1e-5
+
+config.train.epochs = 20
+config.train.precision = "fp32"
+config.train.eval_every = 5
+config.train.log_every = 5
+
+config.retrieval.flip_tta = True
+config.retrieval.qe_k = 2
+config.retrieval.rerank = True
+config.retrieval.k1 = 6
+config.retrieval.k2 = 2
+config.retrieval.lambda_value = 0.3
+config.retrieval.blend = 0.5
+
+config.run.dir = "runs/tiny_cpu"
+
+if __name__ == "__main__":
+    from jaguar.train.entry import run_recipe
+
+    run_recipe(__file__)

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Extract features of a trained run on a Slurm allocation (srun + accelerate launch of `jaguar extract`).
+#
+#   mkdir -p logs && sbatch slurm/extract.sh RUN_DIR [--split test] [other `jaguar extract` options]
+#   sbatch --nodes=2 slurm/extract.sh runs/jaguar-train-123456 --split test
+#
+# Submit from the repository root (the job works in $SLURM_SUBMIT_DIR).  Every image is extracted
+# exactly once whatever the number of processes; re-running a finished extraction is a no-op.
+#
+#SBATCH --job-name=jaguar-extract
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=02:00:00
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+
+set -euo pipefail
+
+# ------------------------------------------------------------------ settings (export to change)
+JOB_ID="${SLURM_JOB_ID:?slurm/extract.sh must run inside a Slurm job: submit it with sbatch}"
+VENV="${VENV:-.venv}"             # activated when it exists
+MODULES="${MODULES:-}"            # e.g. "cuda/12.4": loaded with `module load` when set
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-}"  # empty = chosen from the node and GPU counts below
+
+log() { echo "[extract.sh $(date '+%F %T')] $*"; }
+die() { echo "[extract.sh] error: $*" >&2; exit 2; }
+
+cd "${SLURM_SUBMIT_DIR:-$PWD}"
+[ -d launch ] || die "no launch/ folder in $PWD: submit from the jaguar repository root"
+
+[ $# -ge 1 ] || die "no run directory given: sbatch slurm/extract.sh RUN_DIR [--split test] ..."
+RUN_DIR="$1"
+shift
+[[ "$RUN_DIR" != -* ]] || die "the first argument must be the run directory, got option '$RUN_DIR'"
+[ -d "$RUN_DIR" ] || die "run directory '$RUN_DIR' not found in $PWD: give the run.dir of a finished training run"
+
+if [ -n "$MODULES" ]; then
+  command -v module >/dev/null 2>&1 || die "MODULES='$MODULES' is set but the \`module\` command is not available"
+  # shellcheck disable=SC2086  # a space-separated list of module names
+  module load $MODULES
+fi
+if [ -f "$VENV/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+fi
+command -v accelerate >/dev/null 2>&1 || die "\`accelerate\` is not on PATH: set VENV to the jaguar virtual environment"
+
+# ------------------------------------------------------------------ the allocation
+NNODES="${SLURM_NNODES:-1}"
+gpus="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}"
+gpus="${gpus##*:}"  # SLURM_GPUS_PER_NODE may read "a100:4"
+if [ -z "$gpus" ]; then
+  gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+fi
+[[ "$gpus" =~ ^[0-9]+$ ]] && [ "$gpus" -ge 1 ] \
+  || die "found no GPUs on the node (SLURM_GPUS_ON_NODE='${SLURM_GPUS_ON_NODE:-}', nvidia-smi -L empty): request them with --gpus-per-node"
+GPUS_PER_NODE="$gpus"
+NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
+# Read every host (not `| head -n 1`: under pipefail scontrol's SIGPIPE would end the job).
+mapfile -t HOSTS < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-}")
+MASTER_ADDR="${HOSTS[0]:-}"
+[ -n "$MASTER_ADDR" ] || die "could not read the first host of SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}'"
+MASTER_PORT=$((10000 + JOB_ID % 20000))  # the same on every node, derived from the job id
+
+# Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: without this each task
+# (and all its data-loading workers) would be pinned to a single core.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
+fi
+
+if [ -z "$ACCELERATE_CONFIG" ]; then
+  if [ "$NNODES" -gt 1 ]; then
+    ACCELERATE_CONFIG=launch/multi_node.yaml
+  elif [ "$NUM_PROCESSES" -gt 1 ]; then
+    ACCELERATE_CONFIG=launch/multi_gpu.yaml
+  else
+    ACCELERATE_CONFIG=launch/single_gpu.yaml
+  fi
+fi
+[ -f "$ACCELERATE_CONFIG" ] || die "ACCELERATE_CONFIG '$ACCELERATE_CONFIG' not found in $PWD (see launch/README.md)"
+
+log "job $JOB_ID on $NNODES node(s) x $GPUS_PER_NODE GPU(s): extracting $RUN_DIR $*"
+
+# One task per node; SLURM_NODEID is only known inside the task, hence the single quotes.
+status=0
+srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+  bash -c 'exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' jaguar-node \
+  --config_file "$ACCELERATE_CONFIG" \
+  --num_machines "$NNODES" \
+  --num_processes "$NUM_PROCESSES" \
+  --main_process_ip "$MASTER_ADDR" \
+  --main_process_port "$MASTER_PORT" \
+  -m jaguar.cli.main extract "$RUN_DIR" "$@" || status=$?
+
+if [ "$status" -eq 0 ]; then
+  log "extraction finished: features in $RUN_DIR"
+else
+  log "extraction failed with status $status"
+fi
+exit "$status"

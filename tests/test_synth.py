@@ -1,0 +1,137 @@
+"""The synthetic generator: challenge layout, identity distribution, determinism, identity in the coat only."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from conftest import SYNTH_IDENTITIES, SYNTH_SIZE, SYNTH_TEST_IMAGES, SYNTH_TRAIN_IMAGES
+from jaguar.data.synth import (REAL_IDENTITY_COUNTS, apportion, choose_identities, make_synthetic,
+                               render_image)
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with path.open(newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_layout_headers_names_and_query_major_pairs(synth_dir: Path) -> None:
+    train = _rows(synth_dir / "train.csv")
+    labels = _rows(synth_dir / "test_labels.csv")
+    pairs = _rows(synth_dir / "test.csv")
+    assert train[0] == ["filename", "ground_truth"] and labels[0] == ["filename", "ground_truth"]
+    assert pairs[0] == ["row_id", "query_image", "gallery_image"]
+    assert [r[0] for r in train[1:]] == [f"train_{i:04d}.png" for i in range(1, SYNTH_TRAIN_IMAGES + 1)]
+    test_files = [f"test_{i:04d}.png" for i in range(1, SYNTH_TEST_IMAGES + 1)]
+    assert [r[0] for r in labels[1:]] == test_files
+    assert sorted(p.name for p in (synth_dir / "train").iterdir()) == [r[0] for r in train[1:]]
+    assert sorted(p.name for p in (synth_dir / "test").iterdir()) == test_files
+    n = SYNTH_TEST_IMAGES
+    assert len(pairs) - 1 == n * (n - 1)
+    assert pairs[1] == ["0", "test_0001.png", "test_0002.png"]
+    expected = [[str(i), q, g] for i, (q, g) in enumerate(itertools.permutations(test_files, 2))]
+    assert pairs[1:] == expected  # permutations() is query-major
+
+
+def test_identity_counts_follow_the_real_distribution(synth_dir: Path) -> None:
+    weights = choose_identities(SYNTH_IDENTITIES)
+    train = Counter(r[1] for r in _rows(synth_dir / "train.csv")[1:])
+    test = Counter(r[1] for r in _rows(synth_dir / "test_labels.csv")[1:])
+    assert set(train) == set(weights) == set(test)  # closed set
+    assert [train[n] for n in weights] == apportion(SYNTH_TRAIN_IMAGES, list(weights.values()), 2)
+    assert min(train.values()) >= 2 and min(test.values()) >= 1
+    # ordering by real size is kept: the biggest real identity gets the most synthetic images
+    biggest = max(weights, key=weights.get)
+    assert train[biggest] == max(train.values())
+
+
+def test_full_size_apportioning_reproduces_the_real_counts() -> None:
+    names = sorted(REAL_IDENTITY_COUNTS)
+    counts = apportion(1895, [REAL_IDENTITY_COUNTS[n] for n in names], 2)
+    assert counts == [REAL_IDENTITY_COUNTS[n] for n in names]
+    test = apportion(371, [REAL_IDENTITY_COUNTS[n] for n in names], 1)
+    assert sum(test) == 371 and min(test) >= 1
+    assert np.corrcoef(test, counts)[0, 1] > 0.99
+    with pytest.raises(ValueError, match="at least 2"):
+        apportion(5, [1.0, 1.0, 1.0], 2)
+
+
+def test_identity_subset_is_deterministic_and_spans_sizes() -> None:
+    subset = choose_identities(6)
+    assert subset == choose_identities(6) and len(subset) == 6
+    assert set(subset) <= set(REAL_IDENTITY_COUNTS)
+    assert "Marcela" in subset  # the largest real identity (183 images)
+    assert min(subset.values()) == min(REAL_IDENTITY_COUNTS.values())
+    assert len(choose_identities(40)) == 40
+
+
+def test_images_are_rgba_with_a_real_mask(synth_dir: Path) -> None:
+    for path in sorted((synth_dir / "train").iterdir())[:5]:
+        image = Image.open(path)
+        assert image.mode == "RGBA" and image.size == (SYNTH_SIZE, SYNTH_SIZE)
+        alpha = np.asarray(image)[..., 3]
+        assert (alpha == 0).mean() > 0.3  # background
+        assert (alpha == 255).mean() > 0.05  # animal
+
+
+def test_same_seed_is_byte_identical_whatever_the_workers(tmp_path: Path) -> None:
+    kwargs = dict(identities=3, train_images=6, test_images=3, size=40)
+    first = make_synthetic(tmp_path / "a", seed=5, workers=1, **kwargs)
+    second = make_synthetic(tmp_path / "b", seed=5, workers=2, **kwargs)
+    other = make_synthetic(tmp_path / "c", seed=6, workers=1, **kwargs)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert len(files) == 3 + 6 + 3  # train.csv, test.csv, test_labels.csv + images
+    for name in files:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    pngs = [n for n in files if n.suffix == ".png"]
+    assert all((first / n).read_bytes() != (other / n).read_bytes() for n in pngs)
+
+
+def test_same_identity_photos_differ_in_pose_and_background(synth_dir: Path) -> None:
+    rows = _rows(synth_dir / "train.csv")[1:]
+    first, second = [r[0] for r in rows if r[1] == rows[0][1]][:2]
+    a = np.asarray(Image.open(synth_dir / "train" / first), dtype=np.float32)
+    b = np.asarray(Image.open(synth_dir / "train" / second), dtype=np.float32)
+    assert np.abs(a[..., :3] - b[..., :3]).mean() > 20
+    assert (a[..., 3] != b[..., 3]).mean() > 0.1  # different pose, so a different mask
+
+
+def test_identity_lives_only_inside_the_mask() -> None:
+    # same photo randomness, different animals: the mask and the background far from it are identical,
+    # the coat is not
+    a = np.asarray(render_image(3, "Lua", "train", 7, 96)).astype(np.int16)
+    b = np.asarray(render_image(3, "Ti", "train", 7, 96)).astype(np.int16)
+    assert np.array_equal(a[..., 3], b[..., 3])
+    near = np.asarray(Image.fromarray(a[..., 3].astype(np.uint8)).filter(ImageFilter.MaxFilter(13))) > 0
+    assert (~near).mean() > 0.2
+    assert np.array_equal(a[~near, :3], b[~near, :3])
+    inside = a[..., 3] == 255
+    assert np.abs(a[inside, :3] - b[inside, :3]).mean() > 5
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        make_synthetic(tmp_path / "x", identities=5, train_images=8, test_images=5, size=32)
+    with pytest.raises(ValueError, match="test_images"):
+        make_synthetic(tmp_path / "x", identities=2, train_images=8, test_images=1, size=32)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_synth_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from jaguar.cli.main import main
+
+    out = tmp_path / "s"
+    args = ["synth", str(out), "--identities", "2", "--train-images", "4", "--test-images", "3", "--size", "32",
+            "--workers", "1"]
+    assert main(args) == 0
+    assert "4 train + 3 test images of 2 identities" in capsys.readouterr().out
+    assert len(_rows(out / "test.csv")) == 1 + 3 * 2
+    assert main(args) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--seed", "1"]) == 0
