@@ -12,10 +12,11 @@ from jaguar.config import ConfigError
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
 COMMAND_MODULES = (
     "jaguar.cli.cmd_config",
-    "jaguar.cli.cmd_synth",
-    "jaguar.cli.cmd_prep",
+    "jaguar.cli.cmd_tune_post", "jaguar.cli.cmd_submit", "jaguar.cli.cmd_score",
+    "jaguar.cli.cmd_synth", "jaguar.cli.cmd_prep",
     "jaguar.cli.cmd_train",
     "jaguar.cli.cmd_extract",
+    "jaguar.cli.cmd_report", "jaguar.cli.cmd_ensemble", "jaguar.cli.cmd_pseudo",
 )
 
 

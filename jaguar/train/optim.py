@@ -131,8 +131,12 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     common = dict(warmup_t=warmup, warmup_lr_init=optim_cfg.warmup_lr, t_in_epochs=False)
     if optim_cfg.scheduler == "cosine":
         if warmup >= total:
-            raise ConfigError(f"optim.warmup_epochs={optim_cfg.warmup_epochs} covers the whole run "
-                              f"({total} updates); lower it or raise train.epochs")
+            # A short smoke run (train.max_steps) keeps the recipe's shape: warm up, then one decay update.
+            logging.getLogger(__name__).warning(
+                "optim.warmup_epochs=%s covers the whole run (%d updates); warming up for %d instead",
+                optim_cfg.warmup_epochs, total, max(0, total - 1))
+            warmup = max(0, total - 1)
+            common["warmup_t"] = warmup
         return CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=optim_cfg.min_lr,
                                  warmup_prefix=True, cycle_limit=1, **common)
     if optim_cfg.scheduler == "multistep":

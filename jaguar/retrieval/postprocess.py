@@ -1,0 +1,173 @@
+"""Post-processing of an all-vs-all search: QE/DBA-expanded cosine distance, optionally blended
+with the k-reciprocal re-ranked distance, and the small grid search that chooses it on the
+validation split by identity-balanced mAP."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from jaguar.config import RetrievalConfig
+from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.metrics import all_vs_all_summary
+from jaguar.retrieval.qe import expand
+from jaguar.retrieval.rerank import (euclidean_distance, k_reciprocal_rerank_single,
+                                     k_reciprocal_terms_single, single_thread_below)
+
+logger = logging.getLogger(__name__)
+
+QE_KS = (0, 2, 3)  # qe_k = 1 is the item alone, i.e. the same as 0
+QE_ALPHAS = (0.0, 3.0)
+DBA_KS = (0, 2)
+K1S = (3, 5, 8, 12, 20)
+K2S = (1, 2, 3, 6)
+LAMBDAS = (0.1, 0.3, 0.6)
+BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class PostConfig:
+    qe_k: int = 0
+    qe_alpha: float = 0.0
+    dba_k: int = 0
+    rerank: bool = False
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    blend: float = 1.0  # w in final = (1 - w) * raw + w * reranked; used only with rerank
+
+    @classmethod
+    def from_retrieval(cls, retrieval: RetrievalConfig) -> "PostConfig":
+        return cls(**{f.name: getattr(retrieval, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_dict(cls, mapping: dict[str, Any], where: str = "") -> "PostConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - names)
+        if unknown:
+            raise ValueError(f"unknown post-processing key(s) {unknown}{where}; expected {sorted(names)}")
+        return cls(**mapping)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _embeddings(features: Union[FeatureSet, torch.Tensor]) -> torch.Tensor:
+    tensor = features.embeddings if isinstance(features, FeatureSet) else torch.as_tensor(features)
+    return torch.nn.functional.normalize(tensor.float(), dim=1)
+
+
+def raw_distance(embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosine distance 1 - cos, in [0, 2]."""
+    return 1 - embeddings @ embeddings.T
+
+
+def final_distance(features: Union[FeatureSet, torch.Tensor], post: PostConfig) -> torch.Tensor:
+    """N x N final distance of one set against itself: cosine distance of the (DBA/QE-expanded)
+    embeddings, blended with their re-ranked distance when post.rerank:
+    final = (1 - blend) * raw + blend * reranked."""
+    expanded = expand(_embeddings(features), post.qe_k, post.qe_alpha, post.dba_k)
+    raw = raw_distance(expanded)
+    if not post.rerank or post.blend == 0:
+        return raw
+    reranked = k_reciprocal_rerank_single(euclidean_distance(expanded), post.k1, post.k2, post.lambda_value)
+    return (1 - post.blend) * raw + post.blend * reranked
+
+
+def _score(distance: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return all_vs_all_summary(-distance, labels)
+
+
+def _row(name: str, distance: torch.Tensor, labels: torch.Tensor, post: PostConfig) -> dict[str, Any]:
+    return {"name": name, **_score(distance, labels), "config": post.to_dict()}
+
+
+def tune_post(val_features: FeatureSet, base: RetrievalConfig,
+              search: bool = True) -> tuple[PostConfig, list[dict[str, Any]]]:
+    """Choose QE, re-ranking and blend on the validation split by identity-balanced mAP.
+
+    Stages, each keeping the best of the previous: QE/DBA grid -> re-ranking (k1, k2, lambda)
+    at blend 1 -> blend weight. A candidate must beat the best so far strictly, so on equal
+    scores the simpler setting (earlier in the grid) wins. With search=False the settings of
+    `base` are evaluated and returned as they are. The table holds raw, +QE, +re-ranking and the
+    chosen blend side by side: re-ranking does not always help on small galleries.
+    Small validation sets run on one torch thread (many small tensor ops)."""
+    with single_thread_below(len(val_features)):
+        return _tune_post(val_features, base, search)
+
+
+def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
+               search: bool) -> tuple[PostConfig, list[dict[str, Any]]]:
+    """The search behind tune_post."""
+    labels = val_features.labels
+    if bool((labels < 0).any()):
+        raise ValueError("validation features have unknown labels (-1); tuning needs labelled images")
+    embeddings = _embeddings(val_features)
+    n = embeddings.shape[0]
+    raw_post = PostConfig(rerank=False)
+    table = [_row("raw", raw_distance(embeddings), labels, raw_post)]
+
+    if not search:
+        chosen = PostConfig.from_retrieval(base)
+        qe_post = dataclasses.replace(raw_post, qe_k=chosen.qe_k, qe_alpha=chosen.qe_alpha, dba_k=chosen.dba_k)
+        rr_post = dataclasses.replace(chosen, rerank=True, blend=1.0)
+        table.append(_row("+QE", final_distance(embeddings, qe_post), labels, qe_post))
+        table.append(_row("+re-ranking", final_distance(embeddings, rr_post), labels, rr_post))
+        table.append(_row("blend (chosen)", final_distance(embeddings, chosen), labels, chosen))
+        return chosen, table
+
+    best_qe, best_qe_score, best_expanded = raw_post, table[0]["mAP_balanced"], embeddings
+    for qe_k, alpha, dba_k in itertools.product(QE_KS, QE_ALPHAS, DBA_KS):
+        if (qe_k == 0 and dba_k == 0) or (alpha and max(qe_k, dba_k) == 0):
+            continue
+        post = PostConfig(qe_k=qe_k, qe_alpha=alpha, dba_k=dba_k)
+        expanded = expand(embeddings, qe_k, alpha, dba_k)
+        score = _score(raw_distance(expanded), labels)["mAP_balanced"]
+        if score > best_qe_score:
+            best_qe, best_qe_score, best_expanded = post, score, expanded
+    raw_expanded = raw_distance(best_expanded)
+    table.append(_row("+QE", raw_expanded, labels, best_qe))
+
+    euclid = euclidean_distance(best_expanded)
+    best_rr, best_rr_score, best_reranked = None, float("-inf"), None
+    for k1, k2 in itertools.product(K1S, K2S):
+        if k1 >= n or k2 >= n:
+            continue
+        jaccard, original = k_reciprocal_terms_single(euclid, k1, k2)
+        for lam in LAMBDAS:
+            reranked = jaccard * (1 - lam) + original * lam
+            score = _score(reranked, labels)["mAP_balanced"]
+            if score > best_rr_score:
+                best_rr = dataclasses.replace(best_qe, rerank=True, k1=k1, k2=k2, lambda_value=lam, blend=1.0)
+                best_rr_score, best_reranked = score, reranked
+    if best_rr is None:
+        logger.info("validation set of %d images is too small to re-rank; keeping %s", n, best_qe)
+        table.append({**table[-1], "name": "+re-ranking"})
+        table.append({**table[-1], "name": "blend (chosen)"})
+        return best_qe, table
+    table.append(_row("+re-ranking", best_reranked, labels, best_rr))
+
+    chosen, chosen_score, chosen_distance = best_qe, best_qe_score, raw_expanded
+    for weight in BLENDS[1:]:
+        distance = (1 - weight) * raw_expanded + weight * best_reranked
+        score = _score(distance, labels)["mAP_balanced"]
+        if score > chosen_score:
+            chosen = dataclasses.replace(best_rr, blend=weight)
+            chosen_score, chosen_distance = score, distance
+    table.append(_row("blend (chosen)", chosen_distance, labels, chosen))
+    return chosen, table
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8}  config"]
+    for row in table:
+        config = row.get("config", {})
+        summary = ", ".join(f"{k}={v}" for k, v in config.items()
+                            if k in ("qe_k", "qe_alpha", "dba_k") or config.get("rerank"))
+        lines.append(f"{row['name']:<16} {row['mAP_balanced']:>12.4f} {row['mAP']:>8.4f} {row['rank1']:>8.4f}  {summary}")
+    return "\n".join(lines)

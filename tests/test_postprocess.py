@@ -1,0 +1,92 @@
+"""Final distance (QE + re-ranking blend), the validation grid search and the tune-post / submit CLIs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from jaguar.cli.main import main
+from jaguar.config import RetrievalConfig
+from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.metrics import identity_balanced_map
+from jaguar.retrieval.postprocess import PostConfig, final_distance, tune_post
+from jaguar.retrieval.qe import expand
+from jaguar.retrieval.rerank import euclidean_distance, k_reciprocal_rerank_single
+from jaguar.retrieval.submission import read_pairs, read_submission
+
+
+def _feature_set(n_ids: int = 8, per_id: int = 5, seed: int = 0, prefix: str = "val") -> FeatureSet:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_ids, 16, generator=generator)
+    labels = torch.arange(n_ids).repeat_interleave(per_id)
+    embeddings = centres[labels] + 1.0 * torch.randn(len(labels), 16, generator=generator)
+    names = [f"{prefix}_{i:04d}.png" for i in range(len(labels))]
+    return FeatureSet(names, torch.nn.functional.normalize(embeddings, dim=1), labels)
+
+
+def test_final_distance_is_the_documented_blend():
+    features = _feature_set()
+    post = PostConfig(qe_k=2, qe_alpha=0.0, rerank=True, k1=6, k2=2, lambda_value=0.3, blend=0.25)
+    expanded = expand(features.embeddings, qe_k=2)
+    raw = 1 - expanded @ expanded.T
+    reranked = k_reciprocal_rerank_single(euclidean_distance(expanded), 6, 2, 0.3)
+    torch.testing.assert_close(final_distance(features, post), 0.75 * raw + 0.25 * reranked)
+    torch.testing.assert_close(final_distance(features, PostConfig()), 1 - features.embeddings @ features.embeddings.T)
+
+
+def test_tune_post_reports_each_stage_and_never_loses_to_raw():
+    features = _feature_set()
+    chosen, table = tune_post(features, RetrievalConfig())
+    assert [row["name"] for row in table] == ["raw", "+QE", "+re-ranking", "blend (chosen)"]
+    scores = [row["mAP_balanced"] for row in table]
+    assert scores[1] >= scores[0] and scores[3] >= scores[1]
+    recomputed = identity_balanced_map(-final_distance(features, chosen), features.labels)
+    assert recomputed == pytest.approx(scores[3])
+    assert table[3]["config"] == chosen.to_dict()
+
+
+def test_tune_post_cli_and_submit_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    _feature_set().save(run / "features" / "val.safetensors")
+    test = _feature_set(4, 3, seed=5, prefix="test")
+    test.labels[:] = -1
+    test.save(run / "features" / "test.safetensors")
+    (run / "config.yaml").write_text(yaml.safe_dump({"retrieval": {"tune": False, "qe_k": 2, "rerank": True,
+                                                                   "k1": 4, "k2": 2, "blend": 0.5}}))
+    assert main(["tune-post", str(run)]) == 0
+    post = json.loads((run / "post.json").read_text())
+    assert post["val_size"] == 40 and post["searched"] is False
+    assert post["chosen"] == PostConfig(qe_k=2, rerank=True, k1=4, k2=2, blend=0.5).to_dict()
+    assert [row["name"] for row in post["table"]] == ["raw", "+QE", "+re-ranking", "blend (chosen)"]
+    assert "blend (chosen)" in capsys.readouterr().out
+
+    names = test.names
+    rows = [f"p{q}_{g},{names[q]},{names[g]}" for q in range(len(names)) for g in range(len(names)) if q != g]
+    (tmp_path / "test.csv").write_text("\n".join(["row_id,query_image,gallery_image"] + rows) + "\n")
+    assert main(["submit", str(run), "--test-csv", str(tmp_path / "test.csv")]) == 0
+    submission = read_submission(run / "submission.csv")
+    assert submission.row_ids == read_pairs(tmp_path / "test.csv")[0]
+    assert len(submission.row_ids) == 12 * 11
+    assert submission.similarity.min() == 0.0 and submission.similarity.max() == 1.0
+
+    # Without post.json the submission is raw cosine, and the command says so.
+    (run / "post.json").unlink()
+    out = tmp_path / "raw.csv"
+    assert main(["submit", str(run), "--test-csv", str(tmp_path / "test.csv"), "-o", str(out)]) == 0
+    assert "raw cosine" in capsys.readouterr().out
+    raw = read_submission(out).similarity
+    cosine = torch.tensor([float(test.embeddings[int(r[1:].split("_")[0])] @ test.embeddings[int(r.split("_")[1])])
+                           for r in submission.row_ids], dtype=torch.float64)
+    assert torch.equal(torch.argsort(-cosine, stable=True), torch.argsort(-torch.tensor(raw), stable=True))
+
+
+def test_submit_cli_names_missing_images(tmp_path, capsys):
+    run = tmp_path / "run"
+    _feature_set(2, 2, prefix="test").save(run / "features" / "test.safetensors")
+    (tmp_path / "t.csv").write_text("row_id,query_image,gallery_image\nx1,test_0000.png,nope.png\n")
+    assert main(["submit", str(run), "--test-csv", str(tmp_path / "t.csv")]) == 2
+    assert "x1 (nope.png)" in capsys.readouterr().err
+    assert not (run / "submission.csv").exists()

@@ -1,0 +1,182 @@
+"""The run report: a complete run folder gives every section with existing images; a bare one
+still gives a page that says what is missing and how to produce it."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jaguar.report import build_report
+from jaguar.report.evaluation import query_average_precision
+from jaguar.report.tb_reader import read_scalars
+from jaguar.retrieval.features import FeatureSet
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def _image_sources(index: Path) -> list[str]:
+    parser = _Images()
+    parser.feed(index.read_text())
+    return parser.sources
+
+
+def _clustered_features(names: list[str], labels: list[int], label_names: dict[int, str], seed: int,
+                        noise: float = 0.35) -> FeatureSet:
+    """Embeddings near one direction an identity, so retrieval is good but not perfect."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(max(labels) + 1, 16, generator=generator), dim=1)
+    embeddings = centres[torch.tensor(labels)] + noise * torch.randn(len(names), 16, generator=generator)
+    return FeatureSet(names, torch.nn.functional.normalize(embeddings, dim=1), torch.tensor(labels),
+                      label_names, {"split": "val"})
+
+
+def _write_events(tb_dir: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tb_dir))
+    for step in range(1, 21):
+        writer.add_scalar("train/loss", 3.0 / step, step)
+        writer.add_scalar("train/loss_ce", 2.5 / step, step)
+        writer.add_scalar("train/lr/backbone", 1e-4 * (1 - step / 25), step)
+        writer.add_scalar("train/images_per_sec", 40.0 + step, step)
+        if step % 5 == 0:
+            writer.add_scalar("val/mAP_balanced", 0.1 * step / 5, step)
+            writer.add_scalar("val/rank1", 0.2 * step / 5, step)
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A `jaguar prep` folder of synthetic jaguars: 4 identities, 16 train and 6 test images of 48 px."""
+    from jaguar.data.prep import prepare
+    from jaguar.data.synth import make_synthetic
+
+    root = tmp_path_factory.mktemp("shards")
+    source = make_synthetic(root / "raw", identities=4, train_images=16, test_images=6, size=48, workers=1)
+    prepare(source, root / "shards", workers=1)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_shards) -> Path:
+    """A run folder holding every input of the report, test features included (labels unknown)."""
+    from jaguar.data.shards import ShardSplit
+
+    train = ShardSplit(tiny_shards, "train")
+    names = list(train.filenames)
+    labels = [int(v) for v in train.labels]
+    label_names = dict(train.label_names)
+    run = tmp_path_factory.mktemp("runs") / "run"
+    (run / "features").mkdir(parents=True)
+    val = _clustered_features(names, labels, label_names, seed=0)
+    val.save(run / "features" / "val.safetensors")
+    test = FeatureSet(val.names, val.embeddings, torch.full((len(val),), -1), label_names, {"split": "test"})
+    test.save(run / "features" / "test.safetensors")
+    (run / "config.yaml").write_text(
+        f"data:\n  shards: {tiny_shards}\nmodel:\n  backbone: resnet18\n  img_size: [64, 64]\n"
+        f"train:\n  epochs: 4\nrun:\n  name: tiny-test\n")
+    _write_events(run / "tb")
+    (run / "metrics.json").write_text(json.dumps(
+        {"best": {"epoch": 3, "step": 20, "mAP_balanced": 0.4, "rank1": 0.8}, "history": []}))
+    (run / "post.json").write_text(json.dumps({
+        "chosen": {"qe_k": 2}, "val_size": len(names),
+        "table": [{"name": "raw", "mAP_balanced": 0.41, "rank1": 0.8, "config": {}},
+                  {"name": "+QE", "mAP_balanced": 0.43, "rank1": 0.8, "config": {"qe_k": 2}},
+                  {"name": "blend (chosen)", "mAP_balanced": 0.5, "rank1": 0.85, "config": {"qe_k": 2}}]}))
+    (run / "score.json").write_text(json.dumps({"mAP_balanced": 0.3876}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def test_labels_csv(full_run) -> Path:
+    val = FeatureSet.load(full_run / "features" / "val.safetensors")
+    csv = full_run.parent / "test_labels.csv"
+    csv.write_text("filename,ground_truth\n" + "".join(
+        f"{n},{val.label_names[int(label)]}\n" for n, label in zip(val.names, val.labels.tolist())))
+    return csv
+
+
+def test_full_report_has_every_section_and_only_existing_images(full_run, test_labels_csv):
+    index = build_report(full_run, test_labels=test_labels_csv)
+    assert index == full_run / "report" / "index.html"
+    text = index.read_text()
+    for split in ("val", "test"):
+        for heading in ("Per-identity AP", "Retrieval examples", "Similarity distributions"):
+            assert f"{heading} — {split}" in text, (heading, split)
+    for heading in ("Results", "Configuration", "Training curves"):
+        assert heading in text, heading
+    assert "0.3876" in text and "blend (chosen)" in text and "resnet18" in text
+    assert "computed from --test-labels" in text
+    sources = _image_sources(index)
+    assert {"training_curves.png", "per_identity_ap_val.png", "retrieval_best_val.png",
+            "retrieval_worst_val.png", "similarity_val.png", "retrieval_worst_test.png"} <= set(sources)
+    for source in sources:
+        assert not re.match(r"^(https?:|/)", source), source  # offline: relative files only
+        assert (index.parent / source).is_file(), source
+    assert 'class="missing"' not in text
+
+
+def test_test_scores_match_the_metric(full_run, test_labels_csv):
+    """The test column is post.json's rows re-scored on the labelled test images."""
+    from jaguar.report.evaluation import load_labelled_test, test_score_table
+    from jaguar.retrieval.metrics import identity_balanced_map
+
+    test = load_labelled_test(full_run / "features" / "test.safetensors", test_labels_csv)
+    rows = {row["name"]: row["mAP_balanced"] for row in
+            test_score_table(test, json.loads((full_run / "post.json").read_text()))}
+    raw = identity_balanced_map(test.embeddings @ test.embeddings.T, test.labels)
+    assert rows["raw"] == pytest.approx(raw)
+    assert set(rows) == {"raw", "+QE", "blend (chosen)"}
+
+
+def test_bare_run_says_what_is_missing(tmp_path):
+    run = tmp_path / "bare"
+    run.mkdir()
+    index = build_report(run)
+    text = index.read_text()
+    for command in ("jaguar tune-post", "jaguar extract", "jaguar train", "jaguar score"):
+        assert command in text, command
+    assert _image_sources(index) == []
+
+
+def test_tb_reader_keeps_the_last_value_of_a_repeated_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = SummaryWriter(str(tmp_path / "tb"))
+    for step in (1, 2, 3):
+        first.add_scalar("train/loss", float(step), step)
+    first.close()
+    resumed = SummaryWriter(str(tmp_path / "tb"))  # a resumed run re-logs step 3 in a new file
+    for step in (3, 4):
+        resumed.add_scalar("train/loss", 10.0 * step, step)
+    resumed.close()
+    series = read_scalars(tmp_path / "tb")["train/loss"]
+    assert series.steps == [1, 2, 3, 4]
+    assert series.values == [1.0, 2.0, 30.0, 40.0]
+
+
+def test_query_average_precision_by_hand():
+    labels = np.array([0, 0, 1, 1, 0])
+    scores = np.array([[9, 5, 7, 1, 3],  # query 0: ranking 2(x) 1(v) 4(v) 3(x) -> AP (1/2 + 2/3) / 2
+                       [5, 9, 1, 1, 1],
+                       [7, 1, 9, 6, 1],
+                       [1, 1, 6, 9, 1],
+                       [3, 1, 1, 1, 9]], dtype=float)
+    ap = query_average_precision(scores, labels)
+    assert ap[0] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert ap[2] == pytest.approx(1 / 2)  # ranking 0(x) 3(v)
+    assert ap[3] == pytest.approx(1.0)

@@ -1,0 +1,161 @@
+"""k-reciprocal re-ranking: the batched kernel equals the plain-loop reference, in every mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jaguar.retrieval.metrics import identity_balanced_map
+from jaguar.retrieval.rerank import (euclidean_distance, k_reciprocal_rerank, k_reciprocal_rerank_single,
+                                     k_reciprocal_rerank_topm, k_reciprocal_terms_single, single_thread_below,
+                                     stable_smallest)
+from rerank_reference import re_ranking, re_ranking_single
+
+
+def _distances(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, dim))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    dist = np.sqrt(np.maximum(2 - 2 * features @ features.T, 0))
+    np.fill_diagonal(dist, 0)
+    return dist
+
+
+def _clusters(n_ids: int, per_id: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_ids, dim, generator=generator)
+    labels = torch.arange(n_ids).repeat_interleave(per_id)
+    features = centres[labels] + spread * torch.randn(n_ids * per_id, dim, generator=generator)
+    return torch.nn.functional.normalize(features, dim=1), labels
+
+
+@pytest.mark.parametrize("n_query,n_gallery,k1,k2,lam", [
+    (5, 30, 6, 3, 0.3), (12, 50, 20, 6, 0.3), (20, 60, 8, 1, 0.5), (3, 12, 20, 6, 0.0), (15, 40, 5, 2, 1.0)])
+def test_query_gallery_matches_reference(n_query, n_gallery, k1, k2, lam):
+    dist = _distances(n_query + n_gallery, 16, seed=n_query)
+    q_g, q_q, g_g = dist[:n_query, n_query:], dist[:n_query, :n_query], dist[n_query:, n_query:]
+    expected = re_ranking(q_g, q_q, g_g, k1, k2, lam)
+    result = k_reciprocal_rerank(q_g, q_q, g_g, k1, k2, lam)
+    assert isinstance(result, np.ndarray) and result.shape == (n_query, n_gallery)
+    np.testing.assert_allclose(result, expected, atol=1e-4, rtol=0)
+
+
+def test_torch_in_torch_out_float32_and_float64():
+    dist = _distances(40, 8, seed=3)
+    expected = re_ranking(dist[:10, 10:], dist[:10, :10], dist[10:, 10:], 6, 3, 0.3)
+    for dtype in (torch.float32, torch.float64):
+        tensor = torch.tensor(dist, dtype=dtype)
+        result = k_reciprocal_rerank(tensor[:10, 10:], tensor[:10, :10], tensor[10:, 10:], 6, 3, 0.3)
+        assert isinstance(result, torch.Tensor) and result.device == tensor.device
+        np.testing.assert_allclose(result.numpy(), expected, atol=1e-4, rtol=0)
+
+
+def test_asymmetric_input_uses_column_max_then_transpose():
+    # The reference divides each column by its maximum and transposes: with a non-symmetric
+    # matrix, a row-max implementation would disagree.
+    rng = np.random.default_rng(7)
+    dist = rng.uniform(0.1, 2.0, size=(30, 30))
+    np.fill_diagonal(dist, 0)
+    np.testing.assert_allclose(k_reciprocal_rerank_single(dist, 6, 3, 0.3), re_ranking_single(dist, 6, 3, 0.3),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n,k1,k2", [(25, 4, 2), (60, 20, 6), (80, 7, 1)])
+def test_single_set_matches_reference(n, k1, k2):
+    dist = _distances(n, 12, seed=n)
+    result = k_reciprocal_rerank_single(torch.tensor(dist), k1, k2, 0.3)
+    assert result.shape == (n, n)
+    np.testing.assert_allclose(result.numpy(), re_ranking_single(dist, k1, k2, 0.3), atol=1e-4, rtol=0)
+
+
+def test_terms_blend_to_the_reranked_distance():
+    dist = _distances(30, 8, seed=2)
+    jaccard, original = k_reciprocal_terms_single(dist, 6, 3)
+    for lam in (0.0, 0.3, 1.0):
+        np.testing.assert_allclose(jaccard * (1 - lam) + original * lam, re_ranking_single(dist, 6, 3, lam),
+                                   atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("padding_waste", [0.0, float("inf")])
+def test_tiny_memory_budget_gives_the_same_numbers(monkeypatch, padding_waste):
+    # Both ways of visiting the inverted index (exact visits, padded table) must agree.
+    monkeypatch.setattr("jaguar.retrieval.rerank._MAX_PADDING_WASTE", padding_waste)
+    dist = _distances(70, 12, seed=11)
+    roomy = k_reciprocal_rerank_single(dist, 10, 4, 0.3)
+    tight = k_reciprocal_rerank_single(dist, 10, 4, 0.3, memory_budget_mb=0.005)
+    np.testing.assert_allclose(tight, roomy, atol=1e-6, rtol=0)
+    q_g = k_reciprocal_rerank(dist[:9, 9:], dist[:9, :9], dist[9:, 9:], 10, 4, 0.3, memory_budget_mb=0.005)
+    np.testing.assert_allclose(q_g, re_ranking(dist[:9, 9:], dist[:9, :9], dist[9:, 9:], 10, 4, 0.3), atol=1e-4)
+
+
+def test_reranking_keeps_or_improves_map_on_clusters():
+    features, labels = _clusters(8, 6, 16, spread=0.9, seed=0)
+    dist = euclidean_distance(features)
+    reranked = k_reciprocal_rerank_single(dist, 5, 2, 0.3)
+    np.testing.assert_allclose(reranked.numpy(), re_ranking_single(dist.numpy(), 5, 2, 0.3), atol=1e-4)
+    before = identity_balanced_map(-dist, labels)
+    after = identity_balanced_map(-reranked, labels)
+    assert after >= before - 1e-9 and after > 0.5
+
+
+def test_bounded_mode_equals_dense_on_its_top_m():
+    features, _ = _clusters(10, 12, 24, spread=0.8, seed=1)
+    n = features.shape[0]
+    dense = k_reciprocal_rerank_single(euclidean_distance(features), 10, 4, 0.3)
+    # M = N: the whole dense row, same order (ties broken by index in both).
+    index, value = k_reciprocal_rerank_topm(features, 10, 4, 0.3, top_m=n, chunk=17, memory_budget_mb=0.01)
+    assert torch.equal(index, torch.sort(dense, dim=1, stable=True).indices)
+    torch.testing.assert_close(value, dense.gather(1, index), atol=1e-5, rtol=0)
+    # M < N: the returned values are the dense values at those columns, in dense order.
+    index, value = k_reciprocal_rerank_topm(features, 10, 4, 0.3, top_m=25, chunk=40)
+    torch.testing.assert_close(value, dense.gather(1, index), atol=1e-5, rtol=0)
+    assert bool((value[:, 1:] >= value[:, :-1]).all())
+    euclid_rank = torch.sort(euclidean_distance(features), dim=1, stable=True).indices[:, :25]
+    assert torch.equal(index.sort(dim=1).values, euclid_rank.sort(dim=1).values)
+    numpy_index, _ = k_reciprocal_rerank_topm(features.numpy(), 10, 4, 0.3, top_m=25)
+    assert isinstance(numpy_index, np.ndarray) and np.array_equal(numpy_index, index.numpy())
+
+
+def test_stable_smallest_equals_stable_argsort_prefix_with_ties():
+    rows = torch.tensor([[3.0, 1.0, 1.0, 0.0, 1.0, 2.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    values, index = stable_smallest(rows, 3)
+    assert index.tolist() == [[3, 1, 2], [5, 4, 3]]
+    assert values.tolist() == [[0.0, 1.0, 1.0], [0.0, 1.0, 2.0]]
+    generator = torch.Generator().manual_seed(0)
+    for k in range(1, 13):
+        rows = torch.randint(0, 4, (9, 12), generator=generator).float()
+        expected = torch.sort(rows, dim=1, stable=True)
+        values, index = stable_smallest(rows, k)
+        assert torch.equal(index, expected.indices[:, :k]) and torch.equal(values, expected.values[:, :k])
+
+
+def test_tied_distances_match_the_stable_reference():
+    rng = np.random.default_rng(0)
+    dist = rng.integers(1, 6, size=(30, 30)).astype(float)
+    dist = (dist + dist.T) / 2
+    np.fill_diagonal(dist, 0)
+    np.testing.assert_allclose(k_reciprocal_rerank_single(dist, 6, 3, 0.3), re_ranking_single(dist, 6, 3, 0.3),
+                               atol=1e-4, rtol=0)
+
+
+def test_bad_inputs_are_named():
+    dist = _distances(10, 4, 0)
+    with pytest.raises(ValueError, match="g_g_dist"):
+        k_reciprocal_rerank(dist[:3, 3:], dist[:3, :3], dist[:5, :5])
+    bad = dist.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        k_reciprocal_rerank_single(bad)
+    with pytest.raises(ValueError, match="lambda_value"):
+        k_reciprocal_rerank_single(dist, lambda_value=1.5)
+
+
+def test_single_thread_below_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with single_thread_below(10):
+        assert torch.get_num_threads() == 1
+    with single_thread_below(10**6):
+        assert torch.get_num_threads() == before
+    k_reciprocal_rerank_single(_distances(20, 4, 0), 4, 2)
+    assert torch.get_num_threads() == before

@@ -1,0 +1,195 @@
+"""The trainer end to end on CPU: 2-process DDP (gloo), DeepSpeed ZeRO-2, gradient accumulation,
+kill -9 and resume bit-identity, preemption, TensorBoard tags, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jaguar.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny_cpu.py")
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    return env
+
+
+def _small(shards_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.shards={shards_dir}", f"run.dir={run_dir}", "model.img_size=[48,48]",
+            "data.p_identities=2", "data.k_images=4", "data.val_fraction=0.2", "train.log_every=1",
+            "data.num_workers=0", *extra]
+
+
+def _accelerate(config: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / config), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=timeout)
+
+
+def _jaguar(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaguar.cli.main", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=_env(), timeout=timeout)
+
+
+def _scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    values = {tag: [e.value for e in events.Scalars(tag)] for tag in tags["scalars"]}
+    values.update({tag: [] for tag in tags["images"]})
+    return values
+
+
+def test_two_process_ddp_trains_in_step(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    result = _accelerate("cpu_2proc.yaml", TINY, *_small(shards_dir, run, "train.epochs=6", "train.eval_every=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    # DDP keeps the replicas identical: every rank reports the same parameter checksum.
+    checksums = metrics["param_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert (run / "config.yaml").is_file() and (run / "split.json").is_file()
+    scalars = _scalars(run)
+    for tag in ("train/loss", "train/loss_ce", "train/loss_triplet", "train/grad_norm", "train/images_per_sec",
+                "train/epoch_time_s", "val/mAP_balanced", "val/rank1", "model/gem_p", "val/retrieval_grid"):
+        assert tag in scalars, f"missing TensorBoard tag {tag}: {sorted(scalars)}"
+    assert any(tag.startswith("train/lr/") for tag in scalars)
+    losses = scalars["train/loss"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert metrics["best"]["mAP_balanced"] > 0
+    assert ckpt.is_complete(run / "checkpoints" / "best")
+    assert ckpt.list_checkpoints(run / "checkpoints"), "no step checkpoint written"
+
+
+def test_deepspeed_zero2_runs_through_the_same_trainer(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    result = _accelerate("cpu_2proc_zero2.yaml", TINY,
+                         *_small(shards_dir, run, "train.epochs=5", "train.max_steps=3", "train.eval_every=1"),
+                         timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["world_size"] == 2
+    final = run / "checkpoints" / "step-000003"
+    assert ckpt.is_complete(final) and (final / ckpt.WEIGHTS_FILE).is_file()
+
+
+_GA_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import save_file
+    from jaguar.config import load_config
+    from jaguar.train.trainer import Trainer
+    shards, run, accum, out = sys.argv[1:5]
+    cfg = load_config(None, [f"data.shards={shards}", f"run.dir={run}", "model.backbone=test_vit",
+        "model.img_size=[32,32]", "model.neck=none", "model.pooling=avg", "model.head=arcface",
+        "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0", "optim.weight_decay=0",
+        "optim.scheduler=constant", "data.num_workers=0", f"train.grad_accum={accum}", "data.val_fraction=0",
+        "data.p_identities=2", "data.k_images=2"])
+    trainer = Trainer(cfg)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    index = torch.arange(8)
+    accum = int(accum)
+    size = 8 // accum
+    batches = [(images[i:i + size], labels[i:i + size], index[i:i + size]) for i in range(0, 8, size)]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, out + ".before")
+    trainer._optimizer_step(iter(batches))
+    save_file({k: v.contiguous() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}, out)
+""")
+
+
+def test_gradient_accumulation_matches_large_batch(shards_dir, tmp_path):
+    outputs = []
+    for accum in (1, 2):
+        out = tmp_path / f"ga{accum}.safetensors"
+        result = subprocess.run([sys.executable, "-c", _GA_SCRIPT, str(shards_dir), str(tmp_path / f"r{accum}"),
+                                 str(accum), str(out)], capture_output=True, text=True, cwd=ROOT, env=_env(),
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(load_file(str(out)))
+    one_step, accumulated = outputs
+    before = load_file(str(tmp_path / "ga1.safetensors.before"))
+    moved = [key for key in one_step if not torch.equal(one_step[key], before[key])]
+    assert len(moved) > len(one_step) // 2, "the optimizer step changed almost nothing"
+    for key, value in one_step.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_kill_and_resume_is_bit_identical(shards_dir, tmp_path):
+    args = ["train", TINY, *_small(shards_dir, tmp_path / "x", "model.img_size=[64,64]", "train.epochs=100",
+                                   "train.max_steps=24", "train.checkpoint_every=3", "train.keep_last=20",
+                                   "train.eval_every=0", "model.dropout=0.1")]
+    straight = tmp_path / "straight"
+    result = _jaguar(*[a if not a.startswith("run.dir=") else f"run.dir={straight}" for a in args])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "jaguar.cli.main",
+           *[a if not a.startswith("run.dir=") else f"run.dir={killed}" for a in args]]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = killed / "checkpoints" / "step-000006"
+    deadline = time.time() + 300
+    while not ckpt.is_complete(target) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not ckpt.is_complete(killed / "checkpoints" / "step-000024"), "run finished before it could be killed"
+    # A half-written checkpoint left behind by the kill is never picked up.
+    (killed / "checkpoints" / ".step-000099.partial").mkdir(exist_ok=True)
+    (killed / "checkpoints" / "step-000098").mkdir(exist_ok=True)
+
+    result = _jaguar(*[a if not a.startswith("run.dir=") else f"run.dir={killed}" for a in args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    a = load_file(str(straight / "checkpoints" / "step-000024" / ckpt.WEIGHTS_FILE))
+    b = load_file(str(killed / "checkpoints" / "step-000024" / ckpt.WEIGHTS_FILE))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after kill -9 and resume"
+
+
+def test_preempt_file_checkpoints_and_exits(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "PREEMPT").touch()
+    result = _jaguar("train", TINY, *_small(shards_dir, run, "train.epochs=5", "train.eval_every=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "preempted" in result.stderr
+    assert not (run / "PREEMPT").exists()
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-000001"]
+    # The requeued job continues from there.
+    result = _jaguar("train", TINY, *_small(shards_dir, run, "train.epochs=5", "train.eval_every=0",
+                                            "train.max_steps=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    assert ckpt.read_state(ckpt.list_checkpoints(run / "checkpoints")[-1])["step"] == 3
+
+
+def test_resume_ignores_incomplete_checkpoints(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("step-000002", "step-000004"):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / ckpt.STATE_FILE).write_text("{}")
+    (checkpoints / "step-000006").mkdir()  # killed before trainer_state.json was written
+    (checkpoints / ".step-000008.partial").mkdir()
+    assert ckpt.find_resume_checkpoint(checkpoints, "auto") == checkpoints / "step-000004"
+    assert ckpt.find_resume_checkpoint(checkpoints, "none") is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.find_resume_checkpoint(checkpoints, str(checkpoints / "step-000006"))
