@@ -244,7 +244,7 @@ def write_pseudo_shards(shards_dir: Path, manifest: dict, selected: dict[str, Ps
     as split "train" of a `jaguar prep`-format folder in out_dir, with the source's identities."""
     import hashlib
 
-    from jaguar.data.prep import MANIFEST_FORMAT, _write_split
+    from jaguar.data.prep import MANIFEST_FORMAT, write_split
 
     samples = _raw_samples(shards_dir, manifest, set(selected))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +260,7 @@ def write_pseudo_shards(shards_dir: Path, manifest: dict, selected: dict[str, Ps
             entries.append({"key": key, "meta": meta, "spool": (handle.tell(), len(png)),
                             "sha256": hashlib.sha256(png).hexdigest()})
             handle.write(png)
-    split = _write_split(out_dir, "train", entries, spool, shard_size)
+    split = write_split(out_dir, "train", entries, spool, shard_size)
     spool.unlink()
     out_manifest = {
         "format": MANIFEST_FORMAT,

@@ -9,8 +9,7 @@ import torch
 from jaguar.config import load_config
 from jaguar.models import build_model
 from jaguar.models.losses import ReIDCriterion
-from jaguar.train.optim import (build_center_optimizer, build_ema, build_optimizer, build_scheduler,
-                                param_groups)
+from jaguar.train.optim import (build_center_optimizer, build_ema, build_optimizer, build_scheduler)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,20 @@ import sys
 
 from jaguar.config import ConfigError
 
-# Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+# In pipeline order, as --help lists them. Each module defines `register(subparsers)`, which adds
+# its parser and sets `func(args) -> int`.
 COMMAND_MODULES = (
+    "jaguar.cli.cmd_synth",
+    "jaguar.cli.cmd_prep",
     "jaguar.cli.cmd_config",
-    "jaguar.cli.cmd_tune_post", "jaguar.cli.cmd_submit", "jaguar.cli.cmd_score",
-    "jaguar.cli.cmd_synth", "jaguar.cli.cmd_prep",
     "jaguar.cli.cmd_train",
     "jaguar.cli.cmd_extract",
-    "jaguar.cli.cmd_report", "jaguar.cli.cmd_ensemble", "jaguar.cli.cmd_pseudo",
+    "jaguar.cli.cmd_tune_post",
+    "jaguar.cli.cmd_submit",
+    "jaguar.cli.cmd_score",
+    "jaguar.cli.cmd_report",
+    "jaguar.cli.cmd_ensemble",
+    "jaguar.cli.cmd_pseudo",
 )
 
 
@@ -38,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options (`extract RUN --config R --split val k=v`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all(
+                "=" in item and not item.startswith("-") for item in extra):
+            args.overrides.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import tarfile
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -171,7 +170,6 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
     fatal = [p for p in listing.problems if p.fatal]
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output is shared data
         spool = tmp / ".spool"
         converted, bad_images = _convert_all(listing, max_side, max(1, workers), spool, progress)
         problems = listing.problems + bad_images
@@ -244,10 +242,3 @@ def summary(manifest: dict, out: str | Path) -> str:
     return "\n".join(lines)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_write_split = write_split  # the name jaguar.pseudo imports

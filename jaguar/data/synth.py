@@ -291,7 +291,6 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output is shared data
         (tmp / "train").mkdir()
         (tmp / "test").mkdir()
         _write_csv(tmp / "train.csv", ["filename", "ground_truth"], zip(train_files, train_names))
@@ -331,9 +330,3 @@ def _write_pairs(path: Path, files: list[str]) -> None:
                 lines.append(f"{row},{query},{gallery}")
                 row += 1
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

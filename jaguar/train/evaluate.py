@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from jaguar.config import Config
+from jaguar.config import Config, ConfigError
 from jaguar.data.loader import build_eval_loader
 from jaguar.retrieval.extract import contiguous_slice, embed_batches
 from jaguar.retrieval.metrics import identity_balanced_map
@@ -37,7 +37,11 @@ def validate(model, split, val_indices, cfg: Config, accelerator: Accelerator, m
                                  cfg.retrieval.flip_tta)
     labels = torch.as_tensor(split.labels[val_indices])
     similarity = embeddings @ embeddings.T
-    mean_ap = float(identity_balanced_map(similarity, labels))
+    try:
+        mean_ap = float(identity_balanced_map(similarity, labels))
+    except ValueError as err:  # every validation identity has a single image
+        raise ConfigError(f"validation cannot be scored: {err}; raise data.val_fraction or set "
+                          f"train.eval_every=0") from None
     ranked = similarity.clone()
     ranked.fill_diagonal_(float("-inf"))
     nearest = ranked.argmax(dim=1)
