@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from jaguar.io import atomic_write_text
+from jaguar.io import atomic_write_json, atomic_write_text
 from jaguar.report import plots
 from jaguar.report.evaluation import (Evaluation, evaluate, find_shards, grid_rows, load_labelled_test,
                                       test_score_table)
@@ -116,15 +116,10 @@ def _summary_section(page: _Page, post: Any, post_problem: str, metrics: Any, sc
     table = post.get("table") if isinstance(post, dict) else None
     test_rows: list[dict] | None = None
     test_source = ""
-    if isinstance(score_table, dict) and isinstance(score_table.get("table"), list):
-        test_rows, test_source = score_table["table"], "score_table.json"
-    elif isinstance(score_table, list):
-        test_rows, test_source = score_table, "score_table.json"
-    elif isinstance(score_table, dict):  # {"raw": 0.41, "+QE": 0.43, ...}
-        test_rows = [{"name": k, "mAP_balanced": v} for k, v in score_table.items() if isinstance(v, (int, float))]
-        test_source = "score_table.json"
-    elif computed_test is not None:
+    if computed_test is not None:
         test_rows, test_source = computed_test, "computed from --test-labels"
+    elif isinstance(score_table, dict) and isinstance(score_table.get("table"), list):
+        test_rows, test_source = score_table["table"], "score_table.json"
     if isinstance(table, list) and table:
         test_by_name = {row.get("name"): row for row in (test_rows or []) if isinstance(row, dict)}
         header = "<tr><th>post-processing</th><th>val mAP (balanced)</th><th>val rank-1</th>"
@@ -270,8 +265,11 @@ def build_report(run_dir: str | Path, test_labels: str | Path | None = None,
         if labelled_test is not None:
             test_eval = evaluate("test", labelled_test, chosen)
             evaluations.append(test_eval)
-            if chosen is not None and not isinstance(score_table, (dict, list)):
+            if chosen is not None:
+                # Recomputed whenever labels are given, so a re-extracted run never shows stale scores.
                 computed_test = test_score_table(labelled_test, post)
+                score_table = {"table": computed_test, "labels": str(test_labels)}
+                atomic_write_json(run_dir / "score_table.json", score_table)
     elif test_labels:
         eval_notes.append(_missing(f"--test-labels given but no test features ({test_path})",
                                    f"jaguar extract {run_dir}"))
