@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from rerank_reference import re_ranking, re_ranking_single
 
 from jaguar.retrieval.metrics import identity_balanced_map
-from jaguar.retrieval.rerank import (euclidean_distance, k_reciprocal_rerank, k_reciprocal_rerank_single,
-                                     k_reciprocal_rerank_topm, k_reciprocal_terms_single, single_thread_below,
-                                     stable_smallest)
-from rerank_reference import re_ranking, re_ranking_single
+from jaguar.retrieval.rerank import (
+    euclidean_distance,
+    k_reciprocal_rerank,
+    k_reciprocal_rerank_single,
+    k_reciprocal_terms_single,
+    single_thread_below,
+    stable_smallest,
+)
+from jaguar.retrieval.rerank_bounded import k_reciprocal_rerank_topm
 
 
 def _distances(n: int, dim: int, seed: int) -> np.ndarray:
@@ -130,6 +136,24 @@ def test_stable_smallest_equals_stable_argsort_prefix_with_ties():
         assert torch.equal(index, expected.indices[:, :k]) and torch.equal(values, expected.values[:, :k])
 
 
+def test_wide_single_set_and_query_gallery_match_reference():
+    # N >= 16 (k1 + 1): the dense ranking runs on 8-row block minima of D, not on full rows.
+    dist = _distances(360, 16, seed=5)
+    np.testing.assert_allclose(k_reciprocal_rerank_single(dist, 20, 6, 0.3), re_ranking_single(dist, 20, 6, 0.3),
+                               atol=1e-4, rtol=0)
+    q_g, q_q, g_g = dist[:50, 50:], dist[:50, :50], dist[50:, 50:]
+    np.testing.assert_allclose(k_reciprocal_rerank(q_g, q_q, g_g, 20, 6, 0.3), re_ranking(q_g, q_q, g_g, 20, 6, 0.3),
+                               atol=1e-4, rtol=0)
+    # Few distinct values: tied block minima and tied candidates, the full-sort fallback; N = 341
+    # also leaves a partial last block.
+    rng = np.random.default_rng(3)
+    tied = rng.integers(1, 8, size=(341, 341)).astype(float)
+    tied = (tied + tied.T) / 2
+    np.fill_diagonal(tied, 0)
+    np.testing.assert_allclose(k_reciprocal_rerank_single(tied, 20, 6, 0.3), re_ranking_single(tied, 20, 6, 0.3),
+                               atol=1e-4, rtol=0)
+
+
 def test_tied_distances_match_the_stable_reference():
     rng = np.random.default_rng(0)
     dist = rng.integers(1, 6, size=(30, 30)).astype(float)
@@ -146,6 +170,9 @@ def test_bad_inputs_are_named():
     bad = dist.copy()
     bad[1, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
+        k_reciprocal_rerank_single(bad)
+    bad[1, 2] = -np.inf
+    with pytest.raises(ValueError, match="infinite"):
         k_reciprocal_rerank_single(bad)
     with pytest.raises(ValueError, match="lambda_value"):
         k_reciprocal_rerank_single(dist, lambda_value=1.5)

@@ -9,31 +9,42 @@ Three entry points share one core:
   (N x N); every row is a query, every column a gallery item (the item itself included; drop the
   diagonal downstream). This is not the general call with Q = G = the set, which would hold every
   image twice at distance 0 from itself.
-* `k_reciprocal_rerank_topm(features, ...)` -- bounded memory, never holds N x N: kNN lists from
-  chunked matrix products, re-ranked distances for each item's top-M original neighbours.
+* `k_reciprocal_rerank_topm(features, ...)` in jaguar/retrieval/rerank_bounded.py -- bounded
+  memory, never holds N x N: kNN lists from chunked matrix products, re-ranked distances for each
+  item's top-M original neighbours.
 
-The core never loops over individual rows: k-reciprocal sets are gathers over the forward lists
-(B x (k1+1) x (k1+1)), the expansion test a broadcast compare, the sparse V rows are (index, value)
-pairs, local query expansion and the Jaccard sums are scatter-adds over an inverted index. Work is
-chunked over rows so its memory stays within `memory_budget_mb` (beyond the N x N input, its
-float32 normalised copy and the output; the bounded mode holds no N x N at all). Ties in the initial ranking are broken by index (a stable sort), as in tests/rerank_reference.py.
+No Python loop over rows. The dense path reads D three times (column maxima, minima of 8-row
+blocks, the final blend) and never builds the normalised N x N matrix: row i of it is column i
+of D over a per-row constant, so the k smallest per row are found from the block minima (a
+threshold, then exact ranks among the few candidates). k-reciprocal sets are gathers over the
+N x (k1+1) neighbour table; V is a sparse (index, value) table deduplicated through a scratch
+row; the Jaccard sums visit, for each column c, all pairs of rows with V[., c] > 0 (sum_c nnz(c)^2
+visits) and scatter-add min(V[a, c], V[b, c]) into the output. Work is chunked so its memory
+stays within `memory_budget_mb` beyond the input, the output and O(N * k) tables. Ties in the
+initial ranking are broken by index (a stable sort), as in tests/rerank_reference.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Union
 
 import numpy as np
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 PairDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Fetch = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _BYTES_PER_DENSE_CELL = 16  # B x N working rows: float32 scatter target, Jaccard, blend, mask
 _BYTES_PER_PAIR = 40  # one inverted-index visit: int64 row and target, float32 value and minimum
+_BYTES_PER_VISIT = 24  # dense Jaccard: int64 target, float32 minimum, their broadcast inputs
+_MAX_VISITS_PER_STEP = 1 << 18  # keeps the visit temporaries (~6 MB) cache- and allocator-friendly
 _MAX_PADDING_WASTE = 6.0  # padded visits may exceed exact ones by this factor (hub columns); a padded
 # visit costs several times less than an exact one, measured at N = 10,000
+_BLOCK = 8  # columns per block whose minimum prefilters the k smallest of a row
+_MAX_ROWS_PER_STEP = 512  # rows per chunk of the O(N * k) passes: scratch rows stay in cache
+_SENTINEL = torch.iinfo(torch.int32).max
 
 
 @contextmanager
@@ -65,9 +76,13 @@ def _as_tensor(name: str, value: ArrayLike, device: torch.device | None = None) 
         tensor = tensor.double()
     if tensor.ndim != 2:
         raise ValueError(f"{name} must be a 2-D distance matrix, got shape {tuple(tensor.shape)}")
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains NaN or infinite distances; fix the features before re-ranking")
     return tensor
+
+
+def _check_finite(name: str, *reductions: torch.Tensor) -> None:
+    # Column maxima and minima propagate NaN and show every +-inf: no separate N x N pass.
+    if not all(bool(torch.isfinite(r).all()) for r in reductions):
+        raise ValueError(f"{name} contains NaN or infinite distances; fix the features before re-ranking")
 
 
 def _check_params(k1: int, k2: int, lambda_value: float) -> None:
@@ -82,10 +97,68 @@ def _chunk_rows(n_rows: int, n_cols: int, budget_mb: float, bytes_per_cell: int 
     return int(max(1, min(n_rows, budget // max(1, n_cols * bytes_per_cell))))
 
 
+# ---------------------------------------------------------------- the k smallest of each row
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value of each row. numpy's introselect has a far smaller per-row cost
+    than torch.kthvalue/topk on CPU (0.5 ms vs 4 ms for 2,000 x 125)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.partition(values.contiguous().numpy(), k - 1, axis=1)[:, k - 1])
+    return torch.kthvalue(values, k, dim=1).values
+
+
+def _compact(keep: torch.Tensor, tables: list[torch.Tensor], pads: list[float | int],
+             cap: int | None = None) -> list[torch.Tensor]:
+    """Per row, the entries where keep is true, moved left (order kept), padded on the right."""
+    position = keep.cumsum(dim=1)
+    width = max(int(position[:, -1].max()) if keep.numel() else 0, 1)
+    if cap is not None:
+        width = min(width, cap)
+    target = torch.where(keep & (position <= width), position - 1, width)
+    return [torch.full((keep.shape[0], width + 1), pad, dtype=table.dtype, device=table.device)
+            .scatter_(1, target, table)[:, :width] for table, pad in zip(tables, pads)]
+
+
+def _smallest(block_min: torch.Tensor, fetch: Fetch, rows: torch.Tensor, n: int, width: int,
+              k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, index, unresolved) of the k smallest entries of each row, ordered by (value, column).
+
+    block_min[b, s] is the minimum of row b over columns [s * width, (s + 1) * width). The k-th
+    smallest block minimum t bounds the k-th smallest entry from above, so every entry <= v_k
+    (ties included) lies in a block whose minimum is <= t: only those blocks are fetched. Their
+    k-th smallest value is v_k exactly, the entries <= v_k are ranked by (value, column) with a
+    pairwise count, and the first k kept. Rows with many tied entries (more than ~1.25 k)
+    come back in `unresolved` for the caller to sort in full."""
+    n_rows = block_min.shape[0]
+    cap = k + k // 4 + 8  # the pairwise ranking below costs rows x cap^2
+    blocks = torch.arange(block_min.shape[1], device=block_min.device).expand(n_rows, -1)
+    chosen = block_min <= _kth_smallest(block_min, k)[:, None]
+    unresolved = chosen.sum(dim=1) > cap
+    (chosen_blocks,) = _compact(chosen, [blocks], [n], cap)
+    cols = (chosen_blocks[:, :, None] * width + torch.arange(width, device=block_min.device)).flatten(1)
+    valid = cols < n
+    values = fetch(rows, cols.clamp(max=n - 1)).masked_fill_(~valid, float("inf"))
+    keep = values <= _kth_smallest(values, k)[:, None]
+    unresolved |= keep.sum(dim=1) > cap
+    cand_values, cand_cols = _compact(keep, [values, cols], [float("inf"), n], cap)
+    earlier = ((cand_values[:, None, :] < cand_values[:, :, None])
+               | ((cand_values[:, None, :] == cand_values[:, :, None]) & (cand_cols[:, None, :] < cand_cols[:, :, None])))
+    order = earlier.sum(dim=2).clamp_(max=k)
+    out_values = torch.empty((n_rows, k + 1), dtype=values.dtype, device=values.device).scatter_(1, order, cand_values)
+    out_index = torch.empty((n_rows, k + 1), dtype=torch.long, device=values.device).scatter_(1, order, cand_cols)
+    return out_values[:, :k], out_index[:, :k], unresolved
+
+
+def _block_width(n: int, k: int) -> int:
+    return _BLOCK if n >= 16 * k else 1
+
+
 def stable_smallest(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest entries of each row, ordered by (value, column): a stable argsort's first k.
 
-    topk is O(N) a row but unordered among ties. It is asked for k + 1 entries: a left-out entry
+    topk is O(N) a row but unordered among ties (on contiguous rows it beats a block prefilter,
+    whose inner-axis minimum costs as much). It is asked for k + 1 entries: a left-out entry
     ties with the k-th exactly when the (k+1)-th smallest equals the k-th, and only those rows
     fall back to a full stable sort, so the result always equals `argsort(kind="stable")[:, :k]`."""
     k = min(k, rows.shape[1])
@@ -107,35 +180,20 @@ def stable_smallest(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 # ---------------------------------------------------------------- the shared core
 
 
-def _reciprocal_mask(forward: torch.Tensor, rows: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
-    """mask[b, m]: row `rows[b]` is among the first lists.shape[1] neighbours of forward[b, m]."""
-    backward = lists[forward]  # B x K x K
-    return (backward == rows[:, None, None]).any(dim=-1)
+def _first_occurrence(index: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """keep[b, m]: index[b, m] does not occur earlier in row b. scratch is a B x (n + 1) int32
+    table holding _SENTINEL; touched cells are reset, so the cost follows the entries, not n."""
+    position = torch.arange(index.shape[1], dtype=torch.int32, device=index.device).expand_as(index)
+    scratch.scatter_reduce_(1, index, position, reduce="amin")
+    keep = scratch.gather(1, index) == position
+    scratch.scatter_(1, index, _SENTINEL)
+    return keep
 
 
-def _compact_sorted_unique(members: torch.Tensor, n: int) -> torch.Tensor:
-    """Each row's distinct members (< n) in ascending order, padded with n on the right."""
-    members = members.sort(dim=1).values
-    duplicate = torch.zeros_like(members, dtype=torch.bool)
-    duplicate[:, 1:] = members[:, 1:] == members[:, :-1]
-    members = torch.where(duplicate, torch.full_like(members, n), members).sort(dim=1).values
-    width = int((members < n).sum(dim=1).max()) if members.numel() else 0
-    return members[:, :max(width, 1)]
-
-
-def _sum_duplicates(index: torch.Tensor, value: torch.Tensor, n: int,
-                    divisor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, merge equal indices by summing their values (then divide): a segment sum over
-    each row's sorted indices, so the cost follows the number of entries, not n."""
-    index, order = index.sort(dim=1)
-    value = value.gather(1, order)
-    starts = torch.ones_like(index, dtype=torch.bool)
-    starts[:, 1:] = index[:, 1:] != index[:, :-1]
-    segment = torch.cumsum(starts, dim=1) - 1
-    merged_value = torch.zeros_like(value).scatter_add_(1, segment, value) / divisor
-    merged_index = torch.full_like(index, n).scatter_(1, segment, index)
-    width = max(int((merged_index < n).sum(dim=1).max()), 1)
-    return merged_index[:, :width], merged_value[:, :width]
+def _rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for an integer index of any shape: index_select, several times faster on CPU
+    than advanced indexing."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def _pad_cat(parts: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,184 +210,206 @@ def _encode(rank: torch.Tensor, pair_dist: PairDistance, k1: int, k2: int,
     forward_lists = rank[:, :min(k1 + 1, n)]
     half_lists = rank[:, :min(int(np.around(k1 / 2.0)) + 1, n)]
     k_fwd, k_half = forward_lists.shape[1], half_lists.shape[1]
-    # Bytes a row needs: the candidate-overlap test (K1 x Kh x K1 booleans, twice) and the member
-    # list (K1 + K1 x Kh int64, about three live copies while it is sorted).
-    bytes_per_row = k_fwd * k_half * k_fwd * 2 + (k_fwd + k_fwd * k_half) * 24
-    step = max(1, int(budget_mb * 2**20 // bytes_per_row))
-
-    half_reciprocal = torch.cat([
-        _reciprocal_mask(half_lists[s:s + step], torch.arange(s, min(s + step, n), device=device), half_lists)
-        for s in range(0, n, step)])
-
+    # A row's bytes: its int32 scratch row over all n items, and ~6 live copies of its member
+    # list (K1 + K1 x Kh int64 entries).
+    step = max(1, min(_MAX_ROWS_PER_STEP, int(budget_mb * 2**20 // ((n + 1) * 4 + k_fwd * (k_half + 1) * 48))))
+    scratch = torch.full((min(step, n), n + 1), _SENTINEL, dtype=torch.int32, device=device)
+    everyone = torch.arange(n, device=device)
+    # The round(k1/2)-reciprocal set of every item: its half list where it is on the other side's.
+    half_reciprocal = torch.cat([(_rows_of(half_lists, half_lists[s:s + step]) == everyone[s:s + step, None, None]).any(dim=-1)
+                                 for s in range(0, n, step)])
+    half_size = half_reciprocal.sum(dim=1)
     parts = []
     for start in range(0, n, step):
-        rows = torch.arange(start, min(start + step, n), device=device)
+        rows = everyone[start:start + step]
+        marks = scratch[:rows.numel()]
         forward = forward_lists[rows]
         # R(i): forward neighbours that also have i among their k1 + 1 nearest.
-        reciprocal = _reciprocal_mask(forward, rows, forward_lists)
-        # Each candidate c in R(i) brings its round(k1/2)-reciprocal set when more than 2/3 of
-        # that set already lies in R(i); V's support is the union, without duplicates.
-        cand_sets = half_lists[forward]  # B x K1 x Kh: each candidate's half-size forward list
-        cand_valid = half_reciprocal[forward]
-        in_own_set = ((cand_sets[..., None] == forward[:, None, None, :])
-                      & reciprocal[:, None, None, :]).any(dim=-1)
-        overlap = (in_own_set & cand_valid).sum(dim=-1)
-        cand_size = cand_valid.sum(dim=-1)
-        accept = reciprocal & (overlap.double() > 2.0 / 3 * cand_size.double())
-        members = torch.cat([
-            torch.where(reciprocal, forward, n),
-            torch.where(accept[..., None] & cand_valid, cand_sets, n).flatten(1)], dim=1)
-        members = _compact_sorted_unique(members, n)
-        valid = members < n
-        weight = torch.exp(-pair_dist(rows, members.clamp(max=n - 1))) * valid
+        reciprocal = (_rows_of(forward_lists, forward) == rows[:, None, None]).any(dim=-1)
+        own = torch.where(reciprocal, forward, n)
+        # Each candidate c in R(i) brings its half-size reciprocal set when more than 2/3 of it
+        # already lies in R(i): membership in R(i) is looked up in the scratch row.
+        cand_sets = _rows_of(half_lists, forward).flatten(1)  # B x (K1 * Kh)
+        cand_valid = _rows_of(half_reciprocal, forward).flatten(1)
+        marks.scatter_(1, own, 0)
+        in_own = marks.gather(1, cand_sets) == 0
+        marks.scatter_(1, own, _SENTINEL)
+        overlap = (in_own & cand_valid).view(-1, k_fwd, k_half).sum(dim=-1)
+        accept = reciprocal & (overlap.double() > 2.0 / 3 * _rows_of(half_size, forward).double())
+        members = torch.cat([own, torch.where(cand_valid & accept.repeat_interleave(k_half, dim=1), cand_sets, n)],
+                            dim=1)
+        keep = _first_occurrence(members, marks) & (members < n)
+        (members,) = _compact(keep, [members], [n])
+        weight = torch.exp(-pair_dist(rows, members.clamp(max=n - 1))) * (members < n)
         parts.append((members, weight / weight.sum(dim=1, keepdim=True)))
     v_index, v_value = _pad_cat(parts, n)
     if k2 == 1:
         return v_index, v_value
-    return _local_query_expansion(rank, v_index, v_value, k2, step)
+    return _local_query_expansion(rank, v_index, v_value, k2, step, scratch)
 
 
 def _local_query_expansion(rank: torch.Tensor, v_index: torch.Tensor, v_value: torch.Tensor, k2: int,
-                           step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each V row becomes the mean of the V rows of its k2 nearest neighbours (itself included)."""
+                           step: int, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each V row becomes the mean of the V rows of its k2 nearest neighbours (itself included):
+    the neighbours' entries are summed per column in a dense scratch row, then compacted."""
     n, device = rank.shape[0], rank.device
     k_qe = min(k2, n)
-    v_index_pad = torch.cat([v_index, torch.full((1, v_index.shape[1]), n, device=device)])
-    v_value_pad = torch.cat([v_value, torch.zeros((1, v_value.shape[1]), dtype=v_value.dtype, device=device)])
-    qe_parts = []
-    block = max(1, step // max(1, k_qe))
-    for start in range(0, n, block):
-        rows = torch.arange(start, min(start + block, n), device=device)
-        neighbours = rank[rows, :k_qe]
-        qe_parts.append(_sum_duplicates(v_index_pad[neighbours].flatten(1), v_value_pad[neighbours].flatten(1),
-                                        n, k_qe))
-    return _pad_cat(qe_parts, n)
-
-
-class _InvertedIndex:
-    """Non-zeros of V by column (CSC: column c holds rows[ptr[c]:ptr[c+1]]), for the Jaccard sums.
-
-    Two ways to visit them, same numbers: a padded (n + 1) x max-column-length table (one gather
-    a query entry; fast when columns have similar lengths), or exact visits laid out with
-    repeat_interleave (no padding; used when a few hub columns would make padding wasteful)."""
-
-    def __init__(self, v_index: torch.Tensor, v_value: torch.Tensor, n: int) -> None:
-        row, slot = (v_index < n).nonzero(as_tuple=True)
-        col = v_index[row, slot]
-        order = torch.sort(col, stable=True).indices
-        self.flat_rows, self.flat_values = row[order], v_value[row, slot][order]
-        counts = torch.bincount(col, minlength=n)
-        self.ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        self.length = torch.cat([counts, counts.new_zeros(1)])  # padding column n lists nobody
-        self.n = n
-        width = max(int(counts.max()) if counts.numel() else 0, 1)
-        exact_visits = int(self.length[v_index].sum())
-        self.padded = int((v_index < n).sum()) * width <= _MAX_PADDING_WASTE * max(exact_visits, 1)
-        if self.padded:
-            slots = torch.arange(width, device=v_index.device)
-            present = slots[None, :] < counts[:, None]
-            start = (self.ptr[:-1, None] + slots[None, :]).clamp(max=max(self.flat_rows.numel() - 1, 0))
-            self.rows = torch.full((n + 1, width), n, dtype=torch.long, device=v_index.device)
-            self.values = torch.zeros((n + 1, width), dtype=v_value.dtype, device=v_index.device)
-            if self.flat_rows.numel():
-                self.rows[:n] = torch.where(present, self.flat_rows[start], n)
-                self.values[:n] = torch.where(present, self.flat_values[start], 0.0)
-
-    def overlap(self, q_index: torch.Tensor, q_value: torch.Tensor) -> torch.Tensor:
-        """sum_c min(V[q, c], V[j, c]) for each given row q (B x W sparse) and every j: B x n."""
-        n_rows = q_index.shape[0]
-        total = torch.zeros((n_rows, self.n + 1), dtype=q_value.dtype, device=q_value.device)
-        query_row, slot = (q_index < self.n).nonzero(as_tuple=True)
-        col = q_index[query_row, slot]
-        if self.padded:
-            others = self.rows.index_select(0, col)  # entries x column width
-            contribution = torch.minimum(self.values.index_select(0, col), q_value[query_row, slot][:, None])
-            target = query_row[:, None] * (self.n + 1) + others
-            total.view(-1).scatter_add_(0, target.view(-1), contribution.view(-1))
-            return total[:, :self.n]
-        lengths = self.length.index_select(0, col)
-        entry = torch.repeat_interleave(torch.arange(col.numel(), device=col.device), lengths)
-        first_visit = torch.cumsum(lengths, 0) - lengths
-        position = (torch.arange(entry.numel(), device=col.device)
-                    + (self.ptr.index_select(0, col) - first_visit).index_select(0, entry))
-        others = self.flat_rows.index_select(0, position)
-        contribution = torch.minimum(q_value[query_row, slot].index_select(0, entry),
-                                     self.flat_values.index_select(0, position))
-        target = query_row.index_select(0, entry) * (self.n + 1) + others
-        total.view(-1).scatter_add_(0, target, contribution)
-        return total[:, :self.n]
-
-    def row_chunks(self, v_index: torch.Tensor, n_rows: int, budget_mb: float) -> list[tuple[int, int]]:
-        """Row ranges whose B x n block and visits together fit the budget."""
-        if self.padded:
-            visits = (v_index[:n_rows] < self.n).sum(dim=1).cpu() * self.rows.shape[1]
-        else:
-            visits = self.length[v_index[:n_rows]].sum(dim=1).cpu()
-        cost = torch.cumsum(visits * _BYTES_PER_PAIR + self.n * _BYTES_PER_DENSE_CELL, 0)
-        budget = max(float(budget_mb), 1e-3) * 2**20
-        chunks, start = [], 0
-        while start < n_rows:
-            spent = int(cost[start - 1]) if start else 0
-            stop = max(int(torch.searchsorted(cost, spent + budget, right=True)), start + 1)
-            chunks.append((start, min(stop, n_rows)))
-            start = stop
-        return chunks
-
-
+    v_index = torch.cat([v_index, torch.full((1, v_index.shape[1]), n, device=device)])
+    v_value = torch.cat([v_value, torch.zeros((1, v_value.shape[1]), dtype=v_value.dtype, device=device)])
+    sums = torch.zeros(scratch.shape, dtype=v_value.dtype, device=device)
+    parts = []
+    for start in range(0, n, step):
+        neighbours = rank[start:start + step, :k_qe]
+        index, value = _rows_of(v_index, neighbours).flatten(1), _rows_of(v_value, neighbours).flatten(1)
+        row_sums = sums[:index.shape[0]]
+        row_sums.scatter_add_(1, index, value)
+        total = row_sums.gather(1, index)
+        row_sums.scatter_(1, index, 0.0)
+        keep = _first_occurrence(index, scratch[:index.shape[0]]) & (index < n)
+        parts.append(tuple(_compact(keep, [index, total / k_qe], [n, 0.0])))
+    return _pad_cat(parts, n)
 def _jaccard(overlap: torch.Tensor) -> torch.Tensor:
     return 1 - overlap / (2.0 - overlap)
+
+
+def _column_lists(v_index: torch.Tensor, v_value: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """V by column (CSC): column c holds rows[ptr[c]:ptr[c] + length[c]] with their values."""
+    row, slot = (v_index < n).nonzero(as_tuple=True)
+    col = v_index[row, slot]
+    if col.device.type == "cpu" and n <= 1 << 16:
+        # numpy sorts 16-bit keys with a stable radix sort: ~10x torch.sort at N = 2,000.
+        order = torch.from_numpy(np.argsort(col.to(torch.int32).numpy().astype(np.uint16), kind="stable"))
+    else:
+        order = torch.sort(col, stable=True).indices
+    length = torch.bincount(col, minlength=n)
+    ptr = torch.cumsum(length, 0) - length
+    return row[order], v_value[row, slot][order], ptr, length
+
+
+def _pair_overlaps(v_index: torch.Tensor, v_value: torch.Tensor, n: int, row_offset: torch.Tensor,
+                   col_offset: torch.Tensor, out: torch.Tensor, budget_mb: float) -> None:
+    """out.view(-1)[row_offset[a] + col_offset[b]] += min(V[a, c], V[b, c]) for every column c and
+    every pair (a, b) of rows in it; a sum at or beyond out.numel() - 1 lands in the last cell,
+    a dump. Columns of similar length are padded to a common length and done as one broadcast
+    (the outer minimum and outer sum of the column with itself): no per-visit gathers."""
+    rows, values, ptr, length = _column_lists(v_index, v_value, n)
+    dump = out.numel() - 1
+    sizes, by_size = torch.sort(length)
+    sizes_list = sizes.tolist()
+    visit_budget = max(1, min(_MAX_VISITS_PER_STEP, int(budget_mb * 2**20 // _BYTES_PER_VISIT)))
+    start = int(torch.searchsorted(sizes, 1))  # empty columns contribute nothing
+    flat = out.view(-1)
+    while start < n:
+        # A group: columns whose lengths lie within 1/8 of the group's largest (padding < 1/4 of
+        # the visits), as many as fit one step's visits.
+        low = sizes_list[start]
+        stop = int(torch.searchsorted(sizes, low + max(1, low // 8), right=True))
+        width = sizes_list[stop - 1]
+        stop = min(stop, start + max(1, visit_budget // (width * width)))
+        columns = by_size[start:stop]
+        slots = torch.arange(width, device=out.device)
+        present = slots[None, :] < length[columns, None]
+        at = (ptr[columns, None] + slots).clamp_(max=max(rows.numel() - 1, 0))
+        members = torch.where(present, rows[at], n)
+        member_values = torch.where(present, values[at], 0.0)
+        target = (row_offset[members][:, :, None] + col_offset[members][:, None, :]).clamp_(max=dump)
+        contribution = torch.minimum(member_values[:, :, None], member_values[:, None, :])
+        flat.scatter_add_(0, target.view(-1), contribution.view(-1))
+        start = stop
 
 
 # ---------------------------------------------------------------- dense entry points
 
 
-def _normalised_square(joined: torch.Tensor, budget_mb: float) -> torch.Tensor:
-    """orig[i, j] = D[j, i]^2 / max_k D[k, i]^2 in float32, built a block of rows at a time."""
-    column_max = joined.abs().amax(dim=0).pow(2).float()
-    if bool((column_max == 0).any()):
-        bad = int((column_max == 0).nonzero()[0])
+def _normalised_gather(joined: torch.Tensor, scale: torch.Tensor) -> PairDistance:
+    """(rows, cols) -> orig[rows[:, None], cols] = D[cols, rows]^2 / scale[rows], from D itself."""
+    flat = joined.view(-1)
+
+    def gather(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        cells = cols * joined.shape[1] + rows[:, None]
+        return flat.index_select(0, cells.view(-1)).view(cells.shape).pow(2).float().div_(scale[rows, None])
+    return gather
+
+
+def _dense_rank(joined: torch.Tensor, k: int, budget_mb: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest of each item (rank, N x k) and the scale s with orig[i, j] = D[j, i]^2 / s[i].
+
+    Row i of the normalised matrix is column i of D over a constant, so its ranking comes from
+    D's column-wise minima over blocks of rows: a reduction along D's contiguous axis, one pass."""
+    n = joined.shape[0]
+    k = min(k, n)
+    width = _block_width(n, k)
+    column_max = joined.amax(dim=0)
+    if width == 1:
+        minima = joined
+    else:
+        full = n // width
+        minima = joined[:full * width].view(full, width, n).amin(dim=1)
+        if full * width < n:
+            minima = torch.cat([minima, joined[full * width:].amin(dim=0, keepdim=True)])
+    column_min = minima.amin(dim=0)
+    _check_finite(name, column_max, column_min)
+    # float32(max d^2) = max float32(d^2): the reference's column maximum of the squared matrix.
+    scale = torch.maximum(column_max.pow(2), column_min.pow(2)).float()
+    if bool((scale == 0).any()):
+        bad = int((scale == 0).nonzero()[0])
         raise ValueError(f"column {bad} of the joined distance matrix is all zeros; re-ranking needs "
                          f"at least two distinct items")
-    n = joined.shape[0]
-    out = torch.empty((n, n), dtype=torch.float32, device=joined.device)
-    block = _chunk_rows(n, n, budget_mb, 8)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        out[start:stop] = joined[:, start:stop].T.pow(2).float() / column_max[start:stop, None]
-    return out
+
+    fetch = _normalised_gather(joined, scale)
+    rank = torch.empty((n, k), dtype=torch.long, device=joined.device)
+    step = max(1, min(_MAX_ROWS_PER_STEP, _chunk_rows(n, minima.shape[0] + 40 * k * width, budget_mb)))
+    for start in range(0, n, step):
+        rows = torch.arange(start, min(start + step, n), device=joined.device)
+        block_min = minima[:, start:start + step].T.pow(2).float().div_(scale[start:start + step, None])
+        _, index, unresolved = _smallest(block_min, fetch, rows, n, width, k)
+        if bool(unresolved.any()):
+            tied = rows[unresolved]
+            index[unresolved] = torch.sort(joined[:, tied].T.pow(2).float() / scale[tied, None], dim=1,
+                                           stable=True).indices[:, :k]
+        rank[start:start + step] = index
+    return rank, scale
 
 
-def _rerank_dense(joined: torch.Tensor, n_query: int, k1: int, k2: int, lambda_value: float,
-                  budget_mb: float) -> torch.Tensor:
-    with single_thread_below(joined.shape[0]):
-        return _dense_terms(joined, n_query, k1, k2, budget_mb, lambda_value)[0]
+def _dense_terms(joined: torch.Tensor, n_query: int, k1: int, k2: int, budget_mb: float, name: str,
+                 lambda_value: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With lambda_value: (re-ranked distance, None); without: (Jaccard distance, normalised
+    original distance), for the query rows against the gallery columns (all columns when every
+    row is a query)."""
+    joined = joined.contiguous()  # the kernel reads D through flat offsets
+    n, device = joined.shape[0], joined.device
+    rank, scale = _dense_rank(joined, max(k1 + 1, k2), budget_mb, name)
 
-
-def _dense_terms(joined: torch.Tensor, n_query: int, k1: int, k2: int, budget_mb: float,
-                 lambda_value: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Jaccard distance, normalised original distance) for the query rows; with lambda_value the
-    blend is done in place chunk by chunk and returned as the first item, saving a Q x G copy."""
-    n = joined.shape[0]
-    orig = _normalised_square(joined, budget_mb)
-    width = max(k1 + 1, k2)
-    block = _chunk_rows(n, n, budget_mb)
-    rank = torch.cat([stable_smallest(orig[s:s + block], width)[1] for s in range(0, n, block)])
-
-    def pair_dist(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return orig[rows[:, None], cols]
-
-    v_index, v_value = _encode(rank, pair_dist, k1, k2, budget_mb)
-    inverted = _InvertedIndex(v_index, v_value, n)
-    # Single-set mode keeps every column; the query x gallery mode keeps the gallery columns.
+    v_index, v_value = _encode(rank, _normalised_gather(joined, scale), k1, k2, budget_mb)
     first_col = 0 if n_query == n else n_query
-    out = torch.empty((n_query, n - first_col), dtype=torch.float32, device=joined.device)
-    for start, stop in inverted.row_chunks(v_index, n_query, budget_mb):
-        jaccard = _jaccard(inverted.overlap(v_index[start:stop], v_value[start:stop]))[:, first_col:]
-        if lambda_value is None:
-            out[start:stop] = jaccard
+    n_gallery = n - first_col
+    cells = n_query * n_gallery
+    # The output is the Jaccard accumulator: row a's offset plus column b's offset, or past the
+    # end (the dump cell) when a is not a query or b not a gallery item.
+    row_offset = torch.full((n + 1,), cells, dtype=torch.long, device=device)
+    row_offset[:n_query] = torch.arange(n_query, device=device) * n_gallery
+    col_offset = torch.full((n + 1,), cells, dtype=torch.long, device=device)
+    col_offset[first_col:n] = torch.arange(n_gallery, device=device)
+    storage = torch.zeros(cells + 1, dtype=torch.float32, device=device)
+    _pair_overlaps(v_index, v_value, n, row_offset, col_offset, storage, budget_mb)
+    out = storage[:cells].view(n_query, n_gallery)
+    original = None if lambda_value is not None else torch.empty_like(out)
+    # Blend a few rows at a time so the two row blocks stay in cache.
+    step = max(1, min(n_query, 2**18 // max(1, n_gallery)))
+    denominator = torch.empty((min(step, n_query), n_gallery), dtype=torch.float32, device=device)
+    for start in range(0, n_query, step):
+        stop = min(start + step, n_query)
+        block, spare = out[start:stop], denominator[:stop - start]
+        torch.sub(2.0, block, out=spare)
+        block.div_(spare)  # overlap / (2 - overlap)
+        target = spare if original is None else original[start:stop]
+        torch.pow(joined[first_col:, start:stop].T, 2, out=target)
+        target.div_(scale[start:stop, None])
+        if original is None:
+            block.mul_(lambda_value - 1.0).add_(1.0 - lambda_value).add_(target, alpha=lambda_value)
         else:
-            out[start:stop] = jaccard * (1 - lambda_value) + orig[start:stop, first_col:] * lambda_value
-    return out, orig[:n_query, first_col:]
+            block.neg_().add_(1.0)
+    return out, original
 
 
 def _back(result: torch.Tensor, like: ArrayLike) -> ArrayLike:
@@ -339,8 +419,8 @@ def _back(result: torch.Tensor, like: ArrayLike) -> ArrayLike:
 def k_reciprocal_rerank(q_g_dist: ArrayLike, q_q_dist: ArrayLike, g_g_dist: ArrayLike, k1: int = 20,
                         k2: int = 6, lambda_value: float = 0.3, memory_budget_mb: float = 1024.0) -> ArrayLike:
     """Re-ranked query x gallery distances (Q x G, float32), numpy in -> numpy out, torch in -> torch
-    out on the input's device. Peak memory: the (Q+G)^2 joined matrix plus one float32 copy, the
-    output, and about `memory_budget_mb` of working memory."""
+    out on the input's device. Peak memory: the (Q+G)^2 joined matrix, the output, O((Q+G) * k1 * k2)
+    tables and about `memory_budget_mb` of working memory."""
     _check_params(k1, k2, lambda_value)
     q_g = _as_tensor("q_g_dist", q_g_dist)
     q_q = _as_tensor("q_q_dist", q_q_dist, q_g.device)
@@ -352,8 +432,17 @@ def k_reciprocal_rerank(q_g_dist: ArrayLike, q_q_dist: ArrayLike, g_g_dist: Arra
     dtype = torch.promote_types(torch.promote_types(q_g.dtype, q_q.dtype), g_g.dtype)
     joined = torch.cat([torch.cat([q_q.to(dtype), q_g.to(dtype)], dim=1),
                         torch.cat([q_g.T.to(dtype), g_g.to(dtype)], dim=1)], dim=0)
-    result = _rerank_dense(joined, n_query, int(k1), int(k2), float(lambda_value), memory_budget_mb)
+    with single_thread_below(joined.shape[0]):
+        result, _ = _dense_terms(joined, n_query, int(k1), int(k2), memory_budget_mb,
+                                 "q_g_dist, q_q_dist or g_g_dist", float(lambda_value))
     return _back(result, q_g_dist)
+
+
+def _square(name: str, dist: ArrayLike) -> torch.Tensor:
+    matrix = _as_tensor(name, dist)
+    if matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{name} must be square (N x N) for single-set re-ranking, got {tuple(matrix.shape)}")
+    return matrix
 
 
 def k_reciprocal_rerank_single(dist: ArrayLike, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
@@ -361,10 +450,10 @@ def k_reciprocal_rerank_single(dist: ArrayLike, k1: int = 20, k2: int = 6, lambd
     """All-vs-all re-ranked distances for one set (N x N, float32): the joined matrix is `dist`
     itself, every row a query, every column a gallery item including the row's own item."""
     _check_params(k1, k2, lambda_value)
-    matrix = _as_tensor("dist", dist)
-    if matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"dist must be square (N x N) for single-set re-ranking, got {tuple(matrix.shape)}")
-    result = _rerank_dense(matrix, matrix.shape[0], int(k1), int(k2), float(lambda_value), memory_budget_mb)
+    matrix = _square("dist", dist)
+    with single_thread_below(matrix.shape[0]):
+        result, _ = _dense_terms(matrix, matrix.shape[0], int(k1), int(k2), memory_budget_mb, "dist",
+                                 float(lambda_value))
     return _back(result, dist)
 
 
@@ -374,78 +463,18 @@ def k_reciprocal_terms_single(dist: ArrayLike, k1: int = 20, k2: int = 6,
     re-ranked distance for any lambda is jaccard * (1 - lambda) + original * lambda, so a search
     over lambda needs one call."""
     _check_params(k1, k2, 0.0)
-    matrix = _as_tensor("dist", dist)
-    if matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"dist must be square (N x N) for single-set re-ranking, got {tuple(matrix.shape)}")
+    matrix = _square("dist", dist)
     with single_thread_below(matrix.shape[0]):
-        jaccard, original = _dense_terms(matrix, matrix.shape[0], int(k1), int(k2), memory_budget_mb)
+        jaccard, original = _dense_terms(matrix, matrix.shape[0], int(k1), int(k2), memory_budget_mb, "dist")
+    assert original is not None
     return _back(jaccard, dist), _back(original, dist)
-
-
-# ---------------------------------------------------------------- bounded-memory mode
 
 
 def euclidean_distance(features: ArrayLike) -> ArrayLike:
     """sqrt(max(2 - 2 cos, 0)) between L2-normalised rows: the dense input that matches the
     bounded mode (`k_reciprocal_rerank_single(euclidean_distance(f))`)."""
-    tensor = torch.nn.functional.normalize(_as_tensor("features", features).float(), dim=1)
+    matrix = _as_tensor("features", features)
+    _check_finite("features", matrix.amax(dim=0), matrix.amin(dim=0))
+    tensor = torch.nn.functional.normalize(matrix.float(), dim=1)
     result = (2 - 2 * tensor @ tensor.T).clamp_(min=0).sqrt_()
     return _back(result, features)
-
-
-def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                             top_m: int = 100, chunk: int = 1024,
-                             memory_budget_mb: float = 1024.0) -> tuple[ArrayLike, ArrayLike]:
-    """All-vs-all re-ranking of one set without an N x N matrix: (indices N x M, distances N x M),
-    each row the item's M nearest original neighbours (itself included) re-ordered by re-ranked
-    distance, ascending, ties by index.
-
-    Definition: features are L2-normalised; the squared original distance is s = max(2 - 2 cos, 0)
-    and it is divided by its row maximum over all N items, found exactly during the chunked kNN
-    pass. That is precisely the dense normalisation of `euclidean_distance(features)` (symmetric,
-    so column max = row max), and the kNN lists are exact, so the k-reciprocal sets, V, the
-    expansion and the Jaccard terms equal the dense ones (up to float rounding of the distances).
-    The returned values therefore equal the dense re-ranked distances at the same (row, column) pairs; what the bounded mode gives up is
-    only columns outside the top-M original neighbours (the dense row may rank one of those higher)."""
-    _check_params(k1, k2, lambda_value)
-    matrix = _as_tensor("features", features)
-    feats = torch.nn.functional.normalize(matrix.float(), dim=1)
-    n = feats.shape[0]
-    top_m = min(int(top_m), n)
-    width = min(max(k1 + 1, k2, top_m), n)
-    rank = torch.empty((n, width), dtype=torch.long, device=feats.device)
-    knn_square = torch.empty((n, width), dtype=torch.float32, device=feats.device)
-    row_max = torch.empty(n, dtype=torch.float32, device=feats.device)
-    for start in range(0, n, max(1, int(chunk))):
-        stop = min(start + max(1, int(chunk)), n)
-        square = torch.addmm(torch.tensor(2.0, device=feats.device), feats[start:stop], feats.T,
-                             alpha=-2.0).clamp_(min=0)
-        row_max[start:stop] = square.amax(dim=1)
-        knn_square[start:stop], rank[start:stop] = stable_smallest(square, width)
-    if bool((row_max == 0).any()):
-        raise ValueError("all features are identical (every distance is 0); re-ranking needs distinct items")
-
-    def pair_dist(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(cols.shape, dtype=torch.float32, device=feats.device)
-        # The gathered B x W x D neighbour features are the big temporary: bound them.
-        block = _chunk_rows(rows.numel(), cols.shape[1] * feats.shape[1], memory_budget_mb, 8)
-        for start in range(0, rows.numel(), block):
-            part_rows, part_cols = rows[start:start + block], cols[start:start + block]
-            dots = torch.einsum("bd,bwd->bw", feats[part_rows], feats[part_cols])
-            out[start:start + block] = (2 - 2 * dots).clamp_(min=0) / row_max[part_rows, None]
-        return out
-
-    v_index, v_value = _encode(rank, pair_dist, int(k1), int(k2), memory_budget_mb)
-    inverted = _InvertedIndex(v_index, v_value, n)
-    out_index = torch.empty((n, top_m), dtype=torch.long, device=feats.device)
-    out_dist = torch.empty((n, top_m), dtype=torch.float32, device=feats.device)
-    for start, stop in inverted.row_chunks(v_index, n, memory_budget_mb):
-        candidates = rank[start:stop, :top_m]
-        overlap = inverted.overlap(v_index[start:stop], v_value[start:stop]).gather(1, candidates)
-        original = knn_square[start:stop, :top_m] / row_max[start:stop, None]
-        final = _jaccard(overlap) * (1 - lambda_value) + original * lambda_value
-        candidates, order = candidates.sort(dim=1)
-        final = final.gather(1, order)
-        final, order = torch.sort(final, dim=1, stable=True)
-        out_index[start:stop], out_dist[start:stop] = candidates.gather(1, order), final
-    return _back(out_index, features), _back(out_dist, features)

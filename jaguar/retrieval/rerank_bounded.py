@@ -1,0 +1,142 @@
+"""Bounded-memory k-reciprocal re-ranking for large galleries: all-vs-all for one set without an
+N x N matrix (kNN lists from chunked matrix products, the k-reciprocal encoding and Jaccard sums
+only over kNN-list candidates), shared core in jaguar/retrieval/rerank.py."""
+
+from __future__ import annotations
+
+import torch
+
+from jaguar.retrieval.rerank import (_BYTES_PER_DENSE_CELL, _BYTES_PER_PAIR, _MAX_PADDING_WASTE, ArrayLike,
+                                     _as_tensor, _back, _check_finite, _check_params, _chunk_rows, _encode,
+                                     _jaccard, single_thread_below, stable_smallest)
+
+
+class _InvertedIndex:
+    """Non-zeros of V by column (CSC: column c holds rows[ptr[c]:ptr[c+1]]), for the Jaccard sums.
+
+    Two ways to visit them, same numbers: a padded (n + 1) x max-column-length table (one gather
+    a query entry; fast when columns have similar lengths), or exact visits laid out with
+    repeat_interleave (no padding; used when a few hub columns would make padding wasteful)."""
+
+    def __init__(self, v_index: torch.Tensor, v_value: torch.Tensor, n: int) -> None:
+        row, slot = (v_index < n).nonzero(as_tuple=True)
+        col = v_index[row, slot]
+        order = torch.sort(col, stable=True).indices
+        self.flat_rows, self.flat_values = row[order], v_value[row, slot][order]
+        counts = torch.bincount(col, minlength=n)
+        self.ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        self.length = torch.cat([counts, counts.new_zeros(1)])  # padding column n lists nobody
+        self.n = n
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+        exact_visits = int(self.length[v_index].sum())
+        self.padded = int((v_index < n).sum()) * width <= _MAX_PADDING_WASTE * max(exact_visits, 1)
+        if self.padded:
+            slots = torch.arange(width, device=v_index.device)
+            present = slots[None, :] < counts[:, None]
+            start = (self.ptr[:-1, None] + slots[None, :]).clamp(max=max(self.flat_rows.numel() - 1, 0))
+            self.rows = torch.full((n + 1, width), n, dtype=torch.long, device=v_index.device)
+            self.values = torch.zeros((n + 1, width), dtype=v_value.dtype, device=v_index.device)
+            if self.flat_rows.numel():
+                self.rows[:n] = torch.where(present, self.flat_rows[start], n)
+                self.values[:n] = torch.where(present, self.flat_values[start], 0.0)
+
+    def overlap(self, q_index: torch.Tensor, q_value: torch.Tensor) -> torch.Tensor:
+        """sum_c min(V[q, c], V[j, c]) for each given row q (B x W sparse) and every j: B x n."""
+        n_rows = q_index.shape[0]
+        total = torch.zeros((n_rows, self.n + 1), dtype=q_value.dtype, device=q_value.device)
+        query_row, slot = (q_index < self.n).nonzero(as_tuple=True)
+        col = q_index[query_row, slot]
+        if self.padded:
+            others = self.rows.index_select(0, col)  # entries x column width
+            contribution = torch.minimum(self.values.index_select(0, col), q_value[query_row, slot][:, None])
+            target = query_row[:, None] * (self.n + 1) + others
+            total.view(-1).scatter_add_(0, target.view(-1), contribution.view(-1))
+            return total[:, :self.n]
+        lengths = self.length.index_select(0, col)
+        entry = torch.repeat_interleave(torch.arange(col.numel(), device=col.device), lengths)
+        first_visit = torch.cumsum(lengths, 0) - lengths
+        position = (torch.arange(entry.numel(), device=col.device)
+                    + (self.ptr.index_select(0, col) - first_visit).index_select(0, entry))
+        others = self.flat_rows.index_select(0, position)
+        contribution = torch.minimum(q_value[query_row, slot].index_select(0, entry),
+                                     self.flat_values.index_select(0, position))
+        target = query_row.index_select(0, entry) * (self.n + 1) + others
+        total.view(-1).scatter_add_(0, target, contribution)
+        return total[:, :self.n]
+
+    def row_chunks(self, v_index: torch.Tensor, n_rows: int, budget_mb: float) -> list[tuple[int, int]]:
+        """Row ranges whose B x n block and visits together fit the budget."""
+        if self.padded:
+            visits = (v_index[:n_rows] < self.n).sum(dim=1).cpu() * self.rows.shape[1]
+        else:
+            visits = self.length[v_index[:n_rows]].sum(dim=1).cpu()
+        cost = torch.cumsum(visits * _BYTES_PER_PAIR + self.n * _BYTES_PER_DENSE_CELL, 0)
+        budget = max(float(budget_mb), 1e-3) * 2**20
+        chunks, start = [], 0
+        while start < n_rows:
+            spent = int(cost[start - 1]) if start else 0
+            stop = max(int(torch.searchsorted(cost, spent + budget, right=True)), start + 1)
+            chunks.append((start, min(stop, n_rows)))
+            start = stop
+        return chunks
+
+
+
+def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                             top_m: int = 100, chunk: int = 1024,
+                             memory_budget_mb: float = 1024.0) -> tuple[ArrayLike, ArrayLike]:
+    """All-vs-all re-ranking of one set without an N x N matrix: (indices N x M, distances N x M),
+    each row the item's M nearest original neighbours (itself included) re-ordered by re-ranked
+    distance, ascending, ties by index.
+
+    Definition: features are L2-normalised; the squared original distance is s = max(2 - 2 cos, 0)
+    and it is divided by its row maximum over all N items, found exactly during the chunked kNN
+    pass. That is precisely the dense normalisation of `euclidean_distance(features)` (symmetric,
+    so column max = row max), and the kNN lists are exact, so the k-reciprocal sets, V, the
+    expansion and the Jaccard terms equal the dense ones (up to float rounding of the distances).
+    The returned values therefore equal the dense re-ranked distances at the same (row, column) pairs; what the bounded mode gives up is
+    only columns outside the top-M original neighbours (the dense row may rank one of those higher)."""
+    _check_params(k1, k2, lambda_value)
+    matrix = _as_tensor("features", features)
+    _check_finite("features", matrix.amax(dim=0), matrix.amin(dim=0))
+    feats = torch.nn.functional.normalize(matrix.float(), dim=1)
+    n = feats.shape[0]
+    top_m = min(int(top_m), n)
+    width = min(max(k1 + 1, k2, top_m), n)
+    rank = torch.empty((n, width), dtype=torch.long, device=feats.device)
+    knn_square = torch.empty((n, width), dtype=torch.float32, device=feats.device)
+    row_max = torch.empty(n, dtype=torch.float32, device=feats.device)
+    for start in range(0, n, max(1, int(chunk))):
+        stop = min(start + max(1, int(chunk)), n)
+        square = torch.addmm(torch.tensor(2.0, device=feats.device), feats[start:stop], feats.T,
+                             alpha=-2.0).clamp_(min=0)
+        row_max[start:stop] = square.amax(dim=1)
+        knn_square[start:stop], rank[start:stop] = stable_smallest(square, width)
+    if bool((row_max == 0).any()):
+        raise ValueError("all features are identical (every distance is 0); re-ranking needs distinct items")
+
+    def pair_dist(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(cols.shape, dtype=torch.float32, device=feats.device)
+        # The gathered B x W x D neighbour features are the big temporary: bound them.
+        block = _chunk_rows(rows.numel(), cols.shape[1] * feats.shape[1], memory_budget_mb, 8)
+        for start in range(0, rows.numel(), block):
+            part_rows, part_cols = rows[start:start + block], cols[start:start + block]
+            dots = torch.einsum("bd,bwd->bw", feats[part_rows], feats[part_cols])
+            out[start:start + block] = (2 - 2 * dots).clamp_(min=0) / row_max[part_rows, None]
+        return out
+
+    with single_thread_below(0):
+        v_index, v_value = _encode(rank, pair_dist, int(k1), int(k2), memory_budget_mb)
+    inverted = _InvertedIndex(v_index, v_value, n)
+    out_index = torch.empty((n, top_m), dtype=torch.long, device=feats.device)
+    out_dist = torch.empty((n, top_m), dtype=torch.float32, device=feats.device)
+    for start, stop in inverted.row_chunks(v_index, n, memory_budget_mb):
+        candidates = rank[start:stop, :top_m]
+        overlap = inverted.overlap(v_index[start:stop], v_value[start:stop]).gather(1, candidates)
+        original = knn_square[start:stop, :top_m] / row_max[start:stop, None]
+        final = _jaccard(overlap) * (1 - lambda_value) + original * lambda_value
+        candidates, order = candidates.sort(dim=1)
+        final = final.gather(1, order)
+        final, order = torch.sort(final, dim=1, stable=True)
+        out_index[start:stop], out_dist[start:stop] = candidates.gather(1, order), final
+    return _back(out_index, features), _back(out_dist, features)
