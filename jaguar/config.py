@@ -371,5 +371,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.img_size' must be [height, width], got {cfg.model.img_size}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
+    micro_batch = cfg.data.p_identities * cfg.data.k_images if cfg.data.sampler == "pk" else cfg.data.batch_size
+    if micro_batch < 2:
+        keys = "data.p_identities x data.k_images" if cfg.data.sampler == "pk" else "data.batch_size"
+        raise ConfigError(f"the training micro-batch ({keys}) is {micro_batch}; BatchNorm layers need at "
+                          f"least 2 images per process and step")
     if cfg.train.grad_accum < 1:
         raise ConfigError(f"config key 'train.grad_accum' must be >= 1, got {cfg.train.grad_accum}")

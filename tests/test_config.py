@@ -100,3 +100,8 @@ def test_config_show_cli(tmp_path):
 def test_every_recipe_resolves(recipe):
     cfg = load_config(recipe)
     assert isinstance(cfg, Config)
+
+
+def test_micro_batch_of_one_is_refused():
+    with pytest.raises(ConfigError, match=r"data.p_identities x data.k_images.*at least 2"):
+        load_config(None, ["data.p_identities=1", "data.k_images=1"])
