@@ -43,6 +43,19 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def replace_directory(complete: Path, final: Path) -> None:
+    """Move the finished folder `complete` to `final`, replacing any folder there. `final` is never
+    half-written: it is the old folder, or the new one, or (between two renames) absent."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(complete, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(complete, final)
+
+
 @contextmanager
 def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it becomes `final` in one rename.
@@ -54,16 +67,9 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the result is shared data
     try:
         yield tmp
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(f"{final} already exists; remove it or choose another output")
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} already exists; remove it or choose another output")
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 if [ "$FAST" = 1 ]; then
   SYNTH=(--identities 8 --train-images 160 --test-images 24 --size 128)
-  TRAIN=(train.epochs=4 model.img_size=[96,96])
+  TRAIN=(train.epochs=4 train.eval_every=2 model.img_size=[48,96])
 else
   SYNTH=(--identities 16 --train-images 400 --test-images 60 --size 192)
   TRAIN=()

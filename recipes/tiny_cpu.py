@@ -9,23 +9,19 @@ from jaguar.config import Config
 config = Config()
 config.model.backbone = "resnet18"
 config.model.pretrained = False  # no hub needed; the synthetic coat patterns are learned from scratch
-config.model.img_size = [128, 128]
+config.model.img_size = [80, 160]  # height x width: the animals are wide
 config.model.pooling = "gem"
 config.model.neck = "bnneck"
-config.model.head = "arcface"
-config.model.head_scale = 30.0
-config.model.head_margin = 0.3
+config.model.head = "softmax"  # converges faster from scratch than a margin head
 
 config.data.val_fraction = 0.2
 config.data.crop_to_alpha = True
+config.data.alpha_mode = "black"  # the mask removes the clutter a small model cannot afford to learn
 config.data.p_identities = 4
 config.data.k_images = 4
 config.data.batch_size = 32
 config.data.num_workers = 0
 config.data.hflip = 0.5
-config.data.rotation = 10.0
-config.data.scale = [0.9, 1.0]
-config.data.color_jitter = 0.2
 
 config.loss.triplet_weight = 1.0
 config.loss.triplet_margin = 0.3

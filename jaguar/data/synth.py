@@ -79,6 +79,7 @@ class CoatPattern:
 
     centres: list[list[tuple[float, float]]]  # rosette centre polygons (slightly darker)
     blotches: list[list[tuple[float, float]]]  # dark blotches: rosette rings and solid spots
+    centre_shade: int = 70  # darkness of the rosette centres (0-255), part of the animal's style
 
 
 def _blob(rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, angle: float,
@@ -121,30 +122,43 @@ def make_pattern(seed: int, name: str) -> CoatPattern:
     aspect = 2.0  # canvas width / height: a circle of radius r (height units) is r/aspect wide
     placed: list[tuple[float, float, float]] = []
     centres, blotches = [], []
+    # Each animal has its own style (how many rosettes, how big, how many spots), as real jaguars do:
+    # coarse enough for a small network to start from, while the exact layout is what tells
+    # similar-styled animals apart.
+    max_rosettes = int(rng.integers(10, 60))
+    small = rng.uniform(0.045, 0.1)
+    large = small + rng.uniform(0.02, 0.09)
+    ring_low = int(rng.integers(3, 7))
+    ring_high = ring_low + int(rng.integers(1, 4))
+    blotch_low = rng.uniform(0.22, 0.4)
+    blotch_high = blotch_low + rng.uniform(0.05, 0.2)
+    centre_shade = int(rng.integers(35, 130))
+    spots = int(rng.integers(15, 100))
+    spot_low = rng.uniform(0.01, 0.025)
     for _ in range(900):
-        if len(placed) >= 55:
+        if len(placed) >= max_rosettes:
             break
         x, y = rng.uniform(0.15, 0.8), rng.uniform(0.25, 0.72)
-        radius = rng.uniform(0.055, 0.1)
+        radius = rng.uniform(small, large)
         if not mask[int(y * 128), int(x * 256)]:
             continue
         if any(math.hypot((x - px) * aspect, y - py) < 1.15 * (radius + pr) for px, py, pr in placed):
             continue
         placed.append((x, y, radius))
         centres.append(_blob(rng, x, y, 0.8 * radius / aspect, 0.8 * radius, rng.uniform(0, np.pi)))
-        ring = int(rng.integers(3, 8))
+        ring = int(rng.integers(ring_low, ring_high))
         start = rng.uniform(0, 2 * np.pi)
         for j in range(ring):
             angle = start + 2 * np.pi * j / ring + rng.normal(0, 0.25)
-            size = radius * rng.uniform(0.28, 0.5)
+            size = radius * rng.uniform(blotch_low, blotch_high)
             blotches.append(_blob(rng, x + math.cos(angle) * radius / aspect, y + math.sin(angle) * radius,
                                   size / aspect, size * rng.uniform(0.45, 0.8), angle + np.pi / 2))
-    for _ in range(60):  # solid spots on the head, neck, legs and tail
+    for _ in range(spots):  # solid spots on the head, neck, legs and tail
         x, y = rng.uniform(0.0, 0.95), rng.uniform(0.1, 0.95)
         if mask[int(y * 128), int(x * 256)]:
-            size = rng.uniform(0.012, 0.03)
+            size = rng.uniform(spot_low, spot_low + 0.015)
             blotches.append(_blob(rng, x, y, size / aspect, size, rng.uniform(0, np.pi), vertices=7))
-    return CoatPattern(centres, blotches)
+    return CoatPattern(centres, blotches, centre_shade)
 
 
 @lru_cache(maxsize=64)
@@ -155,7 +169,7 @@ def _body_canvas(seed: int, name: str, width: int) -> np.ndarray:
     dark = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(dark)
     for polygon in pattern.centres:
-        draw.polygon([(x * width, y * height) for x, y in polygon], fill=70)
+        draw.polygon([(x * width, y * height) for x, y in polygon], fill=pattern.centre_shade)
     for polygon in pattern.blotches:
         draw.polygon([(x * width, y * height) for x, y in polygon], fill=255)
     dark = dark.filter(ImageFilter.GaussianBlur(width / 500))
@@ -170,13 +184,13 @@ def _homography(rng: np.random.Generator, size: int, canvas_w: int, canvas_h: in
     """Body canvas -> image: perspective tilt, flip, anisotropic scale, rotation, translation."""
     centre = np.array([[1, 0, -canvas_w / 2], [0, 1, -canvas_h / 2], [0, 0, 1]], dtype=np.float64)
     tilt = np.eye(3)
-    tilt[2, :2] = rng.uniform(-0.25, 0.25, 2) / canvas_w
+    tilt[2, :2] = rng.uniform(-0.15, 0.15, 2) / canvas_w
     flip = np.diag([-1.0 if rng.random() < 0.5 else 1.0, 1.0, 1.0])
     scale = size * rng.uniform(0.75, 1.2) / canvas_w
     stretch = np.diag([scale, scale * rng.uniform(0.85, 1.15), 1.0])
-    angle = math.radians(rng.uniform(-35, 35))
+    angle = math.radians(rng.uniform(-15, 15))
     rotate = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
-    reach = 0.35 if rng.random() < 0.2 else 0.15  # sometimes the animal is cut by the image border
+    reach = 0.3 if rng.random() < 0.15 else 0.12  # sometimes the animal is cut by the image border
     shift = size / 2 + rng.uniform(-reach, reach, 2) * size
     move = np.array([[1, 0, shift[0]], [0, 1, shift[1]], [0, 0, 1]])
     return move @ rotate @ stretch @ flip @ tilt @ centre

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Optional
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from jaguar.io import atomic_write_json
+from jaguar.io import atomic_write_json, replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +78,7 @@ def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, 
         if ema is not None:
             save_file(_state_dict_to_cpu(ema.module.state_dict()), str(tmp / EMA_WEIGHTS_FILE))
         atomic_write_json(tmp / STATE_FILE, trainer_state)
-        if final.exists():
-            old = checkpoint_dir / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_directory(tmp, final)
         if _STEP_DIR.match(name) and keep_last > 0:
             for stale in list_checkpoints(checkpoint_dir)[:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
