@@ -42,34 +42,36 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # (label, function names whose cumulative time is reported) for the profile breakdown
 STAGES = [
-    ("read + PNG decode (ShardSplit.__getitem__)", ("__getitem__@shards.py",)),
-    ("pil_to_tensor", ("pil_to_tensor@_type_conversion.py", "pil_to_tensor@functional.py")),
+    ("read + decode (ShardSplit.read_rgba)", ("read_rgba@shards.py",)),
+    ("  of which image decode (OpenCV)", ("decode_rgba@shards.py",)),
     ("crop to alpha box", ("crop_to_alpha@transforms.py",)),
-    ("resize (uint8, antialias)", ("resize@_geometry.py",)),
+    ("warp (resize, flip, affine, pad-crop in one)", ("warp@transforms.py",)),
     ("alpha composite (incl. background)", ("composite@transforms.py",)),
     ("  random background", ("random_background@transforms.py",)),
-    ("colour jitter", ("_jitter@transforms.py",)),
-    ("pad to size", ("pad_to@transforms.py",)),
-    ("affine (bilinear)", ("_affine@transforms.py",)),
-    ("normalize", ("normalize@_misc.py",)),
-    ("pad + random crop", ("pad_random_crop@transforms.py",)),
+    ("render: composite + colour matrix + Normalize", ("_render@transforms.py",)),
     ("random erasing", ("random_erase@transforms.py",)),
     ("sample RNG (SeedSequence)", ("sample_rng@loader.py",)),
 ]
 
 
-def cached_shards(cache: Path, images: int, source_size: int, max_side: int, identities: int) -> Path:
-    """Prepared shards of synthetic photos, made once per setting and reused from `cache`."""
-    shards = cache / f"synth{source_size}-max{max_side}-n{images}-ids{identities}" / "shards"
+def cached_shards(cache: Path, images: int, source_size: int, max_side: int, identities: int,
+                  encoding: str) -> Path:
+    """Prepared shards of synthetic photos, made once per setting and reused from `cache`; the
+    synthetic photos themselves are made once per (size, count) and kept for other settings."""
+    name = f"synth{source_size}-max{max_side}-n{images}-ids{identities}" + ("" if encoding == "png" else f"-{encoding}")
+    shards = cache / name / "shards"
     if (shards / "manifest.json").is_file():
         return shards
     shards.parent.mkdir(parents=True, exist_ok=True)
     print(f"preparing {images} synthetic {source_size}px photos into {shards} (once; cached)", flush=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=shards.parent) as tmp:
-        source = make_synthetic(Path(tmp) / "source", identities=identities, train_images=images,
-                                test_images=identities, size=source_size, seed=0, progress=True)
-        prepare(source, shards, max_side=max_side, workers=os.cpu_count() or 1, progress=True)
+    source = cache / f"photos{source_size}-n{images}-ids{identities}"
+    if not (source / "train.csv").is_file():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            made = make_synthetic(Path(tmp) / "source", identities=identities, train_images=images,
+                                  test_images=identities, size=source_size, seed=0, progress=True)
+            made.rename(source)
+    prepare(source, shards, max_side=max_side, workers=os.cpu_count() or 1, progress=True, encoding=encoding)
     print(f"prepared in {time.perf_counter() - started:.0f} s", flush=True)
     return shards
 
@@ -151,29 +153,35 @@ def main() -> int:
     parser.add_argument("--identities", type=int, default=31)
     parser.add_argument("--source-size", type=int, default=1024, help="side of the synthetic photos (px)")
     parser.add_argument("--max-side", type=int, default=1024, help="`jaguar prep --max-side`")
+    parser.add_argument("--encoding", choices=("png", "jpeg"), default="png", help="`jaguar prep --encoding`")
     parser.add_argument("--size", type=int, default=448, help="model.img_size (square)")
     parser.add_argument("--pad", type=int, default=10, help="data.pad for pad + random crop (0 disables)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data.num_workers values")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per num_workers setting (median reported)")
     parser.add_argument("--batches", type=int, default=8, help="PK batches (8 x 4 = 32 images) per run")
     parser.add_argument("--profile-samples", type=int, default=64, help="0 skips the cProfile breakdown")
     args = parser.parse_args()
 
-    shards = cached_shards(args.cache, args.images, args.source_size, args.max_side, args.identities)
+    shards = cached_shards(args.cache, args.images, args.source_size, args.max_side, args.identities,
+                            args.encoding)
     cores = os.cpu_count() or 1
     print(f"host: {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "
           f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"shards: {shards}; recipe {RECIPE.name} data settings at {args.size}px, data.pad={args.pad}")
+    print(f"{args.repeats} runs per setting of {args.batches} batches each; median (min-max) of the runs")
     print("| num_workers | cores used | images/s (steady) | images/s per core | images per CPU-second "
           "| first batch | load avg (1 min) |")
     print("|--:|--:|--:|--:|--:|--:|--:|")
     for workers in args.workers:
         # One core means one core: torch's intra-op threads would otherwise help the main process.
         torch.set_num_threads(1)
-        result = measure_loader(shards, args.size, workers, args.pad, args.batches)
+        runs = [measure_loader(shards, args.size, workers, args.pad, args.batches) for _ in range(args.repeats)]
         used = max(1, min(workers, cores))
-        per_core = result["steady_images_per_s"] / used
-        print(f"| {workers} | {used} | {result['steady_images_per_s']:.1f} | {per_core:.1f} | "
-              f"{result['images_per_cpu_s']:.1f} | {result['first_batch_s']:.2f} s | "
+        steady = sorted(run["steady_images_per_s"] for run in runs)
+        per_cpu = sorted(run["images_per_cpu_s"] for run in runs)
+        median = steady[len(steady) // 2]
+        print(f"| {workers} | {used} | {median:.1f} ({steady[0]:.1f}-{steady[-1]:.1f}) | {median / used:.1f} | "
+              f"{per_cpu[len(per_cpu) // 2]:.1f} | {runs[0]['first_batch_s']:.2f} s | "
               f"{os.getloadavg()[0]:.2f} |", flush=True)
     print(f"goal: >= {GOAL_PER_CORE:.0f} images/s per core")
     if args.profile_samples > 0:

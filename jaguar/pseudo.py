@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from jaguar.data.shards import IMAGE_MEMBERS
 from jaguar.io import atomic_directory, atomic_write_json
 from jaguar.retrieval.features import FeatureSet
 
@@ -227,8 +228,9 @@ def _raw_samples(shards_dir: Path, manifest: dict, wanted: set[str]) -> dict[str
     for sample in webdataset.WebDataset(urls, shardshuffle=False, empty_check=False):
         meta = json.loads(sample.get("json", b"{}"))
         name = meta.get("filename")
-        if name in wanted and "png" in sample:
-            found[name] = (sample["__key__"].rsplit("/", 1)[-1], bytes(sample["png"]), meta)
+        members = {ext: bytes(data) for ext, data in sample.items() if ext in IMAGE_MEMBERS}
+        if name in wanted and members:
+            found[name] = (sample["__key__"].rsplit("/", 1)[-1], members, meta)
             if len(found) == len(wanted):
                 break
     missing = sorted(wanted - set(found))
@@ -240,26 +242,23 @@ def _raw_samples(shards_dir: Path, manifest: dict, wanted: set[str]) -> dict[str
 
 def write_pseudo_shards(shards_dir: Path, manifest: dict, selected: dict[str, PseudoLabel], out_dir: Path,
                         shard_size: int = 500) -> dict:
-    """Write the selected images (png bytes unchanged, json relabelled with the predicted identity)
+    """Write the selected images (image bytes unchanged, json relabelled with the predicted identity)
     as split "train" of a `jaguar prep`-format folder in out_dir, with the source's identities."""
-    import hashlib
-
-    from jaguar.data.prep import MANIFEST_FORMAT, write_split
+    from jaguar.data.prep import MANIFEST_FORMAT, spool_members, write_split
 
     samples = _raw_samples(shards_dir, manifest, set(selected))
     out_dir.mkdir(parents=True, exist_ok=True)
-    spool = out_dir / ".spool"  # the layout prep's split writer reads png bytes from
+    spool = out_dir / ".spool"  # the layout prep's split writer reads image bytes from
     entries = []
     with spool.open("wb") as handle:
         for name in sorted(selected):
-            key, png, meta = samples[name]
+            key, members, meta = samples[name]
             prediction = selected[name]
             meta = dict(meta, identity=prediction.identity, label=prediction.label,
                         pseudo_label={"confidence": prediction.confidence, "knn_votes": prediction.knn_votes,
                                       "original_identity": meta.get("identity")})
-            entries.append({"key": key, "meta": meta, "spool": (handle.tell(), len(png)),
-                            "sha256": hashlib.sha256(png).hexdigest()})
-            handle.write(png)
+            places, digest = spool_members(handle, members)
+            entries.append({"key": key, "meta": meta, "spool": places, "sha256": digest})
     split = write_split(out_dir, "train", entries, spool, shard_size)
     spool.unlink()
     out_manifest = {

@@ -26,13 +26,17 @@ class FakeSplit:
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        rgba, meta = self.read_rgba(i)
+        return Image.fromarray(rgba, "RGBA"), meta
+
+    def read_rgba(self, i: int):
         rgba = np.zeros((12, 16, 4), dtype=np.uint8)
         rgba[..., 0] = i % 256
         rgba[..., 1] = (7 * i) % 256
         rgba[2:10, 3:13, 3] = 255
         meta = {"filename": self.filenames[i], "label": int(self.labels[i]), "alpha_bbox": [3, 2, 13, 10],
                 "size": [16, 12]}
-        return Image.fromarray(rgba, "RGBA"), meta
+        return rgba, meta
 
 
 def _labels() -> np.ndarray:

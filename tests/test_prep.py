@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,27 @@ def test_long_side_is_capped_with_alpha_resized_too(synth_dir: Path, tmp_path: P
     original = Image.open(src / "train" / meta["filename"]).getchannel("A").resize((20, 20), Image.LANCZOS)
     assert np.array_equal(np.asarray(image.getchannel("A")), np.asarray(original))
     assert manifest["options"]["max_side"] == 20
+
+
+def test_jpeg_encoding_keeps_the_mask_exact_and_the_colours_close(synth_dir: Path, tmp_path: Path) -> None:
+    src = _small_challenge(synth_dir, tmp_path / "src", train=3, test=2)
+    manifest = prepare(src, tmp_path / "out", workers=1, encoding="jpeg")
+    assert manifest["options"]["encoding"] == "jpeg" and manifest["options"]["jpeg_quality"] == 95
+    from jaguar.data.shards import ShardSplit
+
+    split = ShardSplit(tmp_path / "out", "train")
+    for i in range(len(split)):
+        rgba, meta = split.read_rgba(i)
+        original = np.asarray(Image.open(src / "train" / meta["filename"]).convert("RGBA"))
+        assert rgba.shape == original.shape and rgba.dtype == np.uint8
+        assert np.array_equal(rgba[..., 3], original[..., 3])  # the mask is stored losslessly
+        assert np.abs(rgba[..., :3].astype(int) - original[..., :3]).mean() < 6  # JPEG q95
+        image, _ = split[i]
+        assert image.mode == "RGBA" and np.array_equal(np.asarray(image), rgba)
+    names = sorted(tarfile.open(next((tmp_path / "out").glob("train-*.tar"))).getnames())
+    assert names[:3] == ["train_0001.jpg", "train_0001.json", "train_0001.mask.png"]
+    with pytest.raises(PrepError, match="unknown --encoding 'webp'"):
+        prepare(src, tmp_path / "bad", workers=1, encoding="webp")
 
 
 def _break_everything(src: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ from PIL import Image
 from jaguar.config import Config
 from jaguar.data.mixup import build_mixup, mixup_batch
 from jaguar.data.transforms import (build_eval_transform, build_train_transform, composite,
-                                    crop_to_alpha, rgba_tensor)
+                                    crop_to_alpha, rgba_array)
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
@@ -68,11 +68,12 @@ def test_keep_mode_changes_nothing_and_eval_random_is_the_mean_grey():
 def test_crop_to_alpha_uses_the_bounding_box_and_margin():
     rgba, _ = _rgba(40, 50, box=(10, 5, 30, 25))
     rgba[3] = (rgba[3] == 1).float()  # hard mask: box is exactly 20 x 20 at (10, 5)
-    cropped = crop_to_alpha(rgba, None, 0.0)
-    assert cropped.shape[-2:] == (20, 20)
-    assert torch.equal(cropped, rgba[:, 5:25, 10:30])
-    assert crop_to_alpha(rgba, [10, 5, 30, 25], 0.25).shape[-2:] == (30, 30)  # 5 px each side
-    assert crop_to_alpha(rgba, [0, 0, 50, 40], 0.5).shape[-2:] == (40, 50)  # clipped to the image
+    array = rgba_array(_pil(rgba))
+    cropped = crop_to_alpha(array, None, 0.0)
+    assert cropped.shape[:2] == (20, 20)
+    assert np.array_equal(cropped, array[5:25, 10:30])
+    assert crop_to_alpha(array, [10, 5, 30, 25], 0.25).shape[:2] == (30, 30)  # 5 px each side
+    assert crop_to_alpha(array, [0, 0, 50, 40], 0.5).shape[:2] == (40, 50)  # clipped to the image
 
 
 def test_pad_resize_keeps_aspect_and_stretch_fills():
@@ -122,9 +123,11 @@ def test_flip_erasing_and_pad_crop_do_what_they_say():
     assert len(matches) == 1 and matches[0] != (4, 4)  # seed 3 draws a real shift
 
 
-def test_rgba_tensor_treats_rgb_input_as_opaque():
-    rgba = rgba_tensor(Image.new("RGB", (5, 3), (255, 0, 0)))
-    assert rgba.shape == (4, 3, 5) and torch.all(rgba[3] == 1) and torch.all(rgba[0] == 1)
+def test_rgba_array_treats_rgb_input_as_opaque():
+    rgba = rgba_array(Image.new("RGB", (5, 3), (255, 0, 0)))
+    assert rgba.shape == (3, 5, 4) and np.all(rgba[..., 3] == 255) and np.all(rgba[..., 0] == 255)
+    with pytest.raises(ValueError, match="H x W x 4 uint8"):
+        rgba_array(np.zeros((3, 5, 3), dtype=np.uint8))
 
 
 def test_mixup_blends_with_a_permutation_and_pairs_labels():
@@ -151,3 +154,35 @@ def test_mixup_blends_with_a_permutation_and_pairs_labels():
     assert build_mixup(cfg) is None
     cfg.data.mixup_alpha, cfg.data.mixup_prob = 0.4, 1.0
     assert build_mixup(cfg)(images, labels, torch.Generator().manual_seed(0))[3] == lam
+
+
+def test_colour_matrix_equals_torchvision_jitter_steps_in_order():
+    from jaguar.data.transforms import jitter_matrix
+    rgb = 0.35 + 0.3 * torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(0))  # no clamping
+    steps = [("contrast", 1.15), ("brightness", 0.9), ("saturation", 1.2)]
+    expected = rgb
+    ops = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast, "saturation": F.adjust_saturation}
+    for name, factor in steps:
+        expected = ops[name](expected, factor)
+    matrix, offset = jitter_matrix(steps, rgb.mean(dim=(1, 2)).double().numpy())
+    got = torch.einsum("ij,jhw->ihw", torch.from_numpy(matrix).float(), rgb) + torch.from_numpy(offset).float().view(3, 1, 1)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_rotation_leaves_padding_at_the_mean_and_keeps_the_centre():
+    image = _pil(torch.ones(4, 32, 32))  # opaque white
+    cfg = _cfg(rotation=45.0)
+    out = build_train_transform(cfg, MEAN, STD)(image, {}, np.random.default_rng(0))
+    white = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(out[:, 12:20, 12:20], white.view(3, 1, 1).expand(3, 8, 8), atol=1e-5)
+    corners = out[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    rotated = abs(float(np.random.default_rng(0).uniform(-45, 45))) > 10  # the first draw is the angle
+    assert rotated and torch.all(corners == 0)
+
+
+def test_large_photos_are_area_averaged_not_aliased():
+    board = (np.indices((256, 256)).sum(axis=0) % 2 * 255).astype(np.uint8)  # 1-pixel checkerboard
+    rgba = np.dstack([board, board, board, np.full_like(board, 255)])
+    out = build_eval_transform(_cfg(), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(rgba, {})
+    assert out.shape == (3, 32, 32)
+    assert abs(float(out.mean()) - 0.5) < 0.01 and float(out.std()) < 0.02  # uniform grey, no moire

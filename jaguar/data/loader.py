@@ -111,7 +111,7 @@ class TrainDataset(Dataset):
             key = (int(key), 0, 0, 0)
         local = key[0]
         position = int(self.indices[local])
-        image, meta = self.split[position]
+        image, meta = self.split.read_rgba(position)
         tensor = self.transform(image, meta, sample_rng(self.seed, key))
         return tensor, int(self.targets[local]), position
 
@@ -129,7 +129,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
         position = int(self.indices[j])
-        image, meta = self.split[position]
+        image, meta = self.split.read_rgba(position)
         return self.transform(image, meta), position
 
 

@@ -10,12 +10,14 @@ import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from jaguar.config import ConfigError
 
 MANIFEST_FORMAT = "jaguar-shards/1"
+IMAGE_MEMBERS = ("png", "jpg", "mask.png")  # an RGBA PNG, or a JPEG with its alpha mask as a PNG
 
 
 class ShardsError(ConfigError):
@@ -81,8 +83,36 @@ def _as_bytes(value: object) -> bytes:
     return value.read()  # a stream
 
 
+def _decode(data: bytes, flags: int) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+
+
+def decode_rgba(sample: dict, where: str) -> np.ndarray:
+    """The H x W x 4 uint8 RGBA array of a shard sample's image members (OpenCV decodes PNG and
+    JPEG faster than PIL). `where` names the sample in errors."""
+    if ".png" in sample:
+        image = _decode(_as_bytes(sample[".png"]), cv2.IMREAD_UNCHANGED)
+        if image is not None and image.ndim == 3 and image.shape[2] == 4 and image.dtype == np.uint8:
+            return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+        # not 8-bit RGBA (prep always writes that; a hand-made shard may not): let PIL convert it
+        with Image.open(io.BytesIO(_as_bytes(sample[".png"]))) as opened:
+            return np.asarray(opened.convert("RGBA"))
+    if ".jpg" in sample and ".mask.png" in sample:
+        colour = _decode(_as_bytes(sample[".jpg"]), cv2.IMREAD_COLOR)
+        mask = _decode(_as_bytes(sample[".mask.png"]), cv2.IMREAD_GRAYSCALE)
+        if colour is None or mask is None or colour.shape[:2] != mask.shape:
+            raise ShardsError(f"{where}: unreadable .jpg/.mask.png pair; re-run `jaguar prep`")
+        rgba = cv2.cvtColor(colour, cv2.COLOR_BGR2RGBA)
+        rgba[:, :, 3] = mask
+        return rgba
+    found = sorted(key for key in sample if key.startswith("."))
+    raise ShardsError(f"{where} has no image ({', '.join(found)}); expected .png or .jpg + .mask.png; "
+                      f"re-run `jaguar prep`")
+
+
 class ShardSplit:
-    """Random access to one split of a `jaguar prep` output: item i is (RGBA image, sample json).
+    """Random access to one split of a `jaguar prep` output: item i is (RGBA PIL image, sample json);
+    `read_rgba(i)` gives the image as an array instead.
 
     `filenames`, `labels` and `identities` come from the manifest (no tar is opened) in item order."""
 
@@ -128,6 +158,11 @@ class ShardSplit:
         return self._dataset
 
     def __getitem__(self, i: int) -> tuple[Image.Image, dict]:
+        rgba, meta = self.read_rgba(i)
+        return Image.fromarray(rgba, "RGBA"), meta
+
+    def read_rgba(self, i: int) -> tuple[np.ndarray, dict]:
+        """Item i as (H x W x 4 uint8 RGBA array, sample json): what the data loaders read."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for split {self.split!r} of {len(self)} samples")
         i = int(i) % len(self)
@@ -136,9 +171,7 @@ class ShardSplit:
         if meta["filename"] != self.filenames[i]:
             raise ShardsError(f"sample {i} of {self.split!r} in {self.shards_dir} is {meta['filename']}, the "
                               f"manifest says {self.filenames[i]}; the shards were changed, re-run `jaguar prep`")
-        image = Image.open(io.BytesIO(_as_bytes(sample[".png"])))
-        image.load()
-        return (image if image.mode == "RGBA" else image.convert("RGBA")), meta
+        return decode_rgba(sample, f"sample {i} ({meta['filename']}) of {self.split!r} in {self.shards_dir}"), meta
 
     def label_counts(self) -> dict[int, int]:
         """Images per label (unknown = -1), e.g. for a PK sampler."""

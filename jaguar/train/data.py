@@ -30,9 +30,17 @@ class ConcatSplit:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def __getitem__(self, index: int):
+    def _locate(self, index: int) -> tuple[object, int]:
         which = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        return self.splits[which][index - int(self._offsets[which])]
+        return self.splits[which], index - int(self._offsets[which])
+
+    def __getitem__(self, index: int):
+        split, local = self._locate(index)
+        return split[local]
+
+    def read_rgba(self, index: int):
+        split, local = self._locate(index)
+        return split.read_rgba(local)
 
 
 def open_train_split(cfg: Config):
