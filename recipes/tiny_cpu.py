@@ -7,7 +7,11 @@ the smoke run for a laptop, and the model of the demo (`bash launch/demo.sh`).
 from jaguar.config import Config
 
 config = Config()
-config.model.backbone = "resnet18"
+# resnet10t (4.9 M parameters) learns the synthetic set from scratch about twice as well as
+# resnet18 (11 M) in the same 20 epochs: validation mAP 0.44 vs 0.19-0.22 on the demo data;
+# 40 epochs reach 0.61-0.63 (5.5 minutes on 2 cores), 30 keep the demo within its time budget.
+# Extra augmentation (rotation, scale, erasing) lowered it at this length (0.29 at 20 epochs).
+config.model.backbone = "resnet10t"
 config.model.pretrained = False  # no hub needed; the synthetic coat patterns are learned from scratch
 config.model.img_size = [80, 160]  # height x width: the animals are wide
 config.model.pooling = "gem"
@@ -34,7 +38,7 @@ config.optim.warmup_epochs = 1.0
 config.optim.warmup_lr = 1e-5
 config.optim.min_lr = 1e-5
 
-config.train.epochs = 20
+config.train.epochs = 30
 config.train.precision = "fp32"
 config.train.eval_every = 5
 config.train.log_every = 5
