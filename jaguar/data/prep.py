@@ -36,19 +36,23 @@ def _has_alpha(image: Image.Image) -> bool:
         image.mode == "P" and "transparency" in image.info)
 
 
+def check_encoding(encoding: str) -> None:
+    if encoding not in ENCODINGS:
+        raise PrepError(f"unknown --encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+
+
 def encode_rgba(rgba: Image.Image, encoding: str) -> dict[str, bytes]:
     """The shard members of one RGBA image: {"png": RGBA PNG} (lossless) or {"jpg": RGB JPEG,
     "mask.png": alpha PNG} (lossy colour, exact mask; decodes several times faster)."""
+    check_encoding(encoding)
     if encoding == "png":
         buffer = io.BytesIO()
         rgba.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         return {"png": buffer.getvalue()}
-    if encoding == "jpeg":
-        colour, mask = io.BytesIO(), io.BytesIO()
-        rgba.convert("RGB").save(colour, format="JPEG", quality=JPEG_QUALITY, subsampling=2)
-        rgba.getchannel("A").save(mask, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        return {"jpg": colour.getvalue(), "mask.png": mask.getvalue()}
-    raise PrepError(f"unknown --encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    colour, mask = io.BytesIO(), io.BytesIO()
+    rgba.convert("RGB").save(colour, format="JPEG", quality=JPEG_QUALITY, subsampling=2)
+    rgba.getchannel("A").save(mask, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return {"jpg": colour.getvalue(), "mask.png": mask.getvalue()}
 
 
 def convert_image(path: str, require_alpha: bool, max_side: int, encoding: str = "png") -> dict:
@@ -186,8 +190,7 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
         raise FileExistsError(f"output {out} already exists; remove it, choose another OUT or pass --overwrite")
     if max_side < 1 or shard_size < 1:
         raise PrepError(f"--max-side ({max_side}) and --shard-size ({shard_size}) must be positive")
-    if encoding not in ENCODINGS:
-        raise PrepError(f"unknown --encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    check_encoding(encoding)
     try:
         listing = read_listing(src)
     except ValueError as err:

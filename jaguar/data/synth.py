@@ -30,6 +30,8 @@ REAL_IDENTITY_COUNTS: dict[str, int] = {
     "Solar": 45, "Ti": 86, "Tomas": 63,
 }
 
+cv2.setNumThreads(1)  # one image per call; the pool's processes are the parallelism
+
 PNG_COMPRESS_LEVEL = 1  # fixed so the same seed always gives byte-identical files
 # Huffman-only deflate: the sensor noise leaves little for string matching; this is about twice as
 # fast as PIL's level 1 here and the files come out ~13% smaller
@@ -269,7 +271,6 @@ def render_image(seed: int, name: str, split: str, index: int, size: int) -> Ima
 
 
 def _render_png(job: tuple[int, str, str, int, int]) -> bytes:
-    cv2.setNumThreads(1)  # one image per call; the pool's processes are the parallelism
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(np.asarray(render_image(*job)), cv2.COLOR_RGBA2BGRA), PNG_PARAMS)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode synthetic image {job}")

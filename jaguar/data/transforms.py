@@ -233,6 +233,11 @@ class _Transform:
         self.size = [int(v) for v in cfg.model.img_size]
         self.mean = [float(v) for v in mean]
         self.std = [float(v) for v in std]
+        # Normalize as a colour map, out = D (rgb - mean) with D = 1 / std, and the range [0, 1]
+        # of a colour channel after it (the clamp of jittered colours)
+        self._inv_std = np.diag([1.0 / v for v in self.std])
+        self._mean = np.array(self.mean)
+        self._bounds = [(-m / d, (1 - m) / d) for m, d in zip(self.mean, self.std)]
         self.alpha_mode = data.alpha_mode
         self.background = data.background
         self.crop_to_alpha = data.crop_to_alpha
@@ -255,13 +260,12 @@ class _Transform:
         # 1 / std; the [0, 1] clamp of the jittered colours becomes a per-channel clamp of out.
         mean_rgb = rgb.mean(dim=(1, 2)).double().numpy() if any(n == "contrast" for n, _ in jitter) else None
         colour, offset = jitter_matrix(jitter, mean_rgb)
-        scale = np.diag(1.0 / np.array(self.std))
-        weights = torch.from_numpy(scale @ colour).float()
-        bias = torch.from_numpy(scale @ (offset - np.array(self.mean))).float().view(3, 1)
+        weights = torch.from_numpy(self._inv_std @ colour).float()
+        bias = torch.from_numpy(self._inv_std @ (offset - self._mean)).float().view(3, 1)
         out = torch.addmm(bias, weights, rgb.view(3, -1)).view(3, *self.size)
         if jitter:
-            for channel, (mean, std) in enumerate(zip(self.mean, self.std)):
-                out[channel].clamp_(-mean / std, (1 - mean) / std)
+            for channel, (low, high) in enumerate(self._bounds):
+                out[channel].clamp_(low, high)
         if not valid.all():
             out.mul_(torch.from_numpy(valid))
         return out
