@@ -126,6 +126,9 @@ class RetrievalConfig:
     lambda_value: float = 0.3
     blend: float = 1.0  # weight of the re-ranked distance in the final score
     tune: bool = True  # choose the post-processing on the validation split
+    # tune-post adopts a stage (QE, re-ranking) only when its validation gain exceeds this many
+    # standard errors of the paired per-identity AP differences; 0 adopts any gain
+    tune_min_gain_se: float = 1.0
 
 
 @dataclass

@@ -12,7 +12,7 @@ from jaguar.cli.main import main
 from jaguar.config import RetrievalConfig
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.metrics import identity_balanced_map
-from jaguar.retrieval.postprocess import PostConfig, final_distance, tune_post
+from jaguar.retrieval.postprocess import PostConfig, final_distance, paired_gain, tune_post
 from jaguar.retrieval.qe import expand
 from jaguar.retrieval.rerank import euclidean_distance, k_reciprocal_rerank_single
 from jaguar.retrieval.submission import read_pairs, read_submission
@@ -42,10 +42,55 @@ def test_tune_post_reports_each_stage_and_never_loses_to_raw():
     chosen, table = tune_post(features, RetrievalConfig())
     assert [row["name"] for row in table] == ["raw", "+QE", "+re-ranking", "blend (chosen)"]
     scores = [row["mAP_balanced"] for row in table]
-    assert scores[1] >= scores[0] and scores[3] >= scores[1]
+    assert scores[1] >= scores[0] and scores[3] >= scores[0]
     recomputed = identity_balanced_map(-final_distance(features, chosen), features.labels)
     assert recomputed == pytest.approx(scores[3])
     assert table[3]["config"] == chosen.to_dict()
+    for row in table[1:3]:  # each stage says what it gained, how noisy that is, and whether it was kept
+        assert row["adopted"] == (row["gain"] > row["gain_se"] and row["gain"] > 0)
+        assert row["gain_se"] >= 0
+
+
+def _two_per_identity_distances() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three identities of two images; every image has one impostor closer than its match, so
+    every query's AP is 1/2."""
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    distance = torch.full((6, 6), 0.9)
+    distance[labels[:, None] == labels[None, :]] = 0.5
+    for a, b in [(0, 2), (1, 5), (3, 4)]:  # impostor pairs, each image in exactly one
+        distance[a, b] = distance[b, a] = 0.2
+    distance.fill_diagonal_(0.0)
+    return distance, labels
+
+
+def test_paired_gain_separates_a_consistent_gain_from_one_lucky_identity():
+    distance, labels = _two_per_identity_distances()
+    perfect = torch.where(labels[:, None] == labels[None, :], 0.1, 0.9).fill_diagonal_(0.0)
+    consistent = paired_gain(perfect, distance, labels)  # every identity 0.5 -> 1.0
+    assert consistent.gain == pytest.approx(0.5) and consistent.se == pytest.approx(0.0)
+    assert consistent.identities == 3 and consistent.clears(1.0) and consistent.clears(100.0)
+
+    lucky = distance.clone()
+    lucky[0, 1] = lucky[1, 0] = 0.1  # identity 0 becomes perfect, the others are untouched
+    gain = paired_gain(lucky, distance, labels)
+    # one identity of k gains g: the mean is g / k and its standard error is exactly g / k too
+    assert gain.gain == pytest.approx(0.5 / 3) and gain.se == pytest.approx(0.5 / 3)
+    assert gain.clears(0.5) and not gain.clears(1.5)
+    assert not paired_gain(distance, lucky, labels).clears(0.0)  # a loss is never adopted
+
+
+def test_tune_post_keeps_raw_unless_a_stage_clears_the_noise():
+    features = _feature_set()
+    strict, table = tune_post(features, RetrievalConfig(tune_min_gain_se=1e9))
+    assert strict == PostConfig()
+    assert table[3]["mAP_balanced"] == table[0]["mAP_balanced"]
+    assert not table[1]["adopted"] and not table[2]["adopted"]
+    # With 0 any gain is adopted: the chosen setting scores as well as the best stage.
+    loose, table = tune_post(features, RetrievalConfig(tune_min_gain_se=0.0))
+    assert table[3]["mAP_balanced"] == pytest.approx(max(row["mAP_balanced"] for row in table[:3]))
+    assert loose.rerank == table[2]["adopted"]
+    with pytest.raises(ValueError, match="tune_min_gain_se"):
+        tune_post(features, RetrievalConfig(tune_min_gain_se=-1.0))
 
 
 def test_tune_post_cli_and_submit_cli(tmp_path, capsys):

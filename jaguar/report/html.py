@@ -123,6 +123,9 @@ def _summary_section(page: _Page, post: Any, post_problem: str, metrics: Any, sc
     if isinstance(table, list) and table:
         test_by_name = {row.get("name"): row for row in (test_rows or []) if isinstance(row, dict)}
         header = "<tr><th>post-processing</th><th>val mAP (balanced)</th><th>val rank-1</th>"
+        decided = any("adopted" in row for row in table if isinstance(row, dict))
+        if decided:
+            header += "<th>adopted<br><span class='sub'>val gain +- SE over identities</span></th>"
         if test_rows is not None:
             header += f"<th>test mAP (balanced)<br><span class='sub'>{_esc(test_source)}</span></th>"
         rows = [header + "</tr>"]
@@ -131,6 +134,11 @@ def _summary_section(page: _Page, post: Any, post_problem: str, metrics: Any, sc
             css = ' class="chosen"' if "chosen" in str(name) else ""
             cells = (f"<td>{_esc(name)}</td><td class='num'>{_fmt(row.get('mAP_balanced'))}</td>"
                      f"<td class='num'>{_fmt(row.get('rank1'))}</td>")
+            if decided:
+                verdict = "" if "adopted" not in row else ("yes" if row["adopted"] else "no")
+                if "gain" in row:
+                    verdict += f", {float(row['gain']):+.4f} +- {float(row.get('gain_se', 0.0)):.4f}"
+                cells += f"<td>{_esc(verdict)}</td>"
             if test_rows is not None:
                 cells += f"<td class='num'>{_fmt((test_by_name.get(name) or {}).get('mAP_balanced'))}</td>"
             rows.append(f"<tr{css}>{cells}</tr>")

@@ -10,11 +10,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Union
 
+import numpy as np
 import torch
 
 from jaguar.config import RetrievalConfig
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import all_vs_all_summary
+from jaguar.retrieval.metrics import all_vs_all_summary, per_identity_ap
 from jaguar.retrieval.qe import expand
 from jaguar.retrieval.rerank import (euclidean_distance, k_reciprocal_rerank_single,
                                      k_reciprocal_terms_single, single_thread_below)
@@ -87,16 +88,55 @@ def _row(name: str, distance: torch.Tensor, labels: torch.Tensor, post: PostConf
     return {"name": name, **_score(distance, labels), "config": post.to_dict()}
 
 
+@dataclass
+class Gain:
+    """A candidate's identity-balanced mAP gain over the incumbent and its standard error: the
+    mean and the standard error of the paired per-identity AP differences."""
+    gain: float
+    se: float
+    identities: int
+
+    def clears(self, min_se: float) -> bool:
+        """Adopt the candidate: it gains, by more than min_se standard errors."""
+        return self.gain > 0 and self.gain > min_se * self.se
+
+    def describe(self) -> str:
+        return f"{self.gain:+.4f} +- {self.se:.4f} (SE over {self.identities} identities)"
+
+
+def paired_gain(candidate: torch.Tensor, incumbent: torch.Tensor, labels: torch.Tensor) -> Gain:
+    """Gain of distance `candidate` over `incumbent` on one labelled set. With one identity
+    there is no spread to measure: the standard error is taken as 0."""
+    new, old = per_identity_ap(-candidate, labels), per_identity_ap(-incumbent, labels)
+    diff = np.array([new[k] - old[k] for k in sorted(old)])
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return Gain(float(diff.mean()), se, len(diff))
+
+
+def _decide(stage: str, gain: Gain, min_se: float, row: dict[str, Any]) -> bool:
+    adopted = gain.clears(min_se)
+    row.update(gain=gain.gain, gain_se=gain.se, adopted=adopted)
+    if not adopted:
+        logger.info("%s: validation gain %s is not above %.1f standard error(s); not adopted",
+                    stage, gain.describe(), min_se)
+    return adopted
+
+
 def tune_post(val_features: FeatureSet, base: RetrievalConfig,
               search: bool = True) -> tuple[PostConfig, list[dict[str, Any]]]:
     """Choose QE, re-ranking and blend on the validation split by identity-balanced mAP.
 
-    Stages, each keeping the best of the previous: QE/DBA grid -> re-ranking (k1, k2, lambda)
-    at blend 1 -> blend weight. A candidate must beat the best so far strictly, so on equal
-    scores the simpler setting (earlier in the grid) wins. With search=False the settings of
-    `base` are evaluated and returned as they are. The table holds raw, +QE, +re-ranking and the
-    chosen blend side by side: re-ranking does not always help on small galleries.
-    Small validation sets run on one torch thread (many small tensor ops)."""
+    Stages, each built on what the previous one adopted: QE/DBA grid -> re-ranking (k1, k2,
+    lambda at blend 1, then the blend weight w). Within a stage a candidate must beat the best
+    so far strictly, so on equal scores the simpler setting (earlier in the grid) wins. A stage's best
+    is then adopted only when its gain over the setting before it exceeds
+    `base.tune_min_gain_se` standard errors of the paired per-identity AP differences: a search
+    over dozens of settings on a few hundred images finds gains that are noise, and a validation
+    set of a dozen identities cannot tell a 0.05 gain from chance (0 adopts any gain). With
+    search=False the settings of `base` are evaluated and returned as they are. The table holds
+    raw, +QE, +re-ranking (each stage's best) and the chosen setting side by side, with each
+    stage's gain, its standard error and whether it was adopted. Small validation sets run on
+    one torch thread (many small tensor ops)."""
     with single_thread_below(len(val_features)):
         return _tune_post(val_features, base, search)
 
@@ -110,7 +150,8 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
     embeddings = _embeddings(val_features)
     n = embeddings.shape[0]
     raw_post = PostConfig(rerank=False)
-    table = [_row("raw", raw_distance(embeddings), labels, raw_post)]
+    raw = raw_distance(embeddings)
+    table = [_row("raw", raw, labels, raw_post)]
 
     if not search:
         chosen = PostConfig.from_retrieval(base)
@@ -121,6 +162,9 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
         table.append(_row("blend (chosen)", final_distance(embeddings, chosen), labels, chosen))
         return chosen, table
 
+    min_se = float(base.tune_min_gain_se)
+    if min_se < 0:
+        raise ValueError(f"retrieval.tune_min_gain_se must be >= 0, got {min_se}")
     best_qe, best_qe_score, best_expanded = raw_post, table[0]["mAP_balanced"], embeddings
     for qe_k, alpha, dba_k in itertools.product(QE_KS, QE_ALPHAS, DBA_KS):
         if (qe_k == 0 and dba_k == 0) or (alpha and max(qe_k, dba_k) == 0):
@@ -130,10 +174,14 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
         score = _score(raw_distance(expanded), labels)["mAP_balanced"]
         if score > best_qe_score:
             best_qe, best_qe_score, best_expanded = post, score, expanded
-    raw_expanded = raw_distance(best_expanded)
-    table.append(_row("+QE", raw_expanded, labels, best_qe))
+    qe_distance = raw_distance(best_expanded)
+    table.append(_row("+QE", qe_distance, labels, best_qe))
+    # The incumbent: what the stages so far adopted.
+    chosen, chosen_distance, base_embeddings = raw_post, raw, embeddings
+    if _decide("+QE", paired_gain(qe_distance, raw, labels), min_se, table[-1]):
+        chosen, chosen_distance, base_embeddings = best_qe, qe_distance, best_expanded
 
-    euclid = euclidean_distance(best_expanded)
+    euclid = euclidean_distance(base_embeddings)
     best_rr, best_rr_score, best_reranked = None, float("-inf"), None
     for k1, k2 in itertools.product(K1S, K2S):
         if k1 >= n or k2 >= n:
@@ -143,31 +191,35 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
             reranked = jaccard * (1 - lam) + original * lam
             score = _score(reranked, labels)["mAP_balanced"]
             if score > best_rr_score:
-                best_rr = dataclasses.replace(best_qe, rerank=True, k1=k1, k2=k2, lambda_value=lam, blend=1.0)
+                best_rr = dataclasses.replace(chosen, rerank=True, k1=k1, k2=k2, lambda_value=lam, blend=1.0)
                 best_rr_score, best_reranked = score, reranked
     if best_rr is None:
-        logger.info("validation set of %d images is too small to re-rank; keeping %s", n, best_qe)
-        table.append({**table[-1], "name": "+re-ranking"})
-        table.append({**table[-1], "name": "blend (chosen)"})
-        return best_qe, table
-    table.append(_row("+re-ranking", best_reranked, labels, best_rr))
-
-    chosen, chosen_score, chosen_distance = best_qe, best_qe_score, raw_expanded
+        logger.info("validation set of %d images is too small to re-rank; keeping %s", n, chosen)
+        table.append({**_row("+re-ranking", chosen_distance, labels, chosen), "adopted": False})
+        table.append(_row("blend (chosen)", chosen_distance, labels, chosen))
+        return chosen, table
+    best_blend, best_blend_score, best_blend_distance = best_rr, float("-inf"), best_reranked
     for weight in BLENDS[1:]:
-        distance = (1 - weight) * raw_expanded + weight * best_reranked
+        distance = best_reranked if weight == 1 else (1 - weight) * chosen_distance + weight * best_reranked
         score = _score(distance, labels)["mAP_balanced"]
-        if score > chosen_score:
-            chosen = dataclasses.replace(best_rr, blend=weight)
-            chosen_score, chosen_distance = score, distance
+        if score > best_blend_score:
+            best_blend = dataclasses.replace(best_rr, blend=weight)
+            best_blend_score, best_blend_distance = score, distance
+    table.append(_row("+re-ranking", best_blend_distance, labels, best_blend))
+    if _decide("+re-ranking", paired_gain(best_blend_distance, chosen_distance, labels), min_se, table[-1]):
+        chosen, chosen_distance = best_blend, best_blend_distance
     table.append(_row("blend (chosen)", chosen_distance, labels, chosen))
     return chosen, table
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8}  config"]
+    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8}  {'gain +- SE':>17}  {'adopted':<7}  config"]
     for row in table:
         config = row.get("config", {})
         summary = ", ".join(f"{k}={v}" for k, v in config.items()
                             if k in ("qe_k", "qe_alpha", "dba_k") or config.get("rerank"))
-        lines.append(f"{row['name']:<16} {row['mAP_balanced']:>12.4f} {row['mAP']:>8.4f} {row['rank1']:>8.4f}  {summary}")
+        gain = f"{row['gain']:+.4f} +- {row['gain_se']:.4f}" if "gain" in row else ""
+        adopted = ("yes" if row["adopted"] else "no") if "adopted" in row else ""
+        lines.append(f"{row['name']:<16} {row['mAP_balanced']:>12.4f} {row['mAP']:>8.4f} {row['rank1']:>8.4f}  "
+                     f"{gain:>17}  {adopted:<7}  {summary}")
     return "\n".join(lines)
