@@ -287,11 +287,13 @@ def _column_lists(v_index: torch.Tensor, v_value: torch.Tensor, n: int) -> tuple
 
 
 def _pair_overlaps(v_index: torch.Tensor, v_value: torch.Tensor, n: int, row_offset: torch.Tensor,
-                   col_offset: torch.Tensor, out: torch.Tensor, budget_mb: float) -> None:
+                   col_offset: torch.Tensor, out: torch.Tensor, budget_mb: float, upper: bool = False) -> None:
     """out.view(-1)[row_offset[a] + col_offset[b]] += min(V[a, c], V[b, c]) for every column c and
     every pair (a, b) of rows in it; a sum at or beyond out.numel() - 1 lands in the last cell,
     a dump. Columns of similar length are padded to a common length and done as one broadcast
-    (the outer minimum and outer sum of the column with itself): no per-visit gathers."""
+    (the outer minimum and outer sum of the column with itself): no per-visit gathers. With
+    upper=True only the pairs with a <= b are visited (half the work when the result is
+    symmetric; `_mirror_upper` completes it): a column's rows are in ascending order."""
     rows, values, ptr, length = _column_lists(v_index, v_value, n)
     dump = out.numel() - 1
     sizes, by_size = torch.sort(length)
@@ -305,17 +307,38 @@ def _pair_overlaps(v_index: torch.Tensor, v_value: torch.Tensor, n: int, row_off
         low = sizes_list[start]
         stop = int(torch.searchsorted(sizes, low + max(1, low // 8), right=True))
         width = sizes_list[stop - 1]
-        stop = min(stop, start + max(1, visit_budget // (width * width)))
+        visits = width * (width + 1) // 2 if upper else width * width
+        stop = min(stop, start + max(1, visit_budget // visits))
         columns = by_size[start:stop]
         slots = torch.arange(width, device=out.device)
         present = slots[None, :] < length[columns, None]
         at = (ptr[columns, None] + slots).clamp_(max=max(rows.numel() - 1, 0))
         members = torch.where(present, rows[at], n)
         member_values = torch.where(present, values[at], 0.0)
-        target = (row_offset[members][:, :, None] + col_offset[members][:, None, :]).clamp_(max=dump)
-        contribution = torch.minimum(member_values[:, :, None], member_values[:, None, :])
-        flat.scatter_add_(0, target.view(-1), contribution.view(-1))
+        if upper:
+            # slot-major (width x columns) so that each pair of slots is two whole-row copies
+            first, second = torch.triu_indices(width, width, device=out.device)
+            members, member_values = members.T.contiguous(), member_values.T.contiguous()
+            target = (row_offset[members].index_select(0, first)
+                      + col_offset[members].index_select(0, second)).clamp_(max=dump)
+            contribution = torch.minimum(member_values.index_select(0, first),
+                                         member_values.index_select(0, second))
+        else:
+            target = (row_offset[members][:, :, None] + col_offset[members][:, None, :]).clamp_(max=dump)
+            contribution = torch.minimum(member_values[:, :, None], member_values[:, None, :])
+        flat.scatter_add_(0, target.reshape(-1), contribution.reshape(-1))
         start = stop
+
+
+def _mirror_upper(square: torch.Tensor, tile: int = 256) -> None:
+    """Copy the upper triangle of a square matrix onto its (zero) lower triangle, in place, tile
+    by tile so that the transposed reads stay in cache and no N x N copy is made."""
+    n = square.shape[0]
+    for i in range(0, n, tile):
+        block = square[i:i + tile, i:i + tile]
+        block.add_(block.T.tril(-1))
+        for j in range(i + tile, n, tile):
+            square[j:j + tile, i:i + tile].copy_(square[i:i + tile, j:j + tile].T)
 
 
 # ---------------------------------------------------------------- dense entry points
@@ -391,8 +414,12 @@ def _dense_terms(joined: torch.Tensor, n_query: int, k1: int, k2: int, budget_mb
     col_offset = torch.full((n + 1,), cells, dtype=torch.long, device=device)
     col_offset[first_col:n] = torch.arange(n_gallery, device=device)
     storage = torch.zeros(cells + 1, dtype=torch.float32, device=device)
-    _pair_overlaps(v_index, v_value, n, row_offset, col_offset, storage, budget_mb)
+    # Every row a query and every column a gallery item: the overlaps are symmetric.
+    symmetric = n_query == n
+    _pair_overlaps(v_index, v_value, n, row_offset, col_offset, storage, budget_mb, upper=symmetric)
     out = storage[:cells].view(n_query, n_gallery)
+    if symmetric:
+        _mirror_upper(out)
     original = None if lambda_value is not None else torch.empty_like(out)
     # Blend a few rows at a time so the two row blocks stay in cache.
     step = max(1, min(n_query, 2**18 // max(1, n_gallery)))
