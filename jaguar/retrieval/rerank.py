@@ -19,7 +19,8 @@ of D over a per-row constant, so the k smallest per row are found from the block
 threshold, then exact ranks among the few candidates). k-reciprocal sets are gathers over the
 N x (k1+1) neighbour table; V is a sparse (index, value) table deduplicated through a scratch
 row; the Jaccard sums visit, for each column c, all pairs of rows with V[., c] > 0 (sum_c nnz(c)^2
-visits) and scatter-add min(V[a, c], V[b, c]) into the output. Work is chunked so its memory
+visits; half of them in single-set mode, where the result is symmetric and its upper triangle
+is mirrored) and scatter-add min(V[a, c], V[b, c]) into the output. Work is chunked so its memory
 stays within `memory_budget_mb` beyond the input, the output and O(N * k) tables. Ties in the
 initial ranking are broken by index (a stable sort), as in tests/rerank_reference.py.
 """
