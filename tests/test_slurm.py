@@ -98,11 +98,16 @@ run_dir=""
 for arg in "$@"; do case "$arg" in run.dir=*) run_dir="${arg#run.dir=}" ;; esac; done
 preempt_at_start=false
 [ -n "$run_dir" ] && [ -e "$run_dir/PREEMPT" ] && preempt_at_start=true
-"$FAKE_PYTHON" - "$@" >> "$FAKE_LOG_DIR/accelerate.log" <<EOF
+"$FAKE_PYTHON" - "$@" <<EOF
 import json, os, sys
-print(json.dumps({"argv": sys.argv[1:], "node_id": os.environ.get("SLURM_NODEID"),
-                  "srun_cpus": os.environ.get("SRUN_CPUS_PER_TASK"),
-                  "cwd": os.getcwd(), "preempt_at_start": "$preempt_at_start" == "true"}))
+line = json.dumps({"argv": sys.argv[1:], "node_id": os.environ.get("SLURM_NODEID"),
+                   "srun_cpus": os.environ.get("SRUN_CPUS_PER_TASK"),
+                   "cwd": os.getcwd(), "preempt_at_start": "$preempt_at_start" == "true"}) + "\\n"
+# One write to an O_APPEND file: the nodes' lines never interleave (print under
+# PYTHONUNBUFFERED=1 writes the text and the newline separately).
+fd = os.open(os.path.join(os.environ["FAKE_LOG_DIR"], "accelerate.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+os.write(fd, line.encode())
+os.close(fd)
 EOF
 case "${FAKE_ACCELERATE_MODE:-ok}" in
   ok) exit 0 ;;
