@@ -19,6 +19,7 @@ from jaguar.report import plots
 from jaguar.report.evaluation import (Evaluation, evaluate, find_shards, grid_rows, load_labelled_test,
                                       test_score_table)
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.postprocess import decision_text
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +136,7 @@ def _summary_section(page: _Page, post: Any, post_problem: str, metrics: Any, sc
             cells = (f"<td>{_esc(name)}</td><td class='num'>{_fmt(row.get('mAP_balanced'))}</td>"
                      f"<td class='num'>{_fmt(row.get('rank1'))}</td>")
             if decided:
-                verdict = "" if "adopted" not in row else ("yes" if row["adopted"] else "no")
-                if "gain" in row:
-                    verdict += f", {float(row['gain']):+.4f} +- {float(row.get('gain_se', 0.0)):.4f}"
-                cells += f"<td>{_esc(verdict)}</td>"
+                cells += f"<td>{_esc(decision_text(row))}</td>"
             if test_rows is not None:
                 cells += f"<td class='num'>{_fmt((test_by_name.get(name) or {}).get('mAP_balanced'))}</td>"
             rows.append(f"<tr{css}>{cells}</tr>")

@@ -101,7 +101,21 @@ class Gain:
         return self.gain > 0 and self.gain > min_se * self.se
 
     def describe(self) -> str:
-        return f"{self.gain:+.4f} +- {self.se:.4f} (SE over {self.identities} identities)"
+        return f"{_gain_text(self.gain, self.se)} (SE over {self.identities} identities)"
+
+
+def _gain_text(gain: float, se: float) -> str:
+    return f"{gain:+.4f} +- {se:.4f}"
+
+
+def decision_text(row: dict[str, Any]) -> str:
+    """A table row's stage decision, e.g. "no, +0.0188 +- 0.0451"; "" for rows without one."""
+    if "adopted" not in row:
+        return ""
+    text = "yes" if row["adopted"] else "no"
+    if "gain" in row:
+        text += ", " + _gain_text(float(row["gain"]), float(row.get("gain_se", 0.0)))
+    return text
 
 
 def paired_gain(candidate: torch.Tensor, incumbent: torch.Tensor, labels: torch.Tensor) -> Gain:
@@ -213,13 +227,11 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8}  {'gain +- SE':>17}  {'adopted':<7}  config"]
+    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8}  {'adopted, gain +- SE':<22}  config"]
     for row in table:
         config = row.get("config", {})
         summary = ", ".join(f"{k}={v}" for k, v in config.items()
                             if k in ("qe_k", "qe_alpha", "dba_k") or config.get("rerank"))
-        gain = f"{row['gain']:+.4f} +- {row['gain_se']:.4f}" if "gain" in row else ""
-        adopted = ("yes" if row["adopted"] else "no") if "adopted" in row else ""
         lines.append(f"{row['name']:<16} {row['mAP_balanced']:>12.4f} {row['mAP']:>8.4f} {row['rank1']:>8.4f}  "
-                     f"{gain:>17}  {adopted:<7}  {summary}")
+                     f"{decision_text(row):<22}  {summary}")
     return "\n".join(lines)
