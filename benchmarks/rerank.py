@@ -2,7 +2,11 @@
 and the bounded-memory top-M mode at large N. Prints figures; not a test.
 
     python benchmarks/rerank.py [--sizes 371 2000 5000] [--skip-loop-above 2000]
-                                [--bounded 10000 70000] [--dim 256]
+                                [--bounded 10000 70000] [--dim 256] [--stages 2000]
+
+--stages N also prints where the dense kernel's time goes at N (its stages, timed alone) next to
+the torch primitives that bound them from below: selecting the k1 + 1 nearest of every row
+(torch.topk) and scatter-adding the kernel's own Jaccard visits into the N x N output.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rerank_reference import re_ranking_single
 
+from jaguar.retrieval import rerank as kernel_module
 from jaguar.retrieval.rerank import (
     euclidean_distance,
     k_reciprocal_rerank_single,
@@ -107,6 +112,58 @@ def bench_dense(n: int, dim: int, skip_loop_above: int, loop_times: dict[int, fl
             f"{loop_time / kernel_time:7.1f}x | {cpu_ratio} | {delta:.2e} |")
 
 
+def _best_ms(run, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def bench_stages(n: int, dim: int) -> list[str]:
+    """The dense single-set kernel's stages at N, each timed alone (best of 5), and the floors."""
+    k1, k2 = 20, 6
+    dist = euclidean_distance(clustered_features(n, dim)).contiguous()
+    budget = 1024.0
+    rank, scale = kernel_module._dense_rank(dist, k1 + 1, budget, "dist")
+    pair_dist = kernel_module._normalised_gather(dist, scale)
+    v_index, v_value = kernel_module._encode(rank, pair_dist, k1, k2, budget)
+    row_offset = torch.full((n + 1,), n * n, dtype=torch.long)
+    row_offset[:n] = torch.arange(n) * n
+    col_offset = torch.full((n + 1,), n * n, dtype=torch.long)
+    col_offset[:n] = torch.arange(n)
+
+    def jaccard() -> None:
+        storage = torch.zeros(n * n + 1)
+        kernel_module._pair_overlaps(v_index, v_value, n, row_offset, col_offset, storage, budget, upper=True)
+        kernel_module._mirror_upper(storage[:n * n].view(n, n))
+
+    length = torch.bincount(v_index[v_index < n], minlength=n).double()
+    visits = int((length * (length + 1) / 2).sum())
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, n * n, (visits,), generator=generator)
+    values = torch.rand(visits, generator=generator)
+    output = torch.zeros(n * n)
+    with kernel_module.single_thread_below(n):
+        whole = _best_ms(lambda: k_reciprocal_rerank_single(dist, k1, k2, 0.3))
+        stages = [("ranking (k1 + 1 nearest per row, column scale)",
+                   _best_ms(lambda: kernel_module._dense_rank(dist, k1 + 1, budget, "dist"))),
+                  ("k-reciprocal sets, expansion, weights, local QE",
+                   _best_ms(lambda: kernel_module._encode(rank, pair_dist, k1, k2, budget))),
+                  (f"Jaccard sums ({visits:,} visits, a <= b) + mirror", _best_ms(jaccard))]
+        floors = [(f"torch.topk(D, {k1 + 1}) over the N x N matrix",
+                   _best_ms(lambda: torch.topk(dist, k1 + 1, dim=1, largest=False))),
+                  (f"scatter_add_ of {visits:,} random targets into N x N",
+                   _best_ms(lambda: output.scatter_add_(0, targets, values)))]
+    lines = [f"\n## stages of the dense kernel at N = {n} (one torch thread, best of 5, each stage alone)",
+             "| part | ms |", "|:--|--:|", f"| whole call | {whole:.1f} |"]
+    lines += [f"| {name} | {ms:.1f} |" for name, ms in stages]
+    lines += [f"| rest (blend, checks) | {whole - sum(ms for _, ms in stages):.1f} |"]
+    lines += [f"| floor: {name} | {ms:.1f} |" for name, ms in floors]
+    return lines
+
+
 def bench_bounded(n: int, dim: int, top_m: int) -> str:
     features = clustered_features(n, dim, seed=1)
     with PeakRss() as memory:
@@ -125,6 +182,8 @@ def main() -> None:
     parser.add_argument("--bounded", type=int, nargs="*", default=[10000, 70000])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--top-m", type=int, default=100)
+    parser.add_argument("--stages", type=int, nargs="*", default=[],
+                        help="also print the dense kernel's stage times and torch floors at these N")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 is faster on a busy machine")
     args = parser.parse_args()
@@ -139,6 +198,8 @@ def main() -> None:
     k_reciprocal_rerank_single(euclidean_distance(clustered_features(64, args.dim)), 20, 6, 0.3)  # warm-up
     for n in args.sizes:
         print(bench_dense(n, args.dim, args.skip_loop_above, loop_times), flush=True)
+    for n in args.stages:
+        print("\n".join(bench_stages(n, args.dim)), flush=True)
     print("\n## bounded top-M mode (never holds N x N)")
     print("|      N |   D |   M | time       | peak RSS delta | output |")
     print("|-------:|----:|----:|-----------:|---------------:|:-------|")
