@@ -179,6 +179,31 @@ def test_bad_inputs_are_named():
         k_reciprocal_rerank_single(dist, lambda_value=1.5)
 
 
+def test_worker_threads_give_the_same_numbers(monkeypatch):
+    # The kernel shares its row chunks out to as many Python threads as torch had intra-op
+    # threads; 1, 2 and 3 threads must agree (to float rounding: a chunk's padded width changes
+    # the order of a row sum). Small output blocks and a tight budget make many blocks and chunks.
+    monkeypatch.setattr("jaguar.retrieval.rerank._OUTPUT_BLOCK_BYTES", 1)
+    dist = _distances(300, 12, seed=4)
+    q_g, q_q, g_g = dist[:40, 40:], dist[:40, :40], dist[40:, 40:]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((k_reciprocal_rerank_single(dist, 20, 6, 0.3, memory_budget_mb=0.05),
+                            k_reciprocal_rerank(q_g, q_q, g_g, 20, 6, 0.3, memory_budget_mb=0.05),
+                            k_reciprocal_terms_single(dist, 8, 3)[0]))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(results[0][0], re_ranking_single(dist, 20, 6, 0.3), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(results[0][1], re_ranking(q_g, q_q, g_g, 20, 6, 0.3), atol=1e-4, rtol=0)
+    for other in results[1:]:
+        for one, many in zip(results[0], other):
+            np.testing.assert_allclose(one, many, atol=1e-6, rtol=0)
+
+
 def test_single_thread_below_restores_the_thread_count():
     before = torch.get_num_threads()
     with single_thread_below(10):

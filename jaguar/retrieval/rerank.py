@@ -15,20 +15,28 @@ Three entry points share one core:
 
 No Python loop over rows. The dense path reads D three times (column maxima, minima of 8-row
 blocks, the final blend) and never builds the normalised N x N matrix: row i of it is column i
-of D over a per-row constant, so the k smallest per row are found from the block minima (a
-threshold, then exact ranks among the few candidates). k-reciprocal sets are gathers over the
-N x (k1+1) neighbour table; V is a sparse (index, value) table deduplicated through a scratch
-row; the Jaccard sums visit, for each column c, all pairs of rows with V[., c] > 0 (sum_c nnz(c)^2
-visits; half of them in single-set mode, where the result is symmetric and its upper triangle
-is mirrored) and scatter-add min(V[a, c], V[b, c]) into the output. Work is chunked so its memory
-stays within `memory_budget_mb` beyond the input, the output and O(N * k) tables. Ties in the
-initial ranking are broken by index (a stable sort), as in tests/rerank_reference.py.
+of D over a per-row constant, so the k smallest per row are found from the block minima (the k
+blocks with the smallest minima, then the k smallest of their entries, both by introselect).
+k-reciprocal sets are gathers over the N x (k1+1) neighbour table; V is a sparse (index, value)
+table deduplicated through a scratch row; the Jaccard sums visit, for each entry (a, c) of V,
+the rows b of column c (b >= a in single-set mode, where the result is symmetric and its upper
+triangle is mirrored; sum_c nnz(c)^2 visits, or about half) and scatter-add min(V[a, c], V[b, c])
+into the output, block of output rows by block so the adds stay in cache. Work is chunked so
+its memory stays within `memory_budget_mb` beyond the input, the output and O(N * k) tables;
+the chunks of rows are shared out to as many Python threads as torch had intra-op threads
+(`single_thread_below`), each running its ops on one thread; each output row is written by one
+thread, so they never add into the same cell. Ties in the initial ranking are broken by index
+(a stable sort), as in tests/rerank_reference.py.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -47,25 +55,64 @@ _OUTPUT_BLOCK_BYTES = 1 << 21  # Jaccard scatter-adds run through the output in 
 _BLOCK = 8  # columns per block whose minimum prefilters the k smallest of a row
 _MAX_ROWS_PER_STEP = 512  # rows per chunk of the O(N * k) passes: scratch rows stay in cache
 _SENTINEL = torch.iinfo(torch.int32).max
+_T = TypeVar("_T")
+_kernel_workers = 1  # Python threads for the kernel's row loops; set by single_thread_below
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process id, size): a forked child makes its own
 
 
 @contextmanager
 def single_thread_below(n_items: int, limit: int = 16384) -> Iterator[None]:
-    """Run torch on one intra-op thread while n_items < limit, restoring the setting after.
+    """Run torch on one intra-op thread while n_items < limit, restoring the setting after; the
+    kernel's row loops then run on as many Python threads as torch had (`_in_parallel`).
 
-    The dense kernel is hundreds of ops on tensors of ~N x 100 elements; on a busy 2-core machine,
-    waking the second thread for each op cost more than the op (N=371: 0.69 s with 2 threads,
-    0.04 s with 1; N=5,000: 3.4 s vs 1.8 s; a 371-image tune-post: 29 s vs 1.9 s). Not for
-    concurrent torch threads."""
+    The dense kernel is hundreds of ops on tensors of ~N x 100 elements. torch's own intra-op
+    threads wake for every op and spin until all arrive: on a busy 2-core machine a descheduled
+    thread made each op wait (N=371: 0.69 s with 2 threads, 0.04 s with 1; a 371-image tune-post
+    29 s vs 1.9 s). Python threads that each run whole chunks of rows, on one intra-op thread
+    apiece, need no such rendezvous: torch releases the GIL inside each op, and a thread that is
+    descheduled holds up nobody until the chunks are joined. Not for concurrent callers."""
+    global _kernel_workers
     previous = torch.get_num_threads()
     if n_items >= limit or previous == 1:
         yield
         return
     torch.set_num_threads(1)
+    saved, _kernel_workers = _kernel_workers, previous
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+        _kernel_workers = saved
+
+
+def _workers(device: torch.device) -> int:
+    """How many parts a row loop is split into: the kernel's threads on CPU, one elsewhere (a
+    GPU queues the ops of one thread asynchronously already)."""
+    return _kernel_workers if device.type == "cpu" else 1
+
+
+def _in_parallel(jobs: list[Callable[[], _T]]) -> list[_T]:
+    """Run the jobs, the first in this thread and the others on worker threads; their results
+    in order. An exception in any job is raised here, after all of them have stopped."""
+    if len(jobs) == 1:
+        return [jobs[0]()]
+    key = (os.getpid(), len(jobs) - 1)
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools.setdefault(key, ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="jaguar-rerank"))
+    futures = [pool.submit(job) for job in jobs[1:]]
+    try:
+        first = jobs[0]()
+    finally:
+        wait(futures)
+    return [first, *(future.result() for future in futures)]
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """range(n) as `parts` contiguous (start, stop) pieces of near-equal size (fewer when n is small)."""
+    parts = max(1, min(parts, n))
+    edges = [n * p // parts for p in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _as_tensor(name: str, value: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
@@ -229,63 +276,78 @@ def _encode(rank: torch.Tensor, pair_dist: PairDistance, k1: int, k2: int,
     k_fwd, k_half = forward_lists.shape[1], half_lists.shape[1]
     # A row's bytes: its int32 scratch row over all n items, and ~6 live copies of its member
     # list (K1 + K1 x Kh int64 entries).
-    step = max(1, min(_MAX_ROWS_PER_STEP, int(budget_mb * 2**20 // ((n + 1) * 4 + k_fwd * (k_half + 1) * 48))))
-    scratch = torch.full((min(step, n), n + 1), _SENTINEL, dtype=torch.int32, device=device)
-    owner = torch.empty_like(scratch)  # for _one_of_each
+    parts = _split(n, _workers(device))
+    step = max(1, min(_MAX_ROWS_PER_STEP,
+                      int(budget_mb / len(parts) * 2**20 // ((n + 1) * 8 + k_fwd * (k_half + 1) * 48))))
     everyone = torch.arange(n, device=device)
     # The round(k1/2)-reciprocal set of every item: its half list where it is on the other side's.
     half_reciprocal = torch.cat([(_rows_of(half_lists, half_lists[s:s + step]) == everyone[s:s + step, None, None]).any(dim=-1)
                                  for s in range(0, n, step)])
     half_size = half_reciprocal.sum(dim=1)
-    parts = []
-    for start in range(0, n, step):
-        rows = everyone[start:start + step]
-        marks = scratch[:rows.numel()]
-        forward = forward_lists[rows]
-        # R(i): forward neighbours that also have i among their k1 + 1 nearest.
-        reciprocal = (_rows_of(forward_lists, forward) == rows[:, None, None]).any(dim=-1)
-        own = torch.where(reciprocal, forward, n)
-        # Each candidate c in R(i) brings its half-size reciprocal set when more than 2/3 of it
-        # already lies in R(i): membership in R(i) is looked up in the scratch row.
-        cand_sets = _rows_of(half_lists, forward).flatten(1)  # B x (K1 * Kh)
-        cand_valid = _rows_of(half_reciprocal, forward).flatten(1)
-        _fill_at(marks, own, 0)
-        in_own = marks.gather(1, cand_sets) == 0
-        _fill_at(marks, own, _SENTINEL)
-        overlap = (in_own & cand_valid).view(-1, k_fwd, k_half).sum(dim=-1)
-        accept = reciprocal & (overlap.double() > 2.0 / 3 * _rows_of(half_size, forward).double())
-        members = torch.cat([own, torch.where(cand_valid & accept.repeat_interleave(k_half, dim=1), cand_sets, n)],
-                            dim=1)
-        keep = _one_of_each(members, owner[:rows.numel()]) & (members < n)
-        (members,) = _compact(keep, [members], [n])
-        weight = torch.exp(-pair_dist(rows, members.clamp(max=n - 1))) * (members < n)
-        parts.append((members, weight / weight.sum(dim=1, keepdim=True)))
-    v_index, v_value = _pad_cat(parts, n)
+
+    def encode_rows(first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        scratch = torch.full((min(step, last - first), n + 1), _SENTINEL, dtype=torch.int32, device=device)
+        owner = torch.empty_like(scratch)  # for _one_of_each
+        pieces = []
+        for start in range(first, last, step):
+            rows = everyone[start:min(start + step, last)]
+            marks = scratch[:rows.numel()]
+            forward = forward_lists[rows]
+            # R(i): forward neighbours that also have i among their k1 + 1 nearest.
+            reciprocal = (_rows_of(forward_lists, forward) == rows[:, None, None]).any(dim=-1)
+            own = torch.where(reciprocal, forward, n)
+            # Each candidate c in R(i) brings its half-size reciprocal set when more than 2/3 of
+            # it already lies in R(i): membership in R(i) is looked up in the scratch row.
+            cand_sets = _rows_of(half_lists, forward).flatten(1)  # B x (K1 * Kh)
+            cand_valid = _rows_of(half_reciprocal, forward).flatten(1)
+            _fill_at(marks, own, 0)
+            in_own = marks.gather(1, cand_sets) == 0
+            _fill_at(marks, own, _SENTINEL)
+            overlap = (in_own & cand_valid).view(-1, k_fwd, k_half).sum(dim=-1)
+            accept = reciprocal & (overlap.double() > 2.0 / 3 * _rows_of(half_size, forward).double())
+            members = torch.cat([own, torch.where(cand_valid & accept.repeat_interleave(k_half, dim=1), cand_sets, n)],
+                                dim=1)
+            keep = _one_of_each(members, owner[:rows.numel()]) & (members < n)
+            (members,) = _compact(keep, [members], [n])
+            weight = torch.exp(-pair_dist(rows, members.clamp(max=n - 1))) * (members < n)
+            pieces.append((members, weight / weight.sum(dim=1, keepdim=True)))
+        return pieces
+
+    v_index, v_value = _pad_cat([piece for pieces in _in_parallel([partial(encode_rows, first, last)
+                                                                   for first, last in parts]) for piece in pieces], n)
     if k2 == 1:
         return v_index, v_value
-    return _local_query_expansion(rank, v_index, v_value, k2, step, owner)
+    return _local_query_expansion(rank, v_index, v_value, k2, step, parts)
 
 
 def _local_query_expansion(rank: torch.Tensor, v_index: torch.Tensor, v_value: torch.Tensor, k2: int,
-                           step: int, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           step: int, parts: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each V row becomes the mean of the V rows of its k2 nearest neighbours (itself included):
     the neighbours' entries are summed per column in a dense scratch row, then compacted."""
     n, device = rank.shape[0], rank.device
     k_qe = min(k2, n)
     v_index = torch.cat([v_index, torch.full((1, v_index.shape[1]), n, device=device)])
     v_value = torch.cat([v_value, torch.zeros((1, v_value.shape[1]), dtype=v_value.dtype, device=device)])
-    sums = torch.zeros(scratch.shape, dtype=v_value.dtype, device=device)
-    parts = []
-    for start in range(0, n, step):
-        neighbours = rank[start:start + step, :k_qe]
-        index, value = _rows_of(v_index, neighbours).flatten(1), _rows_of(v_value, neighbours).flatten(1)
-        row_sums = sums[:index.shape[0]]
-        row_sums.scatter_add_(1, index, value)
-        total = row_sums.gather(1, index)
-        _fill_at(row_sums, index, 0.0)
-        keep = _one_of_each(index, scratch[:index.shape[0]]) & (index < n)
-        parts.append(tuple(_compact(keep, [index, total / k_qe], [n, 0.0])))
-    return _pad_cat(parts, n)
+
+    def expand_rows(first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        sums = torch.zeros((min(step, last - first), n + 1), dtype=v_value.dtype, device=device)
+        owner = torch.empty(sums.shape, dtype=torch.int32, device=device)  # for _one_of_each
+        pieces = []
+        for start in range(first, last, step):
+            neighbours = rank[start:min(start + step, last), :k_qe]
+            index, value = _rows_of(v_index, neighbours).flatten(1), _rows_of(v_value, neighbours).flatten(1)
+            row_sums = sums[:index.shape[0]]
+            row_sums.scatter_add_(1, index, value)
+            total = row_sums.gather(1, index)
+            _fill_at(row_sums, index, 0.0)
+            keep = _one_of_each(index, owner[:index.shape[0]]) & (index < n)
+            pieces.append(tuple(_compact(keep, [index, total / k_qe], [n, 0.0])))
+        return pieces
+
+    return _pad_cat([piece for pieces in _in_parallel([partial(expand_rows, first, last) for first, last in parts])
+                     for piece in pieces], n)
+
+
 def _jaccard(overlap: torch.Tensor) -> torch.Tensor:
     return 1 - overlap / (2.0 - overlap)
 
@@ -354,30 +416,56 @@ def _pair_overlaps(v_index: torch.Tensor, v_value: torch.Tensor, n: int, row_off
     group = torch.cumsum(new_group, 0) - 1
     widths = torch.zeros(int(group[-1]) + 1, dtype=span.dtype, device=device).scatter_reduce_(0, group, span, "amax")
     bounds = [*new_group.nonzero().view(-1).tolist(), key.numel()]
-    visit_budget = max(1, min(_MAX_VISITS_PER_STEP, int(budget_mb * 2**20 // _BYTES_PER_VISIT)))
+    workers = _workers(device)
+    visit_budget = max(1, min(_MAX_VISITS_PER_STEP, int(budget_mb / workers * 2**20 // _BYTES_PER_VISIT)))
     flat = out.view(-1)
-    for group_start, group_stop, width in zip(bounds[:-1], bounds[1:], widths.tolist()):
-        step = max(1, visit_budget // width)
-        windows = (target_col.unfold(0, width, 1), target_value.unfold(0, width, 1))
-        for start in range(group_start, group_stop, step):
-            stop = min(start + step, group_stop)
-            starts = first[start:stop]
-            target = windows[0].index_select(0, starts).add_(a_offset[start:stop, None])
-            if not upper:
-                target.clamp_(max=dump)
-            contribution = torch.minimum(windows[1].index_select(0, starts), a_value[start:stop, None])
-            flat.scatter_add_(0, target.view(-1), contribution.view(-1))
+    groups = list(zip(bounds[:-1], bounds[1:], widths.tolist(),
+                      torch.div(key[bounds[:-1]], int(width_class.max()) + 1, rounding_mode="floor").tolist()))
+    # Whole row blocks go to threads, heaviest first to the least loaded (with upper=True the
+    # first rows have the longest suffixes): no two threads add into the same output rows (the
+    # dump cell aside, whose value is never read).
+    block_visits: dict[int, int] = {}
+    for group_start, group_stop, width, row_block in groups:
+        block_visits[row_block] = block_visits.get(row_block, 0) + (group_stop - group_start) * width
+    owner, load = {}, [0] * workers
+    for row_block in sorted(block_visits, key=block_visits.__getitem__, reverse=True):
+        owner[row_block] = load.index(min(load))
+        load[owner[row_block]] += block_visits[row_block]
+
+    def visit(worker: int) -> None:
+        for group_start, group_stop, width, row_block in groups:
+            if owner[row_block] != worker:
+                continue
+            step = max(1, visit_budget // width)
+            windows = (target_col.unfold(0, width, 1), target_value.unfold(0, width, 1))
+            for start in range(group_start, group_stop, step):
+                stop = min(start + step, group_stop)
+                starts = first[start:stop]
+                target = windows[0].index_select(0, starts).add_(a_offset[start:stop, None])
+                if not upper:
+                    target.clamp_(max=dump)
+                contribution = torch.minimum(windows[1].index_select(0, starts), a_value[start:stop, None])
+                flat.scatter_add_(0, target.view(-1), contribution.view(-1))
+
+    _in_parallel([partial(visit, worker) for worker in range(workers)])
 
 
 def _mirror_upper(square: torch.Tensor, tile: int = 256) -> None:
     """Copy the upper triangle of a square matrix onto its (zero) lower triangle, in place, tile
-    by tile so that the transposed reads stay in cache and no N x N copy is made."""
+    by tile so that the transposed reads stay in cache and no N x N copy is made. Tile rows are
+    dealt out to the kernel's threads: a thread reads upper tiles of its rows and writes their
+    mirror images, which no other thread reads."""
     n = square.shape[0]
-    for i in range(0, n, tile):
-        block = square[i:i + tile, i:i + tile]
-        block.add_(block.T.tril(-1))
-        for j in range(i + tile, n, tile):
-            square[j:j + tile, i:i + tile].copy_(square[i:i + tile, j:j + tile].T)
+    workers = _workers(square.device)
+
+    def mirror(worker: int) -> None:
+        for i in range(worker * tile, n, workers * tile):
+            block = square[i:i + tile, i:i + tile]
+            block.add_(block.T.tril(-1))
+            for j in range(i + tile, n, tile):
+                square[j:j + tile, i:i + tile].copy_(square[i:i + tile, j:j + tile].T)
+
+    _in_parallel([partial(mirror, worker) for worker in range(workers)])
 
 
 # ---------------------------------------------------------------- dense entry points
@@ -420,16 +508,22 @@ def _dense_rank(joined: torch.Tensor, k: int, budget_mb: float, name: str) -> tu
 
     fetch = _normalised_gather(joined, scale)
     rank = torch.empty((n, k), dtype=torch.long, device=joined.device)
-    step = max(1, min(_MAX_ROWS_PER_STEP, _chunk_rows(n, minima.shape[0] + 40 * k * width, budget_mb)))
-    for start in range(0, n, step):
-        rows = torch.arange(start, min(start + step, n), device=joined.device)
-        block_min = minima[:, start:start + step].T.pow(2).float().div_(scale[start:start + step, None])
-        _, index, unresolved = _smallest(block_min, fetch, rows, n, width, k)
-        if bool(unresolved.any()):
-            tied = rows[unresolved]
-            index[unresolved] = torch.sort(joined[:, tied].T.pow(2).float() / scale[tied, None], dim=1,
-                                           stable=True).indices[:, :k]
-        rank[start:start + step] = index
+    parts = _split(n, _workers(joined.device))
+    step = max(1, min(_MAX_ROWS_PER_STEP, _chunk_rows(n, minima.shape[0] + 40 * k * width, budget_mb / len(parts))))
+
+    def rank_rows(first: int, last: int) -> None:
+        for start in range(first, last, step):
+            stop = min(start + step, last)
+            rows = torch.arange(start, stop, device=joined.device)
+            block_min = minima[:, start:stop].T.pow(2).float().div_(scale[start:stop, None])
+            _, index, unresolved = _smallest(block_min, fetch, rows, n, width, k)
+            if bool(unresolved.any()):
+                tied = rows[unresolved]
+                index[unresolved] = torch.sort(joined[:, tied].T.pow(2).float() / scale[tied, None], dim=1,
+                                               stable=True).indices[:, :k]
+            rank[start:stop] = index
+
+    _in_parallel([partial(rank_rows, first, last) for first, last in parts])
     return rank, scale
 
 
@@ -462,19 +556,23 @@ def _dense_terms(joined: torch.Tensor, n_query: int, k1: int, k2: int, budget_mb
     original = None if lambda_value is not None else torch.empty_like(out)
     # Blend a few rows at a time so the two row blocks stay in cache.
     step = max(1, min(n_query, 2**18 // max(1, n_gallery)))
-    denominator = torch.empty((min(step, n_query), n_gallery), dtype=torch.float32, device=device)
-    for start in range(0, n_query, step):
-        stop = min(start + step, n_query)
-        block, spare = out[start:stop], denominator[:stop - start]
-        torch.sub(2.0, block, out=spare)
-        block.div_(spare)  # overlap / (2 - overlap)
-        target = spare if original is None else original[start:stop]
-        torch.pow(joined[first_col:, start:stop].T, 2, out=target)
-        target.div_(scale[start:stop, None])
-        if original is None:
-            block.mul_(lambda_value - 1.0).add_(1.0 - lambda_value).add_(target, alpha=lambda_value)
-        else:
-            block.neg_().add_(1.0)
+
+    def blend(first: int, last: int) -> None:
+        denominator = torch.empty((min(step, last - first), n_gallery), dtype=torch.float32, device=device)
+        for start in range(first, last, step):
+            stop = min(start + step, last)
+            block, spare = out[start:stop], denominator[:stop - start]
+            torch.sub(2.0, block, out=spare)
+            block.div_(spare)  # overlap / (2 - overlap)
+            target = spare if original is None else original[start:stop]
+            torch.pow(joined[first_col:, start:stop].T, 2, out=target)
+            target.div_(scale[start:stop, None])
+            if original is None:
+                block.mul_(lambda_value - 1.0).add_(1.0 - lambda_value).add_(target, alpha=lambda_value)
+            else:
+                block.neg_().add_(1.0)
+
+    _in_parallel([partial(blend, first, last) for first, last in _split(n_query, _workers(device))])
     return out, original
 
 
