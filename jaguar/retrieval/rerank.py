@@ -489,14 +489,21 @@ def _dense_rank(joined: torch.Tensor, k: int, budget_mb: float, name: str) -> tu
     n = joined.shape[0]
     k = min(k, n)
     width = _block_width(n, k)
-    column_max = joined.amax(dim=0)
-    if width == 1:
-        minima = joined
-    else:
-        full = n // width
-        minima = joined[:full * width].view(full, width, n).amin(dim=1)
+    full = n // width
+
+    def reduce_columns(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = joined[:, first:last]
+        minima = columns[:full * width].view(full, width, last - first).amin(dim=1)
         if full * width < n:
-            minima = torch.cat([minima, joined[full * width:].amin(dim=0, keepdim=True)])
+            minima = torch.cat([minima, columns[full * width:].amin(dim=0, keepdim=True)])
+        return columns.amax(dim=0), minima
+
+    if width == 1:
+        column_max, minima = joined.amax(dim=0), joined
+    else:  # column slices on the kernel's threads: one pass over D, which is read along its rows
+        pieces = _in_parallel([partial(reduce_columns, first, last) for first, last in _split(n, _workers(joined.device))])
+        column_max = torch.cat([piece[0] for piece in pieces])
+        minima = torch.cat([piece[1] for piece in pieces], dim=1)
     column_min = minima.amin(dim=0)
     _check_finite(name, column_max, column_min)
     # float32(max d^2) = max float32(d^2): the reference's column maximum of the squared matrix.
