@@ -4,9 +4,10 @@ and the bounded-memory top-M mode at large N. Prints figures; not a test.
     python benchmarks/rerank.py [--sizes 371 2000 5000] [--skip-loop-above 2000]
                                 [--bounded 10000 70000] [--dim 256] [--stages 2000]
 
---stages N also prints where the dense kernel's time goes at N (its stages, timed alone) next to
-the torch primitives that bound them from below: selecting the k1 + 1 nearest of every row
-(torch.topk) and scatter-adding the kernel's own Jaccard visits into the N x N output.
+--stages N also prints where the dense kernel's time goes at N (its stages, each timed alone, on
+one thread and on the kernel's threads) next to two torch primitives on one thread: selecting
+the k1 + 1 nearest of every row (torch.topk) and scatter-adding as many random Jaccard visits
+into the N x N output as the kernel makes.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def _best_ms(run, repeats: int = 5) -> float:
 
 
 def bench_stages(n: int, dim: int) -> list[str]:
-    """The dense single-set kernel's stages at N, each timed alone (best of 5), and the floors."""
+    """The dense single-set kernel's stages at N, each timed alone (best of 5) on one thread and
+    on the kernel's threads (torch's thread count), and the torch floors on one thread."""
     k1, k2 = 20, 6
     dist = euclidean_distance(clustered_features(n, dim)).contiguous()
     budget = 1024.0
@@ -141,26 +143,36 @@ def bench_stages(n: int, dim: int) -> list[str]:
 
     length = torch.bincount(v_index[v_index < n], minlength=n).double()
     visits = int((length * (length + 1) / 2).sum())
+    parts = [("whole call", lambda: k_reciprocal_rerank_single(dist, k1, k2, 0.3)),
+             ("ranking (k1 + 1 nearest per row, column scale)",
+              lambda: kernel_module._dense_rank(dist, k1 + 1, budget, "dist")),
+             ("k-reciprocal sets, expansion, weights, local QE",
+              lambda: kernel_module._encode(rank, pair_dist, k1, k2, budget)),
+             (f"Jaccard sums ({visits:,} visits, a <= b) + mirror", jaccard)]
+    threads = torch.get_num_threads()
+    columns = []
+    for count in sorted({1, threads}):
+        torch.set_num_threads(count)
+        with kernel_module.single_thread_below(n):
+            columns.append([_best_ms(run) for _, run in parts])
+    torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     targets = torch.randint(0, n * n, (visits,), generator=generator)
     values = torch.rand(visits, generator=generator)
     output = torch.zeros(n * n)
     with kernel_module.single_thread_below(n):
-        whole = _best_ms(lambda: k_reciprocal_rerank_single(dist, k1, k2, 0.3))
-        stages = [("ranking (k1 + 1 nearest per row, column scale)",
-                   _best_ms(lambda: kernel_module._dense_rank(dist, k1 + 1, budget, "dist"))),
-                  ("k-reciprocal sets, expansion, weights, local QE",
-                   _best_ms(lambda: kernel_module._encode(rank, pair_dist, k1, k2, budget))),
-                  (f"Jaccard sums ({visits:,} visits, a <= b) + mirror", _best_ms(jaccard))]
         floors = [(f"torch.topk(D, {k1 + 1}) over the N x N matrix",
                    _best_ms(lambda: torch.topk(dist, k1 + 1, dim=1, largest=False))),
                   (f"scatter_add_ of {visits:,} random targets into N x N",
                    _best_ms(lambda: output.scatter_add_(0, targets, values)))]
-    lines = [f"\n## stages of the dense kernel at N = {n} (one torch thread, best of 5, each stage alone)",
-             "| part | ms |", "|:--|--:|", f"| whole call | {whole:.1f} |"]
-    lines += [f"| {name} | {ms:.1f} |" for name, ms in stages]
-    lines += [f"| rest (blend, checks) | {whole - sum(ms for _, ms in stages):.1f} |"]
-    lines += [f"| floor: {name} | {ms:.1f} |" for name, ms in floors]
+    heads = " | ".join(f"ms, {count} thread{'s' if count > 1 else ''}" for count in sorted({1, threads}))
+    lines = [f"\n## stages of the dense kernel at N = {n} (best of 5, each stage timed alone)",
+             f"| part | {heads} |", "|:--|" + "--:|" * len(columns)]
+    for row, (name, _) in enumerate(parts):
+        lines.append(f"| {name} | " + " | ".join(f"{column[row]:.1f}" for column in columns) + " |")
+    lines.append("| rest (blend, checks) | " + " | ".join(f"{column[0] - sum(column[1:]):.1f}" for column in columns)
+                 + " |")
+    lines += [f"| floor, one thread: {name} | {ms:.1f} |" + " |" * (len(columns) - 1) for name, ms in floors]
     return lines
 
 
