@@ -124,6 +124,17 @@ def test_bounded_mode_equals_dense_on_its_top_m():
     assert isinstance(numpy_index, np.ndarray) and np.array_equal(numpy_index, index.numpy())
 
 
+@pytest.mark.parametrize("padding_waste", [0.0, float("inf")])
+def test_bounded_mode_both_ways_of_visiting_its_index(monkeypatch, padding_waste):
+    # The bounded mode visits its inverted index either through a padded table or exactly (when
+    # a few hub columns would make the padding wasteful): both must give the dense numbers.
+    monkeypatch.setattr("jaguar.retrieval.rerank_bounded._MAX_PADDING_WASTE", padding_waste)
+    features, _ = _clusters(9, 10, 16, spread=0.9, seed=2)
+    dense = k_reciprocal_rerank_single(euclidean_distance(features), 8, 3, 0.3)
+    index, value = k_reciprocal_rerank_topm(features, 8, 3, 0.3, top_m=30, chunk=25, memory_budget_mb=0.01)
+    torch.testing.assert_close(value, dense.gather(1, index), atol=1e-5, rtol=0)
+
+
 def test_stable_smallest_equals_stable_argsort_prefix_with_ties():
     rows = torch.tensor([[3.0, 1.0, 1.0, 0.0, 1.0, 2.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
     values, index = stable_smallest(rows, 3)
