@@ -215,6 +215,24 @@ def test_worker_threads_give_the_same_numbers(monkeypatch):
             np.testing.assert_allclose(one, many, atol=1e-6, rtol=0)
 
 
+def test_torch_only_path_gives_the_same_numbers(monkeypatch):
+    # Off the CPU the kernel uses no numpy and no worker threads (topk and torch.sort instead):
+    # run that path here, on ties too, against the reference.
+    monkeypatch.setattr("jaguar.retrieval.rerank._on_host", lambda device: False)
+    dist = _distances(360, 16, seed=6)
+    np.testing.assert_allclose(k_reciprocal_rerank_single(dist, 20, 6, 0.3), re_ranking_single(dist, 20, 6, 0.3),
+                               atol=1e-4, rtol=0)
+    q_g, q_q, g_g = dist[:50, 50:], dist[:50, :50], dist[50:, 50:]
+    np.testing.assert_allclose(k_reciprocal_rerank(q_g, q_q, g_g, 20, 6, 0.3), re_ranking(q_g, q_q, g_g, 20, 6, 0.3),
+                               atol=1e-4, rtol=0)
+    rng = np.random.default_rng(3)
+    tied = rng.integers(1, 8, size=(341, 341)).astype(float)
+    tied = (tied + tied.T) / 2
+    np.fill_diagonal(tied, 0)
+    np.testing.assert_allclose(k_reciprocal_rerank_single(tied, 20, 6, 0.3), re_ranking_single(tied, 20, 6, 0.3),
+                               atol=1e-4, rtol=0)
+
+
 def test_single_thread_below_restores_the_thread_count():
     before = torch.get_num_threads()
     with single_thread_below(10):

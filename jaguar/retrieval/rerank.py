@@ -85,10 +85,17 @@ def single_thread_below(n_items: int, limit: int = 16384) -> Iterator[None]:
         _kernel_workers = saved
 
 
+def _on_host(device: torch.device) -> bool:
+    """Whether the CPU-only shortcuts apply (numpy selections and sorts, Python worker threads);
+    elsewhere the same kernel runs on torch ops alone. The tests turn it off to run that path on
+    the CPU."""
+    return device.type == "cpu"
+
+
 def _workers(device: torch.device) -> int:
     """How many parts a row loop is split into: the kernel's threads on CPU, one elsewhere (a
     GPU queues the ops of one thread asynchronously already)."""
-    return _kernel_workers if device.type == "cpu" else 1
+    return _kernel_workers if _on_host(device) else 1
 
 
 def _in_parallel(jobs: list[Callable[[], _T]]) -> list[_T]:
@@ -158,7 +165,7 @@ def _k_smallest_set(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     if k >= width:
         return (torch.arange(width, device=values.device).expand(n_rows, -1),
                 torch.zeros(n_rows, dtype=torch.bool, device=values.device))
-    if values.device.type == "cpu":
+    if _on_host(values.device):
         parted = torch.from_numpy(np.partition(values.contiguous().numpy(), k - 1, axis=1))
         kth, following = parted[:, k - 1], parted[:, k:].amin(dim=1)
     else:
@@ -353,7 +360,7 @@ def _jaccard(overlap: torch.Tensor) -> torch.Tensor:
 
 
 def _stable_order(key: torch.Tensor) -> torch.Tensor:
-    if key.device.type == "cpu" and key.numel() and int(key.max()) < 1 << 16:
+    if _on_host(key.device) and key.numel() and int(key.max()) < 1 << 16:
         # numpy sorts 16-bit keys with a stable radix sort: ~10x torch.sort at N = 2,000.
         return torch.from_numpy(np.argsort(key.numpy().astype(np.uint16), kind="stable"))
     return torch.sort(key, stable=True).indices
