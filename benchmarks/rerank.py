@@ -124,7 +124,7 @@ def _best_ms(run, repeats: int = 5) -> float:
 
 def bench_stages(n: int, dim: int) -> list[str]:
     """The dense single-set kernel's stages at N, each timed alone (best of 5) on one thread and
-    on the kernel's threads (torch's thread count), and the torch floors on one thread."""
+    on the kernel's threads (torch's thread count), and two torch primitives for scale."""
     k1, k2 = 20, 6
     dist = euclidean_distance(clustered_features(n, dim)).contiguous()
     budget = 1024.0
@@ -161,10 +161,10 @@ def bench_stages(n: int, dim: int) -> list[str]:
     values = torch.rand(visits, generator=generator)
     output = torch.zeros(n * n)
     with kernel_module.single_thread_below(n):
-        floors = [(f"torch.topk(D, {k1 + 1}) over the N x N matrix",
-                   _best_ms(lambda: torch.topk(dist, k1 + 1, dim=1, largest=False))),
-                  (f"scatter_add_ of {visits:,} random targets into N x N",
-                   _best_ms(lambda: output.scatter_add_(0, targets, values)))]
+        primitives = [(f"torch.topk(D, {k1 + 1}) over the N x N matrix",
+                       _best_ms(lambda: torch.topk(dist, k1 + 1, dim=1, largest=False))),
+                      (f"scatter_add_ of {visits:,} random targets into N x N",
+                       _best_ms(lambda: output.scatter_add_(0, targets, values)))]
     heads = " | ".join(f"ms, {count} thread{'s' if count > 1 else ''}" for count in sorted({1, threads}))
     lines = [f"\n## stages of the dense kernel at N = {n} (best of 5, each stage timed alone)",
              f"| part | {heads} |", "|:--|" + "--:|" * len(columns)]
@@ -172,7 +172,7 @@ def bench_stages(n: int, dim: int) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{column[row]:.1f}" for column in columns) + " |")
     lines.append("| rest (blend, checks) | " + " | ".join(f"{column[0] - sum(column[1:]):.1f}" for column in columns)
                  + " |")
-    lines += [f"| floor, one thread: {name} | {ms:.1f} |" + " |" * (len(columns) - 1) for name, ms in floors]
+    lines += [f"| for scale, one thread: {name} | {ms:.1f} |" + " |" * (len(columns) - 1) for name, ms in primitives]
     return lines
 
 
@@ -195,9 +195,10 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--top-m", type=int, default=100)
     parser.add_argument("--stages", type=int, nargs="*", default=[],
-                        help="also print the dense kernel's stage times and torch floors at these N")
+                        help="also print the dense kernel's stage times (and two torch primitives) at these N")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (0: torch's default); 1 is faster on a busy machine")
+                        help="torch intra-op threads (0: torch's default); the dense kernel runs its row chunks "
+                             "on this many Python threads, each op on one")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
