@@ -191,9 +191,9 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
     qe_distance = raw_distance(best_expanded)
     table.append(_row("+QE", qe_distance, labels, best_qe))
     # The incumbent: what the stages so far adopted.
-    chosen, chosen_distance, base_embeddings = raw_post, raw, embeddings
+    chosen, chosen_distance, chosen_row, base_embeddings = raw_post, raw, table[0], embeddings
     if _decide("+QE", paired_gain(qe_distance, raw, labels), min_se, table[-1]):
-        chosen, chosen_distance, base_embeddings = best_qe, qe_distance, best_expanded
+        chosen, chosen_distance, chosen_row, base_embeddings = best_qe, qe_distance, table[-1], best_expanded
 
     euclid = euclidean_distance(base_embeddings)
     best_rr, best_rr_score, best_reranked = None, float("-inf"), None
@@ -209,8 +209,8 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
                 best_rr_score, best_reranked = score, reranked
     if best_rr is None:
         logger.info("validation set of %d images is too small to re-rank; keeping %s", n, chosen)
-        table.append({**_row("+re-ranking", chosen_distance, labels, chosen), "adopted": False})
-        table.append(_row("blend (chosen)", chosen_distance, labels, chosen))
+        table.append({**_as_chosen(chosen_row), "name": "+re-ranking", "adopted": False})
+        table.append(_as_chosen(chosen_row))
         return chosen, table
     best_blend, best_blend_score, best_blend_distance = best_rr, float("-inf"), best_reranked
     for weight in BLENDS[1:]:
@@ -221,9 +221,14 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
             best_blend_score, best_blend_distance = score, distance
     table.append(_row("+re-ranking", best_blend_distance, labels, best_blend))
     if _decide("+re-ranking", paired_gain(best_blend_distance, chosen_distance, labels), min_se, table[-1]):
-        chosen, chosen_distance = best_blend, best_blend_distance
-    table.append(_row("blend (chosen)", chosen_distance, labels, chosen))
+        chosen, chosen_row = best_blend, table[-1]
+    table.append(_as_chosen(chosen_row))
     return chosen, table
+
+
+def _as_chosen(row: dict[str, Any]) -> dict[str, Any]:
+    """The table's last row: the scores and config of the stage row that was adopted last."""
+    return {**{k: v for k, v in row.items() if k not in ("adopted", "gain", "gain_se")}, "name": "blend (chosen)"}
 
 
 def format_table(table: list[dict[str, Any]]) -> str:

@@ -405,7 +405,10 @@ def _pair_overlaps(v_index: torch.Tensor, v_value: torch.Tensor, n: int, row_off
     first = placed if upper else end - length.index_select(0, col)
     span = end - first
     row_offsets = row_offset.index_select(0, rows)
-    if not upper:  # entries of rows that are not queries would only feed the dump
+    # Rows that are not queries would only feed the dump: drop their entries. Columns that are
+    # not gallery items still appear in the suffixes: their sums are clamped into the dump.
+    some_rows_out, some_cols_out = bool((row_offset[:n] >= dump).any()), bool((col_offset[:n] >= dump).any())
+    if some_rows_out:
         keep = (row_offsets < dump).nonzero().view(-1)
         rows, values, first, span, row_offsets = (t.index_select(0, keep) for t in (rows, values, first, span, row_offsets))
     if rows.numel() == 0:
@@ -449,7 +452,7 @@ def _pair_overlaps(v_index: torch.Tensor, v_value: torch.Tensor, n: int, row_off
                 stop = min(start + step, group_stop)
                 starts = first[start:stop]
                 target = windows[0].index_select(0, starts).add_(a_offset[start:stop, None])
-                if not upper:
+                if some_cols_out:
                     target.clamp_(max=dump)
                 contribution = torch.minimum(windows[1].index_select(0, starts), a_value[start:stop, None])
                 flat.scatter_add_(0, target.view(-1), contribution.view(-1))
