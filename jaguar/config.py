@@ -14,8 +14,10 @@ from typing import Any, Optional
 
 import yaml
 
+from jaguar.errors import JaguarError
 
-class ConfigError(ValueError):
+
+class ConfigError(JaguarError, ValueError):
     """A configuration problem; the message names the key or file at fault and what to do."""
 
 

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_bytes, atomic_write_json
 from jaguar.retrieval.features import FeatureSet
 
@@ -31,7 +32,7 @@ MODES = ("auto", "mean", "concat")
 SPLITS = ("train", "val", "test")
 
 
-class EnsembleError(ValueError):
+class EnsembleError(JaguarError, ValueError):
     """An ensemble that cannot be built as asked; the message says which run or value is at fault."""
 
 

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from jaguar.data.shards import IMAGE_MEMBERS
+from jaguar.errors import JaguarError
 from jaguar.io import atomic_directory, atomic_write_json
 from jaguar.retrieval.features import FeatureSet
 
@@ -30,7 +31,7 @@ CONFIDENCE_KINDS = ("cosine", "margin")
 _CHUNK = 4096  # candidate rows scored at once: bounds memory for large unlabelled pools
 
 
-class PseudoLabelError(ValueError):
+class PseudoLabelError(JaguarError, ValueError):
     """A pseudo-labelling request that cannot be met; the message names the input at fault."""
 
 

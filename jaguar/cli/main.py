@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from jaguar.config import ConfigError
+from jaguar.errors import JaguarError
 
 # In pipeline order, as --help lists them. Each module defines `register(subparsers)`, which adds
 # its parser and sets `func(args) -> int`.
@@ -26,7 +26,7 @@ COMMAND_MODULES = (
 )
 
 
-class UserError(Exception):
+class UserError(JaguarError):
     """A failure the user can fix; printed as one clear message, no stack trace."""
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UserError, FileNotFoundError, FileExistsError) as err:
+    except (JaguarError, FileNotFoundError, FileExistsError) as err:
         print(f"jaguar {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from jaguar.data.layouts import Listing, Problem, SourceImage, read_listing
+from jaguar.errors import JaguarError
 from jaguar.io import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ ENCODINGS = ("png", "jpeg")
 _MAX_LISTED_WARNINGS = 20
 
 
-class PrepError(ValueError):
+class PrepError(JaguarError, ValueError):
     """Bad input for `jaguar prep`; the message lists every bad file and its problem."""
 
 

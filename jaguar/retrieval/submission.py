@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence, Union
 import numpy as np
 import torch
 
+from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ PAIR_COLUMNS = ("row_id", "query_image", "gallery_image")
 SUBMISSION_COLUMNS = ("row_id", "similarity")
 
 
-class SubmissionError(ValueError):
+class SubmissionError(JaguarError, ValueError):
     """A pair list, label file or submission that cannot be used; the message names file and rows."""
 
 

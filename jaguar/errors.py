@@ -1,0 +1,16 @@
+"""The one base class of user-facing errors. Every failure a user can fix (a bad config key, a
+missing or malformed input file, a value out of range) is a `JaguarError` whose message names the
+file, key or value at fault and what to do next; `jaguar.cli.main` catches it once and prints it
+(exit status 2, no traceback). Each module keeps its own subclass (ConfigError, SubmissionError,
+...), so callers can still catch the narrower kind."""
+
+from __future__ import annotations
+
+
+class JaguarError(Exception):
+    """A failure the user can fix; its message names the file, key or value at fault."""
+
+
+class MissingInputError(JaguarError, FileNotFoundError):
+    """An input file or folder a stage needs is absent; the message names it and the command that
+    produces it."""

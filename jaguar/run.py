@@ -1,0 +1,401 @@
+"""The run directory: every path of a run and the typed load/save of each artifact in it. No other
+module spells a run-folder file name; every stage (train, extract, tune-post, submit, score,
+report, ensemble, pseudo-label) takes a `RunDir`.
+
+    RUN/config.yaml               resolved config              load_config / save_config
+    RUN/split.json                train/val file names and     load_split / save_split (SplitRecord)
+                                  the head's class map
+    RUN/checkpoints/              step-NNNNNN/, best/          checkpoints_dir, default_checkpoint
+    RUN/tb/                       TensorBoard event files      tb_dir
+    RUN/metrics.json              training metrics             load_metrics / save_metrics (TrainingMetrics)
+    RUN/features/<split>.safetensors  embeddings per split     load_features / save_features (FeatureSet)
+    RUN/post.json                 chosen post-processing and   load_post / save_post (PostResult)
+                                  the stage table
+    RUN/submission.csv            the challenge submission     submission_path
+    RUN/score.json                local test score             load_score / save_score (Score)
+    RUN/score_table.json          the stage table on test      load_score_table / save_score_table (ScoreTable)
+    RUN/ensemble.json             an ensemble's members        load_ensemble / save_ensemble (EnsembleRecord)
+    RUN/report/                   the HTML report              report_dir
+    RUN/pseudo/                   pseudo-label shards          pseudo_dir
+
+Every write is atomic (jaguar.io). A missing artifact is a `MissingInputError` naming the file and
+the command that writes it; a malformed one is a `RunDirError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from jaguar.config import Config, load_config, save_config
+from jaguar.errors import JaguarError, MissingInputError
+from jaguar.io import atomic_write_json
+from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.postprocess import PostConfig
+
+SPLITS = ("train", "val", "test")
+
+_CONFIG = "config.yaml"
+_SPLIT = "split.json"
+_CHECKPOINTS = "checkpoints"
+_TB = "tb"
+_METRICS = "metrics.json"
+_FEATURES = "features"
+_FEATURE_PARTS = "parts"
+_FEATURE_SUFFIX = ".safetensors"
+_POST = "post.json"
+_SUBMISSION = "submission.csv"
+_SCORE = "score.json"
+_SCORE_TABLE = "score_table.json"
+_ENSEMBLE = "ensemble.json"
+_REPORT = "report"
+_PSEUDO = "pseudo"
+_PREEMPT = "PREEMPT"
+
+
+class RunDirError(JaguarError, ValueError):
+    """A run-folder file exists but does not hold what its stage writes; the message names it."""
+
+
+@dataclass
+class SplitRecord:
+    """split.json: the training and validation images by file name, and the classifier head's
+    class for each shard label (shard label -> contiguous class index)."""
+    train: list[str]
+    val: list[str]
+    class_of_label: dict[int, int]
+
+
+@dataclass
+class TrainingMetrics:
+    """metrics.json: the best validation entry, one entry per validation ({"epoch", "step", and
+    the evaluator's figures, e.g. "mAP_balanced", "rank1"}), and the run's totals."""
+    best: dict[str, Any]
+    history: list[dict[str, Any]]
+    steps: int
+    skipped_steps: int
+    num_classes: int
+    world_size: int
+    param_checksums: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StageRow:
+    """One row of a post-processing stage table: the settings and their scores on one labelled
+    split; a validation row of `jaguar tune-post` also says whether the stage was adopted, with its
+    identity-balanced mAP gain over the previous stage and that gain's standard error."""
+    name: str  # "raw", "+QE", "+re-ranking" or "blend (chosen)"
+    config: PostConfig
+    mAP_balanced: float
+    mAP: Optional[float] = None
+    rank1: Optional[float] = None
+    rank5: Optional[float] = None
+    rank10: Optional[float] = None
+    mINP: Optional[float] = None
+    gain: Optional[float] = None
+    gain_se: Optional[float] = None
+    adopted: Optional[bool] = None
+
+    @property
+    def is_chosen(self) -> bool:
+        return "chosen" in self.name
+
+    def decision_text(self) -> str:
+        """The stage decision, e.g. "no, +0.0188 +- 0.0451"; "" for rows without one."""
+        if self.adopted is None:
+            return ""
+        text = "yes" if self.adopted else "no"
+        if self.gain is not None:
+            text += f", {self.gain:+.4f} +- {self.gain_se or 0.0:.4f}"
+        return text
+
+
+@dataclass
+class PostResult:
+    """post.json: the post-processing chosen on validation and the stage table behind it."""
+    chosen: PostConfig
+    table: list[StageRow]
+    val_size: int
+    searched: bool
+
+
+@dataclass
+class Score:
+    """score.json: identity-balanced mAP of the run's submission against known test labels."""
+    mAP_balanced: float
+    per_identity: dict[str, float]
+    num_pairs: int
+    num_images: int
+
+
+@dataclass
+class ScoreTable:
+    """score_table.json: each row of post.json's table re-scored on the labelled test images."""
+    labels: str  # the labels file the rows were scored with
+    table: list[StageRow]
+
+
+@dataclass
+class EnsembleRecord:
+    """ensemble.json: the member runs and weights of an ensemble run and what was written per split."""
+    members: list[str]
+    weights: list[float]
+    mode: str
+    splits: dict[str, dict[str, Any]]
+    config_from: Optional[str] = None
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], mapping: Any, where: str) -> T:
+    """A dataclass from its JSON mapping: required fields present, no unknown keys, nested
+    PostConfig / StageRow values built too."""
+    if not isinstance(mapping, dict):
+        raise RunDirError(f"{where}: expected a JSON object for {cls.__name__}, got {type(mapping).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise RunDirError(f"{where}: unknown key(s) {unknown}; expected {sorted(fields)}")
+    missing = [name for name, f in fields.items() if name not in mapping
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RunDirError(f"{where}: missing key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in mapping.items():
+        hint = hints[name]
+        if hint is PostConfig:
+            try:
+                value = PostConfig.from_dict(value, f" in {where}")
+            except (TypeError, ValueError) as err:
+                raise RunDirError(f"{where}: {name}: {err}") from None
+        elif hint == list[StageRow]:
+            if not isinstance(value, list):
+                raise RunDirError(f"{where}: {name} must be a list of rows")
+            value = [_build(StageRow, row, f"{where} {name}[{i}]") for i, row in enumerate(value)]
+        values[name] = value
+    return cls(**values)
+
+
+def _to_json(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+class RunDir:
+    """One run folder (see the module docstring for its layout). Creating a RunDir touches nothing
+    on disk; `save_*` create the folder as needed."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def require(self) -> "RunDir":
+        """This run, after checking the folder exists."""
+        if not self.path.is_dir():
+            raise MissingInputError(f"run folder {self.path} does not exist; give a `jaguar train` run.dir")
+        return self
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / _CONFIG
+
+    @property
+    def split_path(self) -> Path:
+        return self.path / _SPLIT
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / _CHECKPOINTS
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.path / _TB
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / _METRICS
+
+    @property
+    def features_dir(self) -> Path:
+        return self.path / _FEATURES
+
+    @property
+    def feature_parts_dir(self) -> Path:
+        """Where the processes of a sharded extraction leave their parts until rank 0 merges them."""
+        return self.features_dir / _FEATURE_PARTS
+
+    def features_path(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        return self.features_dir / f"{split}{_FEATURE_SUFFIX}"
+
+    @property
+    def post_path(self) -> Path:
+        return self.path / _POST
+
+    @property
+    def submission_path(self) -> Path:
+        return self.path / _SUBMISSION
+
+    @property
+    def score_path(self) -> Path:
+        return self.path / _SCORE
+
+    @property
+    def score_table_path(self) -> Path:
+        return self.path / _SCORE_TABLE
+
+    @property
+    def ensemble_path(self) -> Path:
+        return self.path / _ENSEMBLE
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / _REPORT
+
+    @property
+    def pseudo_dir(self) -> Path:
+        return self.path / _PSEUDO
+
+    @property
+    def preempt_flag(self) -> Path:
+        """Touching this file asks a running training to checkpoint and exit (as SIGUSR1 does)."""
+        return self.path / _PREEMPT
+
+    # ------------------------------------------------------------------ config and split
+
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+    def load_config(self) -> Config:
+        if not self.has_config():
+            raise MissingInputError(f"{self.config_path} does not exist: give a run folder made by "
+                                    f"`jaguar train` (or `jaguar extract --config RECIPE`)")
+        return load_config(self.config_path)
+
+    def save_config(self, cfg: Config) -> None:
+        save_config(cfg, self.config_path)
+
+    def load_split(self) -> SplitRecord:
+        raw = self._read_json(self.split_path, "the train/validation split is written by `jaguar train`")
+        record = _build(SplitRecord, raw, str(self.split_path))
+        try:
+            record.class_of_label = {int(k): int(v) for k, v in record.class_of_label.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise RunDirError(f"{self.split_path}: class_of_label must map shard labels to classes") from None
+        return record
+
+    def save_split(self, record: SplitRecord) -> None:
+        atomic_write_json(self.split_path, {"train": list(record.train), "val": list(record.val),
+                                            "class_of_label": {str(k): int(v) for k, v in
+                                                               record.class_of_label.items()}})
+
+    def default_checkpoint(self) -> Path:
+        """The checkpoint extraction uses by default: best if kept, else the newest complete one."""
+        # jaguar.train.checkpoint imports accelerate (slow to import); only this method needs it.
+        from jaguar.train.checkpoint import best_or_latest
+
+        found = best_or_latest(self.checkpoints_dir)
+        if found is None:
+            raise MissingInputError(f"no complete checkpoint in {self.checkpoints_dir}; train first "
+                                    f"(`jaguar train RECIPE run.dir={self.path}`) or pass --checkpoint")
+        return found
+
+    # ------------------------------------------------------------------ metrics
+
+    def has_metrics(self) -> bool:
+        return self.metrics_path.is_file()
+
+    def load_metrics(self) -> TrainingMetrics:
+        raw = self._read_json(self.metrics_path, f"train first: `jaguar train RECIPE run.dir={self.path}`")
+        return _build(TrainingMetrics, raw, str(self.metrics_path))
+
+    def save_metrics(self, metrics: TrainingMetrics) -> None:
+        atomic_write_json(self.metrics_path, _to_json(metrics))
+
+    # ------------------------------------------------------------------ features
+
+    def has_features(self, split: str) -> bool:
+        return self.features_path(split).is_file()
+
+    def feature_splits(self) -> list[str]:
+        """The splits whose features exist, in SPLITS order."""
+        return [split for split in SPLITS if self.has_features(split)]
+
+    def load_features(self, split: str) -> FeatureSet:
+        path = self.features_path(split)
+        if not path.is_file():
+            raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract {self.path} "
+                                    f"--split {split}` first")
+        return FeatureSet.load(path)
+
+    def save_features(self, split: str, features: FeatureSet) -> None:
+        features.save(self.features_path(split))
+
+    # ------------------------------------------------------------------ post-processing, score
+
+    def has_post(self) -> bool:
+        return self.post_path.is_file()
+
+    def load_post(self) -> PostResult:
+        raw = self._read_json(self.post_path, f"run `jaguar tune-post {self.path}`")
+        return _build(PostResult, raw, str(self.post_path))
+
+    def save_post(self, post: PostResult) -> None:
+        atomic_write_json(self.post_path, _to_json(post))
+
+    def has_score(self) -> bool:
+        return self.score_path.is_file()
+
+    def load_score(self) -> Score:
+        raw = self._read_json(self.score_path, f"run `jaguar score {self.path} --test-csv ... --labels ...`")
+        return _build(Score, raw, str(self.score_path))
+
+    def save_score(self, score: Score) -> None:
+        atomic_write_json(self.score_path, _to_json(score))
+
+    def has_score_table(self) -> bool:
+        return self.score_table_path.is_file()
+
+    def load_score_table(self) -> ScoreTable:
+        raw = self._read_json(self.score_table_path,
+                              f"run `jaguar score {self.path} --test-csv ... --labels ...`")
+        return _build(ScoreTable, raw, str(self.score_table_path))
+
+    def save_score_table(self, table: ScoreTable) -> None:
+        atomic_write_json(self.score_table_path, _to_json(table))
+
+    # ------------------------------------------------------------------ ensembles
+
+    def is_ensemble(self) -> bool:
+        return self.ensemble_path.is_file()
+
+    def load_ensemble(self) -> EnsembleRecord:
+        raw = self._read_json(self.ensemble_path, "it is written by `jaguar ensemble`")
+        return _build(EnsembleRecord, raw, str(self.ensemble_path))
+
+    def save_ensemble(self, record: EnsembleRecord) -> None:
+        atomic_write_json(self.ensemble_path, _to_json(record))
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _read_json(path: Path, how_to_make: str) -> Any:
+        if not path.is_file():
+            raise MissingInputError(f"{path} does not exist; {how_to_make}")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunDirError(f"{path} could not be read ({err}); re-run the stage that writes it") from None
