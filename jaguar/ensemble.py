@@ -1,5 +1,6 @@
 """Ensembles of runs: combine several runs' features, image by image (matched by name), into a new
-run folder that the usual post-processing, submission and report stages then treat as any run.
+run folder that the usual post-processing, submission, score and report stages then treat as any
+run (`ensemble_run` runs them in turn).
 
 Two ways to combine L2-normalised embeddings e_i with weights w_i (summing to 1 after scaling):
 
@@ -17,19 +18,21 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from jaguar.errors import JaguarError
-from jaguar.io import atomic_write_bytes, atomic_write_json
+from jaguar.errors import JaguarError, MissingInputError
+from jaguar.report import build_report
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.stages import SubmitResult, score_run, submit_run, tune_post_run
+from jaguar.run import SPLITS, EnsembleRecord, PostResult, RunDir, Score
 
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "mean", "concat")
-SPLITS = ("train", "val", "test")
 
 
 class EnsembleError(JaguarError, ValueError):
@@ -95,42 +98,71 @@ def combine_features(feature_sets: Sequence[FeatureSet], weights: Sequence[float
     return FeatureSet(names, embedding, aligned[0].labels.clone(), dict(first.label_names), meta)
 
 
-def ensemble_runs(run_dirs: Sequence[str | Path], out_dir: str | Path,
+def ensemble_runs(run_dirs: Sequence[str | Path | RunDir], out_dir: str | Path | RunDir,
                   weights: Sequence[float] | None = None, mode: str = "auto") -> list[str]:
-    """Write OUT/features/<split>.safetensors for every split all runs have, OUT/config.yaml (the
-    first run's) and OUT/ensemble.json; return the splits written."""
-    run_dirs = [Path(r) for r in run_dirs]
-    out_dir = Path(out_dir)
-    if not run_dirs:
+    """Write the ensemble run's features for every split all runs have, its config (the first
+    run's: the ensemble's post-processing and report read data.shards and the retrieval settings
+    from it) and its ensemble record; return the splits written."""
+    runs = [r if isinstance(r, RunDir) else RunDir(r) for r in run_dirs]
+    out = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
+    if not runs:
         raise EnsembleError("give at least one run folder to ensemble")
-    for run in run_dirs:
-        if not (run / "features").is_dir():
-            raise FileNotFoundError(f"run {run} has no features/ folder; run `jaguar extract {run}` first")
-        if run.resolve() == out_dir.resolve():
-            raise EnsembleError(f"the output folder {out_dir} is also a member run; choose another -o")
-    normalised_weights = _check_weights(weights, len(run_dirs))
-    splits = [s for s in SPLITS if all((r / "features" / f"{s}.safetensors").is_file() for r in run_dirs)]
+    for run in runs:
+        if not run.feature_splits():
+            raise MissingInputError(f"run {run} has no features in {run.features_dir}; "
+                                    f"run `jaguar extract {run}` first")
+        if run.path.resolve() == out.path.resolve():
+            raise EnsembleError(f"the output folder {out} is also a member run; choose another -o")
+    normalised_weights = _check_weights(weights, len(runs))
+    splits = [s for s in SPLITS if all(r.has_features(s) for r in runs)]
     if not splits:
-        raise FileNotFoundError(f"no split ({', '.join(SPLITS)}) has features in every run "
-                                f"({', '.join(map(str, run_dirs))}); run `jaguar extract` on each")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise MissingInputError(f"no split ({', '.join(SPLITS)}) has features in every run "
+                                f"({', '.join(map(str, runs))}); run `jaguar extract` on each")
     written = {}
     for split in splits:
-        sets = [FeatureSet.load(r / "features" / f"{split}.safetensors") for r in run_dirs]
-        combined = combine_features(sets, normalised_weights, mode)
-        combined.save(out_dir / "features" / f"{split}.safetensors")
+        combined = combine_features([r.load_features(split) for r in runs], normalised_weights, mode)
+        out.save_features(split, combined)
         written[split] = {"images": len(combined), "dim": int(combined.embeddings.shape[1]),
                           "mode": combined.meta["ensemble"]["mode"]}
-    config = run_dirs[0] / "config.yaml"
-    if config.is_file():
-        # the ensemble's post-processing and report read data.shards and retrieval settings from here
-        atomic_write_bytes(out_dir / "config.yaml", config.read_bytes())
-    atomic_write_json(out_dir / "ensemble.json", {
-        "members": [str(r.resolve()) for r in run_dirs],
-        "weights": normalised_weights,
-        "mode": mode,
-        "splits": written,
-        "config_from": str(config.resolve()) if config.is_file() else None,
-    })
-    logger.info("ensemble of %d runs written to %s (%s)", len(run_dirs), out_dir, ", ".join(splits))
+    config_from = runs[0] if runs[0].has_config() else None
+    if config_from is not None:
+        out.save_config(config_from.load_config())
+    out.save_ensemble(EnsembleRecord(
+        members=[str(r.path.resolve()) for r in runs], weights=normalised_weights, mode=mode, splits=written,
+        config_from=str(config_from.config_path.resolve()) if config_from is not None else None))
+    logger.info("ensemble of %d runs written to %s (%s)", len(runs), out, ", ".join(splits))
     return splits
+
+
+@dataclass
+class EnsembleOutcome:
+    """What `ensemble_run` wrote: the splits combined and each later stage's result (None when
+    the stage did not run)."""
+    splits: list[str]
+    post: Optional[PostResult] = None
+    submission: Optional[SubmitResult] = None
+    score: Optional[Score] = None
+    report: Optional[Path] = None
+
+
+def ensemble_run(run_dirs: Sequence[str | Path | RunDir], out_dir: str | Path | RunDir,
+                 weights: Sequence[float] | None = None, mode: str = "auto",
+                 test_csv: str | Path | None = None, test_labels: str | Path | None = None,
+                 features_only: bool = False) -> EnsembleOutcome:
+    """Combine the runs (ensemble_runs), then treat the ensemble as any run: tune its
+    post-processing when every run has validation features, write its submission (with
+    `test_csv`), score it (with `test_labels` too) and write its report."""
+    out = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
+    outcome = EnsembleOutcome(ensemble_runs(run_dirs, out, weights=weights, mode=mode))
+    if features_only:
+        return outcome
+    if "val" in outcome.splits:
+        outcome.post = tune_post_run(out)
+    else:
+        logger.warning("no validation features in every run: post-processing is not tuned for the ensemble")
+    if test_csv:
+        outcome.submission = submit_run(out, test_csv)
+        if test_labels:
+            outcome.score, _ = score_run(out, test_csv, test_labels)
+    outcome.report = build_report(out, test_labels=test_labels)
+    return outcome

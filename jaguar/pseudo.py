@@ -20,10 +20,12 @@ from typing import Sequence
 
 import torch
 
-from jaguar.data.shards import IMAGE_MEMBERS
-from jaguar.errors import JaguarError
+from jaguar.data.shards import IMAGE_MEMBERS, load_manifest
+from jaguar.errors import JaguarError, MissingInputError
 from jaguar.io import atomic_directory, atomic_write_json
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.submission import read_labels
+from jaguar.run import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -136,76 +138,63 @@ def summary_json(predictions: Sequence[PseudoLabel], threshold: float, k: int, c
     }
 
 
-def fine_tune_command(run_dir: str | Path, pseudo_dir: str | Path, epochs: int = 3,
+def fine_tune_command(run_dir: str | Path | RunDir, pseudo_dir: str | Path, epochs: int = 3,
                       lr_factor: float = 0.1) -> str:
     """The command that fine-tunes the run on train + pseudo-labelled shards: a few epochs, from the
-    run's best checkpoint, at a tenth of its learning rate, into a sibling run folder."""
-    from jaguar.config import load_config
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    cfg = load_config(config_path)
-    checkpoint = _best_checkpoint(run_dir)
+    run's best checkpoint (if it has one), at a tenth of its learning rate, into a sibling run folder."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    cfg = run.load_config()
     extra = ",".join([*cfg.data.extra_shards, str(pseudo_dir)])
-    return (f"jaguar train {config_path} data.extra_shards=[{extra}] train.init_from={checkpoint} "
+    try:
+        init_from = f"train.init_from={run.default_checkpoint()} "
+    except MissingInputError:  # features of a pretrained backbone (`jaguar extract --config`): start from it
+        init_from = ""
+    return (f"jaguar train {run.config_path} data.extra_shards=[{extra}] {init_from}"
             f"optim.lr={cfg.optim.lr * lr_factor:g} optim.warmup_epochs=0 train.epochs={epochs} "
-            f"train.resume=none run.dir={run_dir.with_name(run_dir.name + '-pseudo')}")
+            f"train.resume=none run.dir={run.path.with_name(run.path.name + '-pseudo')}")
 
 
-def _best_checkpoint(run_dir: Path) -> str:
-    from jaguar.train.checkpoint import best_or_latest
-
-    found = best_or_latest(run_dir / "checkpoints")
-    return str(found) if found is not None else str(run_dir / "checkpoints" / "best")
-
-
-def _labelled_features(run_dir: Path) -> FeatureSet:
-    sets = [FeatureSet.load(run_dir / "features" / f"{split}.safetensors") for split in ("train", "val")
-            if (run_dir / "features" / f"{split}.safetensors").is_file()]
+def _labelled_features(run: RunDir) -> FeatureSet:
+    sets = [run.load_features(split) for split in ("train", "val") if run.has_features(split)]
     if not sets:
-        raise FileNotFoundError(f"run {run_dir} has neither features/train.safetensors nor val.safetensors; "
-                                f"run `jaguar extract {run_dir}` first")
+        raise MissingInputError(f"run {run} has neither {run.features_path('train')} nor "
+                                f"{run.features_path('val')}; run `jaguar extract {run} --split train` first")
     return concat_feature_sets(sets)
 
 
 def _truth(candidates: FeatureSet, test_labels: str | Path | None) -> dict[str, str]:
     """Known test identities: from the CSV when given, else from labels stored with the features."""
     if test_labels:
-        from jaguar.report.evaluation import read_identity_csv
-
-        return read_identity_csv(test_labels)
+        return read_labels(test_labels)
     return {name: candidates.label_names.get(label, str(label))
             for name, label in zip(candidates.names, candidates.labels.tolist()) if label >= 0}
 
 
-def pseudo_label_run(run_dir: str | Path, threshold: float, out_dir: str | Path | None = None, k: int = 5,
-                     confidence: str = "cosine", test_labels: str | Path | None = None,
+def pseudo_label_run(run_dir: str | Path | RunDir, threshold: float, out_dir: str | Path | None = None,
+                     k: int = 5, confidence: str = "cosine", test_labels: str | Path | None = None,
                      overwrite: bool = False) -> dict:
     """Select pseudo-labels for the run's test images and write them as a `jaguar prep`-style
-    shards folder (split "train", the original label space) with pseudo.json; return the summary."""
-    from jaguar.config import load_config
-    from jaguar.data.shards import load_manifest
-
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / "pseudo"
-    cfg = load_config(run_dir / "config.yaml")
+    shards folder (split "train", the original label space; default RUN/pseudo) with pseudo.json;
+    return the summary."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    out_dir = Path(out_dir) if out_dir else run.pseudo_dir
+    cfg = run.load_config()
     if not cfg.data.shards:
-        raise PseudoLabelError(f"{run_dir / 'config.yaml'} names no data.shards; the test images are copied "
+        raise PseudoLabelError(f"{run.config_path} names no data.shards; the test images are copied "
                                f"from there")
     manifest = load_manifest(cfg.data.shards)
-    test_path = run_dir / "features" / "test.safetensors"
-    candidates = FeatureSet.load(test_path)
-    labelled = _labelled_features(run_dir)
+    candidates = run.load_features("test")
+    labelled = _labelled_features(run)
     identities = {str(name): int(label) for name, label in manifest["identities"].items()}
     for label, name in labelled.label_names.items():
         if identities.get(name, label) != label:
             raise PseudoLabelError(f"identity {name!r} is label {label} in the run's features but "
-                                   f"{identities[name]} in {cfg.data.shards}/manifest.json; re-extract the run")
+                                   f"{identities[name]} in the shards {cfg.data.shards}; re-extract the run")
     predictions = predict(labelled, candidates, threshold, k, confidence)
     truth = _truth(candidates, test_labels)
     precision = selection_precision(predictions, truth) if truth else None
     summary = summary_json(predictions, threshold, k, confidence, precision)
-    summary["source_run"] = str(run_dir.resolve())
+    summary["source_run"] = str(run.path.resolve())
     summary["source_shards"] = str(Path(cfg.data.shards).resolve())
     selected = {p.name: p for p in predictions if p.selected}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

@@ -192,6 +192,23 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.config_path = self.path / _CONFIG
+        self.split_path = self.path / _SPLIT
+        self.checkpoints_dir = self.path / _CHECKPOINTS
+        self.tb_dir = self.path / _TB
+        self.metrics_path = self.path / _METRICS
+        self.features_dir = self.path / _FEATURES
+        # where the processes of a sharded extraction leave their parts until rank 0 merges them
+        self.feature_parts_dir = self.features_dir / _FEATURE_PARTS
+        self.post_path = self.path / _POST
+        self.submission_path = self.path / _SUBMISSION
+        self.score_path = self.path / _SCORE
+        self.score_table_path = self.path / _SCORE_TABLE
+        self.ensemble_path = self.path / _ENSEMBLE
+        self.report_dir = self.path / _REPORT
+        self.pseudo_dir = self.path / _PSEUDO
+        # touching this file asks a running training to checkpoint and exit (as SIGUSR1 does)
+        self.preempt_flag = self.path / _PREEMPT
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -207,72 +224,10 @@ class RunDir:
 
     # ------------------------------------------------------------------ paths
 
-    @property
-    def config_path(self) -> Path:
-        return self.path / _CONFIG
-
-    @property
-    def split_path(self) -> Path:
-        return self.path / _SPLIT
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.path / _CHECKPOINTS
-
-    @property
-    def tb_dir(self) -> Path:
-        return self.path / _TB
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / _METRICS
-
-    @property
-    def features_dir(self) -> Path:
-        return self.path / _FEATURES
-
-    @property
-    def feature_parts_dir(self) -> Path:
-        """Where the processes of a sharded extraction leave their parts until rank 0 merges them."""
-        return self.features_dir / _FEATURE_PARTS
-
     def features_path(self, split: str) -> Path:
         if split not in SPLITS:
             raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return self.features_dir / f"{split}{_FEATURE_SUFFIX}"
-
-    @property
-    def post_path(self) -> Path:
-        return self.path / _POST
-
-    @property
-    def submission_path(self) -> Path:
-        return self.path / _SUBMISSION
-
-    @property
-    def score_path(self) -> Path:
-        return self.path / _SCORE
-
-    @property
-    def score_table_path(self) -> Path:
-        return self.path / _SCORE_TABLE
-
-    @property
-    def ensemble_path(self) -> Path:
-        return self.path / _ENSEMBLE
-
-    @property
-    def report_dir(self) -> Path:
-        return self.path / _REPORT
-
-    @property
-    def pseudo_dir(self) -> Path:
-        return self.path / _PSEUDO
-
-    @property
-    def preempt_flag(self) -> Path:
-        """Touching this file asks a running training to checkpoint and exit (as SIGUSR1 does)."""
-        return self.path / _PREEMPT
 
     # ------------------------------------------------------------------ config and split
 

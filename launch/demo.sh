@@ -46,7 +46,7 @@ jaguar tune-post "$RUN"
 stage "6/8 write the submission for every ordered test pair"
 jaguar submit "$RUN" --test-csv "$RAW/test.csv" -o "$RUN/submission.csv"
 stage "7/8 score it locally against the hidden labels"
-jaguar score "$RUN/submission.csv" --test-csv "$RAW/test.csv" --labels "$RAW/test_labels.csv" --json "$RUN/score.json"
+jaguar score "$RUN" --test-csv "$RAW/test.csv" --labels "$RAW/test_labels.csv"
 stage "8/8 report"
 jaguar report "$RUN" --test-labels "$RAW/test_labels.csv"
 

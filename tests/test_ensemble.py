@@ -9,6 +9,7 @@ import torch
 
 from jaguar.ensemble import EnsembleError, combine_features, ensemble_runs
 from jaguar.retrieval.features import FeatureSet
+from jaguar.run import RunDir
 
 
 def _features(seed: int, n: int = 12, dim: int = 8, names: list[str] | None = None) -> FeatureSet:
@@ -90,7 +91,8 @@ def test_ensemble_runs_writes_every_shared_split(tmp_path):
     assert splits == ["val", "test"]  # train is not in run b
     members = json.loads((out / "ensemble.json").read_text())
     assert members["weights"] == [0.5, 0.5] and len(members["members"]) == 2
-    assert (out / "config.yaml").read_text() == (run_a / "config.yaml").read_text()
+    assert RunDir(out).load_config() == RunDir(run_a).load_config()
+    assert RunDir(out).load_config().run.name == "a"
     val = FeatureSet.load(out / "features" / "val.safetensors")
     expected = combine_features([_features(9), _features(12, dim=6)])
     assert torch.allclose(val.embeddings, expected.embeddings, atol=1e-6)
@@ -104,3 +106,27 @@ def test_cli_features_only(tmp_path):
     assert main(["ensemble", str(run_a), str(run_a), "-o", str(tmp_path / "e"), "--features-only"]) == 0
     assert (tmp_path / "e" / "features" / "val.safetensors").is_file()
     assert main(["ensemble", str(run_a), "-o", str(tmp_path / "f"), "--weights", "1", "2"]) == 2
+
+
+def test_cli_runs_every_later_stage_on_the_ensemble(tmp_path, capsys):
+    from jaguar.cli.main import main
+
+    names = [f"img_{i:03d}.png" for i in range(12)]
+    run_a = _write_run(tmp_path, "a", {"val": _features(20), "test": _features(21)})
+    run_b = _write_run(tmp_path, "b", {"val": _features(22), "test": _features(23)})
+    pairs = tmp_path / "test.csv"
+    pairs.write_text("row_id,query_image,gallery_image\n" + "".join(
+        f"{q}_{g},{q},{g}\n" for q in names for g in names if q != g))
+    labels = tmp_path / "labels.csv"
+    truth = _features(21)
+    labels.write_text("filename,ground_truth\n" + "".join(
+        f"{n},{truth.label_names[int(label)]}\n" for n, label in zip(truth.names, truth.labels.tolist())))
+    out = RunDir(tmp_path / "ens")
+    assert main(["ensemble", str(run_a), str(run_b), "-o", str(out.path), "--test-csv", str(pairs),
+                 "--test-labels", str(labels)]) == 0
+    printed = capsys.readouterr().out
+    score = out.load_score()
+    assert f"identity-balanced mAP: {score.mAP_balanced:.6f}" in printed
+    assert out.load_post().table[-1].is_chosen and out.submission_path.is_file()
+    assert [row.name for row in out.load_score_table().table] == [row.name for row in out.load_post().table]
+    assert (out.report_dir / "index.html").is_file() and out.load_ensemble().members[1].endswith("b")

@@ -16,6 +16,9 @@ from jaguar.report import build_report
 from jaguar.report.evaluation import query_average_precision
 from jaguar.report.tb_reader import read_scalars
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.postprocess import PostConfig
+from jaguar.retrieval.stages import labelled_test_features, score_run, stage_table_on, submit_run
+from jaguar.run import PostResult, RunDir, StageRow, TrainingMetrics
 
 
 class _Images(HTMLParser):
@@ -80,25 +83,24 @@ def full_run(tmp_path_factory, tiny_shards) -> Path:
     names = list(train.filenames)
     labels = [int(v) for v in train.labels]
     label_names = dict(train.label_names)
-    run = tmp_path_factory.mktemp("runs") / "run"
-    (run / "features").mkdir(parents=True)
+    run = RunDir(tmp_path_factory.mktemp("runs") / "run")
     val = _clustered_features(names, labels, label_names, seed=0)
-    val.save(run / "features" / "val.safetensors")
+    run.save_features("val", val)
     test = FeatureSet(val.names, val.embeddings, torch.full((len(val),), -1), label_names, {"split": "test"})
-    test.save(run / "features" / "test.safetensors")
-    (run / "config.yaml").write_text(
+    run.save_features("test", test)
+    run.config_path.write_text(
         f"data:\n  shards: {tiny_shards}\nmodel:\n  backbone: resnet18\n  img_size: [64, 64]\n"
         f"train:\n  epochs: 4\nrun:\n  name: tiny-test\n")
-    _write_events(run / "tb")
-    (run / "metrics.json").write_text(json.dumps(
-        {"best": {"epoch": 3, "step": 20, "mAP_balanced": 0.4, "rank1": 0.8}, "history": []}))
-    (run / "post.json").write_text(json.dumps({
-        "chosen": {"qe_k": 2}, "val_size": len(names),
-        "table": [{"name": "raw", "mAP_balanced": 0.41, "rank1": 0.8, "config": {}},
-                  {"name": "+QE", "mAP_balanced": 0.43, "rank1": 0.8, "config": {"qe_k": 2}},
-                  {"name": "blend (chosen)", "mAP_balanced": 0.5, "rank1": 0.85, "config": {"qe_k": 2}}]}))
-    (run / "score.json").write_text(json.dumps({"mAP_balanced": 0.3876}))
-    return run
+    _write_events(run.tb_dir)
+    best = {"epoch": 3, "step": 20, "mAP_balanced": 0.4, "rank1": 0.8}
+    run.save_metrics(TrainingMetrics(best=best, history=[best], steps=20, skipped_steps=0, num_classes=4,
+                                     world_size=1))
+    qe = PostConfig(qe_k=2)
+    run.save_post(PostResult(qe, [StageRow("raw", PostConfig(), 0.41, rank1=0.8),
+                                  StageRow("+QE", qe, 0.43, rank1=0.8, gain=0.02, gain_se=0.01, adopted=True),
+                                  StageRow("blend (chosen)", qe, 0.5, rank1=0.85)],
+                             val_size=len(names), searched=True))
+    return run.path
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +112,22 @@ def test_labels_csv(full_run) -> Path:
     return csv
 
 
-def test_full_report_has_every_section_and_only_existing_images(full_run, test_labels_csv):
+@pytest.fixture(scope="module")
+def pair_list_csv(full_run) -> Path:
+    names = FeatureSet.load(full_run / "features" / "test.safetensors").names
+    csv = full_run.parent / "test.csv"
+    csv.write_text("row_id,query_image,gallery_image\n" + "".join(
+        f"{q}_{g},{names[q]},{names[g]}\n" for q in range(len(names)) for g in range(len(names)) if q != g))
+    return csv
+
+
+def test_full_report_has_every_section_and_only_existing_images(full_run, test_labels_csv, pair_list_csv):
+    run = RunDir(full_run)
+    submit_run(run, pair_list_csv)
+    score, table = score_run(run, pair_list_csv, test_labels_csv)
+    before = sorted(p.name for p in full_run.iterdir())
     index = build_report(full_run, test_labels=test_labels_csv)
+    assert sorted(p.name for p in full_run.iterdir()) == sorted(before + ["report"])  # the report only reads
     assert index == full_run / "report" / "index.html"
     text = index.read_text()
     for split in ("val", "test"):
@@ -119,8 +135,9 @@ def test_full_report_has_every_section_and_only_existing_images(full_run, test_l
             assert f"{heading} — {split}" in text, (heading, split)
     for heading in ("Results", "Configuration", "Training curves"):
         assert heading in text, heading
-    assert "0.3876" in text and "blend (chosen)" in text and "resnet18" in text
-    assert "computed from --test-labels" in text
+    assert f"{score.mAP_balanced:.4f}" in text and "blend (chosen)" in text and "resnet18" in text
+    assert "score_table.json" in text and f"{table.table[0].mAP_balanced:.4f}" in text
+    assert "yes, +0.0200 +- 0.0100" in text  # the stage decision of post.json's +QE row
     sources = _image_sources(index)
     assert {"training_curves.png", "per_identity_ap_val.png", "retrieval_best_val.png",
             "retrieval_worst_val.png", "similarity_val.png", "retrieval_worst_test.png"} <= set(sources)
@@ -131,16 +148,23 @@ def test_full_report_has_every_section_and_only_existing_images(full_run, test_l
 
 
 def test_test_scores_match_the_metric(full_run, test_labels_csv):
-    """The test column is post.json's rows re-scored on the labelled test images."""
-    from jaguar.report.evaluation import load_labelled_test, test_score_table
+    """The score table is post.json's rows re-scored on the labelled test images."""
     from jaguar.retrieval.metrics import identity_balanced_map
 
-    test = load_labelled_test(full_run / "features" / "test.safetensors", test_labels_csv)
-    rows = {row["name"]: row["mAP_balanced"] for row in
-            test_score_table(test, json.loads((full_run / "post.json").read_text()))}
+    run = RunDir(full_run)
+    test = labelled_test_features(run, test_labels_csv)
+    rows = {row.name: row.mAP_balanced for row in stage_table_on(test, run.load_post().table)}
     raw = identity_balanced_map(test.embeddings @ test.embeddings.T, test.labels)
     assert rows["raw"] == pytest.approx(raw)
     assert set(rows) == {"raw", "+QE", "blend (chosen)"}
+
+
+def test_malformed_artifact_is_a_note_not_a_crash(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.post_path.write_text('{"chosen": {"qe_kk": 1}, "table": [], "val_size": 1, "searched": true}')
+    text = build_report(run).read_text()
+    assert "qe_kk" in text and str(run.post_path) in text
 
 
 def test_bare_run_says_what_is_missing(tmp_path):

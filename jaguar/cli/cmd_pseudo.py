@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from jaguar.pseudo import fine_tune_command, pseudo_label_run
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pseudo-label", help="turn confident test predictions into training shards")
@@ -22,15 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaguar.cli.main import UserError
-    from jaguar.pseudo import PseudoLabelError, fine_tune_command, pseudo_label_run
-
-    try:
-        summary = pseudo_label_run(args.run_dir, args.threshold, out_dir=args.out, k=args.k,
-                                   confidence=args.confidence, test_labels=args.test_labels,
-                                   overwrite=args.overwrite)
-    except (PseudoLabelError, ValueError, KeyError) as err:
-        raise UserError(str(err)) from None
+    summary = pseudo_label_run(args.run_dir, args.threshold, out_dir=args.out, k=args.k,
+                               confidence=args.confidence, test_labels=args.test_labels,
+                               overwrite=args.overwrite)
     print(f"selected {summary['selected_count']} of {summary['candidates']} test images "
           f"({summary['agreed']} agreed; confidence {args.confidence} >= {args.threshold})")
     precision = (summary.get("precision") or {}).get("selected") or {}

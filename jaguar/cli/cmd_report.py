@@ -3,39 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+
+from jaguar.report import build_report
+from jaguar.run import RunDir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="write an offline HTML report (RUN/report/index.html)")
     parser.add_argument("run_dir", help="a run folder (config.yaml, tb/, features/, post.json, ...)")
     parser.add_argument("--test-labels", default=None,
-                        help="CSV filename,ground_truth for the test images: adds test-side scores and figures")
+                        help="CSV filename,ground_truth for the test images: adds test-side figures")
     parser.add_argument("--out", default=None, help="output folder (default RUN/report)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaguar.cli.main import UserError
-    from jaguar.report import build_report
-
-    try:
-        index = build_report(args.run_dir, test_labels=args.test_labels, out_dir=args.out)
-    except (ValueError, KeyError) as err:
-        raise UserError(str(err)) from None
-    _print_summary(Path(args.run_dir))
+    run_dir = RunDir(args.run_dir)
+    index = build_report(run_dir, test_labels=args.test_labels, out_dir=args.out)
+    print_stage_summary(run_dir)
     print(f"report: {index}")
     return 0
 
 
-def _print_summary(run_dir: Path) -> None:
-    """Identity-balanced mAP per post-processing stage: validation (post.json), test (score_table.json)."""
+def print_stage_summary(run_dir: RunDir) -> None:
+    """Identity-balanced mAP per post-processing stage: validation (post.json), test (score table)."""
     columns = {}
-    for label, path in (("validation", run_dir / "post.json"), ("test", run_dir / "score_table.json")):
-        if path.is_file():
-            rows = json.loads(path.read_text()).get("table", [])
-            columns[label] = {row["name"]: row["mAP_balanced"] for row in rows if "mAP_balanced" in row}
+    if run_dir.has_post():
+        columns["validation"] = {row.name: row.mAP_balanced for row in run_dir.load_post().table}
+    if run_dir.has_score_table():
+        columns["test"] = {row.name: row.mAP_balanced for row in run_dir.load_score_table().table}
     if not columns:
         return
     names = list(dict.fromkeys(name for column in columns.values() for name in column))

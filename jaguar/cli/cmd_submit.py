@@ -4,8 +4,9 @@ run's test features and post-processing (RUN_DIR/post.json) and write a validate
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+
+from jaguar.retrieval.stages import submit_run
+from jaguar.run import RunDir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,30 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaguar.cli.main import UserError
-    from jaguar.retrieval.features import FeatureSet
-    from jaguar.retrieval.postprocess import PostConfig
-    from jaguar.retrieval.submission import pair_similarities, read_pairs, write_submission
-
-    run_dir = Path(args.run_dir)
-    output = Path(args.output) if args.output else run_dir / "submission.csv"
-    features = FeatureSet.load(run_dir / "features" / "test.safetensors")
-    post_path = run_dir / "post.json"
-    try:
-        if post_path.is_file():
-            try:
-                post = PostConfig.from_dict(json.loads(post_path.read_text())["chosen"], f" in {post_path}")
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise UserError(f"{post_path} is not a `jaguar tune-post` output ({err}); "
-                                f"re-run tune-post or delete it to use raw cosine") from None
-            print(f"post-processing from {post_path}: {post.to_dict()}")
-        else:
-            post = PostConfig()
-            print(f"note: {post_path} not found; using raw cosine similarity (run `jaguar tune-post` to tune)")
-        row_ids, queries, galleries = read_pairs(args.test_csv)
-        similarity = pair_similarities(features, row_ids, queries, galleries, post)
-        write_submission(output, row_ids, similarity, expected_row_ids=row_ids)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    print(f"wrote {output} ({len(row_ids)} rows)")
+    run_dir = RunDir(args.run_dir)
+    result = submit_run(run_dir, args.test_csv, args.output)
+    if result.post is None:
+        print(f"note: {run_dir.post_path} not found; using raw cosine similarity (run `jaguar tune-post` to tune)")
+    else:
+        print(f"post-processing from {run_dir.post_path}: {result.post.to_dict()}")
+    print(f"wrote {result.path} ({result.rows} rows)")
     return 0

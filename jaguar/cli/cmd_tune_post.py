@@ -4,7 +4,9 @@ write RUN_DIR/post.json with the chosen settings and the raw / +QE / +re-ranking
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from jaguar.retrieval.stages import format_stage_table, tune_post_run
+from jaguar.run import RunDir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,30 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaguar.cli.main import UserError
-    from jaguar.config import Config, load_config
-    from jaguar.io import atomic_write_json
-    from jaguar.retrieval.features import FeatureSet
-    from jaguar.retrieval.postprocess import format_table, tune_post
-
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        config = load_config(config_path)
-    else:
-        print(f"note: {config_path} not found; using the default retrieval settings")
-        config = Config()
-    features = FeatureSet.load(run_dir / "features" / "val.safetensors")
-    try:
-        chosen, table = tune_post(features, config.retrieval, search=config.retrieval.tune)
-    except ValueError as err:
-        raise UserError(f"{run_dir / 'features' / 'val.safetensors'}: {err}") from None
-    how = "searched" if config.retrieval.tune else "taken from retrieval.* (retrieval.tune is false)"
-    print(f"post-processing on {len(features)} validation images ({how}):")
-    print(format_table(table))
-    atomic_write_json(run_dir / "post.json", {"chosen": chosen.to_dict(), "table": table,
-                                              "val_size": len(features), "searched": config.retrieval.tune})
-    print(f"wrote {run_dir / 'post.json'}")
+    run_dir = RunDir(args.run_dir)
+    post = tune_post_run(run_dir)
+    how = "searched" if post.searched else "taken from retrieval.* (retrieval.tune is false)"
+    print(f"post-processing on {post.val_size} validation images ({how}):")
+    print(format_stage_table(post.table))
+    print(f"wrote {run_dir.post_path}")
     return 0

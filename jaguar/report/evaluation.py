@@ -3,80 +3,28 @@ per-identity and per-query AP, the best/worst queries, and the images to show fo
 
 from __future__ import annotations
 
-import csv
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import numpy as np
 import torch
 
+from jaguar.data.shards import ShardSplit, load_manifest
+from jaguar.errors import JaguarError
 from jaguar.report.plots import GridCell, GridRow
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.metrics import identity_balanced_map, per_identity_ap
+from jaguar.retrieval.postprocess import PostConfig, final_distance
 
 logger = logging.getLogger(__name__)
 
 
-def read_identity_csv(path: str | Path) -> dict[str, str]:
-    """`filename,ground_truth` rows (the challenge's label format) as {filename: identity}."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labels file {path} does not exist (expected a CSV with filename,ground_truth)")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
-        if not {"filename", "ground_truth"} <= columns:
-            raise ValueError(f"labels file {path} needs the columns filename,ground_truth; "
-                             f"it has {sorted(columns)}")
-        return {row["filename"]: row["ground_truth"] for row in reader}
-
-
-def attach_labels(features: FeatureSet, identity_by_name: dict[str, str]) -> FeatureSet:
-    """A copy of `features` labelled from {filename: identity}, in the features' own label space;
-    identities the training set never saw get new label ids after the known ones."""
-    label_of = {name: label for label, name in features.label_names.items()}
-    label_names = dict(features.label_names)
-    labels = features.labels.clone()
-    for i, name in enumerate(features.names):
-        identity = identity_by_name.get(name)
-        if identity is None:
-            continue
-        if identity not in label_of:
-            label_of[identity] = max(label_names, default=-1) + 1
-            label_names[label_of[identity]] = identity
-        labels[i] = label_of[identity]
-    return FeatureSet(list(features.names), features.embeddings, labels, label_names, dict(features.meta))
-
-
-def load_labelled_test(test_path: Path, test_labels: str | Path | None) -> FeatureSet | None:
-    """The test features with labels (from the CSV, or already stored), restricted to the labelled
-    images; None when fewer than two are labelled."""
-    features = FeatureSet.load(test_path)
-    if test_labels:
-        identity_by_name = read_identity_csv(test_labels)
-        known = [n for n in features.names if n in identity_by_name]
-        if not known:
-            raise ValueError(f"none of the {len(features)} test images in {test_path} is named in "
-                             f"{test_labels}; is it the right labels file?")
-        features = attach_labels(features, identity_by_name)
-    labelled = [n for n, label in zip(features.names, features.labels.tolist()) if label >= 0]
-    return features.select(labelled) if len(labelled) >= 2 else None
-
-
-def _post_config(chosen: dict[str, Any]):
-    from jaguar.retrieval.postprocess import PostConfig
-
-    known = {f.name for f in fields(PostConfig)}
-    return PostConfig(**{k: v for k, v in chosen.items() if k in known})
-
-
-def similarity_scores(embeddings: torch.Tensor, chosen: dict[str, Any] | None) -> tuple[np.ndarray, str]:
+def similarity_scores(embeddings: torch.Tensor, chosen: Optional[PostConfig]) -> tuple[np.ndarray, str]:
     """N×N scores, higher = more alike: the chosen post-processing's negated distance, or cosine."""
-    if chosen:
-        from jaguar.retrieval.postprocess import final_distance
-
-        distance = final_distance(embeddings, _post_config(chosen))
+    if chosen is not None:
+        distance = final_distance(embeddings, chosen)
         return -torch.as_tensor(distance).double().numpy(), "the chosen post-processing (post.json)"
     return (embeddings @ embeddings.T).double().numpy(), "raw cosine similarity (no post.json)"
 
@@ -109,9 +57,7 @@ class Evaluation:
     scored_with: str
 
 
-def evaluate(split: str, features: FeatureSet, chosen: dict[str, Any] | None) -> Evaluation:
-    from jaguar.retrieval.metrics import identity_balanced_map, per_identity_ap
-
+def evaluate(split: str, features: FeatureSet, chosen: Optional[PostConfig]) -> Evaluation:
     features = features.normalized()
     labels = features.labels.numpy()
     scores, scored_with = similarity_scores(features.embeddings, chosen)
@@ -128,8 +74,6 @@ class ImageLookup:
     """Images of a `jaguar prep` shards folder by file name, over all its splits."""
 
     def __init__(self, shards_dir: Path):
-        from jaguar.data.shards import ShardSplit, load_manifest
-
         self.shards_dir = shards_dir
         manifest = load_manifest(shards_dir)
         self._splits = {name: ShardSplit(shards_dir, name) for name in manifest["splits"]}
@@ -150,12 +94,11 @@ def find_shards(run_dir: Path, setting: str) -> tuple[ImageLookup | None, str]:
     """The run's shards folder (as configured, or relative to the run), or why it is unavailable."""
     if not setting:
         return None, "The run config names no shards folder (data.shards), so no pictures can be shown"
-    candidates = [Path(setting), run_dir / setting]
-    for candidate in candidates:
-        if (candidate / "manifest.json").is_file():
+    for candidate in (Path(setting), run_dir / setting):
+        if candidate.is_dir():
             try:
                 return ImageLookup(candidate), ""
-            except Exception as err:  # the page still renders, with captions only
+            except (JaguarError, OSError, ValueError) as err:  # the page still renders, with captions only
                 logger.warning("cannot read shards %s: %s", candidate, err)
                 return None, f"Shards folder {candidate} could not be read ({err})"
     return None, f"Shards folder {setting} (data.shards) was not found, so no pictures can be shown"
@@ -194,39 +137,4 @@ def grid_rows(evaluation: Evaluation, shards: ImageLookup | None, which: str, qu
         rows.append(GridRow(cell(q, None),
                             [cell(int(i), bool(evaluation.labels[i] == evaluation.labels[q])) for i in top],
                             note=f"AP {evaluation.query_ap[q]:.2f}"))
-    return rows
-
-
-def ablation_configs(post: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The post-processing settings behind each row of post.json's table (rows may carry their own)."""
-    chosen = dict(post.get("chosen") or {})
-    configs = {}
-    for row in post.get("table") or []:
-        name = str(row.get("name", ""))
-        if isinstance(row.get("config"), dict):  # what `jaguar tune-post` writes
-            configs[name] = dict(row["config"])
-            continue
-        off = dict(chosen, qe_k=0, dba_k=0, rerank=False, blend=1.0)
-        if name == "raw":
-            configs[name] = off
-        elif name == "+QE":
-            configs[name] = dict(off, qe_k=chosen.get("qe_k", 0), qe_alpha=chosen.get("qe_alpha", 0.0),
-                                 dba_k=chosen.get("dba_k", 0))
-        elif name == "+re-ranking":
-            configs[name] = dict(chosen, rerank=True, blend=1.0)
-        elif "chosen" in name:
-            configs[name] = chosen
-    return configs
-
-
-def test_score_table(features: FeatureSet, post: dict[str, Any]) -> list[dict[str, Any]]:
-    """post.json's rows re-scored on labelled test features (identity-balanced mAP)."""
-    from jaguar.retrieval.metrics import identity_balanced_map
-
-    features = features.normalized()
-    labels = torch.from_numpy(features.labels.numpy())
-    rows = []
-    for name, config in ablation_configs(post).items():
-        scores, _ = similarity_scores(features.embeddings, config)
-        rows.append({"name": name, "mAP_balanced": float(identity_balanced_map(torch.from_numpy(scores), labels))})
     return rows

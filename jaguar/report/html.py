@@ -10,16 +10,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, TypeVar
 
-import yaml
-
-from jaguar.io import atomic_write_json, atomic_write_text
+from jaguar.config import Config, get_value
+from jaguar.errors import JaguarError
+from jaguar.io import atomic_write_text
 from jaguar.report import plots
-from jaguar.report.evaluation import (Evaluation, evaluate, find_shards, grid_rows, load_labelled_test,
-                                      test_score_table)
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.postprocess import decision_text
+from jaguar.report.evaluation import Evaluation, evaluate, find_shards, grid_rows
+from jaguar.report.tb_reader import read_scalars
+from jaguar.retrieval.stages import labelled_test_features
+from jaguar.run import EnsembleRecord, PostResult, RunDir, Score, ScoreTable, TrainingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -54,35 +54,23 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else _esc(value)
 
 
-def _read_json(path: Path) -> tuple[Any, str]:
-    """(content, problem): a malformed file is reported in the page instead of stopping it."""
-    if not path.is_file():
+T = TypeVar("T")
+
+
+def _read(load: Callable[[], T], exists: bool) -> tuple[Optional[T], str]:
+    """(artifact, problem): an absent artifact is (None, ""); a malformed one is reported in the
+    page instead of stopping it."""
+    if not exists:
         return None, ""
     try:
-        return json.loads(path.read_text()), ""
-    except (OSError, json.JSONDecodeError) as err:
-        return None, f"{path} could not be read ({err})"
-
-
-def _read_config(run_dir: Path) -> tuple[dict, str]:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}, ""
-    try:
-        mapping = yaml.safe_load(path.read_text()) or {}
-        return (mapping, "") if isinstance(mapping, dict) else ({}, f"{path} is not a mapping")
-    except yaml.YAMLError as err:
-        return {}, f"{path} is not valid YAML ({err})"
-
-
-def _get(config: dict, dotted: str) -> Any:
-    group, key = dotted.split(".")
-    return (config.get(group) or {}).get(key)
+        return load(), ""
+    except (JaguarError, OSError) as err:
+        return None, str(err)
 
 
 @dataclass
 class _Page:
-    run_dir: Path
+    run: RunDir
     out_dir: Path
     sections: list[str]
 
@@ -95,60 +83,56 @@ class _Page:
         return f'<img src="{_esc(Path(path).relative_to(self.out_dir).as_posix())}" alt="{_esc(alt)}">'
 
 
-def _summary_section(page: _Page, post: Any, post_problem: str, metrics: Any, score: Any,
-                     score_table: Any, computed_test: list[dict] | None) -> str:
-    run = page.run_dir
+def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
+                     metrics: Optional[TrainingMetrics], score: Optional[Score],
+                     score_table: Optional[ScoreTable], is_ensemble: bool) -> str:
+    run = page.run
     parts = ["<h2>Results</h2>", '<div class="cards">']
-    if isinstance(metrics, dict) and isinstance(metrics.get("best"), dict):
-        best = metrics["best"]
+    if metrics is not None and metrics.best:
+        best = metrics.best
         parts.append(f'<div class="card"><div class="v">{_fmt(best.get("mAP_balanced"))}</div>'
                      f'<div class="k">best validation mAP (epoch {_esc(best.get("epoch"))})</div></div>')
-    if isinstance(score, dict) and "mAP_balanced" in score:
-        parts.append(f'<div class="card"><div class="v">{_fmt(score["mAP_balanced"])}</div>'
-                     f'<div class="k">local test score (score.json)</div></div>')
+    if score is not None:
+        parts.append(f'<div class="card"><div class="v">{_fmt(score.mAP_balanced)}</div>'
+                     f'<div class="k">local test score ({_esc(run.score_path.name)})</div></div>')
     parts.append("</div>")
-    if not isinstance(metrics, dict) and not (run / "ensemble.json").is_file():
-        parts.append(_missing(f"No training metrics ({run / 'metrics.json'})", "jaguar train RECIPE run.dir=" + str(run)))
+    if metrics is None and not is_ensemble:
+        parts.append(_missing(f"No training metrics ({run.metrics_path})", f"jaguar train RECIPE run.dir={run}"))
     if score is None:
-        parts.append(_missing("No local test score (score.json)",
-                              f"jaguar score {run / 'submission.csv'} --test-csv TEST_CSV --labels LABELS_CSV "
-                              f"--json {run / 'score.json'}"))
+        parts.append(_missing(f"No local test score ({run.score_path.name})",
+                              f"jaguar score {run} --test-csv TEST_CSV --labels LABELS_CSV"))
 
-    table = post.get("table") if isinstance(post, dict) else None
-    test_rows: list[dict] | None = None
-    test_source = ""
-    if computed_test is not None:
-        test_rows, test_source = computed_test, "computed from --test-labels"
-    elif isinstance(score_table, dict) and isinstance(score_table.get("table"), list):
-        test_rows, test_source = score_table["table"], "score_table.json"
-    if isinstance(table, list) and table:
-        test_by_name = {row.get("name"): row for row in (test_rows or []) if isinstance(row, dict)}
+    test_rows = score_table.table if score_table is not None else None
+    if post is not None and post.table:
+        test_by_name = {row.name: row for row in (test_rows or [])}
         header = "<tr><th>post-processing</th><th>val mAP (balanced)</th><th>val rank-1</th>"
-        decided = any("adopted" in row for row in table if isinstance(row, dict))
+        decided = any(row.adopted is not None for row in post.table)
         if decided:
             header += "<th>adopted<br><span class='sub'>val gain +- SE over identities</span></th>"
         if test_rows is not None:
-            header += f"<th>test mAP (balanced)<br><span class='sub'>{_esc(test_source)}</span></th>"
+            header += (f"<th>test mAP (balanced)<br><span class='sub'>{_esc(run.score_table_path.name)}, "
+                       f"labels {_esc(score_table.labels)}</span></th>")
         rows = [header + "</tr>"]
-        for row in table:
-            name = row.get("name", "?")
-            css = ' class="chosen"' if "chosen" in str(name) else ""
-            cells = (f"<td>{_esc(name)}</td><td class='num'>{_fmt(row.get('mAP_balanced'))}</td>"
-                     f"<td class='num'>{_fmt(row.get('rank1'))}</td>")
+        for row in post.table:
+            css = ' class="chosen"' if row.is_chosen else ""
+            cells = (f"<td>{_esc(row.name)}</td><td class='num'>{_fmt(row.mAP_balanced)}</td>"
+                     f"<td class='num'>{_fmt(row.rank1)}</td>")
             if decided:
-                cells += f"<td>{_esc(decision_text(row))}</td>"
+                cells += f"<td>{_esc(row.decision_text())}</td>"
             if test_rows is not None:
-                cells += f"<td class='num'>{_fmt((test_by_name.get(name) or {}).get('mAP_balanced'))}</td>"
+                test_row = test_by_name.get(row.name)
+                cells += f"<td class='num'>{_fmt(test_row.mAP_balanced if test_row else None)}</td>"
             rows.append(f"<tr{css}>{cells}</tr>")
-        parts.append(f"<p class='sub'>Validation: {_esc(post.get('val_size', '?'))} images. "
-                     f"Chosen settings: <code>{_esc(json.dumps(post.get('chosen', {})))}</code></p>")
+        parts.append(f"<p class='sub'>Validation: {_esc(post.val_size)} images. "
+                     f"Chosen settings: <code>{_esc(json.dumps(post.chosen.to_dict()))}</code></p>")
         parts.append("<table>" + "".join(rows) + "</table>")
     else:
-        parts.append(_missing(post_problem or f"No post-processing table ({run / 'post.json'})",
+        parts.append(_missing(post_problem or f"No post-processing table ({run.post_path})",
                               f"jaguar tune-post {run}"))
     if test_rows is None:
-        parts.append("<p class='sub'>Test-side scores appear when the test labels are known "
-                     "(score_table.json, or <code>jaguar report RUN --test-labels CSV</code>).</p>")
+        parts.append(f"<p class='sub'>Test-side scores appear when the test labels are known: "
+                     f"<code>jaguar score {_esc(run)} --test-csv TEST_CSV --labels LABELS_CSV</code> "
+                     f"writes them to {_esc(run.score_table_path.name)}.</p>")
     return "\n".join(parts)
 
 
@@ -162,35 +146,34 @@ _CONFIG_KEYS = (
 )
 
 
-def _config_section(page: _Page, config: dict, problem: str) -> str:
+def _config_section(page: _Page, config: Optional[Config], problem: str) -> str:
     parts = ["<h2>Configuration</h2>"]
-    if not config:
-        parts.append(_missing(problem or f"No resolved config ({page.run_dir / 'config.yaml'})",
-                              "jaguar train RECIPE run.dir=" + str(page.run_dir)))
+    if config is None:
+        parts.append(_missing(problem or f"No resolved config ({page.run.config_path})",
+                              f"jaguar train RECIPE run.dir={page.run}"))
         return "\n".join(parts)
-    rows = "".join(f"<tr><th>{_esc(label)}</th><td><code>{_esc(_get(config, key))}</code></td></tr>"
-                   for label, key in _CONFIG_KEYS if _get(config, key) is not None)
-    parts.append(f"<table>{rows}</table><p class='sub'>Full config: <code>config.yaml</code> in the run folder.</p>")
+    rows = "".join(f"<tr><th>{_esc(label)}</th><td><code>{_esc(get_value(config, key))}</code></td></tr>"
+                   for label, key in _CONFIG_KEYS)
+    parts.append(f"<table>{rows}</table><p class='sub'>Full config: <code>{_esc(page.run.config_path.name)}"
+                 f"</code> in the run folder.</p>")
     return "\n".join(parts)
 
 
-def _curves_section(page: _Page) -> str:
-    from jaguar.report.tb_reader import read_scalars
-
+def _curves_section(page: _Page, is_ensemble: bool) -> str:
     parts = ["<h2>Training curves</h2>"]
-    tb_dir = page.run_dir / "tb"
+    tb_dir = page.run.tb_dir
     try:
         scalars = read_scalars(tb_dir)
     except FileNotFoundError:
         scalars = {}
     figure = plots.plot_training_curves(scalars, page.figure("training_curves.png")) if scalars else None
-    if figure is None and (page.run_dir / "ensemble.json").is_file():
+    if figure is None and is_ensemble:
         parts.append("<p class='sub'>An ensemble has no training of its own: see its members' reports.</p>")
     elif figure is None:
-        parts.append(_missing(f"No TensorBoard scalars in {tb_dir}", "jaguar train RECIPE run.dir=" + str(page.run_dir)))
+        parts.append(_missing(f"No TensorBoard scalars in {tb_dir}", f"jaguar train RECIPE run.dir={page.run}"))
     else:
         parts.append(page.img(figure, "training curves"))
-        parts.append(f"<p class='sub'>{len(scalars)} scalar tags from <code>tb/</code>.</p>")
+        parts.append(f"<p class='sub'>{len(scalars)} scalar tags from <code>{_esc(tb_dir.name)}/</code>.</p>")
     return "\n".join(parts)
 
 
@@ -225,77 +208,68 @@ def _evaluation_sections(page: _Page, evaluation: Evaluation, shards: Any, shard
     return "\n".join(parts)
 
 
-def _ensemble_section(ensemble: dict) -> str:
-    members = ensemble.get("members") or []
-    weights = ensemble.get("weights") or []
+def _ensemble_section(ensemble: EnsembleRecord) -> str:
     rows = "".join(f"<tr><td><code>{_esc(member)}</code></td><td class='num'>{_fmt(weight)}</td></tr>"
-                   for member, weight in zip(members, weights))
-    modes = sorted({str(s.get("mode")) for s in (ensemble.get("splits") or {}).values() if isinstance(s, dict)})
+                   for member, weight in zip(ensemble.members, ensemble.weights))
+    modes = sorted({str(s.get("mode")) for s in ensemble.splits.values() if isinstance(s, dict)})
     return ("<h2>Ensemble</h2><p class='sub'>Features combined by "
-            f"<b>{_esc(', '.join(modes) or ensemble.get('mode', '?'))}</b> (see jaguar/ensemble.py); the "
+            f"<b>{_esc(', '.join(modes) or ensemble.mode)}</b> (see jaguar/ensemble.py); the "
             "configuration below is the first member's.</p>"
             f"<table><tr><th>member run</th><th>weight</th></tr>{rows}</table>")
 
 
-def build_report(run_dir: str | Path, test_labels: str | Path | None = None,
+def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = None,
                  out_dir: str | Path | None = None) -> Path:
-    """Write RUN/report/index.html and its figures; return the page's path."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist; give a `jaguar train` run.dir")
-    out_dir = Path(out_dir) if out_dir else run_dir / "report"
+    """Write RUN/report/index.html and its figures from what the run holds; return the page's path.
+    The report reads the run and writes only under its own folder. `test_labels` (filename,
+    ground_truth) labels the test features for the test-side figures."""
+    run = (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).require()
+    out_dir = Path(out_dir) if out_dir else run.report_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.png"):  # figures of a section that is now missing must not linger
         stale.unlink()
-    page = _Page(run_dir, out_dir, [])
+    page = _Page(run, out_dir, [])
 
-    config, config_problem = _read_config(run_dir)
-    post, post_problem = _read_json(run_dir / "post.json")
-    metrics, _ = _read_json(run_dir / "metrics.json")
-    score, _ = _read_json(run_dir / "score.json")
-    score_table, _ = _read_json(run_dir / "score_table.json")
-    chosen = post.get("chosen") if isinstance(post, dict) else None
-    shards, shards_problem = find_shards(run_dir, _get(config, "data.shards") or "")
+    config, config_problem = _read(run.load_config, run.has_config())
+    post, post_problem = _read(run.load_post, run.has_post())
+    metrics, _ = _read(run.load_metrics, run.has_metrics())
+    score, _ = _read(run.load_score, run.has_score())
+    score_table, _ = _read(run.load_score_table, run.has_score_table())
+    ensemble, _ = _read(run.load_ensemble, run.is_ensemble())
+    chosen = post.chosen if post is not None else None
+    shards, shards_problem = find_shards(run.path, config.data.shards if config is not None else "")
 
     evaluations: list[Evaluation] = []
     eval_notes: list[str] = []
-    val_path = run_dir / "features" / "val.safetensors"
-    if val_path.is_file():
-        evaluations.append(evaluate("val", FeatureSet.load(val_path), chosen))
+    if run.has_features("val"):
+        evaluations.append(evaluate("val", run.load_features("val"), chosen))
     else:
-        eval_notes.append(_missing(f"No validation features ({val_path})", f"jaguar extract {run_dir}"))
-    computed_test = None
-    test_path = run_dir / "features" / "test.safetensors"
-    if test_path.is_file():
-        labelled_test = load_labelled_test(test_path, test_labels)
+        eval_notes.append(_missing(f"No validation features ({run.features_path('val')})",
+                                   f"jaguar extract {run} --split val"))
+    if run.has_features("test"):
+        labelled_test = labelled_test_features(run, test_labels)
         if labelled_test is not None:
-            test_eval = evaluate("test", labelled_test, chosen)
-            evaluations.append(test_eval)
-            if chosen is not None:
-                # Recomputed whenever labels are given, so a re-extracted run never shows stale scores.
-                computed_test = test_score_table(labelled_test, post)
-                score_table = {"table": computed_test, "labels": str(test_labels)}
-                atomic_write_json(run_dir / "score_table.json", score_table)
+            evaluations.append(evaluate("test", labelled_test, chosen))
     elif test_labels:
-        eval_notes.append(_missing(f"--test-labels given but no test features ({test_path})",
-                                   f"jaguar extract {run_dir}"))
+        eval_notes.append(_missing(f"--test-labels given but no test features ({run.features_path('test')})",
+                                   f"jaguar extract {run} --split test"))
 
-    ensemble, _ = _read_json(run_dir / "ensemble.json")
-    if isinstance(ensemble, dict):
+    if ensemble is not None:
         page.sections.append(_ensemble_section(ensemble))
-    page.sections.append(_summary_section(page, post, post_problem, metrics, score, score_table, computed_test))
+    page.sections.append(_summary_section(page, post, post_problem, metrics, score, score_table,
+                                          ensemble is not None))
     page.sections.append(_config_section(page, config, config_problem))
-    page.sections.append(_curves_section(page))
+    page.sections.append(_curves_section(page, ensemble is not None))
     page.sections.extend(eval_notes)
     for evaluation in evaluations:
         page.sections.append(_evaluation_sections(page, evaluation, shards, shards_problem))
 
-    title = run_dir.resolve().name if isinstance(ensemble, dict) else (_get(config, "run.name")
-                                                                       or run_dir.resolve().name)
+    name = run.path.resolve().name
+    title = name if ensemble is not None or config is None else (config.run.name or name)
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     document = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>jaguar report — {_esc(title)}</title>"
                 f"<style>{_CSS}</style></head><body><h1>jaguar run report: {_esc(title)}</h1>"
-                f"<div class='sub'>{_esc(run_dir.resolve())} · generated {now}</div>\n"
+                f"<div class='sub'>{_esc(run.path.resolve())} · generated {now}</div>\n"
                 + "\n".join(page.sections) + "\n</body></html>\n")
     index = out_dir / "index.html"
     atomic_write_text(index, document)

@@ -51,6 +51,27 @@ class FeatureSet:
         return FeatureSet(list(names), self.embeddings[index], self.labels[index],
                           dict(self.label_names), dict(self.meta))
 
+    def with_identities(self, identity_by_name: dict[str, str]) -> "FeatureSet":
+        """A copy labelled from {file name: identity} (e.g. a test label file) in this set's own
+        label space; identities it has no label for get new labels after the known ones. Images
+        the mapping does not name keep their label."""
+        label_of = {name: label for label, name in self.label_names.items()}
+        label_names = dict(self.label_names)
+        labels = self.labels.clone()
+        for i, name in enumerate(self.names):
+            identity = identity_by_name.get(name)
+            if identity is None:
+                continue
+            if identity not in label_of:
+                label_of[identity] = max(label_names, default=-1) + 1
+                label_names[label_of[identity]] = identity
+            labels[i] = label_of[identity]
+        return FeatureSet(list(self.names), self.embeddings, labels, label_names, dict(self.meta))
+
+    def labelled(self) -> "FeatureSet":
+        """The rows whose identity is known (label >= 0), in order."""
+        return self.select([n for n, label in zip(self.names, self.labels.tolist()) if label >= 0])
+
     def save(self, path: str | Path) -> None:
         metadata = {
             "names": json.dumps(self.names),

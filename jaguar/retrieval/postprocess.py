@@ -108,16 +108,6 @@ def _gain_text(gain: float, se: float) -> str:
     return f"{gain:+.4f} +- {se:.4f}"
 
 
-def decision_text(row: dict[str, Any]) -> str:
-    """A table row's stage decision, e.g. "no, +0.0188 +- 0.0451"; "" for rows without one."""
-    if "adopted" not in row:
-        return ""
-    text = "yes" if row["adopted"] else "no"
-    if "gain" in row:
-        text += ", " + _gain_text(float(row["gain"]), float(row.get("gain_se", 0.0)))
-    return text
-
-
 def paired_gain(candidate: torch.Tensor, incumbent: torch.Tensor, labels: torch.Tensor) -> Gain:
     """Gain of distance `candidate` over `incumbent` on one labelled set. With one identity
     there is no spread to measure: the standard error is taken as 0."""
@@ -229,14 +219,3 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
 def _as_chosen(row: dict[str, Any]) -> dict[str, Any]:
     """The table's last row: the scores and config of the stage row that was adopted last."""
     return {**{k: v for k, v in row.items() if k not in ("adopted", "gain", "gain_se")}, "name": "blend (chosen)"}
-
-
-def format_table(table: list[dict[str, Any]]) -> str:
-    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8}  {'adopted, gain +- SE':<22}  config"]
-    for row in table:
-        config = row.get("config", {})
-        summary = ", ".join(f"{k}={v}" for k, v in config.items()
-                            if k in ("qe_k", "qe_alpha", "dba_k") or config.get("rerank"))
-        lines.append(f"{row['name']:<16} {row['mAP_balanced']:>12.4f} {row['mAP']:>8.4f} {row['rank1']:>8.4f}  "
-                     f"{decision_text(row):<22}  {summary}")
-    return "\n".join(lines)

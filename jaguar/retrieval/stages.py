@@ -1,0 +1,155 @@
+"""The retrieval stages of a run after extraction, each reading its inputs from a `RunDir` and
+writing its artifact there: tune-post (post.json), submit (submission.csv) and score (score.json,
+and score_table.json: post.json's stage table re-scored on the labelled test images). Scoring a
+bare submission file against a pair list and a label file is `score_submission`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from jaguar.config import Config
+from jaguar.errors import JaguarError
+from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.metrics import all_vs_all_summary, per_identity_ap
+from jaguar.retrieval.postprocess import PostConfig, final_distance, tune_post
+from jaguar.retrieval.submission import (SubmissionError, check_rows, pair_similarities, pair_similarity_matrix,
+                                         read_labels, read_pairs, read_submission, write_submission)
+from jaguar.run import PostResult, RunDir, Score, ScoreTable, StageRow
+
+logger = logging.getLogger(__name__)
+
+_ROW_FIELDS = {f.name for f in dataclasses.fields(StageRow)}
+
+
+def _scores(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k in _ROW_FIELDS and k not in ("name", "config")}
+
+
+def stage_row(row: dict[str, Any]) -> StageRow:
+    """A `tune_post` table row as a StageRow (its config, scores and stage decision)."""
+    return StageRow(row["name"], PostConfig.from_dict(row.get("config", {})), **_scores(row))
+
+
+def tune_post_run(run: RunDir) -> PostResult:
+    """Choose the post-processing on the run's validation features (see postprocess.tune_post) with
+    the run's retrieval settings (defaults when it has no config) and write it to the run."""
+    run.require()
+    if run.has_config():
+        config = run.load_config()
+    else:
+        logger.warning("%s not found; using the default retrieval settings", run.config_path)
+        config = Config()
+    features = run.load_features("val")
+    try:
+        chosen, table = tune_post(features, config.retrieval, search=config.retrieval.tune)
+    except ValueError as err:
+        raise JaguarError(f"{run.features_path('val')}: {err}") from None
+    result = PostResult(chosen, [stage_row(row) for row in table], val_size=len(features),
+                        searched=config.retrieval.tune)
+    run.save_post(result)
+    return result
+
+
+def format_stage_table(table: list[StageRow]) -> str:
+    """The stage table as aligned text: scores, the stage decision and the settings that matter."""
+    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8}  {'adopted, gain +- SE':<22}  config"]
+    for row in table:
+        config = row.config.to_dict()
+        summary = ", ".join(f"{k}={v}" for k, v in config.items()
+                            if k in ("qe_k", "qe_alpha", "dba_k") or row.config.rerank)
+        lines.append(f"{row.name:<16} {row.mAP_balanced:>12.4f} {row.mAP or 0.0:>8.4f} {row.rank1 or 0.0:>8.4f}  "
+                     f"{row.decision_text():<22}  {summary}")
+    return "\n".join(lines)
+
+
+def chosen_post(run: RunDir) -> Optional[PostConfig]:
+    """The run's chosen post-processing, or None when tune-post has not run (raw cosine)."""
+    return run.load_post().chosen if run.has_post() else None
+
+
+@dataclass
+class SubmitResult:
+    path: Path
+    rows: int
+    post: Optional[PostConfig]  # None: raw cosine, the run has no post.json
+
+
+def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = None) -> SubmitResult:
+    """Score every pair of `test_csv` with the run's test features and chosen post-processing (raw
+    cosine without post.json) and write a validated submission (default RUN/submission.csv)."""
+    output = Path(output) if output else run.submission_path
+    features = run.load_features("test")
+    post = chosen_post(run)
+    row_ids, queries, galleries = read_pairs(test_csv)
+    similarity = pair_similarities(features, row_ids, queries, galleries, post or PostConfig())
+    write_submission(output, row_ids, similarity, expected_row_ids=row_ids)
+    return SubmitResult(output, len(row_ids), post)
+
+
+def score_submission(submission: str | Path, test_csv: str | Path, labels_csv: str | Path) -> Score:
+    """Identity-balanced mAP of a `row_id,similarity` file: each query ranks only the gallery images
+    it is paired with in `test_csv`, truth from `labels_csv` (filename,ground_truth). Bad files
+    raise SubmissionError naming the rows."""
+    row_ids, queries, galleries = read_pairs(test_csv)
+    labels = read_labels(labels_csv)
+    unlabelled = [f"{r} ({q if q not in labels else g})" for r, q, g in zip(row_ids, queries, galleries)
+                  if q not in labels or g not in labels]
+    if unlabelled:
+        raise SubmissionError(f"{test_csv}: {len(unlabelled)} pair row(s) name images missing from "
+                              f"{labels_csv}, e.g. {', '.join(unlabelled[:5])}")
+    submitted = read_submission(submission)
+    check_rows(submitted.row_ids, row_ids, str(submission))
+    by_row = dict(zip(submitted.row_ids, submitted.similarity))
+    images, matrix, candidates = pair_similarity_matrix(queries, galleries, [by_row[r] for r in row_ids])
+    names = sorted({labels[name] for name in images})
+    identity_of = {name: i for i, name in enumerate(names)}
+    per_identity = per_identity_ap(matrix, [identity_of[labels[name]] for name in images], candidates)
+    if not per_identity:
+        raise SubmissionError(f"{labels_csv}: no query image has a true match among its pairs; mAP is undefined")
+    per_name = {names[i]: ap for i, ap in per_identity.items()}
+    return Score(mAP_balanced=sum(per_name.values()) / len(per_name), per_identity=per_name,
+                 num_pairs=len(row_ids), num_images=len(images))
+
+
+def labelled_test_features(run: RunDir, labels_csv: str | Path | None) -> Optional[FeatureSet]:
+    """The run's test features labelled from `labels_csv` (or by labels stored with them), only the
+    labelled images; None when fewer than two are labelled."""
+    features = run.load_features("test")
+    if labels_csv:
+        identity_by_name = read_labels(labels_csv)
+        if not any(name in identity_by_name for name in features.names):
+            raise SubmissionError(f"none of the {len(features)} test images in {run.features_path('test')} "
+                                  f"is named in {labels_csv}; is it the right labels file?")
+        features = features.with_identities(identity_by_name)
+    labelled = features.labelled()
+    return labelled if len(labelled) >= 2 else None
+
+
+def stage_table_on(features: FeatureSet, table: list[StageRow]) -> list[StageRow]:
+    """Each row's post-processing re-scored on another labelled set (e.g. the test images), with
+    the evaluator's all-vs-all figures; the stage decisions stay with the validation table."""
+    rows = []
+    for row in table:
+        scores = all_vs_all_summary(-final_distance(features, row.config).double(), features.labels)
+        rows.append(StageRow(row.name, row.config, **_scores(scores)))
+    return rows
+
+
+def score_run(run: RunDir, test_csv: str | Path, labels_csv: str | Path,
+              submission: str | Path | None = None) -> tuple[Score, Optional[ScoreTable]]:
+    """Score the run's submission (score.json) and, when the run has test features and post.json,
+    re-score post.json's stage table on the labelled test images (score_table.json)."""
+    run.require()
+    score = score_submission(submission or run.submission_path, test_csv, labels_csv)
+    run.save_score(score)
+    table = None
+    if run.has_post() and run.has_features("test"):
+        labelled = labelled_test_features(run, labels_csv)
+        if labelled is not None:
+            table = ScoreTable(labels=str(labels_csv), table=stage_table_on(labelled, run.load_post().table))
+            run.save_score_table(table)
+    return score, table
