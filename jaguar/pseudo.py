@@ -22,9 +22,9 @@ import torch
 
 from jaguar.data.shards import IMAGE_MEMBERS, load_manifest
 from jaguar.errors import JaguarError, MissingInputError
+from jaguar.formats import read_labels
 from jaguar.io import atomic_directory, atomic_write_json
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.submission import read_labels
 from jaguar.run import RunDir
 
 logger = logging.getLogger(__name__)

@@ -130,6 +130,11 @@ class Score:
     per_identity: dict[str, float]
     num_pairs: int
     num_images: int
+    mAP: Optional[float] = None  # the evaluator's other figures (absent in older score.json files)
+    rank1: Optional[float] = None
+    rank5: Optional[float] = None
+    rank10: Optional[float] = None
+    mINP: Optional[float] = None
 
 
 @dataclass

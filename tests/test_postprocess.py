@@ -15,7 +15,7 @@ from jaguar.retrieval.metrics import identity_balanced_map
 from jaguar.retrieval.postprocess import PostConfig, final_distance, paired_gain, tune_post
 from jaguar.retrieval.qe import expand
 from jaguar.retrieval.rerank import euclidean_distance, k_reciprocal_rerank_single
-from jaguar.retrieval.submission import read_pairs, read_submission
+from jaguar.formats import read_pairs, read_submission
 
 
 def _feature_set(n_ids: int = 8, per_id: int = 5, seed: int = 0, prefix: str = "val") -> FeatureSet:
@@ -114,7 +114,7 @@ def test_tune_post_cli_and_submit_cli(tmp_path, capsys):
     (tmp_path / "test.csv").write_text("\n".join(["row_id,query_image,gallery_image"] + rows) + "\n")
     assert main(["submit", str(run), "--test-csv", str(tmp_path / "test.csv")]) == 0
     submission = read_submission(run / "submission.csv")
-    assert submission.row_ids == read_pairs(tmp_path / "test.csv")[0]
+    assert submission.row_ids == read_pairs(tmp_path / "test.csv").row_ids
     assert len(submission.row_ids) == 12 * 11
     assert submission.similarity.min() == 0.0 and submission.similarity.max() == 1.0
 

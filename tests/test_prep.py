@@ -152,11 +152,9 @@ def _break_everything(src: Path) -> dict[str, str]:
     (src / "train" / rows[1][0]).write_bytes(data[: len(data) // 2])
     (src / "train" / rows[2][0]).unlink()
     Image.open(src / "train" / rows[3][0]).convert("RGB").save(src / "train" / rows[3][0])
-    with (src / "train.csv").open("a") as handle:
-        handle.write(f"{rows[4][0]},{rows[4][1]}\n")  # the same file listed twice
     _write_pairs(src, ["test_0001.png", "test_0002.png", "test_0099.png"])
     return {rows[0][0]: "corrupt", rows[1][0]: "truncated", rows[2][0]: "missing", rows[3][0]: "no alpha",
-            rows[4][0]: "duplicate", "test_0099.png": "unknown image"}
+            "test_0099.png": "unknown image"}
 
 
 def test_every_bad_file_is_reported_and_nothing_is_written(synth_dir: Path, tmp_path: Path) -> None:
@@ -179,10 +177,10 @@ def test_skip_bad_carries_on_and_lists_the_skipped(synth_dir: Path, tmp_path: Pa
     manifest = prepare(src, tmp_path / "out", workers=1, skip_bad=True)
     skipped = {Path(item["file"]).name: item["reason"] for item in manifest["skipped"]}
     assert set(skipped) == set(expected)
-    assert manifest["splits"]["train"]["num_samples"] == 8 - 4  # the duplicate keeps one copy
+    assert manifest["splits"]["train"]["num_samples"] == 8 - 4
     assert manifest["splits"]["test"]["num_samples"] == 2
     kept = {s["filename"] for s in manifest["splits"]["train"]["samples"]}
-    assert not kept & set(expected) - {_train_rows(src)[4][0]}
+    assert not kept & set(expected)
 
 
 @pytest.mark.parametrize("content, words", [

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from jaguar.report import build_report
-from jaguar.report.evaluation import query_average_precision
 from jaguar.report.tb_reader import read_scalars
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.postprocess import PostConfig
@@ -191,16 +190,3 @@ def test_tb_reader_keeps_the_last_value_of_a_repeated_step(tmp_path):
     series = read_scalars(tmp_path / "tb")["train/loss"]
     assert series.steps == [1, 2, 3, 4]
     assert series.values == [1.0, 2.0, 30.0, 40.0]
-
-
-def test_query_average_precision_by_hand():
-    labels = np.array([0, 0, 1, 1, 0])
-    scores = np.array([[9, 5, 7, 1, 3],  # query 0: ranking 2(x) 1(v) 4(v) 3(x) -> AP (1/2 + 2/3) / 2
-                       [5, 9, 1, 1, 1],
-                       [7, 1, 9, 6, 1],
-                       [1, 1, 6, 9, 1],
-                       [3, 1, 1, 1, 9]], dtype=float)
-    ap = query_average_precision(scores, labels)
-    assert ap[0] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert ap[2] == pytest.approx(1 / 2)  # ranking 0(x) 3(v)
-    assert ap[3] == pytest.approx(1.0)

@@ -13,8 +13,8 @@ import torch
 from jaguar.cli.main import main
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.postprocess import PostConfig
-from jaguar.retrieval.submission import (SubmissionError, pair_similarities, read_pairs, read_submission,
-                                         similarity_from_distance, write_submission)
+from jaguar.formats import FormatError, read_pairs, read_submission, write_submission
+from jaguar.retrieval.submission import SubmissionError, pair_similarities, similarity_from_distance
 
 # Hand case of tests/test_metrics.py: identity-balanced mAP 5/12.
 HAND_SIM = [[0.0, 0.9, 0.8, 0.1, 0.95], [0.2, 0.0, 0.9, 0.5, 0.0], [0.7, 0.1, 0.0, 0.6, 0.0],
@@ -44,18 +44,11 @@ def _hand_submission(tmp_path: Path, edit=None) -> Path:
     return _write(tmp_path / "sub.csv", "row_id,similarity", rows)
 
 
-def test_read_pairs_and_errors(tmp_path):
-    row_ids, queries, galleries = read_pairs(_pair_list(tmp_path))
-    assert len(row_ids) == 20 and row_ids[0] == "r0_1" and (queries[0], galleries[0]) == (NAMES[0], NAMES[1])
-    bad = _write(tmp_path / "bad.csv", "row_id,query,gallery_image", ["a,b,c"])
-    with pytest.raises(SubmissionError, match="query_image"):
-        read_pairs(bad)
-    dup = _write(tmp_path / "dup.csv", "row_id,query_image,gallery_image", ["a,x,y", "b,x,z", "a,y,z"])
-    with pytest.raises(SubmissionError, match=r"duplicate row_id a \(lines 2 and 4\)"):
-        read_pairs(dup)
-    empty_cell = _write(tmp_path / "empty.csv", "row_id,query_image,gallery_image", ["a,x,y", "b,,z"])
-    with pytest.raises(SubmissionError, match="line 3: empty or missing query_image"):
-        read_pairs(empty_cell)
+def test_read_pairs(tmp_path):
+    pairs = read_pairs(_pair_list(tmp_path))
+    assert len(pairs) == 20 and pairs.row_ids[0] == "r0_1"
+    assert (pairs.query_images[0], pairs.gallery_images[0]) == (NAMES[0], NAMES[1])
+    assert pairs.images() == NAMES
 
 
 def test_similarity_map_is_monotone_tie_free_and_in_range():
@@ -73,7 +66,8 @@ def test_similarity_map_is_monotone_tie_free_and_in_range():
 
 
 def test_pair_similarities_cover_every_pair_in_order(tmp_path):
-    row_ids, queries, galleries = read_pairs(_pair_list(tmp_path))
+    pairs = read_pairs(_pair_list(tmp_path))
+    row_ids, queries, galleries = pairs.row_ids, pairs.query_images, pairs.gallery_images
     torch.manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
     # An extra image in the feature file that the pair list does not name is simply not used.
@@ -99,7 +93,7 @@ def test_write_submission_validates_before_writing(tmp_path):
              (["a", "b"], [1.5, -0.1], r"outside \[0, 1\] at row_id a=1.5, b=-0.1")]
     for row_ids, values, message in cases:
         target = tmp_path / "never.csv"
-        with pytest.raises(SubmissionError, match=message):
+        with pytest.raises(FormatError, match=message):
             write_submission(target, row_ids, values, expected_row_ids=["a", "b"])
         assert not target.exists()
 
@@ -118,11 +112,11 @@ def test_score_cli_hand_value_and_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda rows: rows[:-1], "missing: r4_3"),
-    (lambda rows: rows + [rows[0]], "duplicate row_id r0_1"),
+    (lambda rows: rows + ["r0_1,0.123"], "line 22 gives row_id 'r0_1' other values than line 2"),
     (lambda rows: rows + ["zz,0.5"], "not in the pair list: zz"),
-    (lambda rows: rows[:2] + ["r1_0,nan"] + rows[3:], "NaN or infinite similarity at row_id r1_0"),
-    (lambda rows: rows[:2] + ["r1_0,1.2"] + rows[3:], r"outside \[0, 1\] at row_id r1_0=1.2"),
-    (lambda rows: rows[:2] + ["r1_0,high"] + rows[3:], "not a number at row_id r1_0 \\(line 4"),
+    (lambda rows: rows[:4] + ["r1_0,nan"] + rows[5:], "NaN or infinite similarity at row_id r1_0"),
+    (lambda rows: rows[:4] + ["r1_0,1.2"] + rows[5:], r"outside \[0, 1\] at row_id r1_0=1.2"),
+    (lambda rows: rows[:4] + ["r1_0,high"] + rows[5:], "not a number at row_id r1_0 \\(line 6"),
 ])
 def test_score_cli_rejects_bad_submissions(tmp_path, capsys, edit, message):
     code = main(["score", str(_hand_submission(tmp_path, edit)), "--test-csv", str(_pair_list(tmp_path)),
@@ -135,7 +129,7 @@ def test_score_cli_rejects_bad_header_and_unknown_images(tmp_path, capsys):
     pairs, labels = _pair_list(tmp_path), _labels(tmp_path)
     header = _write(tmp_path / "h.csv", "id,score", ["r0_1,0.5"])
     assert main(["score", str(header), "--test-csv", str(pairs), "--labels", str(labels)]) == 2
-    assert "lacks column(s) row_id, similarity" in capsys.readouterr().err
+    assert "wrong header 'id,score': expected 'row_id,similarity'" in capsys.readouterr().err
     short_labels = _write(tmp_path / "l2.csv", "filename,ground_truth", [f"{n},x" for n in NAMES[:4]])
     assert main(["score", str(_hand_submission(tmp_path)), "--test-csv", str(pairs),
                  "--labels", str(short_labels)]) == 2

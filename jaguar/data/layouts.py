@@ -4,15 +4,14 @@ at the first."""
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaguar.formats import LABEL_COLUMNS, FormatError, examples, read_label_table, read_pairs
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-TRAIN_HEADER = ["filename", "ground_truth"]
-TEST_HEADER = ["row_id", "query_image", "gallery_image"]
 
 
 @dataclass
@@ -45,6 +44,7 @@ class Listing:
     images: list[SourceImage] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     require_alpha: bool = True
+    warnings: list[str] = field(default_factory=list)  # worth telling, not a reason to stop
 
 
 def detect_layout(src: Path) -> str:
@@ -61,30 +61,16 @@ def read_listing(src: Path) -> Listing:
     return _read_challenge(src) if layout == "challenge" else _read_folders(src)
 
 
-def _read_csv(path: Path, header: list[str], problems: list[Problem]) -> list[tuple[int, list[str]]] | None:
-    """(line number, row) pairs, or None (with a fatal problem) when the file cannot be used at all."""
-    expected = ",".join(header)
+def _read_table(read, path: Path, problems: list[Problem], warnings: list[str]):
+    """`read(path)` (a jaguar.formats reader), or None with a fatal problem when the file breaks its format."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        problems.append(Problem(str(path), f"cannot read CSV ({err}); expected a UTF-8 CSV with header "
-                                           f"'{expected}'", fatal=True))
+        table = read(path)
+    except (FormatError, OSError) as err:
+        problems.append(Problem(str(path), str(err), fatal=True))
         return None
-    if not rows or [c.strip() for c in rows[0]] != header:
-        found = ",".join(rows[0]) if rows else "an empty file"
-        problems.append(Problem(str(path), f"wrong header: expected '{expected}', found '{found}'", fatal=True))
-        return None
-    numbered = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != len(header) or any(not c.strip() for c in row):
-            problems.append(Problem(str(path), f"line {line} has {len(row)} field(s) {row!r}; expected "
-                                               f"{len(header)} non-empty fields ({expected})"))
-            continue
-        numbered.append((line, [c.strip() for c in row]))
-    return numbered
+    if table.repeated:
+        warnings.append(f"{path}: line(s) {examples(table.repeated)} repeat an earlier row exactly; read once")
+    return table
 
 
 def _read_challenge(src: Path) -> Listing:
@@ -92,23 +78,8 @@ def _read_challenge(src: Path) -> Listing:
     problems = listing.problems
     train_csv = src / "train.csv"
     if train_csv.exists():
-        rows = _read_csv(train_csv, TRAIN_HEADER, problems) or []
-        seen: dict[str, tuple[int, str]] = {}
-        conflicting: set[str] = set()
-        for line, (name, identity) in rows:
-            if name in seen:
-                first_line, first_identity = seen[name]
-                why = "with a different identity" if identity != first_identity else "again"
-                problems.append(Problem(str(src / "train" / name),
-                                        f"duplicate filename: train.csv line {line} names it {why} "
-                                        f"(first on line {first_line})"))
-                if identity != first_identity:
-                    conflicting.add(name)
-                continue
-            seen[name] = (line, identity)
-        for name, (line, identity) in seen.items():
-            if name in conflicting:
-                continue
+        table = _read_table(read_label_table, train_csv, problems, listing.warnings)
+        for line, (name, identity) in zip(table.lines, table.rows) if table else ():
             path = src / "train" / name
             if not path.is_file():
                 problems.append(Problem(str(path), f"missing: named on train.csv line {line} but not in "
@@ -117,15 +88,13 @@ def _read_challenge(src: Path) -> Listing:
             listing.images.append(SourceImage("train", name, path, identity))
     elif (src / "train").is_dir():
         problems.append(Problem(str(train_csv), "missing: train/ exists but train.csv (header "
-                                                 f"'{','.join(TRAIN_HEADER)}') does not", fatal=True))
+                                                 f"'{','.join(LABEL_COLUMNS)}') does not", fatal=True))
 
-    test_labels = _read_test_labels(src, problems)
+    test_labels = _read_test_labels(src, problems, listing.warnings)
     test_csv = src / "test.csv"
     if test_csv.exists():
-        names: list[str] = []
-        for _, (_, query, gallery) in _read_csv(test_csv, TEST_HEADER, problems) or []:
-            names.extend((query, gallery))
-        test_names = sorted(set(names))
+        pairs = _read_table(read_pairs, test_csv, problems, listing.warnings)
+        test_names = sorted(pairs.images()) if pairs else []
         for name in test_names:
             if not (src / "test" / name).is_file():
                 problems.append(Problem(str(src / "test" / name),
@@ -140,12 +109,13 @@ def _read_challenge(src: Path) -> Listing:
     return listing
 
 
-def _read_test_labels(src: Path, problems: list[Problem]) -> dict[str, str]:
+def _read_test_labels(src: Path, problems: list[Problem], warnings: list[str]) -> dict[str, str]:
     """The optional hidden truth of the test split (written by `jaguar synth`), for local evaluation."""
     path = src / "test_labels.csv"
     if not path.exists():
         return {}
-    return {name: identity for _, (name, identity) in _read_csv(path, TRAIN_HEADER, problems) or []}
+    table = _read_table(read_label_table, path, problems, warnings)
+    return dict(table.rows) if table else {}
 
 
 def _read_folders(src: Path) -> Listing:

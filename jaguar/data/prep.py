@@ -215,7 +215,7 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
         identities = sorted({image.identity for image, _ in converted
                              if image.split == "train" and image.identity is not None})
         labels = {name: label for label, name in enumerate(identities)}
-        warnings = _warnings(converted, labels)
+        warnings = listing.warnings + _warnings(converted, labels)
         per_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
         for image, result in converted:
             meta = {"filename": image.filename, "identity": image.identity,

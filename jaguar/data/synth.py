@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from jaguar.formats import write_labels, write_pairs
 from jaguar.io import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -314,9 +315,9 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "train").mkdir()
         (tmp / "test").mkdir()
-        _write_csv(tmp / "train.csv", ["filename", "ground_truth"], zip(train_files, train_names))
-        _write_csv(tmp / "test_labels.csv", ["filename", "ground_truth"], zip(test_files, test_names))
-        _write_pairs(tmp / "test.csv", test_files)
+        write_labels(tmp / "train.csv", zip(train_files, train_names))
+        write_labels(tmp / "test_labels.csv", zip(test_files, test_names))
+        write_pairs(tmp / "test.csv", _all_pairs(test_files))
         from tqdm import tqdm
 
         if workers == 1:
@@ -337,17 +338,7 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
     return out
 
 
-def _write_csv(path: Path, header: list[str], rows) -> None:
-    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _write_pairs(path: Path, files: list[str]) -> None:
+def _all_pairs(files: list[str]):
     """Every ordered pair of distinct test images, query-major, row_id from 0."""
-    lines, row = ["row_id,query_image,gallery_image"], 0
-    for query in files:
-        for gallery in files:
-            if gallery != query:
-                lines.append(f"{row},{query},{gallery}")
-                row += 1
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pairs = ((query, gallery) for query in files for gallery in files if gallery != query)
+    return ((row, query, gallery) for row, (query, gallery) in enumerate(pairs))

@@ -14,8 +14,9 @@ import torch
 from jaguar.data.shards import ShardSplit, load_manifest
 from jaguar.errors import JaguarError
 from jaguar.report.plots import GridCell, GridRow
+from jaguar.retrieval import metrics as retrieval_metrics
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import identity_balanced_map, per_identity_ap
+from jaguar.retrieval.metrics import RetrievalMetrics
 from jaguar.retrieval.postprocess import PostConfig, final_distance
 
 logger = logging.getLogger(__name__)
@@ -29,21 +30,6 @@ def similarity_scores(embeddings: torch.Tensor, chosen: Optional[PostConfig]) ->
     return (embeddings @ embeddings.T).double().numpy(), "raw cosine similarity (no post.json)"
 
 
-def query_average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AP of each query against all other images (self excluded); NaN when it has no match."""
-    n = len(labels)
-    result = np.full(n, np.nan)
-    for q in range(n):
-        others = np.arange(n) != q
-        order = np.argsort(-scores[q, others], kind="stable")
-        hits = (labels[others] == labels[q])[order]
-        if not hits.any():
-            continue
-        precision_at_hit = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
-        result[q] = precision_at_hit.mean()
-    return result
-
-
 @dataclass
 class Evaluation:
     split: str
@@ -51,23 +37,29 @@ class Evaluation:
     scores: np.ndarray  # N×N, higher = more alike
     cosine: np.ndarray  # N×N raw cosine similarities
     labels: np.ndarray
+    metrics: RetrievalMetrics  # the evaluator's result, all-vs-all on `scores`
     ap_by_identity: dict[str, float]
-    query_ap: np.ndarray
-    balanced_map: float
     scored_with: str
+
+    @property
+    def query_ap(self) -> np.ndarray:
+        """AP of each query against all other images; NaN when it has no match."""
+        return self.metrics.query_ap
+
+    @property
+    def balanced_map(self) -> float:
+        return self.metrics.mAP_balanced
 
 
 def evaluate(split: str, features: FeatureSet, chosen: Optional[PostConfig]) -> Evaluation:
     features = features.normalized()
     labels = features.labels.numpy()
     scores, scored_with = similarity_scores(features.embeddings, chosen)
-    ap = per_identity_ap(torch.from_numpy(scores), torch.from_numpy(labels))
+    metrics = retrieval_metrics.evaluate(scores, labels, kind="similarity")
     ap_by_identity = {features.label_names.get(int(label), str(label)): float(value)
-                      for label, value in ap.items()}
-    return Evaluation(split, features, scores, features.numpy() @ features.numpy().T, labels, ap_by_identity,
-                      query_average_precision(scores, labels),
-                      float(identity_balanced_map(torch.from_numpy(scores), torch.from_numpy(labels))),
-                      scored_with)
+                      for label, value in metrics.per_identity_ap.items()}
+    return Evaluation(split, features, scores, features.numpy() @ features.numpy().T, labels, metrics,
+                      ap_by_identity, scored_with)
 
 
 class ImageLookup:

@@ -105,7 +105,8 @@ def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
     test_rows = score_table.table if score_table is not None else None
     if post is not None and post.table:
         test_by_name = {row.name: row for row in (test_rows or [])}
-        header = "<tr><th>post-processing</th><th>val mAP (balanced)</th><th>val rank-1</th>"
+        header = ("<tr><th>post-processing</th><th>val mAP (balanced)</th><th>val mAP</th><th>val rank-1</th>"
+                  "<th>val rank-5</th><th>val mINP</th>")
         decided = any(row.adopted is not None for row in post.table)
         if decided:
             header += "<th>adopted<br><span class='sub'>val gain +- SE over identities</span></th>"
@@ -115,8 +116,9 @@ def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
         rows = [header + "</tr>"]
         for row in post.table:
             css = ' class="chosen"' if row.is_chosen else ""
-            cells = (f"<td>{_esc(row.name)}</td><td class='num'>{_fmt(row.mAP_balanced)}</td>"
-                     f"<td class='num'>{_fmt(row.rank1)}</td>")
+            cells = f"<td>{_esc(row.name)}</td>" + "".join(
+                f"<td class='num'>{_fmt(value)}</td>" for value in (row.mAP_balanced, row.mAP, row.rank1, row.rank5,
+                                                                     row.mINP))
             if decided:
                 cells += f"<td>{_esc(row.decision_text())}</td>"
             if test_rows is not None:
@@ -181,7 +183,9 @@ def _evaluation_sections(page: _Page, evaluation: Evaluation, shards: Any, shard
     split = evaluation.split
     parts = [f"<h2>Per-identity AP — {_esc(split)}</h2>",
              f"<p class='sub'>{len(evaluation.features)} images, scored with {_esc(evaluation.scored_with)}; "
-             f"identity-balanced mAP {evaluation.balanced_map:.4f}.</p>"]
+             f"identity-balanced mAP {evaluation.balanced_map:.4f}, mAP {evaluation.metrics.mAP:.4f}, "
+             f"rank-1 {evaluation.metrics.rank1:.4f}, rank-5 {evaluation.metrics.rank5:.4f}, "
+             f"mINP {evaluation.metrics.mINP:.4f}.</p>"]
     chart = plots.plot_per_identity_ap(evaluation.ap_by_identity, page.figure(f"per_identity_ap_{split}.png"),
                                        f"Per-identity AP ({split})")
     parts.append(page.img(chart, f"per-identity AP {split}"))

@@ -1,136 +1,178 @@
-"""Retrieval metrics: the challenge's identity-balanced mAP (all-vs-all), and the standard
-query/gallery mAP, CMC rank-k and mINP with the Market-1501 camera protocol.
+"""The retrieval evaluator: the one implementation of AP, CMC and mINP in jaguar, used by training
+validation, `jaguar tune-post`, `jaguar score`, the report and (through those) the ensemble.
 
-Ties: candidates are ranked by score with a stable sort, so equal scores keep index order (the
-lower-indexed candidate is ranked first). A tie therefore never helps or hurts by chance, but it
-does depend on the order of the items; similarity_from_distance avoids adding ties."""
+`evaluate` ranks each query's candidates and returns a `RetrievalMetrics`: per-query AP, per-identity
+AP, the challenge's identity-balanced mAP, plain (per-query) mAP, CMC rank-1/5/10 and mINP.
+
+- All-vs-all (the challenge, validation): every image queries all others, self excluded.
+- Query/gallery (Market-1501 protocol): with camera ids, gallery images of the query's identity
+  *taken by the query's camera* are ignored (neither hits nor misses), as in Zheng et al., "Scalable
+  Person Re-identification: A Benchmark" (ICCV 2015); mINP as in Ye et al., "Deep Learning for
+  Person Re-identification: A Survey and Outlook" (TPAMI 2021).
+- A candidate mask restricts each query to the pairs it was scored on (a challenge pair list).
+
+AP of a query = mean of precision@k over the ranks k of its true matches; INP = (number of true
+matches) / (rank of the last one); CMC rank-k = share of queries whose first true match is within
+the top k. Queries with no true match among their candidates are not averaged (`num_skipped`).
+Identity-balanced mAP averages AP within each query identity, then over identities.
+
+Ties: candidates are ranked with a stable sort, so equal scores keep index order (the lower-indexed
+candidate is ranked first). A tie therefore never helps or hurts by chance, but it does depend on the
+order of the items; `similarity_from_distance` avoids adding ties."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from jaguar.errors import JaguarError
+
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+KINDS = ("similarity", "distance")
+CMC_RANKS = (1, 5, 10)
+
+
+class MetricsError(JaguarError, ValueError):
+    """Scores or labels that cannot be evaluated; the message names the input and the cause."""
+
+
+@dataclass(frozen=True)
+class RetrievalMetrics:
+    """What `evaluate` measured. Arrays have one entry a query (Q), in query order."""
+
+    query_ap: np.ndarray  # (Q,) float64; NaN where the query has no true match (not averaged)
+    query_inp: np.ndarray  # (Q,) float64; NaN where the query has no true match
+    first_match_rank: np.ndarray  # (Q,) int64, 1-based rank of the first true match; 0 where none
+    query_labels: np.ndarray  # (Q,) int64
+    per_identity_ap: dict[int, float]  # query label -> mean AP of its queries that have a match
+    mAP_balanced: float  # mean over identities of per_identity_ap (the challenge metric)
+    mAP: float  # mean over queries
+    rank1: float
+    rank5: float
+    rank10: float
+    mINP: float
+    num_queries: int  # queries with a true match: the ones averaged
+    num_skipped: int  # queries without one
+    camera_removed: int  # true matches ignored by the same-camera rule (0 without camera ids)
+
+    def summary(self) -> dict[str, float]:
+        """The headline figures as a plain dict (what tables and JSON files hold)."""
+        return {"mAP_balanced": self.mAP_balanced, "mAP": self.mAP, "rank1": self.rank1, "rank5": self.rank5,
+                "rank10": self.rank10, "mINP": self.mINP, "num_queries": self.num_queries}
 
 
 def _matrix(name: str, value: ArrayLike) -> torch.Tensor:
-    matrix = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    matrix = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     matrix = matrix.detach().cpu().double()
     if matrix.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(matrix.shape)}")
+        raise MetricsError(f"{name} must be a 2-D matrix, got shape {tuple(matrix.shape)}")
     if bool(torch.isnan(matrix).any()):
-        raise ValueError(f"{name} contains NaN; every pair needs a score")
+        raise MetricsError(f"{name} contains NaN at {torch.nonzero(torch.isnan(matrix))[:5].tolist()}; "
+                           f"every pair needs a score")
     return matrix
 
 
-def _labels(name: str, value: ArrayLike, length: int) -> torch.Tensor:
-    labels = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-    labels = labels.detach().cpu().long().reshape(-1)
-    if labels.numel() != length:
-        raise ValueError(f"{name} has {labels.numel()} entries, expected {length}")
-    return labels
+def _vector(name: str, value: ArrayLike, length: int) -> torch.Tensor:
+    vector = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    vector = vector.detach().cpu().long().reshape(-1)
+    if vector.numel() != length:
+        raise MetricsError(f"{name} has {vector.numel()} entries, expected {length}")
+    return vector
 
 
-def _ranked_ap(order: torch.Tensor, match: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per query: AP, first-hit rank and INP over the valid candidates in `order` (already sorted)."""
-    match_sorted = match.gather(1, order)
+def _no_match_message(all_vs_all: bool, restricted: bool, camera_removed: int, queries_with_any: int) -> str:
+    """Why no query kept a true match: the cause that actually removed them."""
+    if camera_removed:
+        return (f"the same-camera rule (Market-1501: gallery images of the query's identity taken by the "
+                f"query's camera are ignored) removed all {camera_removed} true match(es) of the "
+                f"{queries_with_any} quer(y/ies) that had any, so no query is left with a match and mAP is "
+                f"undefined; add gallery images from other cameras, or evaluate without camera ids")
+    if restricted:
+        return ("no query has a true match among the candidate pairs it is scored on; mAP is undefined "
+                "(does the pair list pair images of the same identity?)")
+    if all_vs_all:
+        return "no query has a true match (every identity has a single image); mAP is undefined"
+    return "no query's identity appears in the gallery; mAP is undefined (are these the right labels?)"
+
+
+def evaluate(scores: ArrayLike, query_labels: ArrayLike, gallery_labels: Optional[ArrayLike] = None, *,
+             kind: str, query_cams: Optional[ArrayLike] = None, gallery_cams: Optional[ArrayLike] = None,
+             candidates: Optional[ArrayLike] = None) -> RetrievalMetrics:
+    """Evaluate a Q x G score matrix.
+
+    scores: Q x G; kind="similarity" (higher = more alike) or "distance" (lower = more alike).
+    gallery_labels None means all-vs-all: scores is N x N over one set, each query's own column is
+    excluded, and gallery_cams defaults to query_cams. query_cams/gallery_cams: camera ids, both or
+    neither (Market-1501 same-camera rule). candidates: Q x G bool, False excludes that pair.
+
+    Raises MetricsError on a shape mismatch, NaN scores, or when no query has a true match left
+    (naming the cause: single-image identities, the pair list, or the camera rule)."""
+    if kind not in KINDS:
+        raise MetricsError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    matrix = _matrix("scores", scores)
+    n_query, n_gallery = matrix.shape
+    all_vs_all = gallery_labels is None
+    if all_vs_all and n_query != n_gallery:
+        raise MetricsError(f"scores must be square (N x N) for all-vs-all evaluation, got {tuple(matrix.shape)}")
+    q_label = _vector("query labels", query_labels, n_query)
+    g_label = q_label if all_vs_all else _vector("gallery labels", gallery_labels, n_gallery)
+    valid = torch.ones((n_query, n_gallery), dtype=torch.bool)
+    if all_vs_all:
+        valid &= ~torch.eye(n_query, dtype=torch.bool)
+    if candidates is not None:
+        mask = torch.as_tensor(np.asarray(candidates) if not isinstance(candidates, torch.Tensor) else candidates)
+        if tuple(mask.shape) != (n_query, n_gallery):
+            raise MetricsError(f"candidates has shape {tuple(mask.shape)}, expected {(n_query, n_gallery)}")
+        valid &= mask.bool()
+    match = q_label[:, None] == g_label[None, :]
+    camera_removed, queries_with_any = 0, 0
+    if all_vs_all and gallery_cams is None:
+        gallery_cams = query_cams
+    if (query_cams is None) != (gallery_cams is None):
+        raise MetricsError("give both query_cams and gallery_cams, or neither")
+    if query_cams is not None:
+        q_cam = _vector("query_cams", query_cams, n_query)
+        g_cam = _vector("gallery_cams", gallery_cams, n_gallery)
+        same_camera_match = match & valid & (q_cam[:, None] == g_cam[None, :])
+        camera_removed = int(same_camera_match.sum())
+        queries_with_any = int((match & valid).any(dim=1).sum())
+        valid &= ~same_camera_match
+
+    order = torch.sort(matrix, dim=1, descending=(kind == "similarity"), stable=True).indices
     valid_sorted = valid.gather(1, order)
-    hits = match_sorted & valid_sorted
+    hits = match.gather(1, order) & valid_sorted
     position = torch.cumsum(valid_sorted, dim=1).double()  # 1-based rank among valid candidates
     cum_hits = torch.cumsum(hits, dim=1).double()
     n_hits = hits.sum(dim=1)
+    has = n_hits > 0
+    if not bool(has.any()):
+        raise MetricsError(_no_match_message(all_vs_all, candidates is not None, camera_removed, queries_with_any))
     precision_at_hits = torch.where(hits, cum_hits / position.clamp(min=1), torch.zeros_like(position))
-    ap = precision_at_hits.sum(dim=1) / n_hits.clamp(min=1)
-    big = torch.full_like(position, float("inf"))
-    first_hit = torch.where(hits, position, big).amin(dim=1)
-    last_hit = torch.where(hits, position, -big).amax(dim=1)
-    inp = n_hits.double() / last_hit.clamp(min=1)
-    return {"ap": ap, "first_hit": first_hit, "inp": inp, "has_match": n_hits > 0}
+    nan = torch.full((n_query,), float("nan"), dtype=torch.float64)
+    ap = torch.where(has, precision_at_hits.sum(dim=1) / n_hits.clamp(min=1), nan)
+    first = torch.where(hits, position, torch.full_like(position, float("inf"))).amin(dim=1)
+    last = torch.where(hits, position, torch.zeros_like(position)).amax(dim=1)
+    inp = torch.where(has, n_hits.double() / last.clamp(min=1), nan)
+    first = torch.where(has, first, torch.zeros_like(first)).long()
 
-
-def _all_vs_all(similarity: ArrayLike, labels: ArrayLike,
-                candidates: Optional[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    sim = _matrix("similarity", similarity)
-    n = sim.shape[0]
-    if sim.shape != (n, n):
-        raise ValueError(f"similarity must be square (N x N) for all-vs-all evaluation, got {tuple(sim.shape)}")
-    label = _labels("labels", labels, n)
-    valid = ~torch.eye(n, dtype=torch.bool)
-    if candidates is not None:
-        valid &= torch.as_tensor(candidates, dtype=torch.bool)
-    order = torch.sort(sim, dim=1, descending=True, stable=True).indices
-    match = label[:, None] == label[None, :]
-    return _ranked_ap(order, match, valid), label
-
-
-def per_identity_ap(similarity: ArrayLike, labels: ArrayLike,
-                    candidates: Optional[torch.Tensor] = None) -> dict[int, float]:
-    """Mean AP of each identity's queries (all-vs-all, self excluded; `candidates[i, j]` False
-    also excludes pair i, j). Identities whose queries have no true match are left out."""
-    result, label = _all_vs_all(similarity, labels, candidates)
-    per_identity = {}
-    for identity in torch.unique(label).tolist():
-        queries = (label == identity) & result["has_match"]
-        if bool(queries.any()):
-            per_identity[int(identity)] = float(result["ap"][queries].mean())
-    return per_identity
+    counted_labels = q_label[has]
+    identities, inverse = torch.unique(counted_labels, return_inverse=True)
+    sums = torch.zeros(len(identities), dtype=torch.float64).index_add_(0, inverse, ap[has])
+    counts = torch.bincount(inverse, minlength=len(identities)).double()
+    per_identity = {int(i): float(s / c) for i, s, c in zip(identities.tolist(), sums, counts)}
+    cmc = {k: float((first[has] <= k).double().mean()) for k in CMC_RANKS}
+    return RetrievalMetrics(
+        query_ap=ap.numpy(), query_inp=inp.numpy(), first_match_rank=first.numpy(), query_labels=q_label.numpy(),
+        per_identity_ap=per_identity, mAP_balanced=float((sums / counts).mean()), mAP=float(ap[has].mean()),
+        rank1=cmc[1], rank5=cmc[5], rank10=cmc[10], mINP=float(inp[has].mean()),
+        num_queries=int(has.sum()), num_skipped=int((~has).sum()), camera_removed=camera_removed)
 
 
 def identity_balanced_map(similarity: ArrayLike, labels: ArrayLike,
-                          candidates: Optional[torch.Tensor] = None) -> float:
-    """The challenge metric: each image queries all others by similarity, descending (self
-    excluded); AP = mean of precision@k over the ranks k of its true matches; APs are averaged
-    within each identity, then over identities. Queries with no true match are skipped."""
-    per_identity = per_identity_ap(similarity, labels, candidates)
-    if not per_identity:
-        raise ValueError("no query has a true match (every identity has a single image); mAP is undefined")
-    return float(np.mean(list(per_identity.values())))
-
-
-def all_vs_all_summary(similarity: ArrayLike, labels: ArrayLike) -> dict[str, float]:
-    """Identity-balanced mAP, plain (per-query) mAP and rank-1 of one set searched against itself."""
-    result, label = _all_vs_all(similarity, labels, None)
-    has = result["has_match"]
-    if not bool(has.any()):
-        raise ValueError("no query has a true match (every identity has a single image); mAP is undefined")
-    balanced = [float(result["ap"][(label == i) & has].mean()) for i in torch.unique(label[has]).tolist()]
-    return {"mAP_balanced": float(np.mean(balanced)), "mAP": float(result["ap"][has].mean()),
-            "rank1": float((result["first_hit"][has] <= 1).double().mean())}
-
-
-def evaluate_retrieval(scores: ArrayLike, q_labels: ArrayLike, g_labels: ArrayLike,
-                       q_cams: Optional[ArrayLike] = None, g_cams: Optional[ArrayLike] = None,
-                       kind: str = "distance") -> dict[str, float]:
-    """Standard query/gallery evaluation: mAP, CMC rank-1/5/10 and mINP.
-
-    `scores` is Q x G, a distance (kind="distance", ascending) or a similarity (kind="similarity").
-    With cameras, gallery entries of the query's identity *and* camera are ignored (Market-1501).
-    Queries left without a true match are skipped; `num_queries` says how many counted."""
-    if kind not in ("distance", "similarity"):
-        raise ValueError(f"kind must be 'distance' or 'similarity', got {kind!r}")
-    matrix = _matrix("scores", scores)
-    n_query, n_gallery = matrix.shape
-    q_label = _labels("q_labels", q_labels, n_query)
-    g_label = _labels("g_labels", g_labels, n_gallery)
-    match = q_label[:, None] == g_label[None, :]
-    valid = torch.ones_like(match)
-    if (q_cams is None) != (g_cams is None):
-        raise ValueError("give both q_cams and g_cams, or neither")
-    if q_cams is not None:
-        q_cam = _labels("q_cams", q_cams, n_query)
-        g_cam = _labels("g_cams", g_cams, n_gallery)
-        valid = ~(match & (q_cam[:, None] == g_cam[None, :]))
-    order = torch.sort(matrix, dim=1, descending=(kind == "similarity"), stable=True).indices
-    result = _ranked_ap(order, match, valid)
-    has = result["has_match"]
-    if not bool(has.any()):
-        raise ValueError("no query has a true match in the gallery; mAP is undefined")
-    first = result["first_hit"][has]
-    return {"mAP": float(result["ap"][has].mean()),
-            "rank1": float((first <= 1).double().mean()),
-            "rank5": float((first <= 5).double().mean()),
-            "rank10": float((first <= 10).double().mean()),
-            "mINP": float(result["inp"][has].mean()),
-            "num_queries": int(has.sum())}
+                          candidates: Optional[ArrayLike] = None) -> float:
+    """The challenge metric of one set searched against itself (see `evaluate`): shorthand for
+    `evaluate(similarity, labels, kind="similarity", candidates=candidates).mAP_balanced`."""
+    return evaluate(similarity, labels, kind="similarity", candidates=candidates).mAP_balanced

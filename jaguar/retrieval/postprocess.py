@@ -15,7 +15,7 @@ import torch
 
 from jaguar.config import RetrievalConfig
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import all_vs_all_summary, per_identity_ap
+from jaguar.retrieval.metrics import evaluate
 from jaguar.retrieval.qe import expand
 from jaguar.retrieval.rerank import (euclidean_distance, k_reciprocal_rerank_single,
                                      k_reciprocal_terms_single, single_thread_below)
@@ -81,7 +81,8 @@ def final_distance(features: Union[FeatureSet, torch.Tensor], post: PostConfig) 
 
 
 def _score(distance: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return all_vs_all_summary(-distance, labels)
+    """A table row's figures: identity-balanced mAP, mAP, rank-1/5/10 and mINP, all-vs-all."""
+    return evaluate(distance, labels, kind="distance").summary()
 
 
 def _row(name: str, distance: torch.Tensor, labels: torch.Tensor, post: PostConfig) -> dict[str, Any]:
@@ -111,7 +112,8 @@ def _gain_text(gain: float, se: float) -> str:
 def paired_gain(candidate: torch.Tensor, incumbent: torch.Tensor, labels: torch.Tensor) -> Gain:
     """Gain of distance `candidate` over `incumbent` on one labelled set. With one identity
     there is no spread to measure: the standard error is taken as 0."""
-    new, old = per_identity_ap(-candidate, labels), per_identity_ap(-incumbent, labels)
+    new = evaluate(candidate, labels, kind="distance").per_identity_ap
+    old = evaluate(incumbent, labels, kind="distance").per_identity_ap
     diff = np.array([new[k] - old[k] for k in sorted(old)])
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
     return Gain(float(diff.mean()), se, len(diff))

@@ -14,10 +14,10 @@ from typing import Any, Optional
 from jaguar.config import Config
 from jaguar.errors import JaguarError
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import all_vs_all_summary, per_identity_ap
+from jaguar.formats import check_rows, examples, read_labels, read_pairs, read_submission, write_submission
+from jaguar.retrieval.metrics import MetricsError, evaluate
 from jaguar.retrieval.postprocess import PostConfig, final_distance, tune_post
-from jaguar.retrieval.submission import (SubmissionError, check_rows, pair_similarities, pair_similarity_matrix,
-                                         read_labels, read_pairs, read_submission, write_submission)
+from jaguar.retrieval.submission import SubmissionError, pair_similarities, pair_similarity_matrix
 from jaguar.run import PostResult, RunDir, Score, ScoreTable, StageRow
 
 logger = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ def tune_post_run(run: RunDir) -> PostResult:
 
 def format_stage_table(table: list[StageRow]) -> str:
     """The stage table as aligned text: scores, the stage decision and the settings that matter."""
-    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8}  {'adopted, gain +- SE':<22}  config"]
+    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8} {'rank5':>8} {'mINP':>8}  "
+             f"{'adopted, gain +- SE':<22}  config"]
     for row in table:
         config = row.config.to_dict()
         summary = ", ".join(f"{k}={v}" for k, v in config.items()
                             if k in ("qe_k", "qe_alpha", "dba_k") or row.config.rerank)
-        lines.append(f"{row.name:<16} {row.mAP_balanced:>12.4f} {row.mAP or 0.0:>8.4f} {row.rank1 or 0.0:>8.4f}  "
+        lines.append(f"{row.name:<16} {row.mAP_balanced:>12.4f} {row.mAP or 0.0:>8.4f} {row.rank1 or 0.0:>8.4f} "
+                     f"{row.rank5 or 0.0:>8.4f} {row.mINP or 0.0:>8.4f}  "
                      f"{row.decision_text():<22}  {summary}")
     return "\n".join(lines)
 
@@ -84,35 +86,42 @@ def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = No
     output = Path(output) if output else run.submission_path
     features = run.load_features("test")
     post = chosen_post(run)
-    row_ids, queries, galleries = read_pairs(test_csv)
-    similarity = pair_similarities(features, row_ids, queries, galleries, post or PostConfig())
-    write_submission(output, row_ids, similarity, expected_row_ids=row_ids)
-    return SubmitResult(output, len(row_ids), post)
+    pairs = read_pairs(test_csv)
+    similarity = pair_similarities(features, pairs.row_ids, pairs.query_images, pairs.gallery_images,
+                                   post or PostConfig())
+    write_submission(output, pairs.row_ids, similarity, expected_row_ids=pairs.row_ids)
+    return SubmitResult(output, len(pairs), post)
 
 
 def score_submission(submission: str | Path, test_csv: str | Path, labels_csv: str | Path) -> Score:
-    """Identity-balanced mAP of a `row_id,similarity` file: each query ranks only the gallery images
-    it is paired with in `test_csv`, truth from `labels_csv` (filename,ground_truth). Bad files
-    raise SubmissionError naming the rows."""
-    row_ids, queries, galleries = read_pairs(test_csv)
+    """Score a `row_id,similarity` file with the evaluator: each query ranks only the gallery images
+    it is paired with in `test_csv`, truth from `labels_csv` (filename,ground_truth). Malformed files
+    raise FormatError, pairs naming unlabelled images or without any true match SubmissionError,
+    naming the file and rows."""
+    pairs = read_pairs(test_csv)
     labels = read_labels(labels_csv)
-    unlabelled = [f"{r} ({q if q not in labels else g})" for r, q, g in zip(row_ids, queries, galleries)
+    unlabelled = [f"{r} ({q if q not in labels else g})"
+                  for r, q, g in zip(pairs.row_ids, pairs.query_images, pairs.gallery_images)
                   if q not in labels or g not in labels]
     if unlabelled:
         raise SubmissionError(f"{test_csv}: {len(unlabelled)} pair row(s) name images missing from "
-                              f"{labels_csv}, e.g. {', '.join(unlabelled[:5])}")
+                              f"{labels_csv}: {examples(unlabelled)}")
     submitted = read_submission(submission)
-    check_rows(submitted.row_ids, row_ids, str(submission))
+    check_rows(submitted.row_ids, pairs.row_ids, str(submission))
     by_row = dict(zip(submitted.row_ids, submitted.similarity))
-    images, matrix, candidates = pair_similarity_matrix(queries, galleries, [by_row[r] for r in row_ids])
+    images, matrix, candidates = pair_similarity_matrix(pairs.query_images, pairs.gallery_images,
+                                                        [by_row[r] for r in pairs.row_ids])
     names = sorted({labels[name] for name in images})
     identity_of = {name: i for i, name in enumerate(names)}
-    per_identity = per_identity_ap(matrix, [identity_of[labels[name]] for name in images], candidates)
-    if not per_identity:
-        raise SubmissionError(f"{labels_csv}: no query image has a true match among its pairs; mAP is undefined")
-    per_name = {names[i]: ap for i, ap in per_identity.items()}
-    return Score(mAP_balanced=sum(per_name.values()) / len(per_name), per_identity=per_name,
-                 num_pairs=len(row_ids), num_images=len(images))
+    try:
+        metrics = evaluate(matrix, [identity_of[labels[name]] for name in images], kind="similarity",
+                           candidates=candidates)
+    except MetricsError as err:
+        raise SubmissionError(f"{test_csv} with labels {labels_csv}: {err}") from None
+    return Score(mAP_balanced=metrics.mAP_balanced,
+                 per_identity={names[i]: ap for i, ap in metrics.per_identity_ap.items()},
+                 num_pairs=len(pairs), num_images=len(images), mAP=metrics.mAP, rank1=metrics.rank1,
+                 rank5=metrics.rank5, rank10=metrics.rank10, mINP=metrics.mINP)
 
 
 def labelled_test_features(run: RunDir, labels_csv: str | Path | None) -> Optional[FeatureSet]:
@@ -134,7 +143,7 @@ def stage_table_on(features: FeatureSet, table: list[StageRow]) -> list[StageRow
     the evaluator's all-vs-all figures; the stage decisions stay with the validation table."""
     rows = []
     for row in table:
-        scores = all_vs_all_summary(-final_distance(features, row.config).double(), features.labels)
+        scores = evaluate(final_distance(features, row.config), features.labels, kind="distance").summary()
         rows.append(StageRow(row.name, row.config, **_scores(scores)))
     return rows
 

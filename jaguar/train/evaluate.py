@@ -1,5 +1,6 @@
 """Validation during training: embed the validation images (each rank its own contiguous slice),
-score identity-balanced mAP and rank-1 all-vs-all, and log a retrieval grid to TensorBoard."""
+score them all-vs-all with the retrieval evaluator (identity-balanced mAP, mAP, rank-1/5, mINP) and log
+a retrieval grid to TensorBoard."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from accelerate import Accelerator
 from jaguar.config import Config, ConfigError
 from jaguar.data.loader import build_eval_loader
 from jaguar.retrieval.extract import contiguous_slice, embed_batches
-from jaguar.retrieval.metrics import identity_balanced_map
+from jaguar.retrieval.metrics import MetricsError, evaluate
 from jaguar.train.tb import TensorBoardLogger, retrieval_grid
 
 
@@ -38,17 +39,12 @@ def validate(model, split, val_indices, cfg: Config, accelerator: Accelerator, m
     labels = torch.as_tensor(split.labels[val_indices])
     similarity = embeddings @ embeddings.T
     try:
-        mean_ap = float(identity_balanced_map(similarity, labels))
-    except ValueError as err:  # every validation identity has a single image
+        scored = evaluate(similarity, labels, kind="similarity")
+    except MetricsError as err:  # e.g. every validation identity has a single image
         raise ConfigError(f"validation cannot be scored: {err}; raise data.val_fraction or set "
                           f"train.eval_every=0") from None
-    ranked = similarity.clone()
-    ranked.fill_diagonal_(float("-inf"))
-    nearest = ranked.argmax(dim=1)
-    has_match = (labels.view(-1, 1) == labels.view(1, -1)).sum(dim=1) > 1
-    rank1 = float((labels[nearest] == labels)[has_match].float().mean()) if has_match.any() else 0.0
-    result = {"mAP_balanced": mean_ap, "rank1": rank1}
-    tb.scalars({"val/mAP_balanced": mean_ap, "val/rank1": rank1}, step)
+    result = {name: scored.summary()[name] for name in ("mAP_balanced", "mAP", "rank1", "rank5", "mINP")}
+    tb.scalars({f"val/{name}": value for name, value in result.items()}, step)
     if accelerator.is_main_process and len(val_indices) > 1:
         _log_grid(split, val_indices, similarity, labels, cfg, mean, std, tb, step)
     return result

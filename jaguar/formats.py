@@ -1,0 +1,239 @@
+"""The challenge's file formats, read and written in one place: label files (`train.csv`, the hidden
+`test_labels.csv`, any `filename,ground_truth` file), the pair list (`test.csv`:
+`row_id,query_image,gallery_image`) and the submission (`row_id,similarity`).
+
+Every reader follows the same rules:
+
+- UTF-8 text, with or without a byte-order mark (spreadsheet programs write one). Writers write
+  UTF-8 without one, "\\n" line ends, quoting only where a cell needs it, atomically (jaguar.io).
+- The first non-blank line is the header: exactly the file's columns, in any order; spaces around
+  names are ignored. A missing or an unknown column is an error naming both lists.
+- Blank lines (no cells, or only empty ones) are skipped wherever they are.
+- Cells are stripped of surrounding spaces. A row with another number of cells than the header, or
+  with an empty cell, is an error.
+- Duplicate keys (the filename of a label file, the row_id of a pair list or submission): a row that
+  repeats an earlier one exactly is read once, and its line is listed in `repeated` so a caller can
+  warn; the same key with different values is an error naming the key and both lines.
+- Errors (FormatError) name the file and every bad line (the first 10 of them and how many more),
+  never only the first; a header without rows is an error too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+from jaguar.errors import JaguarError
+from jaguar.io import atomic_write_text
+
+PathLike = Union[str, Path]
+LABEL_COLUMNS = ("filename", "ground_truth")
+PAIR_COLUMNS = ("row_id", "query_image", "gallery_image")
+SUBMISSION_COLUMNS = ("row_id", "similarity")
+_SHOWN = 10
+
+
+class FormatError(JaguarError, ValueError):
+    """A challenge file that breaks its format; the message names the file and the lines at fault."""
+
+
+def examples(items: Sequence, limit: int = 5) -> str:
+    """The first `limit` items, comma-separated, and how many more there are."""
+    shown = ", ".join(str(item) for item in list(items)[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+@dataclass
+class Table:
+    """Rows of one challenge file, each key once: `rows[i]` holds the cells of `columns` in order."""
+
+    path: Path
+    columns: tuple[str, ...]
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # the file line of each row (1 = header)
+    repeated: list[int] = field(default_factory=list)  # lines that repeat an earlier row exactly (read once)
+
+    def column(self, name: str) -> list[str]:
+        position = self.columns.index(name)
+        return [row[position] for row in self.rows]
+
+
+def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
+    """Read a challenge CSV by the rules of this module; the key is the first of `columns`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist (expected a CSV with header {','.join(columns)})")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            records = list(enumerate(csv.reader(handle), start=1))
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{path}: cannot read CSV: not UTF-8 text ({err}); save it as UTF-8") from None
+    except csv.Error as err:
+        raise FormatError(f"{path}: cannot read CSV ({err})") from None
+    records = [(line, [cell.strip() for cell in cells]) for line, cells in records if any(c.strip() for c in cells)]
+    expected = ",".join(columns)
+    if not records:
+        raise FormatError(f"{path} is empty; expected '{expected}' and rows")
+    header_line, header = records[0]
+    missing = [c for c in columns if c not in header]
+    unknown = [c for c in header if c not in columns]
+    if missing or unknown or len(set(header)) != len(header):
+        raise FormatError(f"{path} line {header_line}: wrong header '{','.join(header)}': expected "
+                          f"'{expected}' (any order)" + (f"; missing {', '.join(missing)}" if missing else "")
+                          + (f"; unknown {', '.join(unknown)}" if unknown else ""))
+    order = [header.index(c) for c in columns]
+    table = Table(path, tuple(columns))
+    first: dict[str, int] = {}  # key -> index in table.rows
+    bad: list[str] = []
+    for line, cells in records[1:]:
+        if len(cells) != len(header) or any(not c for c in cells):
+            bad.append(f"line {line} has {len(cells)} cell(s) {cells!r}; expected {len(header)} non-empty "
+                       f"cells ({','.join(header)})")
+            continue
+        row = tuple(cells[i] for i in order)
+        if row[0] in first:
+            earlier = first[row[0]]
+            if table.rows[earlier] == row:
+                table.repeated.append(line)
+            else:
+                bad.append(f"line {line} gives {columns[0]} {row[0]!r} other values than line "
+                           f"{table.lines[earlier]} ({','.join(row[1:])} vs {','.join(table.rows[earlier][1:])})")
+            continue
+        first[row[0]] = len(table.rows)
+        table.rows.append(row)
+        table.lines.append(line)
+    if bad:
+        more = f"\n  ... and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+        raise FormatError(f"{path}: {len(bad)} bad row(s):\n  " + "\n  ".join(bad[:_SHOWN]) + more)
+    if not table.rows:
+        raise FormatError(f"{path} has a header but no rows")
+    return table
+
+
+def _write(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    atomic_write_text(Path(path), buffer.getvalue())
+
+
+# Label files: filename,ground_truth
+
+
+def read_labels(path: PathLike) -> dict[str, str]:
+    """{filename: identity} of a `filename,ground_truth` file, in file order."""
+    return dict(read_label_table(path).rows)
+
+
+def read_label_table(path: PathLike) -> Table:
+    """A `filename,ground_truth` file with the line of each row (for messages) and repeated lines."""
+    return read_table(path, LABEL_COLUMNS, "label file")
+
+
+def write_labels(path: PathLike, rows: Iterable[tuple[str, str]]) -> None:
+    """Write (filename, identity) rows as a `filename,ground_truth` file, atomically."""
+    _write(path, LABEL_COLUMNS, rows)
+
+
+# Pair list: row_id,query_image,gallery_image
+
+
+@dataclass
+class PairList:
+    row_ids: list[str]
+    query_images: list[str]
+    gallery_images: list[str]
+    lines: list[int]  # file line of each row
+    repeated: list[int]  # lines that repeat an earlier row exactly (read once)
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def images(self) -> list[str]:
+        """Every image named, each once, in order of first appearance."""
+        return list(dict.fromkeys(self.query_images + self.gallery_images))
+
+
+def read_pairs(path: PathLike) -> PairList:
+    """The rows of a `row_id,query_image,gallery_image` pair list (the challenge's test.csv)."""
+    table = read_table(path, PAIR_COLUMNS, "pair list")
+    return PairList(table.column("row_id"), table.column("query_image"), table.column("gallery_image"),
+                    table.lines, table.repeated)
+
+
+def write_pairs(path: PathLike, rows: Iterable[tuple[object, str, str]]) -> None:
+    """Write (row_id, query_image, gallery_image) rows as a pair list, atomically."""
+    _write(path, PAIR_COLUMNS, rows)
+
+
+# Submission: row_id,similarity
+
+
+@dataclass
+class Submission:
+    row_ids: list[str]
+    similarity: np.ndarray  # float64 in [0, 1], one per row_id
+
+
+def check_rows(row_ids: Sequence[str], expected: Iterable[str], where: str) -> None:
+    """Every expected row_id exactly once and nothing else; errors name the rows."""
+    counts: dict[str, int] = {}
+    for row_id in row_ids:
+        counts[row_id] = counts.get(row_id, 0) + 1
+    duplicates = [r for r, c in counts.items() if c > 1]
+    if duplicates:
+        raise FormatError(f"{where}: duplicate row_id {examples(duplicates)}")
+    expected_list = list(expected)
+    expected_set = set(expected_list)
+    missing = [r for r in expected_list if r not in counts]
+    if missing:
+        raise FormatError(f"{where}: {len(missing)} row_id(s) of the pair list are missing: {examples(missing)}")
+    unknown = [r for r in row_ids if r not in expected_set]
+    if unknown:
+        raise FormatError(f"{where}: {len(unknown)} row_id(s) not in the pair list: {examples(unknown)}")
+
+
+def _check_values(row_ids: Sequence[str], values: np.ndarray, where: str) -> None:
+    nan_rows = [row_ids[i] for i in np.flatnonzero(~np.isfinite(values))]
+    if nan_rows:
+        raise FormatError(f"{where}: NaN or infinite similarity at row_id {examples(nan_rows)}")
+    outside = [f"{row_ids[i]}={values[i]:g}" for i in np.flatnonzero((values < 0) | (values > 1))]
+    if outside:
+        raise FormatError(f"{where}: similarity outside [0, 1] at row_id {examples(outside)}")
+
+
+def read_submission(path: PathLike) -> Submission:
+    """A `row_id,similarity` file with every value parsed and checked (a number, finite, in [0, 1])."""
+    table = read_table(path, SUBMISSION_COLUMNS, "submission")
+    row_ids, values, not_numbers = table.column("row_id"), [], []
+    for line, (row_id, text) in zip(table.lines, table.rows):
+        try:
+            values.append(float(text))
+        except ValueError:
+            not_numbers.append(f"{row_id} (line {line}: {text!r})")
+            values.append(math.nan)
+    if not_numbers:
+        raise FormatError(f"{path}: similarity is not a number at row_id {examples(not_numbers)}")
+    similarity = np.asarray(values, dtype=np.float64)
+    _check_values(row_ids, similarity, str(path))
+    return Submission(row_ids, similarity)
+
+
+def write_submission(path: PathLike, row_ids: Sequence[str], similarities: Sequence[float],
+                     expected_row_ids: Iterable[str] | None = None) -> None:
+    """Validate, then write `row_id,similarity` atomically, rows in the given order: each row_id
+    once (and, with expected_row_ids, exactly those), every value finite and in [0, 1]."""
+    values = np.asarray(similarities, dtype=np.float64).reshape(-1)
+    if values.shape[0] != len(row_ids):
+        raise FormatError(f"{path}: {len(row_ids)} row_ids but {values.shape[0]} similarities")
+    check_rows(row_ids, row_ids if expected_row_ids is None else expected_row_ids, str(path))
+    _check_values(row_ids, values, str(path))
+    # repr keeps every float64 digit, so distinct similarities stay distinct in the file.
+    _write(path, SUBMISSION_COLUMNS, ((r, repr(float(v))) for r, v in zip(row_ids, values)))
