@@ -18,6 +18,7 @@ import torch
 from jaguar.data.shards import ShardSplit
 from jaguar.retrieval.extract import contiguous_slice, merge_parts
 from jaguar.retrieval.features import FeatureSet
+from jaguar.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny_cpu.py")
@@ -120,6 +121,38 @@ def test_extract_with_a_recipe_and_no_checkpoint(shards_dir, tmp_path):
     features = FeatureSet.load(out / "features" / "test.safetensors")
     assert len(features) == len(ShardSplit(shards_dir, "test"))
     assert (out / "config.yaml").is_file()
+
+
+def test_extract_with_a_recipe_takes_the_run_folder_from_run_dir(shards_dir, tmp_path):
+    run = RunDir(tmp_path / "from-run-dir")
+    _jaguar("extract", "--config", TINY, f"data.shards={shards_dir}", f"run.dir={run.path}", *SMALL,
+            "--split", "train")
+    features = run.load_features("train")
+    assert features.names == ShardSplit(shards_dir, "train").filenames  # no split.json: every training image
+    assert run.load_config().data.shards == str(shards_dir)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["extract", "--config", "R.py", "a.b=1", "run.dir=x", "--split", "val"], (None, ["a.b=1", "run.dir=x"])),
+    (["extract", "RUN", "--config", "R.py", "a.b=1"], ("RUN", ["a.b=1"])),
+    (["extract", "RUN", "--split", "val"], ("RUN", [])),
+])
+def test_run_folder_and_overrides_are_told_apart(argv, expected):
+    from jaguar.cli.cmd_extract import run_and_overrides
+    from jaguar.cli.main import build_parser, parse_args
+
+    assert run_and_overrides(parse_args(build_parser(), argv)) == expected
+
+
+def test_key_value_as_run_folder_is_a_clear_error(capsys):
+    from jaguar.cli.main import main
+
+    assert main(["extract", "run.dir=runs/x", "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "'run.dir=runs/x' looks like a key=value override" in err and "--config RECIPE" in err
+    assert "Traceback" not in err
+    assert main(["extract", "--split", "test"]) == 2
+    assert "give a run folder" in capsys.readouterr().err
 
 
 def test_submission_for_every_ordered_pair(trained_run, synth_dir, shards_dir, tmp_path):

@@ -10,17 +10,20 @@ from jaguar.ensemble import ensemble_run
 from jaguar.retrieval.stages import format_stage_table
 from jaguar.run import RunDir
 
+_RUN = RunDir("RUN")  # the run folder as the help texts name it
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("ensemble", help="ensemble several runs' features into a new run folder")
-    parser.add_argument("runs", nargs="+", help="run folders with features/ (the first one's config is kept)")
+    parser.add_argument("runs", nargs="+",
+                        help=f"run folders with {_RUN.features_dir}/ (the first one's config is kept)")
     parser.add_argument("-o", "--out", required=True, help="the ensemble's run folder")
     parser.add_argument("--weights", nargs="+", type=float, default=None,
                         help="one weight per run (normalised to sum 1; default equal)")
     parser.add_argument("--mode", default="auto", choices=("auto", "mean", "concat"),
                         help="mean of embeddings (equal widths) or weighted concatenation "
                              "(cosine = weighted mean of cosines); auto picks mean when widths match")
-    parser.add_argument("--test-csv", default=None, help="the challenge's test.csv: also write submission.csv")
+    parser.add_argument("--test-csv", default=None, help=f"the challenge's test.csv: also write {_RUN.submission_path}")
     parser.add_argument("--test-labels", default=None,
                         help="test labels CSV: also score the submission, and passed on to the report")
     parser.add_argument("--features-only", action="store_true",

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 
 from jaguar.pseudo import fine_tune_command, pseudo_label_run
+from jaguar.run import RunDir
+
+_RUN = RunDir("RUN")  # the run folder as the help texts name it
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pseudo-label", help="turn confident test predictions into training shards")
-    parser.add_argument("run_dir", help="a run folder with features/{train,val,test}.safetensors")
+    parser.add_argument("run_dir", help=f"a run folder with {_RUN.features_dir}/{{train,val,test}}.safetensors")
     parser.add_argument("--threshold", type=float, required=True,
                         help="minimum confidence (centroid cosine, or margin with --confidence margin)")
     parser.add_argument("--out", default=None, help="output shards folder (default RUN/pseudo)")

@@ -7,10 +7,13 @@ import argparse
 from jaguar.report import build_report
 from jaguar.run import RunDir
 
+_RUN = RunDir("RUN")  # the run folder as the help texts name it
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("report", help="write an offline HTML report (RUN/report/index.html)")
-    parser.add_argument("run_dir", help="a run folder (config.yaml, tb/, features/, post.json, ...)")
+    parser = subparsers.add_parser("report", help=f"write an offline HTML report ({_RUN.report_dir}/index.html)")
+    parser.add_argument("run_dir", help=f"a run folder ({_RUN.config_path.name}, {_RUN.tb_dir.name}/, "
+                                           f"{_RUN.features_dir.name}/, {_RUN.post_path.name}, ...)")
     parser.add_argument("--test-labels", default=None,
                         help="CSV filename,ground_truth for the test images: adds test-side figures")
     parser.add_argument("--out", default=None, help="output folder (default RUN/report)")
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_stage_summary(run_dir: RunDir) -> None:
-    """Identity-balanced mAP per post-processing stage: validation (post.json), test (score table)."""
+    """Identity-balanced mAP per post-processing stage: validation (tune-post), test (score table)."""
     columns = {}
     if run_dir.has_post():
         columns["validation"] = {row.name: row.mAP_balanced for row in run_dir.load_post().table}

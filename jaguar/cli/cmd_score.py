@@ -1,7 +1,7 @@
 """`jaguar score SUBMISSION|RUN_DIR --test-csv PATH --labels PATH`: identity-balanced mAP of a
 submission against a pair list and a `filename,ground_truth` label file. Given a run folder, it
-scores RUN/submission.csv into RUN/score.json and re-scores post.json's stages on the labelled
-test images into RUN/score_table.json."""
+scores the run's submission, saves the score, and re-scores tune-post's stages on the labelled
+test images into the run's score table."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from jaguar.io import atomic_write_json
 from jaguar.retrieval.stages import score_run, score_submission
 from jaguar.run import RunDir
 
+_RUN = RunDir("RUN")  # the run folder as the help texts name it
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("score", help="identity-balanced mAP of a submission file")
-    parser.add_argument("submission", help="row_id,similarity file, or a run folder (scores RUN/submission.csv, "
-                                           "writes RUN/score.json and RUN/score_table.json)")
+    parser.add_argument("submission", help=f"row_id,similarity file, or a run folder (scores {_RUN.submission_path}, "
+                                            f"writes {_RUN.score_path} and {_RUN.score_table_path})")
     parser.add_argument("--test-csv", required=True, help="pair list with header row_id,query_image,gallery_image")
     parser.add_argument("--labels", required=True, help="labels with header filename,ground_truth")
     parser.add_argument("--verbose", dest="per_identity", action="store_true", help="also print per-identity AP")

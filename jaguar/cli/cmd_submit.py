@@ -1,5 +1,5 @@
 """`jaguar submit RUN_DIR --test-csv PATH [-o FILE]`: score every pair of the test list with the
-run's test features and post-processing (RUN_DIR/post.json) and write a validated submission."""
+run's test features and chosen post-processing (tune-post) and write a validated submission."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import argparse
 from jaguar.retrieval.stages import submit_run
 from jaguar.run import RunDir
 
+_RUN = RunDir("RUN")  # the run folder as the help texts name it
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("submit", help="write submission.csv (row_id,similarity) for a pair list")
-    parser.add_argument("run_dir", help="run folder holding features/test.safetensors (and post.json)")
+    parser = subparsers.add_parser("submit",
+                                   help=f"write {_RUN.submission_path.name} (row_id,similarity) for a pair list")
+    parser.add_argument("run_dir", help=f"run folder holding {_RUN.features_path('test')} (and {_RUN.post_path})")
     parser.add_argument("--test-csv", required=True, help="pair list with header row_id,query_image,gallery_image")
-    parser.add_argument("-o", "--output", default=None, help="output file (default: RUN_DIR/submission.csv)")
+    parser.add_argument("-o", "--output", default=None, help=f"output file (default: {_RUN.submission_path})")
     parser.set_defaults(func=run)
 
 

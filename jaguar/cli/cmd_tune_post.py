@@ -1,5 +1,5 @@
 """`jaguar tune-post RUN_DIR`: choose QE / re-ranking / blend on the validation features and
-write RUN_DIR/post.json with the chosen settings and the raw / +QE / +re-ranking / blend table."""
+save the chosen settings and the raw / +QE / +re-ranking / blend table in the run."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import argparse
 from jaguar.retrieval.stages import format_stage_table, tune_post_run
 from jaguar.run import RunDir
 
+_RUN = RunDir("RUN")  # the run folder as the help texts name it
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tune-post", help="tune query expansion and re-ranking on the validation split")
-    parser.add_argument("run_dir", help="run folder holding features/val.safetensors and config.yaml")
+    parser.add_argument("run_dir", help=f"run folder holding {_RUN.features_path('val')} and {_RUN.config_path}")
     parser.set_defaults(func=run)
 
 

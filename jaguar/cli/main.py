@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    # key=value overrides may come after options (`extract RUN --config R --split val k=v`).
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; key=value overrides may come after options
+    (`extract RUN --config R --split val k=v`) and are added to the command's overrides."""
     args, extra = parser.parse_known_args(argv)
     if extra:
         if isinstance(getattr(args, "overrides", None), list) and all(
@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides.extend(extra)
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (JaguarError, FileNotFoundError, FileExistsError) as err:
+        # JaguarError: every user-facing failure; the OS errors: a file or folder the user named
+        # is absent or already there. Either way the message names it: no traceback.
         print(f"jaguar {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -26,8 +26,8 @@ def similarity_scores(embeddings: torch.Tensor, chosen: Optional[PostConfig]) ->
     """N×N scores, higher = more alike: the chosen post-processing's negated distance, or cosine."""
     if chosen is not None:
         distance = final_distance(embeddings, chosen)
-        return -torch.as_tensor(distance).double().numpy(), "the chosen post-processing (post.json)"
-    return (embeddings @ embeddings.T).double().numpy(), "raw cosine similarity (no post.json)"
+        return -torch.as_tensor(distance).double().numpy(), "the chosen post-processing (tune-post)"
+    return (embeddings @ embeddings.T).double().numpy(), "raw cosine similarity (no tune-post result)"
 
 
 @dataclass

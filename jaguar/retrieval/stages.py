@@ -1,7 +1,8 @@
 """The retrieval stages of a run after extraction, each reading its inputs from a `RunDir` and
-writing its artifact there: tune-post (post.json), submit (submission.csv) and score (score.json,
-and score_table.json: post.json's stage table re-scored on the labelled test images). Scoring a
-bare submission file against a pair list and a label file is `score_submission`."""
+writing its artifact there: tune-post (the chosen post-processing and its stage table), submit
+(the challenge submission) and score (the submission's score, and the score table: the stage table
+re-scored on the labelled test images). Scoring a bare submission file against a pair list and a
+label file is `score_submission`."""
 
 from __future__ import annotations
 
@@ -77,12 +78,12 @@ def chosen_post(run: RunDir) -> Optional[PostConfig]:
 class SubmitResult:
     path: Path
     rows: int
-    post: Optional[PostConfig]  # None: raw cosine, the run has no post.json
+    post: Optional[PostConfig]  # None: raw cosine, tune-post has not run
 
 
 def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = None) -> SubmitResult:
     """Score every pair of `test_csv` with the run's test features and chosen post-processing (raw
-    cosine without post.json) and write a validated submission (default RUN/submission.csv)."""
+    cosine when tune-post has not run) and write a validated submission (default: the run's)."""
     output = Path(output) if output else run.submission_path
     features = run.load_features("test")
     post = chosen_post(run)
@@ -150,8 +151,8 @@ def stage_table_on(features: FeatureSet, table: list[StageRow]) -> list[StageRow
 
 def score_run(run: RunDir, test_csv: str | Path, labels_csv: str | Path,
               submission: str | Path | None = None) -> tuple[Score, Optional[ScoreTable]]:
-    """Score the run's submission (score.json) and, when the run has test features and post.json,
-    re-score post.json's stage table on the labelled test images (score_table.json)."""
+    """Score the run's submission and save the score; when the run has test features and a
+    tune-post result, re-score its stage table on the labelled test images and save that table."""
     run.require()
     score = score_submission(submission or run.submission_path, test_csv, labels_csv)
     run.save_score(score)

@@ -11,9 +11,12 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from jaguar.config import ConfigError
+from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json, replace_directory
 
 log = logging.getLogger(__name__)
@@ -96,3 +99,35 @@ def best_or_latest(checkpoint_dir: Path) -> Optional[Path]:
     final = checkpoint_dir / "final"
     candidates = ([final] if is_complete(final) else []) + complete[::-1]
     return candidates[0] if candidates else None
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path, prefer_ema: bool = False, partial: bool = False) -> Path:
+    """Load a checkpoint folder's consolidated weights (its EMA weights when `prefer_ema` and it has
+    them) or a weights file (.safetensors) into `model`; return the file read.
+
+    partial=False (extraction): every tensor but the classifier head's must match the model, else
+    a ConfigError naming the file. partial=True (`train.init_from`): tensors whose name and shape
+    match are loaded and the rest keep their initialisation, e.g. a head for another number of
+    identities."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        ema_file = checkpoint / EMA_WEIGHTS_FILE
+        weights = ema_file if prefer_ema and ema_file.is_file() else checkpoint / WEIGHTS_FILE
+    else:
+        weights = checkpoint
+    if not weights.is_file():
+        raise MissingInputError(f"checkpoint weights {weights} do not exist: give a checkpoint folder "
+                                f"(holding {WEIGHTS_FILE}) or a weights file")
+    state = load_file(str(weights))
+    if partial:
+        own = model.state_dict()
+        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(compatible, strict=False)
+        log.info("initialised %d/%d tensors from %s", len(compatible), len(own), weights)
+        return weights
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("head.")]:
+        backbone = getattr(getattr(model, "backbone", None), "name", "?")
+        raise ConfigError(f"{weights} does not match model.backbone={backbone}: "
+                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return weights

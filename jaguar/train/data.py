@@ -3,15 +3,13 @@ shards), its train/validation partition, and the label space the classifier head
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from jaguar.config import Config, ConfigError
 from jaguar.data.shards import ShardSplit
-from jaguar.io import atomic_write_json
+from jaguar.run import SplitRecord
 
 
 class ConcatSplit:
@@ -66,20 +64,8 @@ class RunSplit:
     val_indices: np.ndarray
     class_of_label: dict[int, int]  # shard label -> contiguous head class
 
-    def to_json(self, split) -> dict:
-        return {
-            "train": [split.filenames[i] for i in self.train_indices],
-            "val": [split.filenames[i] for i in self.val_indices],
-            "class_of_label": {str(k): v for k, v in self.class_of_label.items()},
-        }
-
-
-def save_run_split(path: Path, run_split: RunSplit, split) -> None:
-    atomic_write_json(path, run_split.to_json(split))
-
-
-def load_val_names(run_dir: Path) -> list[str]:
-    path = Path(run_dir) / "split.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the validation split is written by `jaguar train`")
-    return json.loads(path.read_text())["val"]
+    def to_record(self, split) -> SplitRecord:
+        """The run directory's split record: file names and the class map."""
+        return SplitRecord(train=[split.filenames[i] for i in self.train_indices],
+                           val=[split.filenames[i] for i in self.val_indices],
+                           class_of_label=dict(self.class_of_label))

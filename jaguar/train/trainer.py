@@ -16,16 +16,16 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from jaguar.config import Config, ConfigError, save_config
+from jaguar.config import Config, ConfigError
 from jaguar.data.loader import build_train_loader, make_label_map, split_train_val
 from jaguar.data.mixup import mixup_batch
-from jaguar.io import atomic_write_json
 from jaguar.models import build_model
 from jaguar.models.losses import ReIDCriterion
 from jaguar.train import checkpoint as ckpt
 from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, set_deepspeed_micro_batch,
                                 uses_deepspeed)
-from jaguar.train.data import RunSplit, open_train_split, save_run_split
+from jaguar.run import RunDir, TrainingMetrics
+from jaguar.train.data import RunSplit, open_train_split
 from jaguar.train.evaluate import validate
 from jaguar.train.optim import build_center_optimizer, build_ema, build_optimizer, build_scheduler
 from jaguar.train.tb import TensorBoardLogger
@@ -58,11 +58,12 @@ class Trainer:
         self.accelerator = build_accelerator(cfg)
         acc = self.accelerator
         set_seed(cfg.run.seed)
-        self.run_dir = Path(cfg.run.dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.run = RunDir(cfg.run.dir)
+        self.run_dir = self.run.path
+        self.checkpoint_dir = self.run.checkpoints_dir
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            self.run.save_config(cfg)
 
         self.split = open_train_split(cfg)
         train_idx, val_idx = split_train_val(self.split.labels, cfg.data.val_fraction, cfg.data.val_split,
@@ -71,12 +72,12 @@ class Trainer:
         class_of_label = make_label_map(self.split.labels[train_idx])
         self.run_split = RunSplit(np.asarray(train_idx), np.asarray(val_idx), class_of_label)
         if acc.is_main_process:
-            save_run_split(self.run_dir / "split.json", self.run_split, self.split)
+            self.run.save_split(self.run_split.to_record(self.split))
         self.num_classes = len(class_of_label)
 
         model = build_model(cfg, self.num_classes)
         if cfg.train.init_from:
-            self._load_initial_weights(model, Path(cfg.train.init_from))
+            ckpt.load_weights(model, Path(cfg.train.init_from), partial=True)
         self.mean, self.std = tuple(model.mean), tuple(model.std)
         self.criterion = ReIDCriterion(cfg, self.num_classes, model.embed_dim)
         optimizer = build_optimizer(cfg, model)
@@ -108,7 +109,7 @@ class Trainer:
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
 
-        self.tb = TensorBoardLogger(self.run_dir / "tb", enabled=acc.is_main_process)
+        self.tb = TensorBoardLogger(self.run.tb_dir, enabled=acc.is_main_process)
         self.step = 0  # optimizer-step slots consumed (data position); skipped steps count too
         self.bad_steps = 0
         self.best: dict = {}
@@ -116,18 +117,6 @@ class Trainer:
         self.preempt = _PreemptFlag()
 
     # ------------------------------------------------------------------ set-up helpers
-
-    def _load_initial_weights(self, model: torch.nn.Module, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        weights = path / ckpt.WEIGHTS_FILE if path.is_dir() else path
-        if not weights.is_file():
-            raise ConfigError(f"train.init_from={path}: no {ckpt.WEIGHTS_FILE} there")
-        state = load_file(str(weights))
-        own = model.state_dict()
-        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(compatible, strict=False)
-        log.info("initialised %d/%d tensors from %s", len(compatible), len(own), weights)
 
     def _trainer_state(self) -> dict:
         return {
@@ -206,7 +195,7 @@ class Trainer:
                 if self._preempt_requested():
                     self._save("step")
                     if acc.is_main_process:
-                        (self.run_dir / "PREEMPT").unlink(missing_ok=True)
+                        self.run.preempt_flag.unlink(missing_ok=True)
                     log.warning("preempted at step %d: checkpoint saved, exiting", self.step)
                     bar.close()
                     return {"preempted": True, "step": self.step}
@@ -288,7 +277,7 @@ class Trainer:
                 param.grad /= divisor
 
     def _preempt_requested(self) -> bool:
-        local = self.preempt.raised or (self.run_dir / "PREEMPT").exists()
+        local = self.preempt.raised or self.run.preempt_flag.exists()
         if self.accelerator.num_processes == 1:
             return local
         flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
@@ -350,7 +339,7 @@ class Trainer:
                    "skipped_steps": self.bad_steps, "num_classes": self.num_classes,
                    "world_size": self.accelerator.num_processes, "param_checksums": self._param_checksums()}
         if self.accelerator.is_main_process:
-            atomic_write_json(self.run_dir / "metrics.json", metrics)
+            self.run.save_metrics(TrainingMetrics(**metrics))
         self.tb.close()
         self.accelerator.wait_for_everyone()
         return metrics
