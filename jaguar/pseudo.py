@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from jaguar.data.manifest import Manifest
 from jaguar.data.shards import IMAGE_MEMBERS, load_manifest
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.formats import read_labels
@@ -185,7 +186,7 @@ def pseudo_label_run(run_dir: str | Path | RunDir, threshold: float, out_dir: st
     manifest = load_manifest(cfg.data.shards)
     candidates = run.load_features("test")
     labelled = _labelled_features(run)
-    identities = {str(name): int(label) for name, label in manifest["identities"].items()}
+    identities = {str(name): int(label) for name, label in manifest.identities.items()}
     for label, name in labelled.label_names.items():
         if identities.get(name, label) != label:
             raise PseudoLabelError(f"identity {name!r} is label {label} in the run's features but "
@@ -205,15 +206,16 @@ def pseudo_label_run(run_dir: str | Path | RunDir, threshold: float, out_dir: st
     return summary
 
 
-def _raw_samples(shards_dir: Path, manifest: dict, wanted: set[str]) -> dict[str, tuple[str, bytes, dict]]:
+def _raw_samples(shards_dir: Path, manifest: Manifest, wanted: set[str]) -> dict[str, tuple[str, bytes, dict]]:
     """{filename: (key, png bytes exactly as stored, json meta)} for the wanted images, from any split."""
     import webdataset
 
     found: dict[str, tuple[str, bytes, dict]] = {}
     if not wanted:
         return found
-    splits = sorted(manifest["splits"], key=lambda s: s != "test")  # test images live in "test"
-    urls = [str(shards_dir / shard["url"]) for split in splits for shard in manifest["splits"][split]["shards"]]
+    splits = sorted(manifest.splits, key=lambda s: s != "test")  # test images live in "test"
+    manifest.check_sizes(shards_dir, splits)
+    urls = [str(shards_dir / shard.url) for split in splits for shard in manifest.splits[split].shards]
     # no decoding: the samples' bytes are copied unchanged into the pseudo-label shards
     for sample in webdataset.WebDataset(urls, shardshuffle=False, empty_check=False):
         meta = json.loads(sample.get("json", b"{}"))
@@ -230,11 +232,11 @@ def _raw_samples(shards_dir: Path, manifest: dict, wanted: set[str]) -> dict[str
     return found
 
 
-def write_pseudo_shards(shards_dir: Path, manifest: dict, selected: dict[str, PseudoLabel], out_dir: Path,
-                        shard_size: int = 500) -> dict:
+def write_pseudo_shards(shards_dir: Path, manifest: Manifest, selected: dict[str, PseudoLabel], out_dir: Path,
+                        shard_size: int = 500) -> Manifest:
     """Write the selected images (image bytes unchanged, json relabelled with the predicted identity)
     as split "train" of a `jaguar prep`-format folder in out_dir, with the source's identities."""
-    from jaguar.data.prep import MANIFEST_FORMAT, spool_members, write_split
+    from jaguar.data.prep import spool_members, write_split
 
     samples = _raw_samples(shards_dir, manifest, set(selected))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,12 +253,8 @@ def write_pseudo_shards(shards_dir: Path, manifest: dict, selected: dict[str, Ps
             entries.append({"key": key, "meta": meta, "spool": places, "sha256": digest})
     split = write_split(out_dir, "train", entries, spool, shard_size)
     spool.unlink()
-    out_manifest = {
-        "format": MANIFEST_FORMAT,
-        "layout": "pseudo-labels",
-        "source": str(shards_dir.resolve()),
-        "identities": manifest["identities"],  # the same label space as the shards trained on
-        "splits": {"train": split},
-    }
-    atomic_write_json(out_dir / "manifest.json", out_manifest)
+    # the same label space as the shards trained on
+    out_manifest = Manifest(layout="pseudo-labels", source=str(shards_dir.resolve()),
+                            identities=dict(manifest.identities), splits={"train": split})
+    out_manifest.save(out_dir)
     return out_manifest

@@ -125,8 +125,8 @@ def test_prep_reads_train_csv_by_the_same_rules(synth_dir: Path, tmp_path: Path)
     with (src / "train.csv").open("a") as handle:
         handle.write(first + "\n")  # an exact repeat: read once, and said
     manifest = prepare(src, tmp_path / "out", workers=1)
-    assert manifest["splits"]["train"]["num_samples"] == 4
-    assert any("line(s) 6 repeat an earlier row exactly" in w for w in manifest["warnings"])
+    assert manifest.splits["train"].num_samples == 4
+    assert any("line(s) 6 repeat an earlier row exactly" in w for w in manifest.warnings)
     name = first.split(",")[0]
     with (src / "train.csv").open("a") as handle:
         handle.write(f"{name},SomeoneElse\n")  # a conflicting row: no skipping it

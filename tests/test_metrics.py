@@ -166,13 +166,15 @@ def _labelled_set(seed: int = 0) -> FeatureSet:
 
 
 def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch):
-    """Training validation, tune-post, the report and `jaguar score` give the evaluator's figures."""
+    """Training validation, tune-post, the report, `jaguar score` and its test-side stage table give
+    the evaluator's figures."""
     import jaguar.train.evaluate as train_evaluate
     from jaguar.formats import write_labels, write_pairs, write_submission
     from jaguar.report.evaluation import evaluate as report_evaluate
-    from jaguar.report.evaluation import test_score_table
     from jaguar.retrieval.postprocess import PostConfig, tune_post
-    from jaguar.retrieval.submission import pair_similarities, score_submission
+    from jaguar.retrieval.stages import score_submission, stage_table_on
+    from jaguar.retrieval.submission import pair_similarities
+    from jaguar.run import StageRow
 
     features = _labelled_set()
     expected = evaluate(features.embeddings @ features.embeddings.T, features.labels, kind="similarity")
@@ -196,9 +198,8 @@ def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch
     assert report.metrics.summary() == pytest.approx(expected.summary())
     assert report.ap_by_identity == pytest.approx({f"id{k}": v for k, v in expected.per_identity_ap.items()})
     np.testing.assert_allclose(report.query_ap, expected.query_ap)
-    raw_row = test_score_table(features, {"chosen": PostConfig().to_dict(),
-                                          "table": [{"name": "raw", "config": PostConfig().to_dict()}]})[0]
-    assert {k: raw_row[k] for k in figures} == pytest.approx({k: expected.summary()[k] for k in figures})
+    raw_row = stage_table_on(features, [StageRow("raw", PostConfig(), 0.0)])[0]
+    assert {k: getattr(raw_row, k) for k in figures} == pytest.approx({k: expected.summary()[k] for k in figures})
 
     pairs = [(f"r{q}_{g}", q_name, g_name) for q, q_name in enumerate(features.names)
              for g, g_name in enumerate(features.names) if q != g]
@@ -208,8 +209,8 @@ def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch
     write_submission(tmp_path / "sub.csv", row_ids,
                      pair_similarities(features, row_ids, queries, galleries, PostConfig()))
     scored = score_submission(tmp_path / "sub.csv", tmp_path / "test.csv", tmp_path / "labels.csv")
-    assert {k: scored[k] for k in figures} == pytest.approx({k: expected.summary()[k] for k in figures})
-    assert scored["per_identity"] == pytest.approx({f"id{k}": v for k, v in expected.per_identity_ap.items()})
+    assert {k: getattr(scored, k) for k in figures} == pytest.approx({k: expected.summary()[k] for k in figures})
+    assert scored.per_identity == pytest.approx({f"id{k}": v for k, v in expected.per_identity_ap.items()})
 
 
 def test_validation_without_any_match_is_a_config_error(monkeypatch):
@@ -234,3 +235,18 @@ def test_per_query_ap_with_several_matches():
     result = evaluate(scores, labels, kind="similarity")
     np.testing.assert_allclose(result.query_ap, [(1 / 2 + 2 / 3) / 2, (1 + 2 / 4) / 2, 1 / 2, 1.0, 1.0])
     np.testing.assert_allclose(result.query_inp, [2 / 3, 2 / 4, 1 / 2, 1.0, 1.0])
+
+
+def test_validation_with_non_finite_embeddings_blames_the_model(monkeypatch):
+    import jaguar.train.evaluate as train_evaluate
+
+    features = _labelled_set()
+    embeddings = features.embeddings.clone()
+    embeddings[2, 0] = float("nan")
+    monkeypatch.setattr(train_evaluate, "embed_positions", lambda *args, **kwargs: embeddings)
+    cfg = SimpleNamespace(retrieval=SimpleNamespace(flip_tta=False))
+    with pytest.raises(FloatingPointError, match="step 7: the model gives non-finite embeddings for 1 of 11") as caught:
+        train_evaluate.validate(None, SimpleNamespace(labels=features.labels.numpy()), list(range(11)), cfg,
+                                SimpleNamespace(is_main_process=False), None, None,
+                                SimpleNamespace(scalars=None, image=None), 7)
+    assert "val_fraction" not in str(caught.value)

@@ -104,7 +104,7 @@ def test_wids_index_opens_from_another_working_directory(synth_dir: Path, shards
 
 
 def test_output_does_not_depend_on_worker_count(synth_dir: Path, shards_dir: Path, tmp_path: Path) -> None:
-    manifest = prepare(synth_dir, tmp_path / "w2", shard_size=SYNTH_SHARD_SIZE, workers=2)
+    manifest = prepare(synth_dir, tmp_path / "w2", shard_size=SYNTH_SHARD_SIZE, workers=2).to_dict()
     reference = json.loads((shards_dir / "manifest.json").read_text())
     assert manifest["splits"] == reference["splits"]
     for tar in sorted(shards_dir.glob("*.tar")):
@@ -113,7 +113,7 @@ def test_output_does_not_depend_on_worker_count(synth_dir: Path, shards_dir: Pat
 
 def test_long_side_is_capped_with_alpha_resized_too(synth_dir: Path, tmp_path: Path) -> None:
     src = _small_challenge(synth_dir, tmp_path / "src", train=3, test=2)
-    manifest = prepare(src, tmp_path / "out", max_side=20, workers=1)
+    manifest = prepare(src, tmp_path / "out", max_side=20, workers=1).to_dict()
     from jaguar.data.shards import ShardSplit
 
     image, meta = ShardSplit(tmp_path / "out", "train")[0]
@@ -125,7 +125,7 @@ def test_long_side_is_capped_with_alpha_resized_too(synth_dir: Path, tmp_path: P
 
 def test_jpeg_encoding_keeps_the_mask_exact_and_the_colours_close(synth_dir: Path, tmp_path: Path) -> None:
     src = _small_challenge(synth_dir, tmp_path / "src", train=3, test=2)
-    manifest = prepare(src, tmp_path / "out", workers=1, encoding="jpeg")
+    manifest = prepare(src, tmp_path / "out", workers=1, encoding="jpeg").to_dict()
     assert manifest["options"]["encoding"] == "jpeg" and manifest["options"]["jpeg_quality"] == 95
     from jaguar.data.shards import ShardSplit
 
@@ -174,7 +174,7 @@ def test_every_bad_file_is_reported_and_nothing_is_written(synth_dir: Path, tmp_
 def test_skip_bad_carries_on_and_lists_the_skipped(synth_dir: Path, tmp_path: Path) -> None:
     src = _small_challenge(synth_dir, tmp_path / "src")
     expected = _break_everything(src)
-    manifest = prepare(src, tmp_path / "out", workers=1, skip_bad=True)
+    manifest = prepare(src, tmp_path / "out", workers=1, skip_bad=True).to_dict()
     skipped = {Path(item["file"]).name: item["reason"] for item in manifest["skipped"]}
     assert set(skipped) == set(expected)
     assert manifest["splits"]["train"]["num_samples"] == 8 - 4
@@ -201,12 +201,12 @@ def test_unusable_train_csv_is_fatal_even_with_skip_bad(synth_dir: Path, tmp_pat
 def test_test_folder_without_csv_and_existing_output(synth_dir: Path, tmp_path: Path) -> None:
     src = _small_challenge(synth_dir, tmp_path / "src", train=2, test=4)
     (src / "test.csv").unlink()
-    manifest = prepare(src, tmp_path / "out", workers=1)
+    manifest = prepare(src, tmp_path / "out", workers=1).to_dict()
     assert [s["filename"] for s in manifest["splits"]["test"]["samples"]] == \
         [f"test_{i:04d}.png" for i in range(1, 5)]
     with pytest.raises(FileExistsError, match="--overwrite"):
         prepare(src, tmp_path / "out", workers=1)
-    assert prepare(src, tmp_path / "out", workers=1, overwrite=True, max_side=16)["options"]["max_side"] == 16
+    assert prepare(src, tmp_path / "out", workers=1, overwrite=True, max_side=16).options["max_side"] == 16
 
 
 def _folders(root: Path) -> Path:
@@ -222,7 +222,7 @@ def _folders(root: Path) -> Path:
 
 def test_folder_layout_with_rgb_warning(tmp_path: Path) -> None:
     src = _folders(tmp_path / "src")
-    manifest = prepare(src, tmp_path / "out", workers=1)
+    manifest = prepare(src, tmp_path / "out", workers=1).to_dict()
     assert manifest["layout"] == "folders" and manifest["identities"] == {"Abril": 0, "Zorro": 1}
     samples = manifest["splits"]["train"]["samples"]
     assert [s["key"] for s in samples] == ["Abril/000", "Abril/001", "Abril/002", "Zorro/000", "Zorro/001",
@@ -244,7 +244,7 @@ def test_empty_identity_folder_is_reported(tmp_path: Path) -> None:
     with pytest.raises(PrepError, match="Nobody: empty identity folder"):
         prepare(src, tmp_path / "out", workers=1)
     assert not (tmp_path / "out").exists()
-    assert "Abril" in prepare(src, tmp_path / "out", workers=1, skip_bad=True)["identities"]
+    assert "Abril" in prepare(src, tmp_path / "out", workers=1, skip_bad=True).identities
 
 
 def test_cli_prep_end_to_end(synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -276,7 +276,7 @@ def test_real_train_csv_parses(tmp_path: Path) -> None:
     Image.new("RGBA", (4, 3), (200, 150, 80, 255)).save(tiny)
     for name, _ in _train_rows(src):
         shutil.copy(tiny, src / "train" / name)
-    manifest = prepare(src, tmp_path / "out", workers=2, shard_size=1000)
+    manifest = prepare(src, tmp_path / "out", workers=2, shard_size=1000).to_dict()
     assert manifest["splits"]["train"]["num_samples"] == 1895
     assert [s["nsamples"] for s in manifest["splits"]["train"]["shards"]] == [1000, 895]
     labels = np.array([s["label"] for s in manifest["splits"]["train"]["samples"]])

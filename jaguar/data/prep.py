@@ -15,12 +15,12 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from jaguar.data.layouts import Listing, Problem, SourceImage, read_listing
+from jaguar.data.manifest import Manifest, SampleEntry, ShardEntry, SplitEntry, file_sha256
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "jaguar-shards/1"
 SPLITS = ("train", "test")
 PNG_COMPRESS_LEVEL = 3  # fixed: the same input always gives the same bytes
 JPEG_QUALITY = 95  # --encoding jpeg: RGB at this quality with 4:2:0 chroma (4:4:4 decodes 1.6x slower), alpha as a PNG
@@ -147,7 +147,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_split(out: Path, split: str, samples: list[dict], spool: Path, shard_size: int) -> dict:
+def write_split(out: Path, split: str, samples: list[dict], spool: Path, shard_size: int) -> SplitEntry:
     """Write one split's tar shards and wids index into `out`; returns the split's manifest entry.
 
     `samples` (in shard order) are {"key", "meta" (the sample json), "spool": [(extension, offset,
@@ -166,20 +166,17 @@ def write_split(out: Path, split: str, samples: list[dict], spool: Path, shard_s
                         members[extension] = source.read(length)
                     for extension, data in members.items():
                         _add_member(tar, f"{sample['key']}.{extension}", data)
-            digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
-            shards.append({"url": name, "nsamples": len(chunk), "sha256": digest,
-                           "filesize": (out / name).stat().st_size})
+            shards.append(ShardEntry(name, len(chunk), file_sha256(out / name), (out / name).stat().st_size))
     index = f"{split}.wids.json"
     atomic_write_json(out / index, {"wids_version": 1, "name": split,
-                                    "shardlist": [{"url": s["url"], "nsamples": s["nsamples"],
-                                                   "filesize": s["filesize"]} for s in shards]})
-    return {"num_samples": len(samples), "shards": shards, "index": index,
-            "samples": [{"key": s["key"], "filename": s["meta"]["filename"], "label": s["meta"]["label"],
-                         "sha256": s["sha256"]} for s in samples]}
+                                    "shardlist": [{"url": s.url, "nsamples": s.nsamples, "filesize": s.filesize}
+                                                  for s in shards]})
+    return SplitEntry(len(samples), shards, index,
+                      [SampleEntry(s["key"], s["meta"]["filename"], s["meta"]["label"], s["sha256"]) for s in samples])
 
 
 def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: int = 500, workers: int = 2,
-            skip_bad: bool = False, overwrite: bool = False, progress: bool = False, encoding: str = "png") -> dict:
+            skip_bad: bool = False, overwrite: bool = False, progress: bool = False, encoding: str = "png") -> Manifest:
     """Convert `src` into shards in `out` (built in a temporary sibling, renamed at the end); returns the manifest.
 
     Raises PrepError listing every bad input (unless `skip_bad`, which leaves them out and lists them)."""
@@ -226,19 +223,18 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
         splits = {split: write_split(tmp, split, samples, spool, shard_size)
                   for split, samples in per_split.items() if samples}
         spool.unlink()
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "layout": listing.layout,
-            "source": str(src.resolve()),
-            "options": {"max_side": max_side, "shard_size": shard_size, "skip_bad": skip_bad, "encoding": encoding,
-                        "png_compress_level": PNG_COMPRESS_LEVEL,
-                        **({"jpeg_quality": JPEG_QUALITY} if encoding == "jpeg" else {})},
-            "identities": labels,
-            "splits": splits,
-            "skipped": [{"file": p.file, "reason": p.reason} for p in problems],
-            "warnings": warnings,
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
+        manifest = Manifest(
+            layout=listing.layout,
+            source=str(src.resolve()),
+            options={"max_side": max_side, "shard_size": shard_size, "skip_bad": skip_bad, "encoding": encoding,
+                     "png_compress_level": PNG_COMPRESS_LEVEL,
+                     **({"jpeg_quality": JPEG_QUALITY} if encoding == "jpeg" else {})},
+            identities=labels,
+            splits=splits,
+            skipped=[{"file": p.file, "reason": p.reason} for p in problems],
+            warnings=warnings,
+        )
+        manifest.save(tmp)
     log.info("prepared %s from %s", out, src)
     return manifest
 
@@ -260,16 +256,13 @@ def _warnings(converted: list[tuple[SourceImage, dict]], labels: dict[str, int])
     return warnings
 
 
-def summary(manifest: dict, out: str | Path) -> str:
+def summary(manifest: Manifest, out: str | Path) -> str:
     """A few human-readable lines describing a prepared shard folder."""
-    lines = [f"prepared {out} ({manifest['layout']} layout, {len(manifest['identities'])} identities)"]
-    for split, entry in manifest["splits"].items():
-        lines.append(f"  {split}: {entry['num_samples']} samples in {len(entry['shards'])} shard(s), "
-                     f"index {entry['index']}")
-    if manifest["skipped"]:
-        lines.append(f"  skipped {len(manifest['skipped'])} bad file(s):")
-        lines += [f"    {item['file']}: {item['reason']}" for item in manifest["skipped"]]
-    lines += [f"  warning: {w}" for w in manifest["warnings"]]
+    lines = [f"prepared {out} ({manifest.layout} layout, {len(manifest.identities)} identities)"]
+    for split, entry in manifest.splits.items():
+        lines.append(f"  {split}: {entry.num_samples} samples in {len(entry.shards)} shard(s), index {entry.index}")
+    if manifest.skipped:
+        lines.append(f"  skipped {len(manifest.skipped)} bad file(s):")
+        lines += [f"    {item['file']}: {item['reason']}" for item in manifest.skipped]
+    lines += [f"  warning: {w}" for w in manifest.warnings]
     return "\n".join(lines)
-
-

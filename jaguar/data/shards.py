@@ -1,10 +1,10 @@
-"""Reading a `jaguar prep` output: the manifest, checksum verification, and random access to one split
-through its wids index (picklable, opened lazily in each DataLoader worker process)."""
+"""Reading a `jaguar prep` output: the manifest (jaguar.data.manifest), checksum verification, and random
+access to one split through its wids index (picklable, opened lazily in each DataLoader worker process;
+each shard's size is checked against the manifest when a split is opened)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -14,62 +14,20 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from jaguar.config import ConfigError
+from jaguar.data.manifest import Manifest, ShardsError
 
-MANIFEST_FORMAT = "jaguar-shards/1"
 IMAGE_MEMBERS = ("png", "jpg", "mask.png")  # an RGBA PNG, or a JPEG with its alpha mask as a PNG
 
 
-class ShardsError(ConfigError):
-    """A shard folder that cannot be used; the message names the folder or file and what to do."""
-
-
-def load_manifest(shards_dir: str | Path) -> dict:
-    """The manifest.json of a `jaguar prep` output folder, checked for its format."""
-    shards_dir = Path(shards_dir)
-    path = shards_dir / "manifest.json"
-    if not shards_dir.is_dir():
-        raise FileNotFoundError(f"shard folder {shards_dir} does not exist; create it with `jaguar prep SRC "
-                                f"{shards_dir}` (or fix data.shards)")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {shards_dir} is not a `jaguar prep` output; "
-                                f"re-run `jaguar prep SRC {shards_dir}`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ShardsError(f"{path} is unreadable ({err}); re-run `jaguar prep`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ShardsError(f"{path} has format {found!r}, expected {MANIFEST_FORMAT!r}; re-run `jaguar prep` "
-                          f"with this version of jaguar")
-    return manifest
+def load_manifest(shards_dir: str | Path) -> Manifest:
+    """The manifest of a `jaguar prep` output folder, checked for its format (see jaguar.data.manifest)."""
+    return Manifest.load(shards_dir)
 
 
 def verify_shards(shards_dir: str | Path) -> list[str]:
-    """Check every shard's presence, sha256 and each split's index; returns the problems found (empty = ok)."""
-    shards_dir = Path(shards_dir)
-    manifest = load_manifest(shards_dir)
-    problems = []
-    for split, entry in manifest["splits"].items():
-        if not (shards_dir / entry["index"]).is_file():
-            problems.append(f"{shards_dir / entry['index']}: missing wids index of split {split!r}")
-        listed = sum(shard["nsamples"] for shard in entry["shards"])
-        if listed != entry["num_samples"] or listed != len(entry["samples"]):
-            problems.append(f"{shards_dir / 'manifest.json'}: split {split!r} lists {entry['num_samples']} samples, "
-                            f"its shards hold {listed} and its sample list {len(entry['samples'])}")
-        for shard in entry["shards"]:
-            path = shards_dir / shard["url"]
-            if not path.is_file():
-                problems.append(f"{path}: missing shard")
-                continue
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != shard["sha256"]:
-                problems.append(f"{path}: sha256 {digest.hexdigest()} differs from the manifest's {shard['sha256']}"
-                                f" (corrupt or replaced); re-run `jaguar prep`")
-    return problems
+    """Check every shard's presence, size and sha256 and each split's index; returns the problems
+    found (empty = ok), each naming its file."""
+    return load_manifest(shards_dir).verify(shards_dir)
 
 
 def _shard_path_as_is(url: str) -> str:
@@ -100,8 +58,14 @@ def decode_rgba(sample: dict, where: str) -> np.ndarray:
     if ".jpg" in sample and ".mask.png" in sample:
         colour = _decode(_as_bytes(sample[".jpg"]), cv2.IMREAD_COLOR)
         mask = _decode(_as_bytes(sample[".mask.png"]), cv2.IMREAD_GRAYSCALE)
-        if colour is None or mask is None or colour.shape[:2] != mask.shape:
-            raise ShardsError(f"{where}: unreadable .jpg/.mask.png pair; re-run `jaguar prep`")
+        # name the member at fault: an undecodable colour image, an undecodable mask, or a size mismatch
+        if colour is None or mask is None:
+            member = ".jpg" if colour is None else ".mask.png"
+            raise ShardsError(f"{where}: its {member} member cannot be decoded (corrupt shard?); run "
+                              f"`jaguar verify` on the shards folder and re-run `jaguar prep`")
+        if colour.shape[:2] != mask.shape:
+            raise ShardsError(f"{where}: its .jpg is {colour.shape[1]}x{colour.shape[0]} but its .mask.png is "
+                              f"{mask.shape[1]}x{mask.shape[0]}; re-run `jaguar prep`")
         rgba = cv2.cvtColor(colour, cv2.COLOR_BGR2RGBA)
         rgba[:, :, 3] = mask
         return rgba
@@ -120,17 +84,18 @@ class ShardSplit:
         self.shards_dir = Path(shards_dir).resolve()
         self.manifest = load_manifest(self.shards_dir)
         self.split = split
-        splits = self.manifest["splits"]
+        splits = self.manifest.splits
         if split not in splits:
-            raise ShardsError(f"split {split!r} is not in {self.shards_dir / 'manifest.json'}; it has "
+            raise ShardsError(f"split {split!r} is not in {Manifest.path(self.shards_dir)}; it has "
                               f"{', '.join(sorted(splits)) or 'no splits'}")
         entry = splits[split]
-        self.index_path = self.shards_dir / entry["index"]
+        self.index_path = self.shards_dir / entry.index
         if not self.index_path.is_file():
             raise FileNotFoundError(f"wids index {self.index_path} is missing; re-run `jaguar prep`")
-        self.filenames: list[str] = [s["filename"] for s in entry["samples"]]
-        self.labels: np.ndarray = np.array([s["label"] for s in entry["samples"]], dtype=np.int64)
-        self.label_names: dict[int, str] = {int(v): k for k, v in self.manifest["identities"].items()}
+        self.manifest.check_sizes(self.shards_dir, [split])
+        self.filenames: list[str] = [s.filename for s in entry.samples]
+        self.labels: np.ndarray = np.array([s.label for s in entry.samples], dtype=np.int64)
+        self.label_names: dict[int, str] = self.manifest.label_names
         self.identities: list[str | None] = [self.label_names.get(int(label)) for label in self.labels]
         self._dataset = None
         self._pid = None

@@ -68,7 +68,7 @@ class ImageLookup:
     def __init__(self, shards_dir: Path):
         self.shards_dir = shards_dir
         manifest = load_manifest(shards_dir)
-        self._splits = {name: ShardSplit(shards_dir, name) for name in manifest["splits"]}
+        self._splits = {name: ShardSplit(shards_dir, name) for name in manifest.splits}
         self._where = {}
         for name, split in self._splits.items():
             for index, filename in enumerate(split.filenames):

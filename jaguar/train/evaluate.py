@@ -37,10 +37,16 @@ def validate(model, split, val_indices, cfg: Config, accelerator: Accelerator, m
     embeddings = embed_positions(model, split, val_indices, cfg, accelerator, mean, std,
                                  cfg.retrieval.flip_tta)
     labels = torch.as_tensor(split.labels[val_indices])
+    bad = ~torch.isfinite(embeddings).all(dim=1)
+    if bool(bad.any()):
+        # the model, not the validation split, is at fault: say so rather than "cannot be scored"
+        raise FloatingPointError(f"validation at step {step}: the model gives non-finite embeddings for "
+                                 f"{int(bad.sum())} of {len(bad)} images (its weights or activations overflowed); "
+                                 f"resume from an earlier checkpoint with a lower optim.lr")
     similarity = embeddings @ embeddings.T
     try:
         scored = evaluate(similarity, labels, kind="similarity")
-    except MetricsError as err:  # e.g. every validation identity has a single image
+    except MetricsError as err:  # every validation identity has a single image
         raise ConfigError(f"validation cannot be scored: {err}; raise data.val_fraction or set "
                           f"train.eval_every=0") from None
     result = {name: scored.summary()[name] for name in ("mAP_balanced", "mAP", "rank1", "rank5", "mINP")}
