@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from jaguar.data.prep import prepare, summary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,16 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import sys
-
-    from jaguar.data.prep import PrepError, prepare, summary
-
-    try:
-        manifest = prepare(args.src, args.out, max_side=args.max_side, shard_size=args.shard_size,
-                           workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                           progress=sys.stderr.isatty(), encoding=args.encoding)
-    except PrepError as err:
-        print(f"jaguar prep: error: {err}", file=sys.stderr)
-        return 2
+    manifest = prepare(args.src, args.out, max_side=args.max_side, shard_size=args.shard_size,
+                       workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                       progress=sys.stderr.isatty(), encoding=args.encoding)
     print(summary(manifest, args.out))
     return 0

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from jaguar.data.synth import make_synthetic
+from jaguar.formats import read_labels
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,20 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import sys
-
-    from jaguar.data.synth import make_synthetic
-
-    try:
-        out = make_synthetic(args.out, identities=args.identities, train_images=args.train_images,
-                             test_images=args.test_images, size=args.size, seed=args.seed,
-                             workers=args.workers, overwrite=args.overwrite, progress=sys.stderr.isatty())
-    except ValueError as err:
-        print(f"jaguar synth: error: {err}", file=sys.stderr)
-        return 2
-    test_images = sum(1 for _ in (out / "test").glob("*.png"))
-    identities = len({line.rsplit(",", 1)[1] for line in (out / "train.csv").read_text().splitlines()[1:]})
-    print(f"wrote {sum(1 for _ in (out / 'train').glob('*.png'))} train + {test_images} test images of "
-          f"{identities} identities ({args.size} px, seed {args.seed}) to {out}; "
+    out = make_synthetic(args.out, identities=args.identities, train_images=args.train_images,
+                         test_images=args.test_images, size=args.size, seed=args.seed,
+                         workers=args.workers, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    train = read_labels(out / "train.csv")
+    test_images = len(read_labels(out / "test_labels.csv"))
+    print(f"wrote {len(train)} train + {test_images} test images of "
+          f"{len(set(train.values()))} identities ({args.size} px, seed {args.seed}) to {out}; "
           f"test.csv has {test_images * (test_images - 1)} pairs, truth in test_labels.csv")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jaguar.config import load_config
+from jaguar.train.entry import run_training
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,6 +19,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jaguar.train.entry import run_training
-
     return run_training(load_config(args.recipe, args.overrides))

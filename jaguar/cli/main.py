@@ -27,10 +27,6 @@ COMMAND_MODULES = (
 )
 
 
-class UserError(JaguarError):
-    """A failure the user can fix; printed as one clear message, no stack trace."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaguar",

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from jaguar.errors import JaguarError
 from jaguar.formats import write_labels, write_pairs
 from jaguar.io import atomic_directory
 
@@ -41,6 +42,10 @@ PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESS_LEVEL, cv2.IMWRITE_PNG_S
 _SPLIT_CODE = {"train": 1, "test": 2}
 
 
+class SynthError(JaguarError, ValueError):
+    """A synthetic data set that cannot be made as asked; the message names the value at fault."""
+
+
 # ---------------------------------------------------------------- who is in the data set
 
 
@@ -50,7 +55,7 @@ def choose_identities(count: int) -> dict[str, int]:
     Fewer than 31: names spread evenly over the real size ranking, so small subsets keep both common and
     rare animals. More than 31: extra names `Synth032`, ... reuse the real counts cyclically."""
     if count < 1:
-        raise ValueError(f"identities must be >= 1, got {count}")
+        raise SynthError(f"identities must be >= 1, got {count}")
     ranked = sorted(REAL_IDENTITY_COUNTS, key=lambda name: (-REAL_IDENTITY_COUNTS[name], name))
     if count <= len(ranked):
         picks = sorted({round(i * (len(ranked) - 1) / max(count - 1, 1)) for i in range(count)})
@@ -65,7 +70,7 @@ def choose_identities(count: int) -> dict[str, int]:
 def apportion(total: int, weights: list[float], minimum: int) -> list[int]:
     """Split `total` into integers proportional to `weights`, each at least `minimum` (largest remainder)."""
     if total < minimum * len(weights):
-        raise ValueError(f"cannot give {len(weights)} identities at least {minimum} image(s) each "
+        raise SynthError(f"cannot give {len(weights)} identities at least {minimum} image(s) each "
                          f"from {total} images; ask for at least {minimum * len(weights)}")
     quota = np.asarray(weights, dtype=np.float64) * total / float(np.sum(weights))
     counts = np.maximum(minimum, np.floor(quota + 1e-9)).astype(np.int64)
@@ -294,9 +299,9 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
                    progress: bool = False) -> Path:
     """Write a synthetic data set in the challenge layout to `out` (atomically) and return its path."""
     if size < 32:
-        raise ValueError(f"image size must be >= 32 px, got {size}")
+        raise SynthError(f"image size must be >= 32 px, got {size}")
     if test_images < 2:
-        raise ValueError(f"test_images must be >= 2 to form pairs, got {test_images}")
+        raise SynthError(f"test_images must be >= 2 to form pairs, got {test_images}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; remove it, choose another output or pass --overwrite")
