@@ -9,9 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaguar.data.image_forms import IMAGE_SUFFIXES
 from jaguar.formats import LABEL_COLUMNS, FormatError, examples, read_label_table, read_pairs
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass

@@ -12,8 +12,9 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
+from jaguar.data.image_forms import ImageFormError, read_rgba
 from jaguar.data.layouts import Listing, Problem, SourceImage, read_listing
 from jaguar.data.manifest import Manifest, SampleEntry, ShardEntry, SplitEntry, file_sha256
 from jaguar.errors import JaguarError
@@ -30,11 +31,6 @@ _MAX_LISTED_WARNINGS = 20
 
 class PrepError(JaguarError, ValueError):
     """Bad input for `jaguar prep`; the message lists every bad file and its problem."""
-
-
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info)
 
 
 def check_encoding(encoding: str) -> None:
@@ -57,25 +53,25 @@ def encode_rgba(rgba: Image.Image, encoding: str) -> dict[str, bytes]:
 
 
 def convert_image(path: str, require_alpha: bool, max_side: int, encoding: str = "png") -> dict:
-    """Decode, check and re-encode one image (long side at most `max_side`) as shard members.
+    """Decode (any form `read_rgba` reads), check and re-encode one image (long side at most `max_side`)
+    as shard members.
 
     Returns {"members", "orig_size", "size", "alpha_bbox", "warning"} or {"error": reason}."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
+        decoded = read_rgba(path)
     except FileNotFoundError:
         return {"error": "missing: the file disappeared while preparing"}
+    except ImageFormError as err:
+        return {"error": f"unsupported image form: {err}"}
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return {"error": f"corrupt or truncated image ({type(err).__name__}: {err})"}
     warning = None
-    if _has_alpha(image):
-        rgba = image.convert("RGBA")
-    elif require_alpha:
-        return {"error": f"no alpha channel (mode {image.mode}): the challenge layout needs RGBA PNGs whose "
-                         f"alpha is the animal mask"}
-    else:
-        rgba = image.convert("RGB").convert("RGBA")
+    rgba = decoded.rgba
+    if not decoded.has_alpha:
+        if require_alpha:
+            return {"error": f"no alpha channel (mode {decoded.mode}): the challenge layout needs images with "
+                             f"an alpha channel, a transparent palette entry or a transparency key as the "
+                             f"animal mask (RGBA PNGs)"}
         warning = "no alpha channel: given an opaque mask"
     orig_size = list(rgba.size)
     if max(rgba.size) > max_side:
