@@ -25,6 +25,7 @@ from jaguar.data.shards import IMAGE_MEMBERS, load_manifest
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.formats import read_labels
 from jaguar.io import atomic_directory, atomic_write_json
+from jaguar.names import check_name, resolve_inside
 from jaguar.retrieval.features import FeatureSet
 from jaguar.run import RunDir
 
@@ -215,14 +216,16 @@ def _raw_samples(shards_dir: Path, manifest: Manifest, wanted: set[str]) -> dict
         return found
     splits = sorted(manifest.splits, key=lambda s: s != "test")  # test images live in "test"
     manifest.check_sizes(shards_dir, splits)
-    urls = [str(shards_dir / shard.url) for split in splits for shard in manifest.splits[split].shards]
+    urls = [str(resolve_inside(shards_dir, shard.url, f"{Manifest.path(shards_dir)} split {split!r} shard"))
+            for split in splits for shard in manifest.splits[split].shards]
     # no decoding: the samples' bytes are copied unchanged into the pseudo-label shards
     for sample in webdataset.WebDataset(urls, shardshuffle=False, empty_check=False):
         meta = json.loads(sample.get("json", b"{}"))
         name = meta.get("filename")
         members = {ext: bytes(data) for ext, data in sample.items() if ext in IMAGE_MEMBERS}
         if name in wanted and members:
-            found[name] = (sample["__key__"].rsplit("/", 1)[-1], members, meta)
+            key = check_name(sample["__key__"].rsplit("/", 1)[-1], f"sample key in {sample.get('__url__')}")
+            found[name] = (key, members, meta)  # the key becomes a tar member name
             if len(found) == len(wanted):
                 break
     missing = sorted(wanted - set(found))

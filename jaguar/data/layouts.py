@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jaguar.data.image_forms import IMAGE_SUFFIXES
 from jaguar.formats import LABEL_COLUMNS, FormatError, examples, read_label_table, read_pairs
+from jaguar.names import UnsafeNameError, check_name, resolve_inside
 
 
 @dataclass
@@ -35,6 +36,16 @@ class Problem:
     file: str
     reason: str
     fatal: bool = False
+
+
+def _inside(folder: Path, name: str, where: str, source: Path, problems: list[Problem]) -> Path | None:
+    """folder/name when the name (read from `source`, at `where`) stays inside `folder`; else None, and the
+    reason is recorded as a problem of `source`."""
+    try:
+        return resolve_inside(folder, name, where)
+    except UnsafeNameError as err:
+        problems.append(Problem(str(source), str(err)))
+        return None
 
 
 @dataclass
@@ -79,7 +90,9 @@ def _read_challenge(src: Path) -> Listing:
     if train_csv.exists():
         table = _read_table(read_label_table, train_csv, problems, listing.warnings)
         for line, (name, identity) in zip(table.lines, table.rows) if table else ():
-            path = src / "train" / name
+            path = _inside(src / "train", name, f"line {line}", train_csv, problems)
+            if path is None:
+                continue
             if not path.is_file():
                 problems.append(Problem(str(path), f"missing: named on train.csv line {line} but not in "
                                                    f"{src / 'train'}"))
@@ -93,17 +106,24 @@ def _read_challenge(src: Path) -> Listing:
     test_csv = src / "test.csv"
     if test_csv.exists():
         pairs = _read_table(read_pairs, test_csv, problems, listing.warnings)
-        test_names = sorted(pairs.images()) if pairs else []
-        for name in test_names:
-            if not (src / "test" / name).is_file():
-                problems.append(Problem(str(src / "test" / name),
-                                        f"unknown image: named in test.csv but not in {src / 'test'}"))
+        first_line: dict[str, int] = {}
+        for line, query, gallery in zip(pairs.lines, pairs.query_images, pairs.gallery_images) if pairs else ():
+            first_line.setdefault(query, line)
+            first_line.setdefault(gallery, line)
+        test_paths = {}
+        for name, line in sorted(first_line.items()):
+            path = _inside(src / "test", name, f"line {line}", test_csv, problems)
+            if path is not None and not path.is_file():
+                problems.append(Problem(str(path), f"unknown image: named in test.csv but not in {src / 'test'}"))
+            elif path is not None:
+                test_paths[name] = path
     elif (src / "test").is_dir():
-        test_names = sorted(p.name for p in (src / "test").glob("*.png"))
+        found = [(p.name, _inside(src / "test", p.name, "file", src / "test", problems))
+                 for p in sorted((src / "test").glob("*.png"))]
+        test_paths = {name: path for name, path in found if path is not None and path.is_file()}
     else:
-        test_names = []
-    listing.images += [SourceImage("test", name, src / "test" / name, test_labels.get(name))
-                       for name in test_names if (src / "test" / name).is_file()]
+        test_paths = {}
+    listing.images += [SourceImage("test", name, path, test_labels.get(name)) for name, path in test_paths.items()]
     _check_keys(listing)
     return listing
 
@@ -114,14 +134,23 @@ def _read_test_labels(src: Path, problems: list[Problem], warnings: list[str]) -
     if not path.exists():
         return {}
     table = _read_table(read_label_table, path, problems, warnings)
-    return dict(table.rows) if table else {}
+    labels = {}
+    for line, (name, identity) in zip(table.lines, table.rows) if table else ():
+        try:
+            labels[check_name(name, f"line {line}")] = identity  # never joined to a folder, but a name all the same
+        except UnsafeNameError as err:
+            problems.append(Problem(str(path), str(err)))
+    return labels
 
 
 def _read_folders(src: Path) -> Listing:
     listing = Listing("folders", require_alpha=False)
     for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        if _inside(src, folder.name, "identity folder", folder, listing.problems) is None:
+            continue
+        images = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        files = [p for p in images if _inside(src, f"{folder.name}/{p.name}", "image", p, listing.problems)]
+        if not images:
             listing.problems.append(Problem(str(folder), f"empty identity folder: no "
                                                          f"{'/'.join(IMAGE_SUFFIXES)} images"))
             continue

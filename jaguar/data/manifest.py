@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from jaguar.config import ConfigError
 from jaguar.io import atomic_write_json
+from jaguar.names import resolve_inside
 
 MANIFEST_FORMAT = "jaguar-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -121,7 +122,12 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ShardsError(f"{path} is unreadable ({err}); re-run `jaguar prep`") from None
-        return cls.from_dict(data, str(path))
+        manifest = cls.from_dict(data, str(path))
+        for split, entry in manifest.splits.items():  # names the readers join to the folder: untrusted
+            resolve_inside(shards_dir, entry.index, f"{path} split {split!r} index")
+            for number, shard in enumerate(entry.shards):
+                resolve_inside(shards_dir, shard.url, f"{path} split {split!r} shard {number}")
+        return manifest
 
     def save(self, shards_dir: str | Path) -> Path:
         """Write manifest.json into `shards_dir`, atomically."""

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from jaguar.data.manifest import Manifest, ShardsError
+from jaguar.names import resolve_inside
 
 IMAGE_MEMBERS = ("png", "jpg", "mask.png")  # an RGBA PNG, or a JPEG with its alpha mask as a PNG
 
@@ -74,6 +75,18 @@ def decode_rgba(sample: dict, where: str) -> np.ndarray:
                       f"re-run `jaguar prep`")
 
 
+def _check_index_urls(index_path: Path, shards_dir: Path) -> None:
+    """wids opens the shards its index names: each must be a plain name inside the shard folder."""
+    try:
+        shardlist = json.loads(index_path.read_text(encoding="utf-8"))["shardlist"]
+        urls = [shard["url"] for shard in shardlist]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ShardsError(f"wids index {index_path} is unreadable ({type(err).__name__}: {err}); "
+                          f"re-run `jaguar prep`") from None
+    for number, url in enumerate(urls):
+        resolve_inside(shards_dir, url, f"{index_path} shard {number}")
+
+
 class ShardSplit:
     """Random access to one split of a `jaguar prep` output: item i is (RGBA PIL image, sample json);
     `read_rgba(i)` gives the image as an array instead.
@@ -89,9 +102,10 @@ class ShardSplit:
             raise ShardsError(f"split {split!r} is not in {Manifest.path(self.shards_dir)}; it has "
                               f"{', '.join(sorted(splits)) or 'no splits'}")
         entry = splits[split]
-        self.index_path = self.shards_dir / entry.index
+        self.index_path = resolve_inside(self.shards_dir, entry.index, f"split {split!r} index")
         if not self.index_path.is_file():
             raise FileNotFoundError(f"wids index {self.index_path} is missing; re-run `jaguar prep`")
+        _check_index_urls(self.index_path, self.shards_dir)
         self.manifest.check_sizes(self.shards_dir, [split])
         self.filenames: list[str] = [s.filename for s in entry.samples]
         self.labels: np.ndarray = np.array([s.label for s in entry.samples], dtype=np.int64)

@@ -79,7 +79,7 @@ def plot_per_identity_ap(ap_by_identity: dict[str, float], path: str | Path, tit
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(items) + 1.2)))
     colors = plt.cm.RdYlGn(np.clip(values, 0.0, 1.0))
     ax.barh(np.arange(len(items)), values, color=colors, edgecolor="#444", linewidth=0.4)
-    ax.set_yticks(np.arange(len(items)), labels=names, fontsize=8)
+    ax.set_yticks(np.arange(len(items)), labels=names, fontsize=8, parse_math=False)  # names are data, not TeX
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     mean = float(values.mean()) if len(values) else 0.0
@@ -171,7 +171,7 @@ def render_retrieval_grid(rows: Sequence[GridRow], path: str | Path, title: str,
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(1.5 if cell.is_match is None else 5)
-            ax.set_title(cell.caption, fontsize=7, color=color)
+            ax.set_title(cell.caption, fontsize=7, color=color, parse_math=False)  # identity and file names
         row_axes[0].set_ylabel("\n".join(["query", row.note] if row.note else ["query"]), fontsize=8)
     fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig.get_figheight())
     # fixed margins: tight_layout and a tight bounding box each cost a full extra draw of many images
