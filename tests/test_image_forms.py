@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import png
 import pytest
-from PIL import Image, features
+from PIL import Image, PngImagePlugin, features
 
 from jaguar.data.image_forms import IMAGE_SUFFIXES
 from jaguar.data.prep import PrepError, prepare
@@ -74,6 +74,15 @@ def exif(orientation: int) -> bytes:
     data = Image.Exif()
     data[0x0112] = orientation
     return data.tobytes()
+
+
+def xmp(orientation: int) -> PngImagePlugin.PngInfo:
+    """A PNG text chunk with the orientation as XMP (no EXIF), as some editors write it."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/'
+                  '1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+                  f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>')
+    return info
 
 
 def stored_for(upright: np.ndarray, orientation: int) -> np.ndarray:
@@ -182,6 +191,8 @@ def _forms() -> list[Form]:
              lambda p: write_png(p, stored_for(colour16, 6), 6, width=H, greyscale=False, bitdepth=16,
                                  transparent=colour_key16), (colour16 >> 8).astype(np.uint8), key_mask()),
         _low_bit_grey(2, orientation=3),
+        Form("png-rgba8-xmp6", ".png", lambda p: Image.fromarray(stored_for(rgba, 6), "RGBA").save(p, pnginfo=xmp(6)),
+             COLOUR, ALPHA),
         Form("jpeg-rgb-exif6", ".jpg", lambda p: Image.fromarray(stored_for(SMOOTH, 6)).save(
             p, quality=95, subsampling=0, exif=exif(6)), SMOOTH, None, tolerance=3),
         # JPEG: colour, grey, CMYK

@@ -1,11 +1,11 @@
 """Reading one source image, whatever its form, as 8-bit RGBA with its true tones and its true mask.
 
-Forms: grey or colour at 1, 2, 4, 8 or 16 bits a sample; alpha as a channel (LA, RGBA, premultiplied),
-as palette entries (PNG tRNS on a palette, GIF transparency) or as a transparency colour key (PNG tRNS on
-grey or RGB, 16-bit keys included); CMYK and YCbCr; EXIF/XMP orientation; every file type in
-`IMAGE_SUFFIXES` that this Pillow build reads. Tones wider than 8 bits keep their high byte (v >> 8),
-the same as Pillow does for 16-bit colour PNGs, so every 16-bit form maps one way (65535 -> 255,
-32768 -> 128). Own code rather than Pillow's `convert("RGBA")` alone: that clips 16-bit grey to white,
+Forms: grey or colour at 1, 2, 4, 8 or 16 bits a sample; alpha as a channel (LA, RGBA; premultiplied
+RGBa is un-premultiplied), as palette entries (PNG tRNS on a palette, GIF transparency) or as a
+transparency colour key (PNG tRNS on grey or RGB, 16-bit keys included); CMYK; EXIF/XMP orientation;
+every file type in `IMAGE_SUFFIXES` that this Pillow build reads. Tones wider than 8 bits keep their high
+byte (v >> 8), the same as Pillow does for 16-bit colour PNGs, so every 16-bit form maps one way
+(65535 -> 255, 32768 -> 128). Own code rather than Pillow's `convert("RGBA")` alone: that clips 16-bit grey to white,
 ignores 16-bit colour keys and compares 2- and 4-bit grey keys unscaled (Pillow 13).
 """
 
