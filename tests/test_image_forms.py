@@ -136,7 +136,7 @@ def _low_bit_grey(bits: int, orientation: int | None = None) -> Form:
     def write(path: Path) -> None:
         write_png(path, stored, orientation, width=stored.shape[1], greyscale=True, bitdepth=bits, transparent=top)
 
-    suffix = f"_exif{orientation}" if orientation else ""
+    suffix = f"-exif{orientation}" if orientation else ""
     return Form(f"png-grey{bits}-key{suffix}", ".png", write, tones, mask)
 
 
@@ -276,8 +276,9 @@ def test_sixteen_bit_grey_ramp_keeps_its_mid_grey(prepared) -> None:
 def test_only_forms_without_alpha_are_warned_about(prepared) -> None:
     manifest, _ = prepared
     [warning] = [w for w in manifest["warnings"] if "no alpha channel" in w]
-    warned = {name.split("/")[0] for name in warning.split(": ", 1)[1].split(", ")}
-    assert warned == {form.name for form in FORMS if form.alpha is None}
+    opaque = {form.name for form in FORMS if form.alpha is None}
+    listed = {name.split("/")[0] for name in warning.split(": ", 1)[1].split(", ") if name != "..."}
+    assert int(warning.split(" ", 1)[0]) == len(opaque) and listed <= opaque  # the list stops at 20 names
 
 
 def test_every_listed_suffix_has_a_form() -> None:
@@ -285,8 +286,7 @@ def test_every_listed_suffix_has_a_form() -> None:
 
 
 def test_challenge_layout_takes_a_transparency_key_as_the_mask(tmp_path: Path) -> None:
-    keyed = [form for form in FORMS if form.alpha is not None and form.suffix == ".png" and "key" in form.name
-             or "trns" in form.name]
+    keyed = [form for form in FORMS if form.suffix == ".png" and ("key" in form.name or "trns" in form.name)]
     (tmp_path / "src" / "train").mkdir(parents=True)
     rows = []
     for form in keyed:
