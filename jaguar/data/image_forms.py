@@ -90,7 +90,7 @@ def _from_arrays(rgb: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
 def _to_rgba(image: Image.Image, path: Path) -> tuple[Image.Image, bool]:
     key = image.info.get("transparency")
     if image.mode in _GREY_16:
-        values = np.asarray(image).astype(np.int64)
+        values = np.asarray(image).astype(np.int32)  # I;16 (unsigned) or I (int32): one signed type
         if values.size and (values.min() < 0 or values.max() > 0xFFFF):
             raise ImageFormError(f"{image.mode} image with values {values.min()}..{values.max()}, beyond 16 bits: "
                                  f"its tone range is not defined; save it as an 8- or 16-bit image")
