@@ -254,7 +254,7 @@ def prepared(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
 @pytest.mark.parametrize("form", FORMS, ids=[f.name for f in FORMS])
 def test_form_keeps_its_tones_and_mask(prepared, form: Form) -> None:
     manifest, read = prepared
-    assert form.name in read, [s for s in manifest["skipped"] if form.name in s["file"]]
+    assert form.name in read, [s for s in manifest.skipped if form.name in s["file"]]
     rgba = read[form.name]
     assert rgba.shape == (H, W, 4), "wrong size or orientation"
     expected_alpha = form.alpha if form.alpha is not None else np.full((H, W), 255, np.uint8)
@@ -275,7 +275,7 @@ def test_sixteen_bit_grey_ramp_keeps_its_mid_grey(prepared) -> None:
 
 def test_only_forms_without_alpha_are_warned_about(prepared) -> None:
     manifest, _ = prepared
-    [warning] = [w for w in manifest["warnings"] if "no alpha channel" in w]
+    [warning] = [w for w in manifest.warnings if "no alpha channel" in w]
     opaque = {form.name for form in FORMS if form.alpha is None}
     listed = {name.split("/")[0] for name in warning.split(": ", 1)[1].split(", ") if name != "..."}
     assert int(warning.split(" ", 1)[0]) == len(opaque) and listed <= opaque  # the list stops at 20 names
@@ -295,7 +295,7 @@ def test_challenge_layout_takes_a_transparency_key_as_the_mask(tmp_path: Path) -
     with (tmp_path / "src" / "train.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([("filename", "ground_truth"), *rows])
     manifest = prepare(tmp_path / "src", tmp_path / "out", workers=1)
-    assert manifest["skipped"] == [] and not [w for w in manifest["warnings"] if "alpha" in w]
+    assert manifest.skipped == [] and not [w for w in manifest.warnings if "alpha" in w]
     split = ShardSplit(tmp_path / "out", "train")
     for i in range(len(split)):
         rgba, meta = split.read_rgba(i)
@@ -315,5 +315,5 @@ def test_forms_without_defined_tones_are_refused_by_name(tmp_path: Path, mode: s
     with pytest.raises(PrepError, match=rf"odd\.tif: unsupported image form: .*{reason}"):
         prepare(tmp_path / "src", tmp_path / "out", workers=1)
     manifest = prepare(tmp_path / "src", tmp_path / "out", workers=1, skip_bad=True)
-    assert [Path(s["file"]).name for s in manifest["skipped"]] == ["odd.tif"]
+    assert [Path(s["file"]).name for s in manifest.skipped] == ["odd.tif"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["num_samples"] == 1

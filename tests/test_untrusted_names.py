@@ -117,8 +117,8 @@ def test_prep_refuses_a_train_row_that_leads_out(name: str, tmp_path: Path, outs
     with pytest.raises(PrepError, match=r"train\.csv: line 3: the name"):
         prepare(src, tmp_path / "out", workers=1)
     manifest = prepare(src, tmp_path / "out", workers=1, skip_bad=True)
-    assert [s["filename"] for s in manifest["splits"]["train"]["samples"]] == ["ok.png"]
-    assert any("line 3" in item["reason"] for item in manifest["skipped"])
+    assert [s.filename for s in manifest.splits["train"].samples] == ["ok.png"]
+    assert any("line 3" in item["reason"] for item in manifest.skipped)
 
 
 def test_prep_refuses_a_linked_file_and_rows_of_test_and_label_files(tmp_path: Path, outside: Path) -> None:
@@ -133,7 +133,7 @@ def test_prep_refuses_a_linked_file_and_rows_of_test_and_label_files(tmp_path: P
     assert "test.csv: line 3: the name '../../outside/else.png' has a '..' segment" in message
     assert "test_labels.csv: line 3: the name '/etc/t2.png' is an absolute path" in message
     manifest = prepare(src, tmp_path / "out", workers=1, skip_bad=True)
-    packed = {s["filename"] for entry in manifest["splits"].values() for s in entry["samples"]}
+    packed = {s.filename for entry in manifest.splits.values() for s in entry.samples}
     assert packed == {"ok.png", "t1.png", "t2.png"}
 
 
@@ -158,7 +158,7 @@ def test_folder_layout_refuses_links_out_of_the_data_set(link: str, tmp_path: Pa
     with pytest.raises(PrepError, match="symbolic link"):
         prepare(src, tmp_path / "out", workers=1)
     manifest = prepare(src, tmp_path / "out", workers=1, skip_bad=True)
-    assert [s["filename"] for s in manifest["splits"]["train"]["samples"]] == ["Abril/a.png"]
+    assert [s.filename for s in manifest.splits["train"].samples] == ["Abril/a.png"]
 
 
 @pytest.mark.parametrize("folder", ["back\\slash", "new\nline"], ids=["backslash", "control-character"])
@@ -222,8 +222,8 @@ def test_identity_names_stay_data_through_prep_and_pseudo_labels(tmp_path: Path)
         _rgba(src / "train" / name, seed=i + 10)
     before = _files(tmp_path)
     manifest = prepare(src, tmp_path / "data" / "shards", workers=1)
-    assert set(manifest["identities"]) == {"Abril", *HOSTILE_IDENTITIES}
-    selected = {name: PseudoLabel(name, manifest["identities"][identity], identity, 0.9, 0.9, 3, True, True)
+    assert set(manifest.identities) == {"Abril", *HOSTILE_IDENTITIES}
+    selected = {name: PseudoLabel(name, manifest.identities[identity], identity, 0.9, 0.9, 3, True, True)
                 for name, identity in rows}
     out = tmp_path / "data" / "pseudo"
     write_pseudo_shards(tmp_path / "data" / "shards", manifest, selected, out)
