@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import webdataset
 
 from jaguar.data.manifest import Manifest
+from jaguar.data.prep import spool_members, write_split
 from jaguar.data.shards import IMAGE_MEMBERS, load_manifest
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.formats import read_labels
@@ -209,8 +211,6 @@ def pseudo_label_run(run_dir: str | Path | RunDir, threshold: float, out_dir: st
 
 def _raw_samples(shards_dir: Path, manifest: Manifest, wanted: set[str]) -> dict[str, tuple[str, bytes, dict]]:
     """{filename: (key, png bytes exactly as stored, json meta)} for the wanted images, from any split."""
-    import webdataset
-
     found: dict[str, tuple[str, bytes, dict]] = {}
     if not wanted:
         return found
@@ -239,8 +239,6 @@ def write_pseudo_shards(shards_dir: Path, manifest: Manifest, selected: dict[str
                         shard_size: int = 500) -> Manifest:
     """Write the selected images (image bytes unchanged, json relabelled with the predicted identity)
     as split "train" of a `jaguar prep`-format folder in out_dir, with the source's identities."""
-    from jaguar.data.prep import spool_members, write_split
-
     samples = _raw_samples(shards_dir, manifest, set(selected))
     out_dir.mkdir(parents=True, exist_ok=True)
     spool = out_dir / ".spool"  # the layout prep's split writer reads image bytes from

@@ -124,3 +124,30 @@ def test_features_per_split(tmp_path):
     assert run.feature_splits() == ["val"] and run.has_features("val") and not run.has_features("test")
     loaded = run.load_features("val")
     assert loaded.names == features.names and torch.equal(loaded.embeddings, features.embeddings)
+
+
+def test_no_other_module_spells_a_run_file_name():
+    """Paths into a run come from RunDir: a string in code (docstrings aside) that names a run file
+    anywhere else in the package would be a second owner of the layout."""
+    import ast
+    from pathlib import Path
+
+    import jaguar.run as run_module
+
+    names = [getattr(run_module, constant) for constant in ("_CONFIG", "_SPLIT", "_METRICS", "_POST", "_SUBMISSION",
+                                                            "_SCORE", "_SCORE_TABLE", "_ENSEMBLE")]
+    package = Path(run_module.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path == Path(run_module.__file__):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                offenders += [f"{path.relative_to(package)}:{node.lineno} {name}" for name in names
+                              if name in node.value]
+    assert offenders == []

@@ -28,6 +28,7 @@ def read_scalars(tb_dir: str | Path) -> dict[str, ScalarSeries]:
 
     A run resumed from a checkpoint logs some steps twice (between the checkpoint and the crash);
     the value written last wins, which is the one the resumed training actually continued from."""
+    # tensorboard's reader takes seconds to import and only the curves section needs it
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     tb_dir = Path(tb_dir)
