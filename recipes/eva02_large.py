@@ -44,12 +44,12 @@ config.train.precision = "bf16"
 config.train.eval_every = 1
 
 config.retrieval.flip_tta = True
-config.retrieval.qe_k = 2
-config.retrieval.rerank = True
-config.retrieval.k1 = 20
-config.retrieval.k2 = 6
-config.retrieval.lambda_value = 0.3
-config.retrieval.blend = 0.5
+config.retrieval.post.qe_k = 2
+config.retrieval.post.rerank = True
+config.retrieval.post.k1 = 20
+config.retrieval.post.k2 = 6
+config.retrieval.post.lambda_value = 0.3
+config.retrieval.post.blend = 0.5
 
 config.run.dir = "runs/eva02_large"
 

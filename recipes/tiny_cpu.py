@@ -44,12 +44,12 @@ config.train.eval_every = 5
 config.train.log_every = 5
 
 config.retrieval.flip_tta = True
-config.retrieval.qe_k = 2
-config.retrieval.rerank = True
-config.retrieval.k1 = 6
-config.retrieval.k2 = 2
-config.retrieval.lambda_value = 0.3
-config.retrieval.blend = 0.5
+config.retrieval.post.qe_k = 2
+config.retrieval.post.rerank = True
+config.retrieval.post.k1 = 6
+config.retrieval.post.k2 = 2
+config.retrieval.post.lambda_value = 0.3
+config.retrieval.post.blend = 0.5
 
 config.run.dir = "runs/tiny_cpu"
 

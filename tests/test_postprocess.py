@@ -100,8 +100,8 @@ def test_tune_post_cli_and_submit_cli(tmp_path, capsys):
     test = _feature_set(4, 3, seed=5, prefix="test")
     test.labels[:] = -1
     test.save(run / "features" / "test.safetensors")
-    (run / "config.yaml").write_text(yaml.safe_dump({"retrieval": {"tune": False, "qe_k": 2, "rerank": True,
-                                                                   "k1": 4, "k2": 2, "blend": 0.5}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"retrieval": {"tune": False, "post": {
+        "qe_k": 2, "rerank": True, "k1": 4, "k2": 2, "blend": 0.5}}}))
     assert main(["tune-post", str(run)]) == 0
     post = json.loads((run / "post.json").read_text())
     assert post["val_size"] == 40 and post["searched"] is False

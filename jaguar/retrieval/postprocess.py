@@ -13,7 +13,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from jaguar.config import RetrievalConfig
+from jaguar.config import PostConfig, RetrievalConfig
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.metrics import evaluate
 from jaguar.retrieval.qe import expand
@@ -29,33 +29,6 @@ K1S = (3, 5, 8, 12, 20)
 K2S = (1, 2, 3, 6)
 LAMBDAS = (0.1, 0.3, 0.6)
 BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-@dataclass
-class PostConfig:
-    qe_k: int = 0
-    qe_alpha: float = 0.0
-    dba_k: int = 0
-    rerank: bool = False
-    k1: int = 20
-    k2: int = 6
-    lambda_value: float = 0.3
-    blend: float = 1.0  # w in final = (1 - w) * raw + w * reranked; used only with rerank
-
-    @classmethod
-    def from_retrieval(cls, retrieval: RetrievalConfig) -> "PostConfig":
-        return cls(**{f.name: getattr(retrieval, f.name) for f in dataclasses.fields(cls)})
-
-    @classmethod
-    def from_dict(cls, mapping: dict[str, Any], where: str = "") -> "PostConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - names)
-        if unknown:
-            raise ValueError(f"unknown post-processing key(s) {unknown}{where}; expected {sorted(names)}")
-        return cls(**mapping)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _embeddings(features: Union[FeatureSet, torch.Tensor]) -> torch.Tensor:
@@ -160,7 +133,7 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
     table = [_row("raw", raw, labels, raw_post)]
 
     if not search:
-        chosen = PostConfig.from_retrieval(base)
+        chosen = dataclasses.replace(base.post)
         qe_post = dataclasses.replace(raw_post, qe_k=chosen.qe_k, qe_alpha=chosen.qe_alpha, dba_k=chosen.dba_k)
         rr_post = dataclasses.replace(chosen, rerank=True, blend=1.0)
         table.append(_row("+QE", final_distance(embeddings, qe_post), labels, qe_post))
@@ -169,8 +142,6 @@ def _tune_post(val_features: FeatureSet, base: RetrievalConfig,
         return chosen, table
 
     min_se = float(base.tune_min_gain_se)
-    if min_se < 0:
-        raise ValueError(f"retrieval.tune_min_gain_se must be >= 0, got {min_se}")
     best_qe, best_qe_score, best_expanded = raw_post, table[0]["mAP_balanced"], embeddings
     for qe_k, alpha, dba_k in itertools.product(QE_KS, QE_ALPHAS, DBA_KS):
         if (qe_k == 0 and dba_k == 0) or (alpha and max(qe_k, dba_k) == 0):
