@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny synthetic jaguar data set (challenge layout) and its prepared shards."""
+"""Shared fixtures: a tiny synthetic jaguar data set (challenge layout) and its prepared shards; the real
+data set's files beside the repository."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,20 @@ SYNTH_TRAIN_IMAGES = 60
 SYNTH_TEST_IMAGES = 12
 SYNTH_SIZE = 64
 SYNTH_SHARD_SIZE = 25  # several train shards, so shard boundaries are exercised
+# The real data set lives beside the clone (`<repo>/../shared/data`), never at a machine's own path.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data_file(name: str, root: Path = SHARED_DATA) -> Path:
+    """The real data set's file `root/name`. When it is missing the calling test fails under CI
+    (CI=true, where the data must be present) and is skipped elsewhere, saying where to put it."""
+    path = root / name
+    if not path.is_file():
+        message = f"{path} is missing: put the real data set's {name} in {root} (beside the repository)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{message}; CI needs it", pytrace=False)
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="session")

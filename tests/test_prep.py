@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SYNTH_SHARD_SIZE, SYNTH_TEST_IMAGES, SYNTH_TRAIN_IMAGES
+from conftest import SYNTH_SHARD_SIZE, SYNTH_TEST_IMAGES, SYNTH_TRAIN_IMAGES, shared_data_file
 from jaguar.data.prep import PrepError, prepare
 
 
@@ -262,16 +262,22 @@ def test_cli_prep_end_to_end(synth_dir: Path, tmp_path: Path, capsys: pytest.Cap
     assert main(["prep", str(tmp_path / "absent"), str(tmp_path / "x")]) == 2
 
 
-REAL_LABELS = Path("/work/shared/data/jaguar_train_labels.csv")
+def test_missing_real_data_fails_under_ci_and_skips_elsewhere(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"absent\.csv is missing.*CI needs it"):
+        shared_data_file("absent.csv", tmp_path)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"absent\.csv is missing"):
+        shared_data_file("absent.csv", tmp_path)
 
 
-@pytest.mark.skipif(not REAL_LABELS.is_file(), reason="the real jaguar_train_labels.csv is not available")
 def test_real_train_csv_parses(tmp_path: Path) -> None:
     from jaguar.data.synth import REAL_IDENTITY_COUNTS
 
+    real_labels = shared_data_file("jaguar_train_labels.csv")
     src = tmp_path / "src"
     (src / "train").mkdir(parents=True)
-    shutil.copy(REAL_LABELS, src / "train.csv")
+    shutil.copy(real_labels, src / "train.csv")
     tiny = tmp_path / "tiny.png"
     Image.new("RGBA", (4, 3), (200, 150, 80, 255)).save(tiny)
     for name, _ in _train_rows(src):
