@@ -41,8 +41,6 @@ def split_train_val(labels: np.ndarray, val_fraction: float, mode: str = "strati
     identity: max(1, round(identities * val_fraction)) whole identities are held out (at least
     one identity stays in train). val_fraction = 0 gives an empty val set."""
     labels = np.asarray(labels, dtype=np.int64)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"config key 'data.val_fraction' must be in [0, 1), got {val_fraction}")
     labelled = np.flatnonzero(labels >= 0)
     empty = np.zeros(0, dtype=np.int64)
     if val_fraction == 0 or len(labelled) == 0:
@@ -163,14 +161,10 @@ def build_eval_loader(cfg: Config, split, indices: Sequence[int], mean: Sequence
     """Deterministic loader over `indices` in order: batches of (images, positions in the split)."""
     dataset = EvalDataset(split, indices, build_eval_transform(cfg, mean, std))
     size = cfg.data.batch_size if batch_size is None else batch_size
-    if size < 1:
-        raise ConfigError(f"config key 'data.batch_size' must be >= 1, got {size}")
     return _loader(dataset, cfg.data.num_workers, batch_size=size, shuffle=False, drop_last=False)
 
 
 def _loader(dataset: Dataset, num_workers: int, **kwargs) -> DataLoader:
-    if num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {num_workers}")
     # Workers are not persistent so that set_epoch/set_position on the sampler takes effect;
     # pinned memory only helps when batches go to a GPU.
     # An own generator: creating an iterator would otherwise draw from the global torch RNG, so a

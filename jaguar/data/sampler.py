@@ -99,10 +99,6 @@ class PKBatchSampler(_EpochBatchSampler):
     def __init__(self, labels: Sequence[int], p: int, k: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, batches_per_epoch: int | None = None, yield_keys: bool = False) -> None:
         super().__init__(rank, world_size, seed, yield_keys)
-        if p < 1:
-            raise ConfigError(f"config key 'data.p_identities' must be >= 1, got {p}")
-        if k < 1:
-            raise ConfigError(f"config key 'data.k_images' must be >= 1, got {k}")
         labels = np.asarray(labels, dtype=np.int64)
         identities = np.unique(labels[labels >= 0])
         if p * world_size > len(identities):
@@ -192,8 +188,6 @@ class ShuffleBatchSampler(_EpochBatchSampler):
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, drop_last: bool = True, yield_keys: bool = False) -> None:
         super().__init__(rank, world_size, seed, yield_keys)
-        if batch_size < 1:
-            raise ConfigError(f"config key 'data.batch_size' must be >= 1, got {batch_size}")
         per_step = batch_size * world_size
         if drop_last and num_samples < per_step:
             raise ConfigError(

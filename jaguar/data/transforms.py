@@ -285,9 +285,6 @@ class TrainTransform(_Transform):
     def __init__(self, cfg: Config, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(cfg, mean, std)
         data = cfg.data
-        if len(data.scale) != 2 or not 0 < data.scale[0] <= data.scale[1]:
-            raise ValueError(f"config key 'data.scale' must be [min, max] with 0 < min <= max, "
-                             f"got {data.scale}")
         self.hflip = data.hflip
         self.rotation = data.rotation
         self.scale = [float(v) for v in data.scale]

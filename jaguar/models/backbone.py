@@ -201,8 +201,6 @@ def build_backbone(model_cfg: ModelConfig) -> Backbone:
                           f"or set model.pretrained=false") from err
     if model_cfg.last_stride == 1:
         _set_last_stride_one(net, name)
-    elif model_cfg.last_stride != 2:
-        raise ConfigError(f"model.last_stride must be 1 or 2, got {model_cfg.last_stride}")
     if model_cfg.grad_checkpointing:
         net.set_grad_checkpointing(True)
     return Backbone(net, name)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaguar.config import Config, ConfigError
+from jaguar.config import Config
 from jaguar.models.heads import build_margin
 from jaguar.models.reid import ReIDOutput
 
@@ -63,17 +63,6 @@ class ReIDCriterion(nn.Module):
     def __init__(self, cfg: Config, num_classes: int, feat_dim: int) -> None:
         super().__init__()
         loss_cfg = cfg.loss
-        for key in ("ce_weight", "triplet_weight", "center_weight", "label_smoothing", "triplet_margin"):
-            if getattr(loss_cfg, key) < 0:
-                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(loss_cfg, key)}")
-        if loss_cfg.label_smoothing >= 1:
-            raise ConfigError(f"loss.label_smoothing must be < 1, got {loss_cfg.label_smoothing}")
-        if loss_cfg.ce_weight == loss_cfg.triplet_weight == loss_cfg.center_weight == 0:
-            raise ConfigError("loss.ce_weight, loss.triplet_weight and loss.center_weight are all 0; "
-                              "enable at least one term")
-        if loss_cfg.ce_weight == 0 and cfg.data.mixup_prob > 0 and cfg.data.mixup_alpha > 0:
-            raise ConfigError("mixup (data.mixup_prob > 0) trains only the cross-entropy term, but "
-                              "loss.ce_weight is 0; set loss.ce_weight > 0 or data.mixup_prob=0")
         self.ce_weight = loss_cfg.ce_weight
         self.triplet_weight = loss_cfg.triplet_weight
         self.triplet_margin = loss_cfg.triplet_margin

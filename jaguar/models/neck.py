@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jaguar.config import ConfigError, ModelConfig
+from jaguar.config import ModelConfig
 
 
 class BNNeck(nn.BatchNorm1d):
@@ -25,10 +25,6 @@ class Neck(nn.Module):
 
     def __init__(self, in_dim: int, reduce_dim: int = 0, bnneck: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
-        if reduce_dim < 0:
-            raise ConfigError(f"model.reduce_dim must be >= 0 (0 keeps the backbone width), got {reduce_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
         self.reduction: nn.Module = nn.Identity()
         self.out_dim = in_dim
         if reduce_dim > 0:

@@ -20,8 +20,6 @@ class GeM(nn.Module):
 
     def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
-        if p < 1.0:
-            raise ConfigError(f"model.gem_p must be >= 1, got {p}")
         initial = torch.tensor([float(p)])
         if learnable:
             self.p = nn.Parameter(initial)
@@ -52,8 +50,6 @@ class GlobalPool(nn.Module):
         elif method in ("avg", "max", "avgmax"):
             # timm's avgmax is 0.5 * (avg + max): the sum up to a constant the neck's BN removes.
             self.pool = SelectAdaptivePool2d(pool_type=method, flatten=True)
-        elif method != "cls":
-            raise ConfigError(f"model.pooling={method!r} is not one of gem, avg, max, avgmax, cls")
 
     def gem_p(self) -> Optional[float]:
         return self.gem.current_p() if self.gem is not None else None
