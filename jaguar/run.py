@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from jaguar.config import Config, load_config, save_config
+from jaguar.config import Config, PostConfig, load_config, save_config
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.io import atomic_write_json
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.postprocess import PostConfig
 
 SPLITS = ("train", "val", "test")
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from jaguar.config import Config
+from jaguar.config import Config, PostConfig
 from jaguar.errors import JaguarError
 from jaguar.retrieval.features import FeatureSet
 from jaguar.formats import check_rows, examples, read_labels, read_pairs, read_submission, write_submission
 from jaguar.retrieval.metrics import MetricsError, evaluate
-from jaguar.retrieval.postprocess import PostConfig, final_distance, tune_post
+from jaguar.retrieval.postprocess import final_distance, tune_post
 from jaguar.retrieval.submission import SubmissionError, pair_similarities, pair_similarity_matrix
 from jaguar.run import PostResult, RunDir, Score, ScoreTable, StageRow
 
