@@ -1,5 +1,7 @@
 """The retrieval evaluator: the one implementation of AP, CMC and mINP in jaguar, used by training
 validation, `jaguar tune-post`, `jaguar score`, the report and (through those) the ensemble.
+`evaluate` ranks a full score matrix; `evaluate_ranked` gives the same figures at any N from top-M
+ranked lists in O(N * M) memory (gallery scale).
 
 `evaluate` ranks each query's candidates and returns a `RetrievalMetrics`: per-query AP, per-identity
 AP, the challenge's identity-balanced mAP, plain (per-query) mAP, CMC rank-1/5/10 and mINP.
@@ -57,6 +59,16 @@ class RetrievalMetrics:
     num_queries: int  # queries with a true match: the ones averaged
     num_skipped: int  # queries without one
     camera_removed: int  # true matches ignored by the same-camera rule (0 without camera ids)
+    # Set by `evaluate_ranked` when the lists were re-ordered (e.g. re-ranked) within each query's
+    # top M: the figures are over those lists, the items beyond M in their base score order.
+    reordered_top_m: Optional[int] = None
+
+    def describe_basis(self) -> str:
+        """What the figures rank: all candidates, or re-ordered top-M lists and the rest."""
+        if self.reordered_top_m is None:
+            return "over every candidate's score"
+        return (f"over re-ranked top-{self.reordered_top_m} lists (re-ranking orders only the top "
+                f"{self.reordered_top_m}; the rest keep their base score order)")
 
     def summary(self) -> dict[str, float]:
         """The headline figures as a plain dict (what tables and JSON files hold)."""
@@ -169,6 +181,113 @@ def evaluate(scores: ArrayLike, query_labels: ArrayLike, gallery_labels: Optiona
         per_identity_ap=per_identity, mAP_balanced=float((sums / counts).mean()), mAP=float(ap[has].mean()),
         rank1=cmc[1], rank5=cmc[5], rank10=cmc[10], mINP=float(inp[has].mean()),
         num_queries=int(has.sum()), num_skipped=int((~has).sum()), camera_removed=camera_removed)
+
+
+def _figures(query_ids: torch.Tensor, ranks: torch.Tensor, q_label: torch.Tensor,
+             reordered_top_m: Optional[int], message: str) -> RetrievalMetrics:
+    """The evaluator's figures from the 1-based ranks of every true match (query_ids[i] holds
+    ranks[i]), as `evaluate` computes them from a full ranking."""
+    n_query = q_label.numel()
+    order = np.lexsort((ranks.numpy(), query_ids.numpy()))
+    query_ids, ranks = query_ids[order], ranks[order].double()
+    n_hits = torch.bincount(query_ids, minlength=n_query)
+    has = n_hits > 0
+    if not bool(has.any()):
+        raise MetricsError(message)
+    start = torch.cumsum(n_hits, 0) - n_hits
+    position = torch.arange(query_ids.numel()) - start[query_ids] + 1  # i-th hit of its query
+    precision_sum = torch.zeros(n_query, dtype=torch.float64).index_add_(0, query_ids, position / ranks)
+    nan = torch.full((n_query,), float("nan"), dtype=torch.float64)
+    ap = torch.where(has, precision_sum / n_hits.clamp(min=1), nan)
+    # Hits are sorted by (query, rank): a query's first and last hit open and close its run.
+    zero = torch.zeros(n_query, dtype=torch.float64)
+    first = torch.where(has, ranks[start.clamp(max=max(ranks.numel() - 1, 0))], zero)
+    last = torch.where(has, ranks[(start + n_hits - 1).clamp(min=0)], zero)
+    inp = torch.where(has, n_hits.double() / last.clamp(min=1), nan)
+    first = first.long()
+    identities, inverse = torch.unique(q_label[has], return_inverse=True)
+    sums = torch.zeros(len(identities), dtype=torch.float64).index_add_(0, inverse, ap[has])
+    counts = torch.bincount(inverse, minlength=len(identities)).double()
+    cmc = {k: float((first[has] <= k).double().mean()) for k in CMC_RANKS}
+    return RetrievalMetrics(
+        query_ap=ap.numpy(), query_inp=inp.numpy(), first_match_rank=first.numpy(), query_labels=q_label.numpy(),
+        per_identity_ap={int(i): float(s / c) for i, s, c in zip(identities.tolist(), sums, counts)},
+        mAP_balanced=float((sums / counts).mean()), mAP=float(ap[has].mean()), rank1=cmc[1], rank5=cmc[5],
+        rank10=cmc[10], mINP=float(inp[has].mean()), num_queries=int(has.sum()), num_skipped=int((~has).sum()),
+        camera_removed=0, reordered_top_m=reordered_top_m)
+
+
+def _match_pairs(q_label: torch.Tensor, g_label: torch.Tensor, all_vs_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (query, gallery) pair of the same label, self excluded in all-vs-all: O(matches)."""
+    g_order = torch.sort(g_label, stable=True).indices
+    g_sorted = g_label[g_order]
+    first = torch.searchsorted(g_sorted, q_label)
+    count = torch.searchsorted(g_sorted, q_label, right=True) - first
+    queries = torch.repeat_interleave(torch.arange(q_label.numel()), count)
+    offset = torch.arange(queries.numel()) - (torch.cumsum(count, 0) - count)[queries]
+    gallery = g_order[first[queries] + offset]
+    if all_vs_all:
+        keep = gallery != queries
+        queries, gallery = queries[keep], gallery[keep]
+    return queries, gallery
+
+
+def evaluate_ranked(ranked: ArrayLike, query_features: ArrayLike, query_labels: ArrayLike,
+                    gallery_features: Optional[ArrayLike] = None, gallery_labels: Optional[ArrayLike] = None, *,
+                    reordered: bool = False, chunk: int = 1024) -> RetrievalMetrics:
+    """Exact figures from ranked lists in O(N * M) memory: the same as `evaluate` on the full
+    score matrix, without it.
+
+    ranked: Q x M gallery indices, each query's M best candidates by the base score (cosine of
+    query_features Q x D and gallery_features G x D, L2-normalised here; ties by index) and in
+    ranking order; reordered=True when they were re-ordered within the list (e.g. re-ranked), and
+    the figures then say so (`reordered_top_m`). gallery_* None means all-vs-all (the lists must
+    not hold the query itself). A true match beyond M is ranked exactly: M plus the candidates
+    outside the list that score higher than it (equal scores: lower index first), counted per
+    query in chunks of `chunk` queries x G scores, only for queries with such matches.
+    Equal to `evaluate(query_features @ gallery_features.T, ..., kind="similarity")` (1e-9) when
+    the lists hold the top M by that score. No camera ids or candidate masks (use `evaluate`).
+    Raises MetricsError on shapes that do not match or when no query has a true match."""
+    from jaguar.retrieval.knn import normalise
+
+    all_vs_all = gallery_features is None
+    query = normalise("query features", query_features)
+    gallery = query if all_vs_all else normalise("gallery features", gallery_features)
+    lists = torch.as_tensor(np.asarray(ranked) if not isinstance(ranked, torch.Tensor) else ranked).long()
+    if lists.ndim != 2 or lists.shape[0] != query.shape[0]:
+        raise MetricsError(f"ranked lists must be Q x M with Q = {query.shape[0]} queries, got {tuple(lists.shape)}")
+    q_label = _vector("query labels", query_labels, query.shape[0])
+    g_label = q_label if all_vs_all else _vector("gallery labels", gallery_labels, gallery.shape[0])
+    n_gallery, top_m = gallery.shape[0], lists.shape[1]
+    if all_vs_all and bool((lists == torch.arange(lists.shape[0])[:, None]).any()):
+        raise MetricsError("all-vs-all ranked lists hold the query itself; search with the query excluded")
+    in_list = g_label[lists] == q_label[:, None]
+    list_query, list_rank = in_list.nonzero(as_tuple=True)
+    pair_query, pair_gallery = _match_pairs(q_label, g_label, all_vs_all)
+    listed = np.isin((pair_query * n_gallery + pair_gallery).numpy(),
+                     (list_query * n_gallery + lists[list_query, list_rank]).numpy())
+    beyond_query, beyond_gallery = pair_query[~listed], pair_gallery[~listed]
+    beyond_rank = torch.empty(beyond_query.numel(), dtype=torch.long)
+    needing = torch.unique(beyond_query)
+    first_pair = torch.searchsorted(beyond_query, needing)
+    n_pairs = torch.searchsorted(beyond_query, needing, right=True) - first_pair
+    columns = torch.arange(n_gallery)
+    for start in range(0, needing.numel(), max(1, int(chunk))):
+        rows = needing[start:start + chunk]
+        scores = query[rows] @ gallery.T  # B x G
+        if all_vs_all:
+            scores[torch.arange(rows.numel()), rows] = float("-inf")  # the query is no candidate
+        scores.scatter_(1, lists[rows], float("-inf"))  # listed candidates are ranked already
+        for slot in range(int(n_pairs[start:start + chunk].max())):
+            has_slot = n_pairs[start:start + chunk] > slot
+            pair = first_pair[start:start + chunk][has_slot] + slot
+            block, target = scores[has_slot], beyond_gallery[pair]
+            threshold = block.gather(1, target[:, None])
+            higher = (block > threshold).sum(dim=1) + ((block == threshold) & (columns < target[:, None])).sum(dim=1)
+            beyond_rank[pair] = top_m + 1 + higher
+    message = _no_match_message(all_vs_all, False, 0, 0)
+    return _figures(torch.cat([list_query, beyond_query]), torch.cat([list_rank + 1, beyond_rank]), q_label,
+                    top_m if reordered else None, message)
 
 
 def identity_balanced_map(similarity: ArrayLike, labels: ArrayLike,

@@ -1,0 +1,61 @@
+"""The evaluator from ranked top-M lists equals the dense evaluator, true matches beyond M
+ranked exactly (ties included), and says when lists were re-ordered within the top M."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jaguar.retrieval.knn import knn
+from jaguar.retrieval.metrics import MetricsError, evaluate, evaluate_ranked
+from tests.test_knn import clustered
+
+
+def assert_same(a, b):
+    for name in ("mAP_balanced", "mAP", "rank1", "rank5", "rank10", "mINP"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name), abs=1e-9), name
+    np.testing.assert_allclose(a.query_ap, b.query_ap, atol=1e-9)
+    np.testing.assert_allclose(a.query_inp, b.query_inp, atol=1e-9)
+    np.testing.assert_array_equal(a.first_match_rank, b.first_match_rank)
+    assert a.per_identity_ap.keys() == b.per_identity_ap.keys()
+    assert a.num_queries == b.num_queries and a.num_skipped == b.num_skipped
+
+
+@pytest.mark.parametrize("top_m", [1, 3, 10, 200])
+def test_all_vs_all_equals_dense_with_matches_beyond_m(top_m):
+    features, labels = clustered(per_identity=8, dim=8, duplicates=40)  # noisy: many matches far down
+    labels[::7] = 1000 + torch.arange(len(labels[::7]))  # single-image identities: skipped queries
+    ranked = knn(features, k=top_m, exclude_self=True).index
+    result = evaluate_ranked(ranked, features, labels, chunk=17)
+    assert_same(result, evaluate(features @ features.T, labels, kind="similarity"))
+    assert result.reordered_top_m is None and "every candidate" in result.describe_basis()
+
+
+def test_query_gallery_equals_dense():
+    features, labels = clustered(seed=5, dim=8)
+    queries, gallery = features[:60], features[60:]
+    ranked = knn(queries, gallery, k=4).index
+    result = evaluate_ranked(ranked, queries, labels[:60], gallery, labels[60:])
+    assert_same(result, evaluate(queries @ gallery.T, labels[:60], labels[60:], kind="similarity"))
+
+
+def test_reordered_lists_rank_their_items_by_list_order_and_say_so():
+    features, labels = clustered(seed=2, dim=8)
+    ranked = knn(features, k=6, exclude_self=True).index
+    flipped = ranked.flip(1)
+    result = evaluate_ranked(flipped, features, labels, reordered=True)
+    # The dense equivalent: the list in its new order first, then the rest by score.
+    scores = features @ features.T
+    order_key = torch.full_like(scores, 0.0)
+    order_key.scatter_(1, flipped, 10.0 + torch.arange(6, 0, -1, dtype=torch.float32).expand(len(labels), 6))
+    assert_same(result, evaluate(scores + order_key, labels, kind="similarity"))
+    assert result.reordered_top_m == 6 and "top-6" in result.describe_basis()
+
+
+def test_bad_lists_are_refused():
+    features, labels = clustered(n_identities=3, per_identity=3, duplicates=0)
+    with pytest.raises(MetricsError, match="itself"):
+        evaluate_ranked(knn(features, k=2).index, features, labels)
+    with pytest.raises(MetricsError, match="Q x M"):
+        evaluate_ranked(torch.zeros((2, 2), dtype=torch.long), features, labels)
