@@ -76,8 +76,8 @@ class ModelConfig(Group):
     img_size: list[int] = ranged([224, 224], "[16, inf)", "below 16 px the backbone's strides leave no "
                                  "feature map", length=2, repeat=True)
     pooling: Literal["gem", "avg", "max", "avgmax", "cls"] = "gem"
-    gem_p: float = ranged(3.0, "[1, 8]", "below 1 GeM favours the weakest responses; above 8 it is max "
-                          "pooling (use model.pooling=max) and x^p underflows in float32")
+    gem_p: float = ranged(3.0, "[1, 8]", "below 1 GeM favours the weakest responses; above 8 it is close to "
+                          "max pooling: use model.pooling=max")
     gem_learnable: bool = True
     neck: Literal["bnneck", "none"] = "bnneck"
     reduce_dim: int = ranged(0, _OFF_OR_COUNT)  # linear reduction before the neck; 0 keeps the backbone width
