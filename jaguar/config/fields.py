@@ -19,12 +19,12 @@ class ConfigError(JaguarError, ValueError):
     """A configuration problem; the message names the key or file at fault and what to do."""
 
 
-_ENDPOINTS = {"inf": math.inf, "-inf": -math.inf, "pi/2": math.pi / 2}
+_ENDPOINTS = {"inf": math.inf, "-inf": -math.inf}
 
 
 @dataclass(frozen=True)
 class Interval:
-    """The values a numeric field may take, in interval notation: "[0, 1)", "(0, inf)", "[0, pi/2)"."""
+    """The values a numeric field may take, in interval notation: "[0, 1)", "(0, inf)", "[1, 8]"."""
     text: str
 
     def _bounds(self) -> tuple[float, float]:
