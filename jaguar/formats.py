@@ -83,10 +83,12 @@ def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
     header_line, header = records[0]
     missing = [c for c in columns if c not in header]
     unknown = [c for c in header if c not in columns]
-    if missing or unknown or len(set(header)) != len(header):
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if missing or unknown or repeated:
         raise FormatError(f"{path} line {header_line}: wrong header '{','.join(header)}': expected "
                           f"'{expected}' (any order)" + (f"; missing {', '.join(missing)}" if missing else "")
-                          + (f"; unknown {', '.join(unknown)}" if unknown else ""))
+                          + (f"; unknown {', '.join(unknown)}" if unknown else "")
+                          + (f"; repeated {', '.join(repeated)}" if repeated else ""))
     order = [header.index(c) for c in columns]
     table = Table(path, tuple(columns))
     first: dict[str, int] = {}  # key -> index in table.rows

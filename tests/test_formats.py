@@ -25,7 +25,7 @@ MALFORMED = [
                                                "'filename,ground_truth' (any order); missing filename, "
                                                "ground_truth; unknown name, identity"),
     (read_labels, b"filename,ground_truth,extra\na.png,x,1\n", "unknown extra"),
-    (read_labels, b"filename,filename\na.png,x\n", "wrong header"),
+    (read_labels, b"filename,filename\na.png,x\n", "missing ground_truth; repeated filename"),
     (read_labels, (LABELS + "a.png,x\nb.png\n").encode(), "line 3 has 1 cell(s) ['b.png']"),
     (read_labels, (LABELS + "a.png,x,y\n").encode(), "line 2 has 3 cell(s)"),
     (read_labels, (LABELS + "a.png, \n").encode(), "line 2 has 2 cell(s) ['a.png', '']"),
