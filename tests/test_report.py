@@ -16,7 +16,7 @@ from jaguar.report import build_report
 from jaguar.report.tb_reader import read_scalars
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.postprocess import PostConfig
-from jaguar.retrieval.stages import labelled_test_features, score_run, stage_table_on, submit_run
+from jaguar.retrieval.stages import labelled_test_features, stage_table_on, submit_run
 from jaguar.run import PostResult, RunDir, StageRow, TrainingMetrics
 
 
@@ -120,10 +120,15 @@ def pair_list_csv(full_run) -> Path:
     return csv
 
 
-def test_full_report_has_every_section_and_only_existing_images(full_run, test_labels_csv, pair_list_csv):
+def test_full_report_has_every_section_and_only_existing_images(full_run, test_labels_csv, pair_list_csv, capsys):
+    from jaguar.cli.main import main
+
     run = RunDir(full_run)
     submit_run(run, pair_list_csv)
-    score, table = score_run(run, pair_list_csv, test_labels_csv)
+    assert main(["score", str(full_run), "--test-csv", str(pair_list_csv), "--labels", str(test_labels_csv)]) == 0
+    score, table = run.load_score(), run.load_score_table()
+    assert f"identity-balanced mAP: {score.mAP_balanced:.6f}" in capsys.readouterr().out
+    assert [row.name for row in table.table] == [row.name for row in run.load_post().table]
     before = sorted(p.name for p in full_run.iterdir())
     index = build_report(full_run, test_labels=test_labels_csv)
     assert sorted(p.name for p in full_run.iterdir()) == sorted(before + ["report"])  # the report only reads
