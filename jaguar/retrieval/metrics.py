@@ -24,6 +24,7 @@ order of the items; `similarity_from_distance` avoids adding ties."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -156,37 +157,18 @@ def evaluate(scores: ArrayLike, query_labels: ArrayLike, gallery_labels: Optiona
     order = torch.sort(matrix, dim=1, descending=(kind == "similarity"), stable=True).indices
     valid_sorted = valid.gather(1, order)
     hits = match.gather(1, order) & valid_sorted
-    position = torch.cumsum(valid_sorted, dim=1).double()  # 1-based rank among valid candidates
-    cum_hits = torch.cumsum(hits, dim=1).double()
-    n_hits = hits.sum(dim=1)
-    has = n_hits > 0
-    if not bool(has.any()):
-        raise MetricsError(_no_match_message(all_vs_all, candidates is not None, camera_removed, queries_with_any))
-    precision_at_hits = torch.where(hits, cum_hits / position.clamp(min=1), torch.zeros_like(position))
-    nan = torch.full((n_query,), float("nan"), dtype=torch.float64)
-    ap = torch.where(has, precision_at_hits.sum(dim=1) / n_hits.clamp(min=1), nan)
-    first = torch.where(hits, position, torch.full_like(position, float("inf"))).amin(dim=1)
-    last = torch.where(hits, position, torch.zeros_like(position)).amax(dim=1)
-    inp = torch.where(has, n_hits.double() / last.clamp(min=1), nan)
-    first = torch.where(has, first, torch.zeros_like(first)).long()
-
-    counted_labels = q_label[has]
-    identities, inverse = torch.unique(counted_labels, return_inverse=True)
-    sums = torch.zeros(len(identities), dtype=torch.float64).index_add_(0, inverse, ap[has])
-    counts = torch.bincount(inverse, minlength=len(identities)).double()
-    per_identity = {int(i): float(s / c) for i, s, c in zip(identities.tolist(), sums, counts)}
-    cmc = {k: float((first[has] <= k).double().mean()) for k in CMC_RANKS}
-    return RetrievalMetrics(
-        query_ap=ap.numpy(), query_inp=inp.numpy(), first_match_rank=first.numpy(), query_labels=q_label.numpy(),
-        per_identity_ap=per_identity, mAP_balanced=float((sums / counts).mean()), mAP=float(ap[has].mean()),
-        rank1=cmc[1], rank5=cmc[5], rank10=cmc[10], mINP=float(inp[has].mean()),
-        num_queries=int(has.sum()), num_skipped=int((~has).sum()), camera_removed=camera_removed)
+    position = torch.cumsum(valid_sorted, dim=1)  # 1-based rank among valid candidates
+    query_ids, columns = hits.nonzero(as_tuple=True)
+    message = _no_match_message(all_vs_all, candidates is not None, camera_removed, queries_with_any)
+    figures = _figures(query_ids, position[query_ids, columns], q_label, None, message)
+    return dataclasses.replace(figures, camera_removed=camera_removed)
 
 
 def _figures(query_ids: torch.Tensor, ranks: torch.Tensor, q_label: torch.Tensor,
              reordered_top_m: Optional[int], message: str) -> RetrievalMetrics:
     """The evaluator's figures from the 1-based ranks of every true match (query_ids[i] holds
-    ranks[i]), as `evaluate` computes them from a full ranking."""
+    ranks[i]): the one place AP, INP, CMC and their averages are computed, for a full ranking
+    (`evaluate`) and for ranked lists (`evaluate_ranked`) alike."""
     n_query = q_label.numel()
     order = np.lexsort((ranks.numpy(), query_ids.numpy()))
     query_ids, ranks = query_ids[order], ranks[order].double()
