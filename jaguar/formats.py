@@ -67,6 +67,8 @@ class Table:
 def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
     """Read a challenge CSV by the rules of this module; the key is the first of `columns`."""
     path = Path(path)
+    if path.is_dir():  # it exists: "does not exist" would blame the wrong thing
+        raise FormatError(f"{what} {path} is a folder; give the CSV file (header {','.join(columns)}) inside it")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist (expected a CSV with header {','.join(columns)})")
     try:

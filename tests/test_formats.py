@@ -82,9 +82,12 @@ def test_one_behaviour_for_bom_blank_lines_spaces_order_and_repeats(tmp_path: Pa
     assert read_submission(submission).row_ids == ["0", "1"]
 
 
-def test_missing_file_names_the_file(tmp_path: Path):
+def test_missing_file_or_a_folder_is_named_as_such(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"label file .*nowhere.csv does not exist"):
         read_labels(tmp_path / "nowhere.csv")
+    (tmp_path / "labels.csv").mkdir()
+    with pytest.raises(FormatError, match=r"label file .*labels.csv is a folder; give the CSV file"):
+        read_labels(tmp_path / "labels.csv")
 
 
 def test_writers_round_trip_and_quote_what_needs_it(tmp_path: Path):

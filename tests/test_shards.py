@@ -66,6 +66,9 @@ def test_missing_folder_and_manifest_errors(tmp_path: Path) -> None:
     tmp_path.joinpath("empty").mkdir()
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         load_manifest(tmp_path / "empty")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ShardsError, match="file is a file, not a shards folder"):
+        load_manifest(tmp_path / "file")
     (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"format": "other/9"}))
     with pytest.raises(ShardsError, match="'other/9'"):
         load_manifest(tmp_path / "empty")

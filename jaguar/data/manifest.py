@@ -112,6 +112,9 @@ class Manifest:
         """The manifest of a shards folder, checked for its format and fields."""
         shards_dir = Path(shards_dir)
         path = cls.path(shards_dir)
+        if shards_dir.exists() and not shards_dir.is_dir():
+            raise ShardsError(f"{shards_dir} is a file, not a shards folder; give the folder `jaguar prep` wrote "
+                              f"(the one holding {MANIFEST_NAME})")
         if not shards_dir.is_dir():
             raise FileNotFoundError(f"shard folder {shards_dir} does not exist; create it with `jaguar prep SRC "
                                     f"{shards_dir}` (or fix data.shards)")
