@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Extract features of a trained run on a Slurm allocation (srun + accelerate launch of `jaguar extract`).
 #
-#   mkdir -p logs && sbatch slurm/extract.sh RUN_DIR [--split test] [other `jaguar extract` options]
-#   sbatch --nodes=2 slurm/extract.sh runs/jaguar-train-123456 --split test
+#   mkdir -p logs && sbatch [RESOURCES] slurm/extract.sh RUN_DIR [--split test] [other `jaguar extract` options]
+#   sbatch --nodes=2 --gpus-per-node=8 --cpus-per-task=64 slurm/extract.sh runs/jaguar-train-123456 --split test
+#
+# Resources and devices as in slurm/train.sh: GPUs when the job has them, else CPU processes (gloo).
 #
 # Submit from the repository root (the job works in $SLURM_SUBMIT_DIR).  Every image is extracted
 # exactly once whatever the number of processes; re-running a finished extraction is a no-op.
@@ -10,8 +12,6 @@
 #SBATCH --job-name=jaguar-extract
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=64
 #SBATCH --time=02:00:00
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
@@ -22,7 +22,9 @@ set -euo pipefail
 JOB_ID="${SLURM_JOB_ID:?slurm/extract.sh must run inside a Slurm job: submit it with sbatch}"
 VENV="${VENV:-.venv}"             # activated when it exists
 MODULES="${MODULES:-}"            # e.g. "cuda/12.4": loaded with `module load` when set
-ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-}"  # empty = chosen from the node and GPU counts below
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-}"  # empty = chosen from the node and process counts
+DEVICE="${DEVICE:-auto}"         # gpu | cpu | auto: GPUs when the node has any, else CPU (gloo)
+PROCESSES_PER_NODE="${PROCESSES_PER_NODE:-}"  # empty = one per GPU, or 1 on CPU
 
 log() { echo "[extract.sh $(date '+%F %T')] $*"; }
 die() { echo "[extract.sh] error: $*" >&2; exit 2; }
@@ -39,18 +41,8 @@ shift
 # shellcheck source=slurm/allocation.sh
 source slurm/allocation.sh
 
-if [ -z "$ACCELERATE_CONFIG" ]; then
-  if [ "$NNODES" -gt 1 ]; then
-    ACCELERATE_CONFIG=launch/multi_node.yaml
-  elif [ "$NUM_PROCESSES" -gt 1 ]; then
-    ACCELERATE_CONFIG=launch/multi_gpu.yaml
-  else
-    ACCELERATE_CONFIG=launch/single_gpu.yaml
-  fi
-fi
-[ -f "$ACCELERATE_CONFIG" ] || die "ACCELERATE_CONFIG '$ACCELERATE_CONFIG' not found in $PWD (see launch/README.md)"
 
-log "job $JOB_ID on $NNODES node(s) x $GPUS_PER_NODE GPU(s): extracting $RUN_DIR $*"
+log "job $JOB_ID on $NNODES node(s) x $PROCESSES_PER_NODE $DEVICE process(es): extracting $RUN_DIR $*"
 
 # One task per node; SLURM_NODEID is only known inside the task, hence the single quotes.
 status=0

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Train a jaguar recipe on one or many Slurm nodes (srun + accelerate launch), requeue on preemption.
 #
-#   mkdir -p logs && sbatch slurm/train.sh [RECIPE] [key=value ...]
-#   sbatch --nodes=4 slurm/train.sh recipes/eva02_large.py optim.lr=1e-4
-#   RUN_DIR=runs/eva02-a sbatch slurm/train.sh      # continue that run in a new job
+#   mkdir -p logs && sbatch [RESOURCES] slurm/train.sh [RECIPE] [key=value ...]
+#   sbatch --nodes=4 --gpus-per-node=8 --cpus-per-task=64 slurm/train.sh recipes/eva02_large.py optim.lr=1e-4
+#   sbatch --nodes=2 --cpus-per-task=32 slurm/train.sh recipes/tiny_cpu.py   # CPU nodes: gloo
+#   RUN_DIR=runs/eva02-a sbatch --gpus-per-node=8 slurm/train.sh      # continue that run in a new job
+#
+# GPUs and CPUs are requested on the sbatch command line, not below: a #SBATCH --gpus-per-node would
+# make sbatch refuse the job on a partition without GPUs.  Nodes without GPUs (or DEVICE=cpu) run
+# CPU processes that talk over gloo, with the same preemption and requeue.
 #
 # Submit from the repository root: the job works in $SLURM_SUBMIT_DIR and every path below
 # (recipe, launch/*.yaml, runs/) is relative to it.  Slurm does not create the logs/ folder.
@@ -16,8 +21,6 @@
 #SBATCH --job-name=jaguar-train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=64
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
@@ -33,7 +36,9 @@ RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-jaguar-train}-${JOB_ID}}"  # job id s
 SHARDS="${SHARDS:-}"              # data.shards for the trainer; empty = the recipe's value
 VENV="${VENV:-.venv}"             # activated when it exists
 MODULES="${MODULES:-}"            # e.g. "cuda/12.4 gcc/12": loaded with `module load` when set
-ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-}"  # empty = chosen from the node and GPU counts below
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-}"  # empty = chosen from the node and process counts
+DEVICE="${DEVICE:-auto}"         # gpu | cpu | auto: GPUs when the node has any, else CPU (gloo)
+PROCESSES_PER_NODE="${PROCESSES_PER_NODE:-}"  # empty = one per GPU, or 1 on CPU
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
 
 log() { echo "[train.sh $(date '+%F %T')] $*"; }
@@ -67,16 +72,6 @@ done
 # shellcheck source=slurm/allocation.sh
 source slurm/allocation.sh
 
-if [ -z "$ACCELERATE_CONFIG" ]; then
-  if [ "$NNODES" -gt 1 ]; then
-    ACCELERATE_CONFIG=launch/multi_node.yaml
-  elif [ "$NUM_PROCESSES" -gt 1 ]; then
-    ACCELERATE_CONFIG=launch/multi_gpu.yaml
-  else
-    ACCELERATE_CONFIG=launch/single_gpu.yaml
-  fi
-fi
-[ -f "$ACCELERATE_CONFIG" ] || die "ACCELERATE_CONFIG '$ACCELERATE_CONFIG' not found in $PWD (see launch/README.md)"
 
 # A .py recipe is the training script itself; a .yaml config goes through `jaguar train`.
 if [[ "$RECIPE" == *.py ]]; then
@@ -93,7 +88,7 @@ mkdir -p "$RUN_DIR"
 # A PREEMPT left by a job killed before the trainer saw it would stop this run at its first step.
 rm -f "$RUN_DIR/PREEMPT"
 
-log "job $JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s) x $GPUS_PER_NODE GPU(s): $SLURM_JOB_NODELIST"
+log "job $JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES node(s) x $PROCESSES_PER_NODE $DEVICE process(es): $SLURM_JOB_NODELIST"
 log "recipe $RECIPE, run dir $RUN_DIR, accelerate config $ACCELERATE_CONFIG, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 # ------------------------------------------------------------------ launch and preemption

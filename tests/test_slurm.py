@@ -1,17 +1,25 @@
-"""slurm/train.sh and slurm/extract.sh under fake Slurm: tiny srun/scontrol/sbatch/accelerate/
-nvidia-smi shims on PATH record what the scripts would run on a real cluster."""
+"""slurm/train.sh and slurm/extract.sh on a real 2-node Slurm cluster (tests/slurm_cluster.py): CPU
+training on two nodes, a real preemption that requeues the same job and resumes to the same weights,
+a failing job, and extraction on two nodes.  What one machine without GPUs cannot show (GPU counts,
+`module load`, the routing of a .yaml config) is checked under fake srun/scontrol/sbatch/accelerate/
+nvidia-smi/module shims on PATH that record what the scripts would run."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster: the session fixture)
+
+from jaguar.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SH = REPO / "slurm" / "train.sh"
@@ -44,7 +52,7 @@ done
 exit "$worst"
 """
 
-# scontrol: `show hostnames gpu-[01-02]` expands a simple bracket range; `requeue ID` is recorded.
+# scontrol: `show hostnames gpu-[01-02]` expands a simple bracket range.
 FAKE_SCONTROL = r"""#!/usr/bin/env bash
 case "$1 $2" in
   "show hostnames")
@@ -63,7 +71,6 @@ case "$1 $2" in
     else
       echo "$list"
     fi ;;
-  requeue*) echo "requeue $2" >> "$FAKE_LOG_DIR/scontrol.log" ;;
   *) echo "fake scontrol: unsupported $*" >&2; exit 1 ;;
 esac
 """
@@ -91,45 +98,29 @@ export SLURM_JOB_NODELIST
 exec bash "$script" "$@"
 """
 
-# accelerate: records its argv and Slurm environment (one JSON line a call), then behaves as
-# FAKE_ACCELERATE_MODE says: ok | fail | wait_preempt (a trainer that checkpoints on PREEMPT).
+# accelerate: records its argv and Slurm environment (one JSON line a call) and exits 0.
 FAKE_ACCELERATE = r"""#!/usr/bin/env bash
-run_dir=""
-for arg in "$@"; do case "$arg" in run.dir=*) run_dir="${arg#run.dir=}" ;; esac; done
-preempt_at_start=false
-[ -n "$run_dir" ] && [ -e "$run_dir/PREEMPT" ] && preempt_at_start=true
 "$FAKE_PYTHON" - "$@" <<EOF
 import json, os, sys
 line = json.dumps({"argv": sys.argv[1:], "node_id": os.environ.get("SLURM_NODEID"),
                    "srun_cpus": os.environ.get("SRUN_CPUS_PER_TASK"),
-                   "cwd": os.getcwd(), "preempt_at_start": "$preempt_at_start" == "true"}) + "\\n"
+                   "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                   "omp_threads": os.environ.get("OMP_NUM_THREADS"), "cwd": os.getcwd()}) + "\\n"
 # One write to an O_APPEND file: the nodes' lines never interleave (print under
 # PYTHONUNBUFFERED=1 writes the text and the newline separately).
 fd = os.open(os.path.join(os.environ["FAKE_LOG_DIR"], "accelerate.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 os.write(fd, line.encode())
 os.close(fd)
 EOF
-case "${FAKE_ACCELERATE_MODE:-ok}" in
-  ok) exit 0 ;;
-  fail) exit 3 ;;
-  wait_preempt)
-    deadline=$((SECONDS + 20))
-    until [ -e "$run_dir/PREEMPT" ] || [ -e "$run_dir/checkpointed" ]; do
-      [ "$SECONDS" -lt "$deadline" ] || exit 99
-      sleep 0.05
-    done
-    touch "$FAKE_LOG_DIR/preempt_seen"
-    if [ "$SLURM_NODEID" = 0 ]; then
-      touch "$run_dir/checkpointed"
-      rm -f "$run_dir/PREEMPT"
-      echo "preempted"
-    fi
-    exit 0 ;;
-esac
 """
 
 FAKE_NVIDIA_SMI = r"""#!/usr/bin/env bash
 for ((i = 0; i < ${FAKE_GPUS:-0}; i++)); do echo "GPU $i: Fake GPU (UUID: GPU-$i)"; done
+"""
+
+# module: Environment Modules / Lmod; records its arguments.
+FAKE_MODULE = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG_DIR/module.log"
 """
 
 
@@ -139,7 +130,7 @@ def cluster(tmp_path: Path) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shims = {"srun": FAKE_SRUN, "scontrol": FAKE_SCONTROL, "sbatch": FAKE_SBATCH,
-             "accelerate": FAKE_ACCELERATE, "nvidia-smi": FAKE_NVIDIA_SMI}
+             "accelerate": FAKE_ACCELERATE, "nvidia-smi": FAKE_NVIDIA_SMI, "module": FAKE_MODULE}
     for name, text in shims.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
@@ -150,7 +141,8 @@ def cluster(tmp_path: Path) -> dict:
     (submit / "slurm").symlink_to(REPO / "slurm")
     logs = tmp_path / "logs"
     logs.mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("SLURM_") and key not in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
     env.update(PATH=f"{bin_dir}:/usr/bin:/bin", FAKE_LOG_DIR=str(logs), FAKE_PYTHON=sys.executable,
                FAKE_JOB_ID=str(JOB_ID), HOME=str(tmp_path))
     env.pop("VIRTUAL_ENV", None)
@@ -174,11 +166,6 @@ def _calls(cluster: dict) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def _requeues(cluster: dict) -> list[str]:
-    log = cluster["logs"] / "scontrol.log"
-    return log.read_text().splitlines() if log.exists() else []
-
-
 def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
@@ -190,7 +177,7 @@ def _sbatch(cluster: dict, *args: str, **extra: str) -> subprocess.CompletedProc
 
 
 def test_single_node_starts_one_launcher_with_one_process_per_gpu(cluster: dict) -> None:
-    result = _sbatch(cluster, "--gpus-per-node=4", "slurm/train.sh", "recipes/tiny.py")
+    result = _sbatch(cluster, "--gpus-per-node=4", "--cpus-per-task=64", "slurm/train.sh", "recipes/tiny.py")
     assert result.returncode == 0, result.stderr
     (call,) = _calls(cluster)
     argv = call["argv"]
@@ -203,9 +190,9 @@ def test_single_node_starts_one_launcher_with_one_process_per_gpu(cluster: dict)
     run_dir = f"runs/jaguar-train-{JOB_ID}"  # the #SBATCH job name, kept on requeue
     assert argv[-2:] == [f"run.dir={run_dir}", "train.resume=auto"]
     assert Path(call["cwd"]) == cluster["submit"]
-    assert call["srun_cpus"] == "64"  # the #SBATCH --cpus-per-task reaches the srun task
+    assert call["srun_cpus"] == "64"  # sbatch's --cpus-per-task reaches the srun task
+    assert call["cuda_visible"] is None and call["omp_threads"] is None  # GPU runs are left alone
     assert (cluster["submit"] / run_dir).is_dir()
-    assert _requeues(cluster) == []
 
 
 def test_two_nodes_share_one_rendezvous(cluster: dict) -> None:
@@ -251,51 +238,6 @@ def test_yaml_config_goes_through_jaguar_train(cluster: dict) -> None:
     assert argv[argv.index("-m"):argv.index("-m") + 4] == ["-m", "jaguar.cli.main", "train", "exp.yaml"]
 
 
-def test_preemption_checkpoints_then_requeues(cluster: dict) -> None:
-    env = _direct_env(cluster, nodes=2, gpus=2, FAKE_ACCELERATE_MODE="wait_preempt")
-    process = subprocess.Popen(["bash", str(TRAIN_SH), "recipes/tiny.py"], cwd=cluster["submit"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 8
-        while len(_calls(cluster)) < 2:  # both launchers running: the job is in training
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the fake launchers never started"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGUSR1)
-        stdout, stderr = process.communicate(timeout=8)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, stderr
-    run_dir = cluster["submit"] / "runs" / f"direct-{JOB_ID}"
-    assert (cluster["logs"] / "preempt_seen").exists()  # the trainer saw RUN_DIR/PREEMPT
-    assert (run_dir / "checkpointed").exists()
-    assert _requeues(cluster) == [f"requeue {JOB_ID}"]
-    assert "preempted" in stdout
-
-
-def test_normal_finish_does_not_requeue_and_clears_a_stale_preempt(cluster: dict) -> None:
-    run_dir = cluster["submit"] / "runs" / "old"
-    run_dir.mkdir(parents=True)
-    (run_dir / "PREEMPT").touch()  # left by a job killed before its trainer saw it
-    env = _direct_env(cluster, nodes=1, gpus=2, RUN_DIR="runs/old")
-    result = subprocess.run(["bash", str(TRAIN_SH), "recipes/tiny.py"], cwd=cluster["submit"], env=env,
-                            capture_output=True, text=True, timeout=10)
-    assert result.returncode == 0, result.stderr
-    (call,) = _calls(cluster)
-    assert call["preempt_at_start"] is False
-    assert "run.dir=runs/old" in call["argv"]
-    assert _requeues(cluster) == []
-
-
-def test_training_failure_status_is_propagated(cluster: dict) -> None:
-    env = _direct_env(cluster, nodes=1, gpus=2, FAKE_ACCELERATE_MODE="fail")
-    result = subprocess.run(["bash", str(TRAIN_SH), "recipes/tiny.py"], cwd=cluster["submit"], env=env,
-                            capture_output=True, text=True, timeout=10)
-    assert result.returncode == 3
-    assert _requeues(cluster) == []
-
-
 @pytest.mark.parametrize("args, message", [
     (["recipes/missing.py"], "recipe 'recipes/missing.py' not found"),
     (["recipes/tiny.py", "train.resume=none"], "train.resume=none"),
@@ -318,12 +260,40 @@ def test_default_recipe_missing_is_a_clear_error(cluster: dict) -> None:
     assert _calls(cluster) == []
 
 
-def test_no_gpus_is_a_clear_error(cluster: dict) -> None:
-    env = _direct_env(cluster, nodes=1, gpus=None, FAKE_GPUS="0")
+def test_device_gpu_without_gpus_is_a_clear_error(cluster: dict) -> None:
+    env = _direct_env(cluster, nodes=1, gpus=None, FAKE_GPUS="0", DEVICE="gpu")
     result = subprocess.run(["bash", str(TRAIN_SH), "recipes/tiny.py"], cwd=cluster["submit"], env=env,
                             capture_output=True, text=True, timeout=10)
     assert result.returncode == 2
-    assert "--gpus-per-node" in result.stderr
+    assert "DEVICE=gpu but found no GPUs" in result.stderr and "--gpus-per-node" in result.stderr
+    assert _calls(cluster) == []
+
+
+def test_device_cpu_on_a_gpu_node_hides_the_gpus(cluster: dict) -> None:
+    """DEVICE=cpu: the GPUs the node has are hidden, PROCESSES_PER_NODE CPU processes share its cores."""
+    env = _direct_env(cluster, nodes=1, gpus=4, DEVICE="cpu", PROCESSES_PER_NODE="2", SLURM_CPUS_PER_TASK="8")
+    result = subprocess.run(["bash", str(TRAIN_SH), "recipes/tiny.py"], cwd=cluster["submit"], env=env,
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    (call,) = _calls(cluster)
+    assert call["cuda_visible"] == ""
+    assert call["omp_threads"] == "4"  # 8 cores for 2 processes
+    assert _option(call["argv"], "--num_processes") == "2"
+    assert _option(call["argv"], "--config_file") == "launch/cpu_2proc.yaml"
+    assert "1 node(s) x 2 cpu process(es)" in result.stdout
+
+
+def test_modules_are_loaded_and_a_missing_module_command_is_a_clear_error(cluster: dict) -> None:
+    env = _direct_env(cluster, nodes=1, gpus=1, MODULES="cuda/12.4 gcc/12")
+    result = subprocess.run(["bash", str(TRAIN_SH), "recipes/tiny.py"], cwd=cluster["submit"], env=env,
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert (cluster["logs"] / "module.log").read_text().splitlines() == ["load cuda/12.4 gcc/12"]
+    (cluster["submit"].parent / "bin" / "module").unlink()
+    result = subprocess.run(["bash", str(EXTRACT_SH), "runs"], cwd=cluster["submit"], env=env,
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 2
+    assert "MODULES='cuda/12.4 gcc/12' is set but the `module` command is not available" in result.stderr
 
 
 def test_extract_runs_jaguar_extract_on_every_node(cluster: dict) -> None:
@@ -348,3 +318,146 @@ def test_extract_needs_an_existing_run_dir(cluster: dict, args: list[str], messa
     assert result.returncode == 2
     assert message in result.stderr
     assert _calls(cluster) == []
+
+
+# ---------------------------------------------------------------------------------- the real cluster
+# resnet10t at 32 px on the session's synthetic shards: 2 nodes x 1 process, 15 epochs of 2 steps.
+STEPS = 30
+TINY_TRAIN = ["model.img_size=[32,32]", "data.p_identities=2", "data.k_images=4", "data.num_workers=0",
+              "train.epochs=100", f"train.max_steps={STEPS}", "train.checkpoint_every=3", "train.keep_last=20",
+              "train.eval_every=0", "train.log_every=1"]
+JOB_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def submit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A submit directory as users have it (launch/, slurm/, recipes/ and logs/), away from the clone."""
+    submit = tmp_path_factory.mktemp("submit")
+    for name in ("launch", "slurm", "recipes"):
+        (submit / name).symlink_to(REPO / name)
+    (submit / "logs").mkdir()
+    return submit
+
+
+def _submit(cluster: SlurmCluster, submit: Path, *args: str) -> int:
+    """sbatch from `submit` with this Python's venv; the job inherits this environment (PYTHONPATH too)."""
+    env = cluster.env()
+    env.update(VENV=sys.prefix, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(["sbatch", "--parsable", *args], cwd=submit, env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip().split(";")[0])
+
+
+def _job_log(submit: Path, name: str, job_id: int) -> str:
+    return (submit / "logs" / f"{name}-{job_id}.out").read_text(errors="replace")
+
+
+def _train(cluster: SlurmCluster, submit: Path, shards: Path, run: str, *extra: str) -> int:
+    return _submit(cluster, submit, "--nodes=2", "slurm/train.sh", "recipes/tiny_cpu.py",
+                   f"data.shards={shards}", f"run.dir={run}", *TINY_TRAIN, *extra)
+
+
+@pytest.fixture(scope="module")
+def straight_run(slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Path) -> dict:
+    """One uninterrupted 2-node training job, shared by the tests below; a PREEMPT file left by an
+    earlier job is in its run directory and must not stop it."""
+    (submit_dir / "runs" / "straight").mkdir(parents=True)
+    (submit_dir / "runs" / "straight" / "PREEMPT").touch()
+    job_id = _train(slurm_cluster, submit_dir, shards_dir, "runs/straight")
+    info = slurm_cluster.wait_job(job_id, JOB_TIMEOUT)
+    return {"job": job_id, "info": info, "run": submit_dir / "runs" / "straight",
+            "log": _job_log(submit_dir, "jaguar-train", job_id)}
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    last = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    assert last.name == f"step-{STEPS:06d}" and ckpt.is_complete(last)
+    return load_file(str(last / ckpt.WEIGHTS_FILE))
+
+
+@pytest.mark.slow
+def test_two_cpu_nodes_train_to_checkpoints_and_tensorboard_events(straight_run: dict) -> None:
+    info, log, run = straight_run["info"], straight_run["log"], straight_run["run"]
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-3000:]
+    assert "on 2 node(s) x 1 cpu process(es): n[1-2]" in log
+    assert "accelerate config launch/multi_node.yaml, rendezvous n1:" in log
+    assert "world size 2" in log
+    assert "training finished" in log
+    assert not (run / "PREEMPT").exists()
+    names = [path.name for path in ckpt.list_checkpoints(run / "checkpoints")]
+    assert names == [f"step-{step:06d}" for step in range(3, STEPS + 1, 3)]  # the stale PREEMPT stopped nothing
+    _final_weights(run)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    losses = [tag for tag in events.Tags()["scalars"] if "loss" in tag]
+    assert losses, events.Tags()["scalars"]
+    assert len(events.Scalars(losses[0])) == STEPS  # train.log_every=1
+
+
+@pytest.mark.slow
+def test_preemption_checkpoints_requeues_the_same_job_and_resumes_to_the_same_weights(
+        slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Path, straight_run: dict) -> None:
+    run = submit_dir / "runs" / "preempted"
+    job_id = _train(slurm_cluster, submit_dir, shards_dir, "runs/preempted")
+    # A checkpoint on disk means the trainer is in its loop, well before its last step.
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not ckpt.is_complete(run / "checkpoints" / "step-000006"):
+        assert slurm_cluster.job(job_id).get("JobState") in {"PENDING", "RUNNING"}, _job_log(
+            submit_dir, "jaguar-train", job_id)[-3000:]
+        assert time.monotonic() < deadline, "the job never reached its second checkpoint"
+        time.sleep(0.05)
+    # What `#SBATCH --signal=B:USR1@300` sends before the time limit: USR1 to the batch script.
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))
+    info = slurm_cluster.wait_job(job_id, JOB_TIMEOUT)
+    log = _job_log(submit_dir, "jaguar-train", job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    assert "received SIGUSR1" in log
+    assert f"requeueing job {job_id}" in log
+    assert f"job {job_id} (restart 1)" in log
+    assert "resumed from runs/preempted/checkpoints/step-" in log
+    steps = [int(path.name.split("-")[1]) for path in ckpt.list_checkpoints(run / "checkpoints")]
+    assert any(step % 3 for step in steps), f"no checkpoint taken at the preemption: {steps}"
+    straight, resumed = _final_weights(straight_run["run"]), _final_weights(run)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), f"{key} differs after preemption and requeue"
+
+
+@pytest.mark.slow
+def test_a_failing_training_job_fails_and_is_not_requeued(slurm_cluster: SlurmCluster, submit_dir: Path) -> None:
+    job_id = _submit(slurm_cluster, submit_dir, "slurm/train.sh", "recipes/tiny_cpu.py",
+                     f"data.shards={submit_dir / 'no-shards'}", "run.dir=runs/failing", *TINY_TRAIN)
+    info = slurm_cluster.wait_job(job_id, JOB_TIMEOUT)
+    log = _job_log(submit_dir, "jaguar-train", job_id)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+    assert info["ExitCode"] != "0:0"
+    assert "accelerate config launch/cpu_2proc.yaml" in log  # one CPU node
+    assert "no-shards" in log  # the trainer's error reaches the job log
+    assert "training failed with status" in log and "requeueing" not in log
+
+
+@pytest.mark.slow
+def test_two_node_extraction_equals_one_process(slurm_cluster: SlurmCluster, submit_dir: Path,
+                                                straight_run: dict) -> None:
+    from jaguar.retrieval.features import FeatureSet
+
+    one, two = submit_dir / "runs" / "extract-1", submit_dir / "runs" / "extract-2"
+    shutil.copytree(straight_run["run"], one)
+    shutil.copytree(straight_run["run"], two)
+    job_id = _submit(slurm_cluster, submit_dir, "--nodes=2", "slurm/extract.sh", "runs/extract-2", "--split", "test")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "jaguar.cli.main", "extract", str(one), "--split", "test"],
+                            cwd=submit_dir, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = slurm_cluster.wait_job(job_id, JOB_TIMEOUT)
+    log = _job_log(submit_dir, "jaguar-extract", job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "on 2 node(s) x 1 cpu process(es)" in log
+    one_set = FeatureSet.load(one / "features" / "test.safetensors")
+    two_set = FeatureSet.load(two / "features" / "test.safetensors")
+    assert two_set.meta["world_size"] == 2
+    assert one_set.names == two_set.names and len(one_set.names) > 0
+    torch.testing.assert_close(one_set.embeddings, two_set.embeddings, rtol=1e-5, atol=1e-5)
