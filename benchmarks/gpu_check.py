@@ -85,7 +85,8 @@ def versions() -> dict:
     except Exception as err:  # an optional engine: report why it is missing
         deepspeed_version = f"unavailable ({type(err).__name__}: {err})"
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
+            "cudnn": torch.backends.cudnn.version(),
+            "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
             "accelerate": accelerate.__version__, "deepspeed": deepspeed_version, "timm": timm.__version__,
             "device": props.name, "device_count": torch.cuda.device_count(),
             "capability": f"{props.major}.{props.minor}", "memory_gib": props.total_memory / 2 ** 30,
@@ -107,7 +108,7 @@ def make_data(folder: Path, test_images: int) -> Path:
     from jaguar.data.synth import make_synthetic
 
     workers = max(1, os.cpu_count() or 1)
-    source = make_synthetic(folder / "source", identities=8, train_images=32, test_images=test_images, size=512,
+    source = make_synthetic(folder / "source", identities=8, train_images=128, test_images=test_images, size=512,
                             seed=0, workers=workers)
     prepare(source, folder / "shards", workers=workers)
     return folder / "shards"
@@ -269,14 +270,15 @@ def _table(results: dict) -> str:
     runs = results.get("train", []) + ([results["deepspeed"]] if "deepspeed" in results else [])
     if runs:
         lines += ["", f"EVA-02-L/448 training step, bf16, random init (MFU against {peak or '?'} TFLOP/s dense bf16)",
-                  "| engine | grad ckpt | micro-batch | s/step | images/s | peak alloc / reserved GiB | fwd GFLOP/img | MFU |",
+                  "| engine | grad ckpt | micro-batch | s/step | images/s | peak alloc / reserved GiB "
+                  "| fwd GFLOP/img | MFU |",
                   "|---|---|--:|--:|--:|--:|--:|--:|"]
         for run in runs:
             if "error" in run:
                 lines.append(f"| {run.get('label', '?')} failed: {run['error']} |")
                 continue
             mfu = f"{100 * run['model_tflops_per_s'] / peak:.1f}%" if peak else "-"
-            lines.append(f"| {'ZeRO-2' if run['deepspeed'] else 'DDP'} | {'on' if run['checkpointing'] else 'off'} | "
+            lines.append(f"| {'ZeRO-2' if run['deepspeed'] else 'plain'} | {'on' if run['checkpointing'] else 'off'} | "
                          f"{run['batch']} | {run['s_per_step']:.3f} | {run['images_per_s']:.1f} | "
                          f"{run['peak_allocated_gib']:.1f} / {run['peak_reserved_gib']:.1f} | "
                          f"{run['forward_gflops_per_image']:.0f} | {mfu} |")
@@ -301,8 +303,8 @@ def _table(results: dict) -> str:
             else:
                 lines.append(f"top-M mode (M=100): GPU vs CPU at N={t['check_n']:,}: same neighbours "
                              f"{t['check_same_indices']}, max abs diff {t['check_max_abs_diff']:.1e}"
-                             + (f"; N={t['n']:,} on the GPU in {t['gpu_s']:.2f} s, peak {t['peak_allocated_gib']:.1f} GiB"
-                                if "n" in t else ""))
+                             + (f"; N={t['n']:,} on the GPU in {t['gpu_s']:.2f} s, "
+                                f"peak {t['peak_allocated_gib']:.1f} GiB" if "n" in t else ""))
     return "\n".join(lines)
 
 
@@ -362,9 +364,10 @@ def main() -> int:
             results["train"] = []
             for batch in args.batches:
                 for checkpointing in ("on", "off"):
-                    print(f"gpu_check: training step, grad checkpointing {checkpointing}, micro-batch {batch}", flush=True)
+                    print(f"gpu_check: training step, grad checkpointing {checkpointing}, micro-batch {batch}",
+                          flush=True)
                     run = _child(["--child", "train", "--checkpointing", checkpointing, "--batch", str(batch), *common])
-                    run.setdefault("label", f"DDP ckpt {checkpointing} batch {batch}")
+                    run.setdefault("label", f"plain ckpt {checkpointing} batch {batch}")
                     results["train"].append(run)
                     save()
         if "deepspeed" not in args.skip:

@@ -359,15 +359,26 @@ def _train(cluster: SlurmCluster, submit: Path, shards: Path, run: str, *extra: 
 
 
 @pytest.fixture(scope="module")
-def straight_run(slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Path) -> dict:
-    """One uninterrupted 2-node training job, shared by the tests below; a PREEMPT file left by an
-    earlier job is in its run directory and must not stop it."""
+def training_jobs(slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Path) -> dict:
+    """Two identical 2-node training jobs, side by side: "straight" runs uninterrupted (with a PREEMPT
+    file left by an earlier job in its run directory, which must not stop it); "preempted" gets the
+    USR1 that `#SBATCH --signal=B:USR1@300` sends before a time limit, once it has checkpointed."""
     (submit_dir / "runs" / "straight").mkdir(parents=True)
     (submit_dir / "runs" / "straight" / "PREEMPT").touch()
-    job_id = _train(slurm_cluster, submit_dir, shards_dir, "runs/straight")
-    info = slurm_cluster.wait_job(job_id, JOB_TIMEOUT)
-    return {"job": job_id, "info": info, "run": submit_dir / "runs" / "straight",
-            "log": _job_log(submit_dir, "jaguar-train", job_id)}
+    jobs = {name: _train(slurm_cluster, submit_dir, shards_dir, f"runs/{name}") for name in ("straight", "preempted")}
+    # A checkpoint on disk means the trainer is in its loop, well before its last step.
+    second = submit_dir / "runs" / "preempted" / "checkpoints" / "step-000006"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not ckpt.is_complete(second):
+        state = slurm_cluster.job(jobs["preempted"]).get("JobState")
+        assert state in {"PENDING", "RUNNING"}, f"job {state} before its second checkpoint:\n" + _job_log(
+            submit_dir, "jaguar-train", jobs["preempted"])[-3000:]
+        assert time.monotonic() < deadline, "the job never reached its second checkpoint"
+        time.sleep(0.05)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(jobs["preempted"]))
+    return {name: {"job": job_id, "info": slurm_cluster.wait_job(job_id, JOB_TIMEOUT),
+                   "run": submit_dir / "runs" / name, "log": _job_log(submit_dir, "jaguar-train", job_id)}
+            for name, job_id in jobs.items()}
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -377,8 +388,9 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_cpu_nodes_train_to_checkpoints_and_tensorboard_events(straight_run: dict) -> None:
-    info, log, run = straight_run["info"], straight_run["log"], straight_run["run"]
+def test_two_cpu_nodes_train_to_checkpoints_and_tensorboard_events(training_jobs: dict) -> None:
+    job = training_jobs["straight"]
+    info, log, run = job["info"], job["log"], job["run"]
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-3000:]
     assert "on 2 node(s) x 1 cpu process(es): n[1-2]" in log
     assert "accelerate config launch/multi_node.yaml, rendezvous n1:" in log
@@ -398,21 +410,9 @@ def test_two_cpu_nodes_train_to_checkpoints_and_tensorboard_events(straight_run:
 
 
 @pytest.mark.slow
-def test_preemption_checkpoints_requeues_the_same_job_and_resumes_to_the_same_weights(
-        slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Path, straight_run: dict) -> None:
-    run = submit_dir / "runs" / "preempted"
-    job_id = _train(slurm_cluster, submit_dir, shards_dir, "runs/preempted")
-    # A checkpoint on disk means the trainer is in its loop, well before its last step.
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not ckpt.is_complete(run / "checkpoints" / "step-000006"):
-        assert slurm_cluster.job(job_id).get("JobState") in {"PENDING", "RUNNING"}, _job_log(
-            submit_dir, "jaguar-train", job_id)[-3000:]
-        assert time.monotonic() < deadline, "the job never reached its second checkpoint"
-        time.sleep(0.05)
-    # What `#SBATCH --signal=B:USR1@300` sends before the time limit: USR1 to the batch script.
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))
-    info = slurm_cluster.wait_job(job_id, JOB_TIMEOUT)
-    log = _job_log(submit_dir, "jaguar-train", job_id)
+def test_preemption_checkpoints_requeues_the_same_job_and_resumes_to_the_same_weights(training_jobs: dict) -> None:
+    job = training_jobs["preempted"]
+    info, log, run, job_id = job["info"], job["log"], job["run"], job["job"]
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
     assert "received SIGUSR1" in log
     assert f"requeueing job {job_id}" in log
@@ -420,7 +420,7 @@ def test_preemption_checkpoints_requeues_the_same_job_and_resumes_to_the_same_we
     assert "resumed from runs/preempted/checkpoints/step-" in log
     steps = [int(path.name.split("-")[1]) for path in ckpt.list_checkpoints(run / "checkpoints")]
     assert any(step % 3 for step in steps), f"no checkpoint taken at the preemption: {steps}"
-    straight, resumed = _final_weights(straight_run["run"]), _final_weights(run)
+    straight, resumed = _final_weights(training_jobs["straight"]["run"]), _final_weights(run)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), f"{key} differs after preemption and requeue"
@@ -441,12 +441,12 @@ def test_a_failing_training_job_fails_and_is_not_requeued(slurm_cluster: SlurmCl
 
 @pytest.mark.slow
 def test_two_node_extraction_equals_one_process(slurm_cluster: SlurmCluster, submit_dir: Path,
-                                                straight_run: dict) -> None:
+                                                training_jobs: dict) -> None:
     from jaguar.retrieval.features import FeatureSet
 
     one, two = submit_dir / "runs" / "extract-1", submit_dir / "runs" / "extract-2"
-    shutil.copytree(straight_run["run"], one)
-    shutil.copytree(straight_run["run"], two)
+    shutil.copytree(training_jobs["straight"]["run"], one)
+    shutil.copytree(training_jobs["straight"]["run"], two)
     job_id = _submit(slurm_cluster, submit_dir, "--nodes=2", "slurm/extract.sh", "runs/extract-2", "--split", "test")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "jaguar.cli.main", "extract", str(one), "--split", "test"],
