@@ -6,7 +6,8 @@ port), so a 2-node job is two processes here that find each other through `n1` e
 cluster.  Everything lives under the folder given to `start` (config, state, spool, munge key and
 socket, logs); `stop` ends the daemons by process id.  Needs root (slurmd starts jobs as the
 submitting user) and the packages `slurmctld slurmd slurm-client munge` (`.ci/run` installs them);
-where either is missing the tests that need the cluster are skipped with that reason.
+where either is missing the tests that need the cluster are skipped with that reason (under CI they
+fail).
 """
 
 from __future__ import annotations
@@ -242,10 +243,13 @@ def start_cluster(root: Path, timeout: float = 60) -> SlurmCluster:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """The 2-node cluster for the whole session (skips the test with the reason where it cannot run)."""
+    """The 2-node cluster for the whole session. Where Slurm cannot run the test is skipped with the
+    reason, except under CI (CI=true, set by .ci/run, which installs Slurm), where it fails."""
     try:
         cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     except SlurmUnavailable as err:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"no Slurm cluster: {err}; CI needs it", pytrace=False)
         pytest.skip(f"no Slurm cluster: {err}")
     try:
         yield cluster
