@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster: the session fixture)
 
+from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,10 +365,10 @@ def training_jobs(slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Pat
     file left by an earlier job in its run directory, which must not stop it); "preempted" gets the
     USR1 that `#SBATCH --signal=B:USR1@300` sends before a time limit, once it has checkpointed."""
     (submit_dir / "runs" / "straight").mkdir(parents=True)
-    (submit_dir / "runs" / "straight" / "PREEMPT").touch()
+    RunDir(submit_dir / "runs" / "straight").preempt_flag.touch()
     jobs = {name: _train(slurm_cluster, submit_dir, shards_dir, f"runs/{name}") for name in ("straight", "preempted")}
     # A checkpoint on disk means the trainer is in its loop, well before its last step.
-    second = submit_dir / "runs" / "preempted" / "checkpoints" / "step-000006"
+    second = RunDir(submit_dir / "runs" / "preempted").checkpoints_dir / "step-000006"
     deadline = time.monotonic() + JOB_TIMEOUT
     while not ckpt.is_complete(second):
         state = slurm_cluster.job(jobs["preempted"]).get("JobState")
@@ -377,12 +378,12 @@ def training_jobs(slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Pat
         time.sleep(0.05)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(jobs["preempted"]))
     return {name: {"job": job_id, "info": slurm_cluster.wait_job(job_id, JOB_TIMEOUT),
-                   "run": submit_dir / "runs" / name, "log": _job_log(submit_dir, "jaguar-train", job_id)}
+                   "run": RunDir(submit_dir / "runs" / name), "log": _job_log(submit_dir, "jaguar-train", job_id)}
             for name, job_id in jobs.items()}
 
 
-def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    last = ckpt.list_checkpoints(run / "checkpoints")[-1]
+def _final_weights(run: RunDir) -> dict[str, torch.Tensor]:
+    last = ckpt.list_checkpoints(run.checkpoints_dir)[-1]
     assert last.name == f"step-{STEPS:06d}" and ckpt.is_complete(last)
     return load_file(str(last / ckpt.WEIGHTS_FILE))
 
@@ -396,13 +397,13 @@ def test_two_cpu_nodes_train_to_checkpoints_and_tensorboard_events(training_jobs
     assert "accelerate config launch/multi_node.yaml, rendezvous n1:" in log
     assert "world size 2" in log
     assert "training finished" in log
-    assert not (run / "PREEMPT").exists()
-    names = [path.name for path in ckpt.list_checkpoints(run / "checkpoints")]
+    assert not run.preempt_flag.exists()
+    names = [path.name for path in ckpt.list_checkpoints(run.checkpoints_dir)]
     assert names == [f"step-{step:06d}" for step in range(3, STEPS + 1, 3)]  # the stale PREEMPT stopped nothing
     _final_weights(run)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run / "tb"))
+    events = EventAccumulator(str(run.tb_dir))
     events.Reload()
     losses = [tag for tag in events.Tags()["scalars"] if "loss" in tag]
     assert losses, events.Tags()["scalars"]
@@ -418,7 +419,7 @@ def test_preemption_checkpoints_requeues_the_same_job_and_resumes_to_the_same_we
     assert f"requeueing job {job_id}" in log
     assert f"job {job_id} (restart 1)" in log
     assert "resumed from runs/preempted/checkpoints/step-" in log
-    steps = [int(path.name.split("-")[1]) for path in ckpt.list_checkpoints(run / "checkpoints")]
+    steps = [int(path.name.split("-")[1]) for path in ckpt.list_checkpoints(run.checkpoints_dir)]
     assert any(step % 3 for step in steps), f"no checkpoint taken at the preemption: {steps}"
     straight, resumed = _final_weights(training_jobs["straight"]["run"]), _final_weights(run)
     assert straight.keys() == resumed.keys()
@@ -442,11 +443,9 @@ def test_a_failing_training_job_fails_and_is_not_requeued(slurm_cluster: SlurmCl
 @pytest.mark.slow
 def test_two_node_extraction_equals_one_process(slurm_cluster: SlurmCluster, submit_dir: Path,
                                                 training_jobs: dict) -> None:
-    from jaguar.retrieval.features import FeatureSet
-
     one, two = submit_dir / "runs" / "extract-1", submit_dir / "runs" / "extract-2"
-    shutil.copytree(training_jobs["straight"]["run"], one)
-    shutil.copytree(training_jobs["straight"]["run"], two)
+    shutil.copytree(training_jobs["straight"]["run"].path, one)
+    shutil.copytree(training_jobs["straight"]["run"].path, two)
     job_id = _submit(slurm_cluster, submit_dir, "--nodes=2", "slurm/extract.sh", "runs/extract-2", "--split", "test")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "jaguar.cli.main", "extract", str(one), "--split", "test"],
@@ -456,8 +455,7 @@ def test_two_node_extraction_equals_one_process(slurm_cluster: SlurmCluster, sub
     log = _job_log(submit_dir, "jaguar-extract", job_id)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert "on 2 node(s) x 1 cpu process(es)" in log
-    one_set = FeatureSet.load(one / "features" / "test.safetensors")
-    two_set = FeatureSet.load(two / "features" / "test.safetensors")
+    one_set, two_set = RunDir(one).load_features("test"), RunDir(two).load_features("test")
     assert two_set.meta["world_size"] == 2
     assert one_set.names == two_set.names and len(one_set.names) > 0
     torch.testing.assert_close(one_set.embeddings, two_set.embeddings, rtol=1e-5, atol=1e-5)
