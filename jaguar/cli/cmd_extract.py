@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from jaguar.errors import JaguarError
-from jaguar.retrieval.extract import extract_split, resolve_source
+from jaguar.retrieval.extract import extract_run
 from jaguar.run import RunDir
 from jaguar.train.entry import setup_logging
 
@@ -57,7 +57,6 @@ def run_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 def _run(args: argparse.Namespace) -> int:
     setup_logging()
     run_dir, overrides = run_and_overrides(args)
-    run, cfg, checkpoint = resolve_source(RunDir(run_dir) if run_dir else None, args.config, overrides,
-                                          args.checkpoint)
-    extract_split(run, args.split, cfg, checkpoint, force=args.force)
+    extract_run(RunDir(run_dir) if run_dir else None, args.split, args.config, overrides, args.checkpoint,
+                force=args.force)
     return 0

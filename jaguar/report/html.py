@@ -1,6 +1,8 @@
-"""The run report: one self-contained HTML page (RUN/report/index.html) with its PNG figures,
-built from whatever the run folder holds; a missing input becomes a note naming the command
-that produces it, never a crash."""
+"""The run report: one self-contained HTML page (index.html in the run's report folder) with its
+PNG figures, built from whatever the run folder holds, read through RunDir. The report only reads
+the run: every figure in its tables is an artifact of the stage that owns it (tune-post's table,
+score's test table); a missing or malformed input becomes a note naming the command that produces
+it, never a crash."""
 
 from __future__ import annotations
 

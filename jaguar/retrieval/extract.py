@@ -204,3 +204,12 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
         log.info("wrote %s: %d images x %d dims from %s", out, len(features), features.embeddings.shape[1], source)
     accelerator.wait_for_everyone()
     return Extraction(out, len(names), reused=False, source=source)
+
+
+def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | None = None,
+                overrides: Sequence[str] = (), checkpoint: str | Path | None = None,
+                force: bool = False) -> Extraction:
+    """`jaguar extract`: resolve the config and weights (resolve_source; with a recipe the run may
+    be None and is then its run.dir), then extract the split (extract_split)."""
+    run, cfg, weights = resolve_source(run, recipe, overrides, checkpoint)
+    return extract_split(run, split_name, cfg, weights, force=force)
