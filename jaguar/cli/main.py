@@ -1,4 +1,7 @@
-"""`jaguar` command: one sub-command a pipeline stage; each lives in its own jaguar/cli module."""
+"""`jaguar` command: one sub-command a pipeline stage; each lives in its own jaguar/cli module,
+parses its arguments, calls one library function and prints. A user error (any JaguarError) is
+reported here, once, the same way for every command: one line naming the file, key or value at
+fault, exit status 2, no traceback."""
 
 from __future__ import annotations
 
