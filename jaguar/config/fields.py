@@ -182,7 +182,7 @@ def set_value(root: Any, dotted: str, value: Any, where: str = "", prefix: str =
 
 
 def apply_mapping(root: Any, mapping: Any, where: str = "", prefix: str = "") -> None:
-    """Set every key of a nested mapping (a YAML file, a recipe's dict, a post.json) on `root`."""
+    """Set every key of a nested mapping (a YAML file, a recipe's dict, tune-post's result) on `root`."""
     if not isinstance(mapping, dict):
         names = ", ".join(f.name for f in dataclasses.fields(root))
         raise ConfigError(f"config{' group ' + prefix.rstrip('.') if prefix else ''}{where} must be a "

@@ -146,7 +146,7 @@ class TrainConfig(Group):
 @dataclass
 class PostConfig(Group):
     """Post-processing of a search: query expansion, DBA, k-reciprocal re-ranking and its blend.
-    The group `retrieval.post` of a config, and the settings tune-post chooses (post.json)."""
+    The group `retrieval.post` of a config, and the settings tune-post chooses (RunDir.load_post)."""
     KEY = "retrieval.post"
 
     qe_k: int = ranged(0, _OFF_OR_COUNT)  # top-k query expansion; 0 disables
@@ -163,7 +163,7 @@ class PostConfig(Group):
 
     @classmethod
     def from_dict(cls, mapping: dict[str, Any], where: str = "") -> "PostConfig":
-        """Settings from a mapping (post.json's "chosen"), checked as the config checks them;
+        """Settings from a mapping (e.g. tune-post's saved "chosen"), checked as the config checks them;
         raises ConfigError naming the key."""
         post = cls()
         apply_mapping(post, mapping, where, "retrieval.post.")
