@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from jaguar.config import Config, ConfigError, load_config
+from jaguar.config import Config, load_config
+from jaguar.errors import JaguarError
 
 
 def setup_logging() -> None:
@@ -39,8 +40,8 @@ def run_recipe(recipe_file: str, argv: list[str] | None = None) -> None:
               f"Trains with this recipe; `jaguar config show {recipe_file}` lists every key.")
         sys.exit(0)
     try:
-        cfg = load_config(Path(recipe_file), args)
-    except (ConfigError, FileNotFoundError) as err:
+        code = run_training(load_config(Path(recipe_file), args))
+    except (JaguarError, FileNotFoundError) as err:  # reported as `jaguar train` reports it
         print(f"{recipe_file}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(run_training(cfg))
+    sys.exit(code)
