@@ -10,12 +10,12 @@ from jaguar.retrieval.knn import knn
 
 
 def clustered(n_identities: int = 40, per_identity: int = 6, dim: int = 16, duplicates: int = 30,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              seed: int = 0, noise: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
     """Clustered unit features with exact duplicate rows (ties) and their labels."""
     generator = torch.Generator().manual_seed(seed)
     centres = torch.randn(n_identities, dim, generator=generator)
     labels = torch.arange(n_identities).repeat_interleave(per_identity)
-    features = centres[labels] + 0.6 * torch.randn(len(labels), dim, generator=generator)
+    features = centres[labels] + noise * torch.randn(len(labels), dim, generator=generator)
     copy_from = torch.randint(0, len(labels), (duplicates,), generator=generator)
     copy_to = torch.randint(0, len(labels), (duplicates,), generator=generator)
     features[copy_to] = features[copy_from]

@@ -59,3 +59,14 @@ def test_bad_lists_are_refused():
         evaluate_ranked(knn(features, k=2).index, features, labels)
     with pytest.raises(MetricsError, match="Q x M"):
         evaluate_ranked(torch.zeros((2, 2), dtype=torch.long), features, labels)
+
+
+def test_ranked_evaluator_scores_reorderings_of_its_lists_only():
+    from jaguar.retrieval.metrics import RankedEvaluator
+
+    features, labels = clustered(seed=4, dim=8)
+    ranked = knn(features, k=5, exclude_self=True).index
+    evaluator = RankedEvaluator(ranked, features, labels)
+    assert_same(evaluator.evaluate(ranked), evaluate_ranked(ranked, features, labels))
+    with pytest.raises(MetricsError, match="other items"):
+        evaluator.evaluate(knn(features, k=6, exclude_self=True).index[:, 1:])

@@ -181,6 +181,11 @@ class RetrievalConfig(Group):
     # tune-post adopts a stage (QE, re-ranking) only when its validation gain exceeds this many
     # standard errors of the paired per-identity AP differences; 0 adopts any gain
     tune_min_gain_se: float = ranged(1.0, _NON_NEGATIVE)
+    # dense: N x N scores; topm: each query's top_m neighbour lists, never N x N (large galleries);
+    # auto: topm when the searched set has more than topm_above images
+    mode: Literal["auto", "dense", "topm"] = "auto"
+    topm_above: int = ranged(5000, _COUNT)
+    top_m: int = ranged(100, _COUNT)
 
 
 @dataclass

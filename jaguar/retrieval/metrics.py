@@ -66,15 +66,20 @@ class RetrievalMetrics:
 
     def describe_basis(self) -> str:
         """What the figures rank: all candidates, or re-ordered top-M lists and the rest."""
-        if self.reordered_top_m is None:
-            return "over every candidate's score"
-        return (f"over re-ranked top-{self.reordered_top_m} lists (re-ranking orders only the top "
-                f"{self.reordered_top_m}; the rest keep their base score order)")
+        return ranked_basis(self.reordered_top_m)
 
     def summary(self) -> dict[str, float]:
         """The headline figures as a plain dict (what tables and JSON files hold)."""
         return {"mAP_balanced": self.mAP_balanced, "mAP": self.mAP, "rank1": self.rank1, "rank5": self.rank5,
                 "rank10": self.rank10, "mINP": self.mINP, "num_queries": self.num_queries}
+
+
+def ranked_basis(reordered_top_m: Optional[int]) -> str:
+    """What figures rank: every candidate's score (None), or lists re-ordered within the top M."""
+    if reordered_top_m is None:
+        return "over every candidate's score"
+    return (f"over re-ranked top-{reordered_top_m} lists (re-ranking orders only the top "
+            f"{reordered_top_m}; the rest keep their base score order)")
 
 
 def _matrix(name: str, value: ArrayLike) -> torch.Tensor:
@@ -214,62 +219,88 @@ def _match_pairs(q_label: torch.Tensor, g_label: torch.Tensor, all_vs_all: bool)
     return queries, gallery
 
 
+class RankedEvaluator:
+    """The evaluator over top-M ranked lists in O(N * M) memory: the same figures as `evaluate` on
+    the full score matrix, without it (fast-reid's one-evaluator habit, at gallery scale).
+
+    Built once for a set of lists (Q x M gallery indices, each query's M best candidates by the base
+    score: cosine of query_features Q x D and gallery_features G x D, L2-normalised here, ties by
+    index); gallery_* None means all-vs-all (the lists must not hold the query itself). A true match
+    beyond M is ranked exactly: M plus the candidates outside the list that score higher than it
+    (equal scores: lower index first), counted per query in chunks of `chunk` queries x G scores,
+    only for queries with such matches. Those ranks depend only on which items each list holds,
+    so `evaluate` then scores any re-ordering of the same lists (re-ranking, blends) cheaply.
+    No camera ids or candidate masks (use `evaluate`). Raises MetricsError on shapes that do not
+    match, lists holding the query itself, or (in `evaluate`) when no query has a true match."""
+
+    def __init__(self, ranked: ArrayLike, query_features: ArrayLike, query_labels: ArrayLike,
+                 gallery_features: Optional[ArrayLike] = None, gallery_labels: Optional[ArrayLike] = None, *,
+                 chunk: int = 1024) -> None:
+        from jaguar.retrieval.knn import normalise
+
+        self.all_vs_all = gallery_features is None
+        query = normalise("query features", query_features)
+        gallery = query if self.all_vs_all else normalise("gallery features", gallery_features)
+        lists = self._lists(ranked, query.shape[0])
+        self.q_label = _vector("query labels", query_labels, query.shape[0])
+        self.g_label = self.q_label if self.all_vs_all else _vector("gallery labels", gallery_labels,
+                                                                     gallery.shape[0])
+        n_gallery, top_m = gallery.shape[0], lists.shape[1]
+        self.sorted_lists = lists.sort(dim=1).values
+        list_query, list_rank = (self.g_label[lists] == self.q_label[:, None]).nonzero(as_tuple=True)
+        pair_query, pair_gallery = _match_pairs(self.q_label, self.g_label, self.all_vs_all)
+        listed = np.isin((pair_query * n_gallery + pair_gallery).numpy(),
+                         (list_query * n_gallery + lists[list_query, list_rank]).numpy())
+        self.beyond_query, beyond_gallery = pair_query[~listed], pair_gallery[~listed]
+        self.beyond_rank = torch.empty(self.beyond_query.numel(), dtype=torch.long)
+        needing = torch.unique(self.beyond_query)
+        first_pair = torch.searchsorted(self.beyond_query, needing)
+        n_pairs = torch.searchsorted(self.beyond_query, needing, right=True) - first_pair
+        columns = torch.arange(n_gallery)
+        for start in range(0, needing.numel(), max(1, int(chunk))):
+            rows = needing[start:start + chunk]
+            scores = query[rows] @ gallery.T  # B x G
+            if self.all_vs_all:
+                scores[torch.arange(rows.numel()), rows] = float("-inf")  # the query is no candidate
+            scores.scatter_(1, lists[rows], float("-inf"))  # listed candidates are ranked already
+            for slot in range(int(n_pairs[start:start + chunk].max())):
+                has_slot = n_pairs[start:start + chunk] > slot
+                pair = first_pair[start:start + chunk][has_slot] + slot
+                block, target = scores[has_slot], beyond_gallery[pair]
+                threshold = block.gather(1, target[:, None])
+                higher = ((block > threshold).sum(dim=1)
+                          + ((block == threshold) & (columns < target[:, None])).sum(dim=1))
+                self.beyond_rank[pair] = top_m + 1 + higher
+
+    def _lists(self, ranked: ArrayLike, n_query: int) -> torch.Tensor:
+        lists = torch.as_tensor(np.asarray(ranked) if not isinstance(ranked, torch.Tensor) else ranked).long()
+        if lists.ndim != 2 or lists.shape[0] != n_query:
+            raise MetricsError(f"ranked lists must be Q x M with Q = {n_query} queries, got {tuple(lists.shape)}")
+        if self.all_vs_all and bool((lists == torch.arange(n_query)[:, None]).any()):
+            raise MetricsError("all-vs-all ranked lists hold the query itself; search with the query excluded")
+        return lists
+
+    def evaluate(self, ranked: ArrayLike, reordered: bool = False) -> RetrievalMetrics:
+        """The figures of these lists in this order (each row the same items as the lists the
+        evaluator was built on); reordered=True when re-ordered within the top M (e.g. re-ranked),
+        which the figures then say (`reordered_top_m`)."""
+        lists = self._lists(ranked, self.q_label.numel())
+        if not torch.equal(lists.sort(dim=1).values, self.sorted_lists):
+            raise MetricsError("ranked lists hold other items than the lists the evaluator was built on")
+        list_query, list_rank = (self.g_label[lists] == self.q_label[:, None]).nonzero(as_tuple=True)
+        return _figures(torch.cat([list_query, self.beyond_query]), torch.cat([list_rank + 1, self.beyond_rank]),
+                        self.q_label, lists.shape[1] if reordered else None,
+                        _no_match_message(self.all_vs_all, False, 0, 0))
+
+
 def evaluate_ranked(ranked: ArrayLike, query_features: ArrayLike, query_labels: ArrayLike,
                     gallery_features: Optional[ArrayLike] = None, gallery_labels: Optional[ArrayLike] = None, *,
                     reordered: bool = False, chunk: int = 1024) -> RetrievalMetrics:
-    """Exact figures from ranked lists in O(N * M) memory: the same as `evaluate` on the full
-    score matrix, without it.
-
-    ranked: Q x M gallery indices, each query's M best candidates by the base score (cosine of
-    query_features Q x D and gallery_features G x D, L2-normalised here; ties by index) and in
-    ranking order; reordered=True when they were re-ordered within the list (e.g. re-ranked), and
-    the figures then say so (`reordered_top_m`). gallery_* None means all-vs-all (the lists must
-    not hold the query itself). A true match beyond M is ranked exactly: M plus the candidates
-    outside the list that score higher than it (equal scores: lower index first), counted per
-    query in chunks of `chunk` queries x G scores, only for queries with such matches.
-    Equal to `evaluate(query_features @ gallery_features.T, ..., kind="similarity")` (1e-9) when
-    the lists hold the top M by that score. No camera ids or candidate masks (use `evaluate`).
-    Raises MetricsError on shapes that do not match or when no query has a true match."""
-    from jaguar.retrieval.knn import normalise
-
-    all_vs_all = gallery_features is None
-    query = normalise("query features", query_features)
-    gallery = query if all_vs_all else normalise("gallery features", gallery_features)
-    lists = torch.as_tensor(np.asarray(ranked) if not isinstance(ranked, torch.Tensor) else ranked).long()
-    if lists.ndim != 2 or lists.shape[0] != query.shape[0]:
-        raise MetricsError(f"ranked lists must be Q x M with Q = {query.shape[0]} queries, got {tuple(lists.shape)}")
-    q_label = _vector("query labels", query_labels, query.shape[0])
-    g_label = q_label if all_vs_all else _vector("gallery labels", gallery_labels, gallery.shape[0])
-    n_gallery, top_m = gallery.shape[0], lists.shape[1]
-    if all_vs_all and bool((lists == torch.arange(lists.shape[0])[:, None]).any()):
-        raise MetricsError("all-vs-all ranked lists hold the query itself; search with the query excluded")
-    in_list = g_label[lists] == q_label[:, None]
-    list_query, list_rank = in_list.nonzero(as_tuple=True)
-    pair_query, pair_gallery = _match_pairs(q_label, g_label, all_vs_all)
-    listed = np.isin((pair_query * n_gallery + pair_gallery).numpy(),
-                     (list_query * n_gallery + lists[list_query, list_rank]).numpy())
-    beyond_query, beyond_gallery = pair_query[~listed], pair_gallery[~listed]
-    beyond_rank = torch.empty(beyond_query.numel(), dtype=torch.long)
-    needing = torch.unique(beyond_query)
-    first_pair = torch.searchsorted(beyond_query, needing)
-    n_pairs = torch.searchsorted(beyond_query, needing, right=True) - first_pair
-    columns = torch.arange(n_gallery)
-    for start in range(0, needing.numel(), max(1, int(chunk))):
-        rows = needing[start:start + chunk]
-        scores = query[rows] @ gallery.T  # B x G
-        if all_vs_all:
-            scores[torch.arange(rows.numel()), rows] = float("-inf")  # the query is no candidate
-        scores.scatter_(1, lists[rows], float("-inf"))  # listed candidates are ranked already
-        for slot in range(int(n_pairs[start:start + chunk].max())):
-            has_slot = n_pairs[start:start + chunk] > slot
-            pair = first_pair[start:start + chunk][has_slot] + slot
-            block, target = scores[has_slot], beyond_gallery[pair]
-            threshold = block.gather(1, target[:, None])
-            higher = (block > threshold).sum(dim=1) + ((block == threshold) & (columns < target[:, None])).sum(dim=1)
-            beyond_rank[pair] = top_m + 1 + higher
-    message = _no_match_message(all_vs_all, False, 0, 0)
-    return _figures(torch.cat([list_query, beyond_query]), torch.cat([list_rank + 1, beyond_rank]), q_label,
-                    top_m if reordered else None, message)
+    """`RankedEvaluator(ranked, ...).evaluate(ranked, reordered)`: the figures of one set of
+    top-M lists, equal to `evaluate(query_features @ gallery_features.T, ..., kind="similarity")`
+    (1e-9) when the lists hold the top M by that score in that order."""
+    evaluator = RankedEvaluator(ranked, query_features, query_labels, gallery_features, gallery_labels, chunk=chunk)
+    return evaluator.evaluate(ranked, reordered)
 
 
 def identity_balanced_map(similarity: ArrayLike, labels: ArrayLike,

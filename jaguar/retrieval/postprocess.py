@@ -85,8 +85,13 @@ def _gain_text(gain: float, se: float) -> str:
 def paired_gain(candidate: torch.Tensor, incumbent: torch.Tensor, labels: torch.Tensor) -> Gain:
     """Gain of distance `candidate` over `incumbent` on one labelled set. With one identity
     there is no spread to measure: the standard error is taken as 0."""
-    new = evaluate(candidate, labels, kind="distance").per_identity_ap
-    old = evaluate(incumbent, labels, kind="distance").per_identity_ap
+    return identity_gain(evaluate(candidate, labels, kind="distance").per_identity_ap,
+                         evaluate(incumbent, labels, kind="distance").per_identity_ap)
+
+
+def identity_gain(new: dict[int, float], old: dict[int, float]) -> Gain:
+    """Gain of per-identity APs `new` over `old` (the same identities): mean and standard error
+    of the paired differences; with one identity the standard error is taken as 0."""
     diff = np.array([new[k] - old[k] for k in sorted(old)])
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
     return Gain(float(diff.mean()), se, len(diff))

@@ -18,6 +18,7 @@ from jaguar.retrieval.features import FeatureSet
 from jaguar.formats import check_rows, examples, read_labels, read_pairs, read_submission, write_submission
 from jaguar.retrieval.metrics import MetricsError, evaluate
 from jaguar.retrieval.postprocess import final_distance, tune_post
+from jaguar.retrieval.topm import tune_post_topm, use_topm
 from jaguar.retrieval.submission import SubmissionError, pair_similarities, pair_similarity_matrix
 from jaguar.run import PostResult, RunDir, Score, ScoreTable, StageRow
 
@@ -46,7 +47,8 @@ def tune_post_run(run: RunDir) -> PostResult:
         config = Config()
     features = run.load_features("val")
     try:
-        chosen, table = tune_post(features, config.retrieval, search=config.retrieval.tune)
+        tune = tune_post_topm if use_topm(config.retrieval, len(features)) else tune_post
+        chosen, table = tune(features, config.retrieval, search=config.retrieval.tune)
     except ValueError as err:
         raise JaguarError(f"{run.features_path('val')}: {err}") from None
     result = PostResult(chosen, [stage_row(row) for row in table], val_size=len(features),
