@@ -13,7 +13,7 @@ from jaguar.train.optim import build_center_optimizer
 
 
 def make_output(features: torch.Tensor, similarity: torch.Tensor) -> ReIDOutput:
-    return ReIDOutput(logits=similarity, features=features, embedding=features, similarity=similarity)
+    return ReIDOutput(features=features, embedding=features, similarity=similarity)
 
 
 # 1-D points on a line: labels 0, 0, 1, 1 at 0, 1, 3, 7.

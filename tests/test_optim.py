@@ -51,7 +51,7 @@ def test_layer_decay_increases_towards_the_head_and_head_lr_mult(vit_model):
     assert groups[id(net.patch_embed.proj.weight)]["lr_scale"] == pytest.approx(scales[0])
     first, last = groups[id(net.blocks[0].attn.qkv.weight)], groups[id(net.blocks[-1].attn.qkv.weight)]
     assert first["lr_scale"] < last["lr_scale"] <= groups[id(net.norm.weight)]["lr_scale"] == 1.0
-    head_group = groups[id(vit_model.head.similarity.weight)]
+    head_group = groups[id(vit_model.head.weight)]
     assert head_group["name"].startswith("head") and head_group["lr_scale"] == 10.0
     assert head_group["lr"] == pytest.approx(0.01) and last["lr"] == pytest.approx(0.001 * last["lr_scale"])
     # the scheduler keeps the multipliers
@@ -120,11 +120,11 @@ def test_ema_update_is_a_moving_average():
     cfg = load_config(None, ["model.backbone=test_resnet", "optim.ema=true", "optim.ema_decay=0.75"])
     model = build_model(cfg, 3)
     ema = build_ema(cfg, model)
-    start = model.head.similarity.weight.detach().clone()
+    start = model.head.weight.detach().clone()
     with torch.no_grad():
-        model.head.similarity.weight.add_(1.0)
+        model.head.weight.add_(1.0)
     ema.update(model)
-    torch.testing.assert_close(ema.module.head.similarity.weight, 0.75 * start + 0.25 * (start + 1.0))
+    torch.testing.assert_close(ema.module.head.weight, 0.75 * start + 0.25 * (start + 1.0))
     assert build_ema(load_config(None, []), model) is None
 
 

@@ -85,8 +85,8 @@ def test_bnneck_bias_stays_zero_while_weight_trains():
     assert not bnneck.bias.requires_grad
     optimizer = build_optimizer(cfg, model)
     weight_before = bnneck.weight.detach().clone()
-    out = model(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 2, 3])).backward()
+    out = model(torch.randn(4, 3, 32, 32))
+    torch.nn.functional.cross_entropy(30 * out.similarity, torch.tensor([0, 1, 2, 3])).backward()
     optimizer.step()
     assert torch.equal(bnneck.bias, torch.zeros_like(bnneck.bias))
     assert not torch.equal(bnneck.weight, weight_before)

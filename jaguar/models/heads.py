@@ -1,9 +1,10 @@
 """Classification heads for identity training: ArcFace, sub-center ArcFace, CosFace and a plain softmax.
 
-A head is two parts: a similarity (cosine to the class centres, or linear logits for softmax) and a
-parameter-free margin that turns similarities into logits given the target labels. The criterion
-rebuilds the same margin from the config, so under mixup it re-applies it for each target set to the
-similarities the model already computed (no second forward through the head)."""
+A head is two parts: a similarity (cosine to the class centres, or linear logits for softmax), which
+is the model's `head`, and a parameter-free margin that turns similarities into logits given the target
+labels, which belongs to the loss (`ReIDCriterion` applies it, once per target set under mixup).
+Both stay finite, with bounded gradients, for every input: an embedding of zero length, cos = +-1, and
+fp32/bf16/fp16 inputs (the cosines and margins are computed in fp32)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from torch import nn
 from jaguar.config import ConfigError, ModelConfig
 
 _COS_EPS = 1e-6  # keeps acos-free ArcFace away from |cos| = 1, where sqrt(1 - cos^2) has an infinite slope
+# Features are divided by max(|x|, _NORM_FLOOR): the gradient of x / |x| grows as 1 / |x| (1e13 at
+# torch's default 1e-12 for an all-zero embedding, inf in fp16), so a shorter embedding is only scaled.
+# Real embeddings are far longer (about sqrt(D) after the BNNeck); with it, the feature gradient stays
+# below about 1.5 * scale / _NORM_FLOOR, finite in fp16 for scales up to ~400.
+_NORM_FLOOR = 1e-2
 
 
 def _fp32(device: torch.device):
@@ -86,7 +92,8 @@ class CosineClassifier(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         with _fp32(features.device):
-            cosine = F.linear(F.normalize(features.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+            cosine = F.linear(F.normalize(features.float(), dim=1, eps=_NORM_FLOOR),
+                              F.normalize(self.weight.float(), dim=1))
         if self.subcenters > 1:
             cosine = cosine.view(-1, self.num_classes, self.subcenters).amax(dim=2)
         return cosine
@@ -100,41 +107,6 @@ class LinearClassifier(nn.Linear):
         nn.init.normal_(self.weight, std=0.001)
 
 
-class MarginHead(nn.Module):
-    """similarity module + margin; forward(features, labels=None) -> logits (no margin without labels)."""
-
-    def __init__(self, similarity: nn.Module, margin: nn.Module) -> None:
-        super().__init__()
-        self.similarity = similarity
-        self.margin = margin
-
-    def forward(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.margin(self.similarity(features), labels)
-
-
-class ArcFaceHead(MarginHead):
-    def __init__(self, in_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.5,
-                 easy_margin: bool = False) -> None:
-        super().__init__(CosineClassifier(in_dim, num_classes), ArcFaceMargin(scale, margin, easy_margin))
-
-
-class SubCenterArcFaceHead(MarginHead):
-    def __init__(self, in_dim: int, num_classes: int, subcenters: int = 3, scale: float = 30.0,
-                 margin: float = 0.5, easy_margin: bool = False) -> None:
-        super().__init__(CosineClassifier(in_dim, num_classes, subcenters),
-                         ArcFaceMargin(scale, margin, easy_margin))
-
-
-class CosFaceHead(MarginHead):
-    def __init__(self, in_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.35) -> None:
-        super().__init__(CosineClassifier(in_dim, num_classes), CosFaceMargin(scale, margin))
-
-
-class SoftmaxHead(MarginHead):
-    def __init__(self, in_dim: int, num_classes: int) -> None:
-        super().__init__(LinearClassifier(in_dim, num_classes), NoMargin())
-
-
 def build_margin(model_cfg: ModelConfig) -> nn.Module:
     """The parameter-free margin of `model.head` (shared by the head and the mixup-aware criterion)."""
     kind = model_cfg.head
@@ -145,15 +117,12 @@ def build_margin(model_cfg: ModelConfig) -> nn.Module:
     return NoMargin()  # softmax
 
 
-def build_head(model_cfg: ModelConfig, in_dim: int, num_classes: int) -> MarginHead:
-    """The `model.head` classifier over `in_dim` features for `num_classes` identities."""
+def build_head(model_cfg: ModelConfig, in_dim: int, num_classes: int) -> nn.Module:
+    """The similarity part of `model.head` over `in_dim` features for `num_classes` identities:
+    features (B x in_dim) -> B x num_classes cosines (margin heads) or linear logits (softmax)."""
     if num_classes < 1:
         raise ConfigError(f"the training data has {num_classes} identities; a head needs at least one")
-    scale, margin, easy = model_cfg.head_scale, model_cfg.head_margin, model_cfg.easy_margin
-    if model_cfg.head == "arcface":
-        return ArcFaceHead(in_dim, num_classes, scale, margin, easy)
-    if model_cfg.head == "subcenter_arcface":
-        return SubCenterArcFaceHead(in_dim, num_classes, model_cfg.subcenters, scale, margin, easy)
-    if model_cfg.head == "cosface":
-        return CosFaceHead(in_dim, num_classes, scale, margin)
-    return SoftmaxHead(in_dim, num_classes)
+    if model_cfg.head == "softmax":
+        return LinearClassifier(in_dim, num_classes)
+    subcenters = model_cfg.subcenters if model_cfg.head == "subcenter_arcface" else 1
+    return CosineClassifier(in_dim, num_classes, subcenters)

@@ -1,9 +1,11 @@
-"""Training losses of the ReID model: (label-smoothed, mixup-aware) cross-entropy on the head's logits,
-batch-hard triplet and center loss on the pre-BNNeck features, combined with the configured weights.
+"""Training losses of the ReID model: (label-smoothed, mixup-aware) cross-entropy on the head's
+margin logits, batch-hard triplet and center loss on the pre-BNNeck features, combined with the
+configured weights.
 
-Mixup: the criterion rebuilds the head's margin from the config (`build_margin`) and applies it to
-the margin-free `ReIDOutput.similarity` once per target set, so margin heads get cos(θ+m) on each
-mixed target. Triplet and center terms are skipped for mixed batches (their labels are ambiguous)."""
+The head's margin (ArcFace, CosFace; `build_margin`) is applied here and only here, to the model's
+margin-free `ReIDOutput.similarity`: once per target set under mixup, so margin heads get cos(θ+m)
+on each mixed target. Triplet and center terms are skipped for mixed batches (their labels are
+ambiguous)."""
 
 from __future__ import annotations
 

@@ -11,12 +11,18 @@ from torch import nn
 from jaguar.config import ConfigError, ModelConfig
 from jaguar.models.backbone import BackboneFeatures
 
+_POWER_LIMIT = 2.0 ** 100
+
 
 class GeM(nn.Module):
-    """Generalised mean pooling, (mean x^p)^(1/p) over positions; p=1 is average, p→∞ is max.
+    """Generalised mean pooling, (mean x^p)^(1/p) over positions; p=1 is average, p→∞ is max
+    (Radenović et al.). B x C x h x w -> B x C, in the input's dtype.
 
     Activations are clamped at `eps` (GeM is defined for positive inputs) and p at 1 (below 1 the
-    mean favours small responses, which is never what a retrieval feature wants)."""
+    mean favours small responses, which is never what a retrieval feature wants). The power is taken
+    in fp32; where x^p would leave fp32's comfortable range (mean x^p underflows for an all-zero
+    channel once eps^p < 1e-38, i.e. p > ~6.3, and x^p overflows for large activations) the channel is computed as
+    max * (mean (x / max)^p)^(1/p), the same value, so output and gradients stay finite for any p."""
 
     def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
@@ -31,10 +37,20 @@ class GeM(nn.Module):
         return float(self.p.detach().clamp(min=1.0).item())
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        # fp32 so x^p neither overflows nor underflows in half precision.
         p = self.p.float().clamp(min=1.0)
-        powered = grid.float().clamp(min=self.eps).pow(p)
-        return powered.mean(dim=(-2, -1)).pow(1.0 / p).to(grid.dtype)
+        clamped = grid.float().clamp(min=self.eps)
+        peak = clamped.detach().amax(dim=(-2, -1), keepdim=True)
+        with torch.no_grad():
+            # 2^+-100 leaves fp32 headroom for the backward's x^p * log(x) and mean^(1/p - 1) terms.
+            in_range = ((peak[..., 0, 0].pow(p) <= _POWER_LIMIT)
+                        & (clamped.pow(p).mean(dim=(-2, -1)) >= 1.0 / _POWER_LIMIT))
+        # The direct form where it is exact (bit for bit what it always was). Channels out of range
+        # see 1.0 there, so that branch's backward stays finite (a where() alone would pass 0 * inf).
+        direct_input = torch.where(in_range[..., None, None], clamped, torch.ones_like(clamped))
+        direct = direct_input.pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+        # peak is a constant per channel (GeM is 1-homogeneous), so only (x / peak) <= 1 is raised to p.
+        rescaled = (clamped / peak).pow(p).mean(dim=(-2, -1)).pow(1.0 / p) * peak[..., 0, 0]
+        return torch.where(in_range, direct, rescaled).to(grid.dtype)
 
 
 class GlobalPool(nn.Module):

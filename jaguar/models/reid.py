@@ -11,23 +11,22 @@ from torch import nn
 
 from jaguar.config import Config
 from jaguar.models.backbone import Backbone, build_backbone
-from jaguar.models.heads import MarginHead, build_head
+from jaguar.models.heads import build_head
 from jaguar.models.neck import Neck, build_neck
 from jaguar.models.pooling import GlobalPool, build_pooling
 
 
 @dataclass
 class ReIDOutput:
-    logits: torch.Tensor  # B x classes; with the margin on the target when labels were given
     features: torch.Tensor  # B x D before the BNNeck (triplet / center losses)
     embedding: torch.Tensor  # B x D after the BNNeck (retrieval)
-    similarity: torch.Tensor  # B x classes, the head's margin-free similarity (criterion re-applies margins)
+    similarity: torch.Tensor  # B x classes, the head's margin-free similarity (the criterion applies margins)
 
 
 class ReIDModel(nn.Module):
     """images -> ReIDOutput for training; `embed(images)` -> B x D for retrieval (not normalised)."""
 
-    def __init__(self, backbone: Backbone, pooling: GlobalPool, neck: Neck, head: MarginHead,
+    def __init__(self, backbone: Backbone, pooling: GlobalPool, neck: Neck, head: nn.Module,
                  num_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
@@ -44,11 +43,10 @@ class ReIDModel(nn.Module):
         pooled = self.pooling(self.backbone(images))
         return self.neck(pooled)
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ReIDOutput:
+    def forward(self, images: torch.Tensor) -> ReIDOutput:
         features, embedding = self._features(images)
-        similarity = self.head.similarity(self.neck.head_input(embedding))
-        logits = self.head.margin(similarity, labels)
-        return ReIDOutput(logits=logits, features=features, embedding=embedding, similarity=similarity)
+        similarity = self.head(self.neck.head_input(embedding))
+        return ReIDOutput(features=features, embedding=embedding, similarity=similarity)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The retrieval embedding (post-neck, not L2-normalised); call under eval() and no_grad()."""
