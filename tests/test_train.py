@@ -193,3 +193,99 @@ def test_resume_ignores_incomplete_checkpoints(tmp_path):
     assert ckpt.find_resume_checkpoint(checkpoints, "none") is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         ckpt.find_resume_checkpoint(checkpoints, str(checkpoints / "step-000006"))
+
+
+_NAN_SCRIPT = textwrap.dedent("""
+    import copy, json, sys, torch
+    from jaguar.config import load_config
+    from jaguar.train.trainer import Trainer, TrainingStopped
+    shards, run, out = sys.argv[1:4]
+    cfg = load_config(None, [f"data.shards={shards}", f"run.dir={run}", "model.backbone=test_vit",
+        "model.img_size=[32,32]", "model.pooling=gem", "model.head=arcface", "optim.ema=true",
+        "optim.ema_decay=0.5", "data.num_workers=0", "data.val_fraction=0", "data.p_identities=2",
+        "data.k_images=2", "train.max_bad_steps=2", "train.eval_every=0", "optim.grad_clip=0"])
+    trainer = Trainer(cfg)
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.model)
+    trainer.loader.batch_sampler.set_position(0, 0)
+    batches = iter(trainer.loader)
+
+    def state():
+        return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                copy.deepcopy(trainer.optimizer.state_dict()["state"]),
+                {k: v.detach().clone() for k, v in trainer.ema.module.state_dict().items()})
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+    def step():
+        _, norm, _ = trainer._optimizer_step(batches)
+        trainer.step += 1
+        return norm
+
+    report = {"rank": acc.process_index}
+    step()  # a good update first, so that the optimizer and EMA have state to protect
+    before = state()
+    # a finite loss whose backward gives NaN in one weight's gradient, on rank 0 only
+    poison = model.head.weight.register_hook(lambda g: g * float("nan") if acc.process_index == 0 else g)
+    report["bad_norm"] = step()
+    after = state()
+    report["weights_kept"] = same(before[0], after[0])
+    report["optimizer_kept"] = same(before[1], after[1])
+    report["ema_kept"] = same(before[2], after[2])
+    report["all_finite"] = all(bool(torch.isfinite(v).all()) for v in after[0].values() if v.is_floating_point())
+    report["skipped"] = trainer.guard.skipped
+    poison.remove()
+    report["good_norm"] = step()
+    report["moved"] = not same(after[0], state()[0])
+    report["streak_after_good"] = trainer.guard.streak
+    report["checksums"] = trainer._param_checksums()
+    model.head.weight.register_hook(lambda g: g * float("nan"))
+    try:
+        for _ in range(5):
+            step()
+        report["stopped"] = None
+    except TrainingStopped as err:
+        report["stopped"] = str(err)
+    report["steps_skipped_at_stop"] = trainer.guard.skipped
+    trainer.tb.close()
+    with open(f"{out}.{acc.process_index}.json", "w") as handle:
+        json.dump(report, handle)
+""")
+
+
+def _check_nan_gradient_reports(out: Path, ranks: int, run: Path) -> None:
+    reports = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(ranks)]
+    for report in reports:
+        assert report["bad_norm"] is None  # a skipped update reports no norm
+        assert report["weights_kept"] and report["optimizer_kept"] and report["ema_kept"], report
+        assert report["all_finite"] and report["skipped"] == 1
+        assert report["good_norm"] is not None and report["moved"] and report["streak_after_good"] == 0
+        # train.max_bad_steps=2: the third skipped update in a row stops the run, with fp32 advice
+        assert report["stopped"] is not None and report["steps_skipped_at_stop"] == 4
+        assert "already fp32" in report["stopped"] and "use train.precision=fp32" not in report["stopped"]
+        assert "3 optimizer updates in a row" in report["stopped"]
+    checksums = reports[0]["checksums"]
+    assert len(checksums) == ranks and len(set(checksums)) == 1, "ranks took different decisions"
+    assert _scalars(run)["train/skipped_steps"][:2] == [1.0, 2.0]
+
+
+def test_nan_gradient_skips_the_update_and_repeated_ones_stop_the_run(shards_dir, tmp_path):
+    out = tmp_path / "nan"
+    result = subprocess.run([sys.executable, "-c", _NAN_SCRIPT, str(shards_dir), str(tmp_path / "run"), str(out)],
+                            capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "non-finite gradient" in result.stderr and "update skipped" in result.stderr
+    _check_nan_gradient_reports(out, 1, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_nan_gradient_on_one_rank_is_skipped_by_both_ranks(shards_dir, tmp_path):
+    script = tmp_path / "nan_script.py"
+    script.write_text(_NAN_SCRIPT)
+    out = tmp_path / "nan"
+    result = _accelerate("cpu_2proc.yaml", str(script), str(shards_dir), str(tmp_path / "run"), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_nan_gradient_reports(out, 2, tmp_path / "run")

@@ -1,11 +1,10 @@
 """The training loop: one code path for 1 CPU process, N processes (gloo/NCCL), DDP or DeepSpeed.
 Gradient accumulation without sync on non-final micro-steps, mixed precision, clipping, a guard
-against non-finite losses, periodic validation, atomic checkpoints and exact resume."""
+against non-finite gradients (jaguar.train.guard), periodic validation, atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -27,14 +26,11 @@ from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, 
 from jaguar.run import RunDir, TrainingMetrics
 from jaguar.train.data import RunSplit, open_train_split
 from jaguar.train.evaluate import validate
+from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
 from jaguar.train.optim import build_center_optimizer, build_ema, build_optimizer, build_scheduler
 from jaguar.train.tb import TensorBoardLogger
 
 log = logging.getLogger("jaguar.train")
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped early for a reason the user must act on (e.g. too many non-finite losses)."""
 
 
 class _PreemptFlag:
@@ -111,7 +107,7 @@ class Trainer:
 
         self.tb = TensorBoardLogger(self.run.tb_dir, enabled=acc.is_main_process)
         self.step = 0  # optimizer-step slots consumed (data position); skipped steps count too
-        self.bad_steps = 0
+        self.guard = NonFiniteGuard(cfg.train.max_bad_steps, cfg.train.precision, uses_deepspeed(acc))
         self.best: dict = {}
         self.history: list[dict] = []
         self.preempt = _PreemptFlag()
@@ -122,9 +118,8 @@ class Trainer:
         return {
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
-            "batch_in_epoch": (self.step % self.steps_per_epoch) * self.cfg.train.grad_accum,
             "steps_per_epoch": self.steps_per_epoch,
-            "bad_steps": self.bad_steps,
+            **self.guard.state_dict(),
             "best": self.best,
             "history": self.history,
             "num_classes": self.num_classes,
@@ -141,7 +136,8 @@ class Trainer:
                               f"this run has {self.steps_per_epoch} (batch size, world size or data changed); "
                               f"resume with the same settings or start a new run.dir")
         self.accelerator.load_state(str(source))
-        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.step = state["step"]
+        self.guard.load_state_dict(state)
         self.best, self.history = state["best"], state["history"]
         self.accelerator.step = self.step * self.cfg.train.grad_accum
         log.info("resumed from %s at step %d (epoch %d)", source, self.step, state["epoch"])
@@ -213,9 +209,12 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
         totals: dict[str, float] = {}
-        any_bad = False
+        loss_finite = True
         count = 0
-        grad_norm = None
+        grad_norm, applied = None, False
+        # A skipped update must leave the model as it was: BatchNorm statistics included (the forward
+        # of a bad batch may have written NaN into them).
+        buffers = [(buffer, buffer.detach().clone()) for buffer in self.model.buffers()]
         for micro in range(cfg.train.grad_accum):
             images, labels, _ = next(batches)
             # Under DeepSpeed bf16 the weights themselves are bf16, and so must the inputs be.
@@ -230,41 +229,57 @@ class Trainer:
                     images, labels_a, labels_b, lam = mixed
                     mix = (labels_b, lam)
             with acc.accumulate(self.model):
-                output = self.model(images, labels)
-                terms = self.criterion(output, labels, mix=mix)
-                loss = terms["loss"]
-                finite = torch.isfinite(loss.detach()).float()
-                finite = acc.reduce(finite, reduction="sum") if acc.num_processes > 1 else finite
-                if finite.item() < acc.num_processes:
-                    # Every rank must still run backward (DDP), but a non-finite batch contributes nothing.
-                    any_bad = True
-                    loss = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
-                acc.backward(loss)
+                terms = self.criterion(self.model(images), labels, mix=mix)
+                loss_finite = loss_finite and bool(torch.isfinite(terms["loss"].detach()))
+                skipped_before = getattr(self.model, "skipped_steps", 0)
+                acc.backward(terms["loss"])
                 if acc.sync_gradients:
-                    self._sync_center_grads()
-                    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-                    norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                    grad_norm = float(norm) if norm is not None else None
-                    if not any_bad:
-                        self.optimizer.step()
-                        if self.center_optimizer is not None:
-                            self.center_optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.center_optimizer is not None:
-                        self.center_optimizer.zero_grad(set_to_none=True)
+                    grad_norm, applied = self._apply_update(skipped_before)
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.train.grad_accum
-        if any_bad:
-            self.bad_steps += 1
-            log.warning("non-finite loss at step %d: update skipped (%d so far)", self.step, self.bad_steps)
-            if self.bad_steps > cfg.train.max_bad_steps:
-                raise TrainingStopped(f"{self.bad_steps} steps had a non-finite loss (train.max_bad_steps="
-                                      f"{cfg.train.max_bad_steps}); lower optim.lr or use train.precision=fp32")
-        else:
+        if not applied:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+        scale = acc.scaler.get_scale() if acc.scaler is not None else None
+        try:
+            self.guard.update_done(applied, self.step, loss_finite, grad_norm, scale)
+        finally:
+            if not applied:
+                self.tb.scalars({"train/skipped_steps": self.guard.skipped}, self.step + 1)
+                self.tb.flush()
+        if applied:
             self.scheduler.step_update(self.step + 1)
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.model), step=self.step + 1)
-        return totals, grad_norm, count
+        return totals, grad_norm if applied else None, count
+
+    def _apply_update(self, deepspeed_skipped_before: int) -> tuple[Optional[float], bool]:
+        """After the last micro-batch's backward: clip and step unless the gradient norm is non-finite
+        on some rank; returns (gradient norm, whether the update was applied)."""
+        acc, cfg = self.accelerator, self.cfg
+        if uses_deepspeed(acc):
+            # DeepSpeed stepped inside backward(); its overflow check (fp16, and bf16 by default) has
+            # already skipped a non-finite update, which its skipped_steps counter records.
+            norm = self.model.get_global_grad_norm()
+            return (float(norm) if norm is not None else None,
+                    self.model.skipped_steps == deepspeed_skipped_before)
+        self._sync_center_grads()
+        acc.unscale_gradients()  # fp16: the scaler divides the gradients and notes any inf for its step
+        parameters = [p for p in (*self.model.parameters(), *self.criterion.parameters()) if p.grad is not None]
+        norm = total_grad_norm(parameters)
+        applied = all_ranks_finite(acc, norm)
+        if applied and cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(parameters, cfg.optim.grad_clip, norm)
+        if applied or acc.scaler is not None:
+            # fp16: the scaler's own step skips the update on the inf it saw and lowers its scale.
+            self.optimizer.step()
+        if applied and self.center_optimizer is not None:
+            self.center_optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.center_optimizer is not None:
+            self.center_optimizer.zero_grad(set_to_none=True)
+        return float(norm), applied
 
     def _sync_center_grads(self) -> None:
         """The centres live outside DDP: average their gradients across ranks, and undo fp16 loss scaling."""
@@ -293,7 +308,7 @@ class Trainer:
             values[f"train/lr/{group.get('name', index)}"] = group["lr"]
         values["train/grad_norm"] = grad_norm
         values["train/images_per_sec"] = images_per_sec
-        values["train/skipped_steps"] = self.bad_steps
+        values["train/skipped_steps"] = self.guard.skipped
         gem_p = self.accelerator.unwrap_model(self.model).gem_p()
         values["model/gem_p"] = gem_p
         self.tb.scalars(values, self.step)
@@ -336,7 +351,7 @@ class Trainer:
 
     def _write_metrics(self) -> dict:
         metrics = {"best": self.best, "history": self.history, "steps": self.step,
-                   "skipped_steps": self.bad_steps, "num_classes": self.num_classes,
+                   "skipped_steps": self.guard.skipped, "num_classes": self.num_classes,
                    "world_size": self.accelerator.num_processes, "param_checksums": self._param_checksums()}
         if self.accelerator.is_main_process:
             self.run.save_metrics(TrainingMetrics(**metrics))
