@@ -123,6 +123,19 @@ def test_train_loader_batches_are_pk_and_identical_for_0_and_2_workers():
     assert not torch.equal(_batches(loader, 1)[0][0], serial[0][0])
 
 
+def test_train_loader_takes_the_run_class_map_and_refuses_unlabelled_positions():
+    split = FakeSplit(_labels())
+    train, _ = split_train_val(split.labels, 0.3, "stratified", seed=0)
+    class_map = {label: 7 - cls for label, cls in make_label_map(split.labels[train]).items()}
+    loader = build_train_loader(_cfg(), split, train, 0, 1, MEAN, STD, label_map=class_map)
+    assert loader.dataset.label_map == class_map
+    _, classes, positions = next(iter(loader))
+    assert classes.tolist() == [class_map[int(split.labels[p])] for p in positions]
+    unlabelled = np.flatnonzero(split.labels < 0)[:1]
+    with pytest.raises(ValueError, match="unlabelled"):
+        build_train_loader(_cfg(), split, np.concatenate([train, unlabelled]), 0, 1, MEAN, STD)
+
+
 def test_train_loader_resume_reproduces_the_remaining_batches():
     split = FakeSplit(_labels())
     train, _ = split_train_val(split.labels, 0.0, "stratified", seed=0)

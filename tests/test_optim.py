@@ -9,7 +9,7 @@ import torch
 from jaguar.config import load_config
 from jaguar.models import build_model
 from jaguar.models.losses import ReIDCriterion
-from jaguar.train.optim import (build_center_optimizer, build_ema, build_optimizer, build_scheduler)
+from jaguar.train.optim import build_center_optimizer, build_ema, build_optimizer, build_scheduler, total_updates
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_layer_decay_increases_towards_the_head_and_head_lr_mult(vit_model):
     assert head_group["name"].startswith("head") and head_group["lr_scale"] == 10.0
     assert head_group["lr"] == pytest.approx(0.01) and last["lr"] == pytest.approx(0.001 * last["lr_scale"])
     # the scheduler keeps the multipliers
-    scheduler = build_scheduler(load_config(None, ["optim.scheduler=constant", "optim.lr=0.001"]), optimizer, 5)
+    constant = load_config(None, ["optim.scheduler=constant", "optim.lr=0.001"])
+    scheduler = build_scheduler(constant, optimizer, 5, total_updates(constant, 5))
     scheduler.step_update(3)
     assert head_group["lr"] == pytest.approx(0.01) and first["lr"] == pytest.approx(0.001 * first["lr_scale"])
 
@@ -80,7 +81,7 @@ def test_bot_warmup_and_multistep_values(vit_model):
                              "optim.gamma=0.1", "train.epochs=120", "optim.weight_decay=0.0005"])
     steps = 7
     optimizer = build_optimizer(cfg, vit_model)
-    scheduler = build_scheduler(cfg, optimizer, steps)
+    scheduler = build_scheduler(cfg, optimizer, steps, total_updates(cfg, steps))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3.5e-6)  # before the first update
     expected = {0: 3.5e-6, 5 * steps: (3.5e-6 + 3.5e-4) / 2, 10 * steps: 3.5e-4, 35 * steps - 1: 3.5e-4,
                 35 * steps: 3.5e-5, 60 * steps - 1: 3.5e-5, 60 * steps: 3.5e-6, 120 * steps - 1: 3.5e-6}
@@ -92,7 +93,7 @@ def test_cosine_warmup_endpoints_and_exact_resume(vit_model):
     cfg = load_config(None, ["optim.lr=1e-3", "optim.warmup_lr=1e-5", "optim.warmup_epochs=1",
                              "optim.min_lr=1e-6", "train.epochs=5"])
     optimizer = build_optimizer(cfg, vit_model)
-    scheduler = build_scheduler(cfg, optimizer, 4)
+    scheduler = build_scheduler(cfg, optimizer, 4, total_updates(cfg, 4))
     assert lr_at(scheduler, optimizer, 0) == pytest.approx(1e-5)
     assert lr_at(scheduler, optimizer, 2) == pytest.approx((1e-5 + 1e-3) / 2)
     assert lr_at(scheduler, optimizer, 4) == pytest.approx(1e-3)
@@ -102,7 +103,8 @@ def test_cosine_warmup_endpoints_and_exact_resume(vit_model):
     state = scheduler.state_dict()
     expected = lr_at(scheduler, optimizer, 10)
     fresh_optimizer = build_optimizer(load_config(None, ["optim.lr=5e-2"]), vit_model)
-    fresh = build_scheduler(load_config(None, ["optim.lr=5e-2", "train.epochs=50"]), fresh_optimizer, 4)
+    fresh_cfg = load_config(None, ["optim.lr=5e-2", "train.epochs=50"])
+    fresh = build_scheduler(fresh_cfg, fresh_optimizer, 4, total_updates(fresh_cfg, 4))
     fresh.load_state_dict(state)
     assert lr_at(fresh, fresh_optimizer, 10) == pytest.approx(expected)
     assert 1e-6 < expected < 1e-3
@@ -111,7 +113,7 @@ def test_cosine_warmup_endpoints_and_exact_resume(vit_model):
 def test_max_steps_shortens_the_cosine(vit_model):
     cfg = load_config(None, ["optim.lr=1e-3", "train.epochs=10", "train.max_steps=8"])
     optimizer = build_optimizer(cfg, vit_model)
-    scheduler = build_scheduler(cfg, optimizer, 4)
+    scheduler = build_scheduler(cfg, optimizer, 4, total_updates(cfg, 4))
     assert lr_at(scheduler, optimizer, 4) == pytest.approx(0.5e-3)
     assert lr_at(scheduler, optimizer, 8) == pytest.approx(0.0)
 

@@ -144,3 +144,22 @@ def test_shuffle_sampler_partitions_each_step_and_resumes():
     assert len(padded) == 5 and all(len(batch) == size for batch in padded)
     with pytest.raises(ConfigError, match="data.batch_size"):
         ShuffleBatchSampler(10, 4, 0, 3)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2, 3, 7])
+def test_epochs_are_whole_optimizer_steps_of_the_accumulation(accumulation):
+    labels = _labels()  # 65 labelled images
+    plain = len(PKBatchSampler(labels, p=2, k=2, seed=0))  # 16 batches
+    pk = PKBatchSampler(labels, p=2, k=2, seed=0, accumulation=accumulation)
+    assert len(pk) % accumulation == 0 and len(pk) == max(1, plain // accumulation) * accumulation
+    assert len(list(pk)) == len(pk)
+    # fewer batches than one step: the PK sampler draws one whole step anyway (identities recycle)
+    assert len(PKBatchSampler(labels, p=4, k=20, seed=0, accumulation=accumulation)) == accumulation
+    shuffle = ShuffleBatchSampler(65, 4, seed=0, accumulation=accumulation)
+    assert len(shuffle) % accumulation == 0 and len(shuffle) == (65 // (4 * accumulation)) * accumulation
+    assert all(len(batch) == 4 for batch in shuffle)
+
+
+def test_shuffle_sampler_refuses_an_epoch_shorter_than_one_optimizer_step():
+    with pytest.raises(ConfigError, match="train.grad_accum=4"):
+        ShuffleBatchSampler(30, 4, world_size=2, accumulation=4)

@@ -132,27 +132,26 @@ class EvalDataset(Dataset):
 
 
 def build_train_loader(cfg: Config, split, indices: Sequence[int], rank: int, world_size: int,
-                       mean: Sequence[float], std: Sequence[float],
-                       batches_per_epoch: int | None = None) -> DataLoader:
-    """The training DataLoader for this rank; `loader.dataset.label_map` maps labels to classes.
-
-    Unlabelled positions in `indices` are dropped with a warning. Seeded by run.seed."""
+                       mean: Sequence[float], std: Sequence[float], batches_per_epoch: int | None = None,
+                       label_map: dict[int, int] | None = None) -> DataLoader:
+    """The training DataLoader for this rank over labelled positions `indices` (split_train_val gives
+    only those; an unlabelled one is a ValueError). `label_map` (shard label -> class) defaults to
+    make_label_map of their labels; `loader.dataset.label_map` holds it. An epoch holds whole
+    optimizer steps of train.grad_accum batches. Seeded by run.seed."""
     indices = np.asarray(indices, dtype=np.int64)
-    labels = np.asarray(split.labels, dtype=np.int64)[indices]
-    if (labels < 0).any():
-        logger.warning("dropping %d unlabelled images from the training indices", int((labels < 0).sum()))
-        indices, labels = indices[labels >= 0], labels[labels >= 0]
     if len(indices) == 0:
         raise ConfigError(f"no labelled training images in {cfg.data.shards or 'the given split'}; "
                           f"check data.shards and data.val_fraction")
     seed = cfg.run.seed
-    dataset = TrainDataset(split, indices, build_train_transform(cfg, mean, std), seed)
+    dataset = TrainDataset(split, indices, build_train_transform(cfg, mean, std), seed, label_map)
+    labels = np.asarray(split.labels, dtype=np.int64)[indices]
+    accumulation = cfg.train.grad_accum
     if cfg.data.sampler == "pk":
         batch_sampler = PKBatchSampler(labels, cfg.data.p_identities, cfg.data.k_images, rank, world_size,
-                                       seed, batches_per_epoch, yield_keys=True)
+                                       seed, batches_per_epoch, yield_keys=True, accumulation=accumulation)
     else:
         batch_sampler = ShuffleBatchSampler(len(indices), cfg.data.batch_size, rank, world_size, seed,
-                                            drop_last=True, yield_keys=True)
+                                            drop_last=True, yield_keys=True, accumulation=accumulation)
     return _loader(dataset, cfg.data.num_workers, batch_sampler=batch_sampler)
 
 

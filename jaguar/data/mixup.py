@@ -7,13 +7,10 @@ batches that were not mixed.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-
-from jaguar.config import Config
 
 MixupResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
 
@@ -35,14 +32,3 @@ def mixup_batch(images: torch.Tensor, labels: torch.Tensor, alpha: float, prob: 
     mixed = images * lam + images[permutation] * (1.0 - lam)
     return mixed, labels, labels[permutation], lam
 
-
-def build_mixup(cfg: Config) -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[MixupResult]]]:
-    """`mixup(images, labels, generator)` with data.mixup_alpha / data.mixup_prob, or None if disabled."""
-    if cfg.data.mixup_alpha <= 0 or cfg.data.mixup_prob <= 0:
-        return None
-    return functools.partial(_mixup_call, alpha=cfg.data.mixup_alpha, prob=cfg.data.mixup_prob)
-
-
-def _mixup_call(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
-                alpha: float, prob: float) -> Optional[MixupResult]:
-    return mixup_batch(images, labels, alpha, prob, generator)

@@ -93,11 +93,13 @@ class PKBatchSampler(_EpochBatchSampler):
     order, reshuffled when exhausted; an identity's images are drawn without replacement until
     used up, and with replacement only when it has fewer than K images. A batch lists each
     identity's K images consecutively. The epoch has `batches_per_epoch` batches, by default
-    (labelled images) // (P*K*world_size), at least 1, the same on every rank.
+    (labelled images) // (P*K*world_size) rounded down to whole optimizer steps of `accumulation`
+    batches (at least one step), the same on every rank.
     """
 
     def __init__(self, labels: Sequence[int], p: int, k: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, batches_per_epoch: int | None = None, yield_keys: bool = False) -> None:
+                 seed: int = 0, batches_per_epoch: int | None = None, yield_keys: bool = False,
+                 accumulation: int = 1) -> None:
         super().__init__(rank, world_size, seed, yield_keys)
         labels = np.asarray(labels, dtype=np.int64)
         identities = np.unique(labels[labels >= 0])
@@ -112,7 +114,10 @@ class PKBatchSampler(_EpochBatchSampler):
         self.identities = identities
         self.images_of = {int(ident): np.flatnonzero(labels == ident) for ident in identities}
         labelled = int((labels >= 0).sum())
-        default_length = max(1, labelled // (p * k * world_size))
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+        # An epoch holds whole optimizer steps, so that checkpoints fall on step boundaries.
+        default_length = max(1, labelled // (p * k * world_size) // accumulation) * accumulation
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
         self.batches_per_epoch = default_length if batches_per_epoch is None else int(batches_per_epoch)
@@ -181,36 +186,42 @@ class ShuffleBatchSampler(_EpochBatchSampler):
     """Shuffled batches of `batch_size` for this rank; one permutation per (seed, epoch).
 
     Step s gives rank r the r-th contiguous chunk of that step's batch_size*world_size samples.
-    drop_last=True drops the incomplete final step; drop_last=False completes it by wrapping
-    around the permutation, so every rank still yields equal, full batches.
+    An epoch holds whole optimizer steps of `accumulation` batches: drop_last=True drops the
+    incomplete final step; drop_last=False completes it by wrapping around the permutation, so
+    every rank still yields equal, full batches.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, drop_last: bool = True, yield_keys: bool = False) -> None:
+                 seed: int = 0, drop_last: bool = True, yield_keys: bool = False,
+                 accumulation: int = 1) -> None:
         super().__init__(rank, world_size, seed, yield_keys)
-        per_step = batch_size * world_size
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+        per_step = batch_size * world_size * accumulation  # samples per optimizer step
         if drop_last and num_samples < per_step:
             raise ConfigError(
-                f"config key 'data.batch_size'={batch_size} x world_size={world_size} exceeds the "
-                f"{num_samples} training samples, so an epoch would be empty; lower data.batch_size")
+                f"config key 'data.batch_size'={batch_size} x world_size={world_size} x train.grad_accum="
+                f"{accumulation} exceeds the {num_samples} training samples, so an epoch would be empty; "
+                f"lower data.batch_size or train.grad_accum")
         if num_samples < 1:
             raise ValueError("ShuffleBatchSampler needs at least one sample")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.drop_last = drop_last
-        self._length = num_samples // per_step if drop_last else -(-num_samples // per_step)
+        steps = num_samples // per_step if drop_last else -(-num_samples // per_step)
+        self._length = steps * accumulation
 
     def __len__(self) -> int:
         return self._length
 
     def _rank_batches(self) -> list[list[int]]:
         order = self._epoch_rng().permutation(self.num_samples)
-        per_step = self.batch_size * self.world_size
-        needed = self._length * per_step
+        per_batch = self.batch_size * self.world_size  # one batch on every rank
+        needed = self._length * per_batch
         if needed > len(order):
             order = np.resize(order, needed)  # wraps around the permutation
         batches = []
-        for step in range(self._length):
-            start = step * per_step + self.rank * self.batch_size
+        for position in range(self._length):
+            start = position * per_batch + self.rank * self.batch_size
             batches.append(order[start:start + self.batch_size].tolist())
         return batches

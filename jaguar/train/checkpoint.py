@@ -96,9 +96,7 @@ def best_or_latest(checkpoint_dir: Path) -> Optional[Path]:
     if is_complete(best):
         return best
     complete = list_checkpoints(checkpoint_dir)
-    final = checkpoint_dir / "final"
-    candidates = ([final] if is_complete(final) else []) + complete[::-1]
-    return candidates[0] if candidates else None
+    return complete[-1] if complete else None
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path, prefer_ema: bool = False, partial: bool = False) -> Path:

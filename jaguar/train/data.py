@@ -1,5 +1,6 @@
 """The training run's data: the train split of the shards (plus any extra, e.g. pseudo-labelled,
-shards), its train/validation partition, and the label space the classifier head sees."""
+shards), its train/validation partition and the label space the classifier head sees (RunSplit,
+built once and saved in the run directory)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaguar.config import Config, ConfigError
+from jaguar.data.loader import make_label_map, split_train_val
 from jaguar.data.shards import ShardSplit
 from jaguar.run import SplitRecord
 
@@ -59,13 +61,50 @@ def open_train_split(cfg: Config):
 
 @dataclass
 class RunSplit:
-    """Positions (into the train split) used for training and for validation, by file name too."""
+    """The training data of a run, built once (`build_run_split`) and kept in RUN/split.json: the
+    labelled positions (into the train split) trained on, the positions validated on, and the
+    classifier head's class of each shard label."""
     train_indices: np.ndarray
     val_indices: np.ndarray
     class_of_label: dict[int, int]  # shard label -> contiguous head class
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_of_label)
+
     def to_record(self, split) -> SplitRecord:
-        """The run directory's split record: file names and the class map."""
+        """The run directory's split.json record: file names and the class map."""
         return SplitRecord(train=[split.filenames[i] for i in self.train_indices],
                            val=[split.filenames[i] for i in self.val_indices],
                            class_of_label=dict(self.class_of_label))
+
+    @classmethod
+    def from_record(cls, record: SplitRecord, split, where: str) -> "RunSplit":
+        """The positions of a saved record's file names in `split`; ConfigError naming `where` when the
+        shards no longer hold one of them or a training image lost its label."""
+        position_of = {name: position for position, name in enumerate(split.filenames)}
+        missing = [name for name in (*record.train, *record.val) if name not in position_of]
+        if missing:
+            raise ConfigError(f"{where} lists {len(missing)} images the training shards do not hold "
+                              f"(e.g. {missing[0]}): data.shards changed since this run started; point "
+                              f"data.shards back at its shards or start a new run.dir")
+        train = np.asarray([position_of[name] for name in record.train], dtype=np.int64)
+        val = np.asarray([position_of[name] for name in record.val], dtype=np.int64)
+        labels = np.asarray(split.labels, dtype=np.int64)
+        unknown = sorted({int(v) for v in labels[train]} - set(record.class_of_label))
+        if unknown:
+            raise ConfigError(f"{where}: training images carry labels {unknown[:5]} that its class map "
+                              f"does not hold; the shards changed since this run started")
+        return cls(train, val, dict(record.class_of_label))
+
+
+def build_run_split(cfg: Config, split) -> RunSplit:
+    """Split the training shards into training and validation (data.val_fraction, data.val_split,
+    run.seed) and number the training identities 0..C-1. Unlabelled images are left out here, the
+    one place that drops them (split_train_val returns labelled positions only)."""
+    train, val = split_train_val(split.labels, cfg.data.val_fraction, cfg.data.val_split, cfg.run.seed)
+    if len(train) == 0:
+        raise ConfigError(f"no labelled training images in {cfg.data.shards}; check data.shards and "
+                          f"data.val_fraction")
+    return RunSplit(train, val, make_label_map(np.asarray(split.labels, dtype=np.int64)[train]))
+

@@ -79,11 +79,6 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
-def grad_clip_norm(cfg: Config) -> Optional[float]:
-    """The max gradient norm for the trainer's clip_grad_norm_ (optim.grad_clip), None when disabled."""
-    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None
-
-
 def build_center_optimizer(cfg: Config, criterion: nn.Module) -> Optional[torch.optim.Optimizer]:
     """BoT's separate SGD for the center-loss centres (loss.center_lr), or None without center loss."""
     center = getattr(criterion, "center", None)
@@ -100,9 +95,10 @@ def total_updates(cfg: Config, steps_per_epoch: int) -> int:
     return total
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler:
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total: int) -> Scheduler:
     """A timm scheduler stepped per optimizer update: call `scheduler.step_update(num_updates)` after
     each update (num_updates = updates done so far). `state_dict()`/`load_state_dict()` resume it.
+    `total` is the run's number of updates, `total_updates(cfg, steps_per_epoch)`.
 
     Warmup goes linearly from optim.warmup_lr to optim.lr over optim.warmup_epochs; then cosine to
     optim.min_lr at the last update, or x optim.gamma at each of optim.milestones (epochs counted from
@@ -110,7 +106,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     optim_cfg = cfg.optim
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is the training set empty?)")
-    total = total_updates(cfg, steps_per_epoch)
     warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
     common = dict(warmup_t=warmup, warmup_lr_init=optim_cfg.warmup_lr, t_in_epochs=False)
     if optim_cfg.scheduler == "cosine":

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from jaguar.config import Config, ConfigError
-from jaguar.data.loader import build_train_loader, make_label_map, split_train_val
+from jaguar.data.loader import build_train_loader
 from jaguar.data.mixup import mixup_batch
 from jaguar.models import build_model
 from jaguar.models.losses import ReIDCriterion
@@ -24,10 +23,10 @@ from jaguar.train import checkpoint as ckpt
 from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, set_deepspeed_micro_batch,
                                 uses_deepspeed)
 from jaguar.run import RunDir, TrainingMetrics
-from jaguar.train.data import RunSplit, open_train_split
+from jaguar.train.data import RunSplit, build_run_split, open_train_split
 from jaguar.train.evaluate import validate
 from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
-from jaguar.train.optim import build_center_optimizer, build_ema, build_optimizer, build_scheduler
+from jaguar.train.optim import build_center_optimizer, build_ema, build_optimizer, build_scheduler, total_updates
 from jaguar.train.tb import TensorBoardLogger
 
 log = logging.getLogger("jaguar.train")
@@ -62,14 +61,9 @@ class Trainer:
             self.run.save_config(cfg)
 
         self.split = open_train_split(cfg)
-        train_idx, val_idx = split_train_val(self.split.labels, cfg.data.val_fraction, cfg.data.val_split,
-                                             cfg.run.seed)
-        train_idx = np.asarray([i for i in train_idx if self.split.labels[i] >= 0], dtype=np.int64)
-        class_of_label = make_label_map(self.split.labels[train_idx])
-        self.run_split = RunSplit(np.asarray(train_idx), np.asarray(val_idx), class_of_label)
-        if acc.is_main_process:
-            self.run.save_split(self.run_split.to_record(self.split))
-        self.num_classes = len(class_of_label)
+        self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_dir, cfg.train.resume)
+        self.run_split = self._training_data()
+        self.num_classes = self.run_split.num_classes
 
         model = build_model(cfg, self.num_classes)
         if cfg.train.init_from:
@@ -80,18 +74,12 @@ class Trainer:
         self.center_optimizer = build_center_optimizer(cfg, self.criterion)
 
         self.loader = build_train_loader(cfg, self.split, self.run_split.train_indices, acc.process_index,
-                                         acc.num_processes, self.mean, self.std)
-        batches = len(self.loader.batch_sampler)
-        self.steps_per_epoch = max(1, batches // cfg.train.grad_accum)
-        if batches != self.steps_per_epoch * cfg.train.grad_accum:
-            # An epoch holds whole optimizer steps, so that checkpoints fall on step boundaries.
-            self.loader = build_train_loader(cfg, self.split, self.run_split.train_indices, acc.process_index,
-                                             acc.num_processes, self.mean, self.std,
-                                             batches_per_epoch=self.steps_per_epoch * cfg.train.grad_accum)
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        if cfg.train.max_steps > 0:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.scheduler = build_scheduler(cfg, optimizer, self.steps_per_epoch)
+                                         acc.num_processes, self.mean, self.std,
+                                         label_map=self.run_split.class_of_label)
+        # The sampler's epoch is whole optimizer steps, so that checkpoints fall on step boundaries.
+        self.steps_per_epoch = len(self.loader.batch_sampler) // cfg.train.grad_accum
+        self.total_steps = total_updates(cfg, self.steps_per_epoch)
+        self.scheduler = build_scheduler(cfg, optimizer, self.steps_per_epoch, self.total_steps)
 
         model = prepare_model_for_deepspeed(model, acc)
         set_deepspeed_micro_batch(acc, self.loader.batch_sampler.batch_size)
@@ -126,8 +114,19 @@ class Trainer:
             "world_size": self.accelerator.num_processes,
         }
 
+    def _training_data(self) -> RunSplit:
+        """The run's split: read back from RUN/split.json when resuming (the checkpoint was trained on
+        it), else built from the config and saved there."""
+        run = self.run
+        if self.resume_from is not None and run.split_path.is_file():
+            return RunSplit.from_record(run.load_split(), self.split, str(run.split_path))
+        run_split = build_run_split(self.cfg, self.split)
+        if self.accelerator.is_main_process:
+            run.save_split(run_split.to_record(self.split))
+        return run_split
+
     def _resume(self) -> None:
-        source = ckpt.find_resume_checkpoint(self.checkpoint_dir, self.cfg.train.resume)
+        source = self.resume_from
         if source is None:
             return
         state = ckpt.read_state(source)
