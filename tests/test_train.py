@@ -77,16 +77,33 @@ def test_two_process_ddp_trains_in_step(shards_dir, tmp_path):
     assert ckpt.list_checkpoints(run / "checkpoints"), "no step checkpoint written"
 
 
-def test_deepspeed_zero2_runs_through_the_same_trainer(shards_dir, tmp_path):
+def test_deepspeed_zero2_bf16_runs_through_the_same_trainer_and_exports_the_fp32_masters(shards_dir, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     run = tmp_path / "run"
     result = _accelerate("cpu_2proc_zero2.yaml", TINY,
-                         *_small(shards_dir, run, "train.epochs=5", "train.max_steps=3", "train.eval_every=1"),
+                         *_small(shards_dir, run, "train.epochs=5", "train.max_steps=2", "train.eval_every=1",
+                                 "train.precision=bf16"),
                          timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["world_size"] == 2
-    final = run / "checkpoints" / "step-000003"
+    assert metrics["steps"] == 2 and metrics["world_size"] == 2
+    final = run / "checkpoints" / "step-000002"
     assert ckpt.is_complete(final) and (final / ckpt.WEIGHTS_FILE).is_file()
+    exported = load_file(str(final / ckpt.WEIGHTS_FILE))
+    # DeepSpeed's own resume state, read back by its own tool: the optimizer's fp32 master weights
+    # (merged from both ZeRO partitions), and the module's bf16 copies.
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(final), tag="pytorch_model")
+    bf16_copy = torch.load(final / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    trained = [key for key in masters if bf16_copy[key].dtype == torch.bfloat16 and key in exported]
+    assert len(trained) > 10
+    for key in trained:
+        assert exported[key].dtype == torch.float32
+        assert torch.equal(exported[key], masters[key].float()), key
+    differs = [key for key in trained if not torch.equal(exported[key], bf16_copy[key].float())]
+    assert len(differs) > len(trained) // 2, "the export still holds the bf16 copies"
+    # the BNNeck weight starts at 1.0: after two updates its bf16 copy may still round to 1.0, the master not
+    assert not torch.equal(exported["neck.bnneck.weight"], torch.ones_like(exported["neck.bnneck.weight"]))
 
 
 _GA_SCRIPT = textwrap.dedent("""

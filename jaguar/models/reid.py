@@ -49,8 +49,10 @@ class ReIDModel(nn.Module):
         return ReIDOutput(features=features, embedding=embedding, similarity=similarity)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The retrieval embedding (post-neck, not L2-normalised); call under eval() and no_grad()."""
-        return self._features(images)[1]
+        """The retrieval embedding (post-neck, not L2-normalised), B x D in fp32; call under eval()
+        and no_grad(). Images are cast to the weights' dtype (bf16 under DeepSpeed bf16)."""
+        weight_dtype = self.head.weight.dtype
+        return self._features(images.to(weight_dtype))[1].float()
 
     def gem_p(self) -> Optional[float]:
         """The current GeM exponent (for TensorBoard), or None when pooling is not GeM."""

@@ -22,7 +22,7 @@ from jaguar.io import atomic_write_json, replace_directory
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-WEIGHTS_FILE = "weights.safetensors"  # consolidated model weights, for extraction
+WEIGHTS_FILE = "weights.safetensors"  # consolidated model weights (fp32 masters under DeepSpeed), for extraction
 EMA_WEIGHTS_FILE = "weights_ema.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -64,6 +64,28 @@ def _state_dict_to_cpu(state: dict) -> dict:
     return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
+def model_weights(accelerator: Accelerator, model) -> dict:
+    """The trained weights of the (prepared) model, whole on the main process: what extraction,
+    train.init_from and ensembles load. Collective: every rank must call it.
+
+    Under DeepSpeed with bf16/fp16 the module holds 16-bit copies of the weights; the weights being
+    trained are the optimizer's fp32 master copies (partitioned under ZeRO), which
+    `deepspeed.utils.safe_get_full_fp32_param` assembles. Those replace the 16-bit parameters, and
+    every other floating tensor (frozen parameters, BatchNorm statistics) is stored as fp32 too."""
+    weights = accelerator.get_state_dict(model)
+    if accelerator.state.deepspeed_plugin is None or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return weights
+    from deepspeed.utils import safe_get_full_fp32_param  # DeepSpeed runs only; it is slow to import
+
+    for name, param in model.module.named_parameters():
+        master = safe_get_full_fp32_param(param)  # all ranks take part, in the same order
+        if master is not None and weights is not None:
+            weights[name] = master
+    if weights is None:
+        return weights
+    return {name: value.float() if value.is_floating_point() else value for name, value in weights.items()}
+
+
 def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, name: str,
                     trainer_state: dict, keep_last: int) -> Path:
     """Save the full training state under checkpoint_dir/name atomically; prune old step checkpoints."""
@@ -74,8 +96,8 @@ def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    # Gathering the full state dict is collective under ZeRO-3: every rank calls it.
-    weights = accelerator.get_state_dict(model)
+    # Gathering the full weights is collective under ZeRO: every rank calls it.
+    weights = model_weights(accelerator, model)
     if accelerator.is_main_process:
         save_file(_state_dict_to_cpu(weights), str(tmp / WEIGHTS_FILE))
         if ema is not None:
