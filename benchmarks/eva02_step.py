@@ -82,7 +82,7 @@ def run_one(precision: str, checkpointing: bool, size: int, batch: int, steps: i
     return {"precision": precision, "checkpointing": checkpointing, "size": size, "batch": batch,
             "params_m": params / 1e6, "build_s": build_s, "step_s": step_s, "losses": losses,
             "grad_norm": grad_norm, "rss_after_build_gb": rss_built, "peak_rss_gb": peak_gb,
-            "threads": torch.get_num_threads(), "skipped_steps": trainer.bad_steps}
+            "threads": torch.get_num_threads(), "skipped_steps": trainer.guard.skipped}
 
 
 def main() -> int:
