@@ -306,3 +306,27 @@ def test_nan_gradient_on_one_rank_is_skipped_by_both_ranks(shards_dir, tmp_path)
     result = _accelerate("cpu_2proc.yaml", str(script), str(shards_dir), str(tmp_path / "run"), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     _check_nan_gradient_reports(out, 2, tmp_path / "run")
+
+
+@pytest.mark.parametrize("precision, advice, not_advised", [
+    ("fp32", "already fp32", "train.precision=fp32"),
+    ("bf16", "train.precision=fp32 tells", "loss scale"),
+    ("fp16", "loss scale is down to 0.125", "already fp32"),
+])
+def test_stop_message_fits_the_precision_and_streaks_reset(precision, advice, not_advised):
+    from jaguar.train.guard import NonFiniteGuard, TrainingStopped
+
+    guard = NonFiniteGuard(max_in_a_row=2, precision=precision, deepspeed=False)
+    scale = 0.125 if precision == "fp16" else None
+    for step in range(2):
+        guard.update_done(False, step, loss_finite=step == 0, grad_norm=float("nan"), loss_scale=scale)
+    guard.update_done(True, 2, True, 1.0, scale)  # a good update ends the streak
+    assert (guard.streak, guard.skipped) == (0, 2)
+    guard.load_state_dict(guard.state_dict())
+    for step in range(3, 5):
+        guard.update_done(False, step, loss_finite=True, grad_norm=float("inf"), loss_scale=scale)
+    with pytest.raises(TrainingStopped) as stopped:
+        guard.update_done(False, 5, loss_finite=False, grad_norm=None, loss_scale=scale)
+    message = str(stopped.value)
+    assert "3 optimizer updates in a row" in message and "1 of them already a non-finite loss" in message
+    assert advice in message and not_advised not in message

@@ -137,7 +137,7 @@ class TrainConfig(Group):
     checkpoint_every: int = ranged(0, _OFF_OR_COUNT)  # optimizer steps; 0 = only at epoch ends and the end
     keep_last: int = ranged(2, _OFF_OR_COUNT)  # step checkpoints kept; 0 keeps all
     resume: str = "auto"  # auto | none | a checkpoint folder
-    max_bad_steps: int = ranged(20, _NON_NEGATIVE)  # stop after this many skipped non-finite steps
+    max_bad_steps: int = ranged(20, _NON_NEGATIVE)  # stop after more skipped non-finite updates in a row
     log_every: int = ranged(10, _COUNT)  # optimizer steps
     deepspeed_config: str = ""  # DeepSpeed JSON, when not given by `accelerate launch`
     init_from: str = ""  # weights to start from (a checkpoint folder), e.g. to fine-tune on pseudo-labels
