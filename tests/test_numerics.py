@@ -93,11 +93,11 @@ def _degenerate_embeddings(head: torch.nn.Module, dim: int) -> torch.Tensor:
 
 
 HEAD_SETTINGS = (
-    [f"model.head={head},model.head_scale={scale},model.head_margin={margin},model.easy_margin={easy}"
-     for head, scale, margin, easy in itertools.product(["arcface", "subcenter_arcface"], [1.0, 30.0, 64.0],
-                                                        [0.0, 0.5, 1.5], [False, True])]
+    [f"model.head=arcface,model.head_scale={scale},model.head_margin={margin},model.easy_margin={easy}"
+     for scale, margin, easy in itertools.product([1.0, 64.0], [0.0, 0.5, 1.5], [False, True])]
+    + ["model.head=subcenter_arcface,model.head_scale=64,model.head_margin=1.5"]
     + [f"model.head=cosface,model.head_scale={scale},model.head_margin={margin}"
-       for scale, margin in itertools.product([1.0, 30.0, 64.0], [0.0, 0.35, 2.0])]
+       for scale, margin in itertools.product([1.0, 64.0], [0.0, 0.35, 2.0])]
     + ["model.head=softmax"])
 
 
