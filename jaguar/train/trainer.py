@@ -268,13 +268,15 @@ class Trainer:
         parameters = [p for p in (*self.model.parameters(), *self.criterion.parameters()) if p.grad is not None]
         norm = total_grad_norm(parameters)
         applied = all_ranks_finite(acc, norm)
-        if applied and cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(parameters, cfg.optim.grad_clip, norm)
-        if applied or acc.scaler is not None:
-            # fp16: the scaler's own step skips the update on the inf it saw and lowers its scale.
+        if applied:
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(parameters, cfg.optim.grad_clip, norm)
             self.optimizer.step()
-        if applied and self.center_optimizer is not None:
-            self.center_optimizer.step()
+            if self.center_optimizer is not None:
+                self.center_optimizer.step()
+        elif acc.scaler is not None:
+            # fp16: no step; the scaler's update lowers its scale for the inf its unscale_ recorded.
+            acc.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.center_optimizer is not None:
             self.center_optimizer.zero_grad(set_to_none=True)
