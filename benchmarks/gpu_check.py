@@ -157,7 +157,7 @@ def train_variant(shards: Path, checkpointing: bool, batch: int, steps: int) -> 
         images = torch.randn(2, 3, 448, 448, device=device, dtype=trainer.input_dtype)
         labels = torch.zeros(2, dtype=torch.long, device=device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            trainer.model(images, labels)
+            trainer.model(images)
         forward_flops = counter.get_total_flops() / 2
         deepspeed = uses_deepspeed(trainer.accelerator)
         params = sum(p.numel() for p in trainer.model.parameters())
@@ -167,7 +167,7 @@ def train_variant(shards: Path, checkpointing: bool, batch: int, steps: int) -> 
             "peak_allocated_gib": peak_allocated, "peak_reserved_gib": peak_reserved,
             "forward_gflops_per_image": forward_flops / 1e9,
             "model_tflops_per_s": 3 * forward_flops * batch / mean_s / 1e12,
-            "losses": losses, "skipped_steps": trainer.bad_steps}
+            "losses": losses, "skipped_steps": trainer.guard.skipped}
 
 
 # ------------------------------------------------------------------ 4: extraction

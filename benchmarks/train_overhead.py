@@ -75,7 +75,7 @@ class BareLoop:
         self.model.train()
         images, labels, _ = next(batches)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            output = self.model(images, labels)
+            output = self.model(images)
             loss = self.criterion(output, labels)["loss"]
         loss.backward()
         self.optimizer.step()
