@@ -12,6 +12,7 @@ report, ensemble, pseudo-label) takes a `RunDir`.
     RUN/post.json                 chosen post-processing and   load_post / save_post (PostResult)
                                   the stage table
     RUN/submission.csv            the challenge submission     submission_path
+    RUN/ranks_<split>.parquet     top-k lists (`jaguar rank`)  ranks_path
     RUN/score.json                local test score             load_score / save_score (Score)
     RUN/score_table.json          the stage table on test      load_score_table / save_score_table (ScoreTable)
     RUN/ensemble.json             an ensemble's members        load_ensemble / save_ensemble (EnsembleRecord)
@@ -48,6 +49,7 @@ _FEATURE_PARTS = "parts"
 _FEATURE_SUFFIX = ".safetensors"
 _POST = "post.json"
 _SUBMISSION = "submission.csv"
+_RANKS = "ranks_{split}.parquet"
 _SCORE = "score.json"
 _SCORE_TABLE = "score_table.json"
 _ENSEMBLE = "ensemble.json"
@@ -232,6 +234,12 @@ class RunDir:
         if split not in SPLITS:
             raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return self.features_dir / f"{split}{_FEATURE_SUFFIX}"
+
+    def ranks_path(self, split: str) -> Path:
+        """`jaguar rank`'s default output for a split: each query's top-k list."""
+        if split not in SPLITS:
+            raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        return self.path / _RANKS.format(split=split)
 
     # ------------------------------------------------------------------ config and split
 

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "jaguar.cli.cmd_extract",
     "jaguar.cli.cmd_tune_post",
     "jaguar.cli.cmd_submit",
+    "jaguar.cli.cmd_rank",
     "jaguar.cli.cmd_score",
     "jaguar.cli.cmd_report",
     "jaguar.cli.cmd_ensemble",
