@@ -28,12 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rerank_reference import re_ranking_single
 
-from jaguar.retrieval import rerank as kernel_module
 from jaguar.retrieval.rerank import (
+    Workers,
     euclidean_distance,
     k_reciprocal_rerank_single,
+    k_reciprocal_rerank_topm,
 )
-from jaguar.retrieval.rerank_bounded import k_reciprocal_rerank_topm
+from jaguar.retrieval.rerank_kernel.encode import encode
+from jaguar.retrieval.rerank_kernel.overlaps import mirror_upper, pair_overlaps
+from jaguar.retrieval.rerank_kernel.ranking import dense_rank, normalised_gather
 
 
 def clustered_features(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -126,49 +129,54 @@ def bench_stages(n: int, dim: int) -> list[str]:
     """The dense single-set kernel's stages at N, each timed alone (best of 5) on one thread and
     on the kernel's threads (torch's thread count), and two torch primitives for scale."""
     k1, k2 = 20, 6
+    cpu = torch.device("cpu")
     dist = euclidean_distance(clustered_features(n, dim)).contiguous()
     budget = 1024.0
-    rank, scale = kernel_module._dense_rank(dist, k1 + 1, budget, "dist")
-    pair_dist = kernel_module._normalised_gather(dist, scale)
-    v_index, v_value = kernel_module._encode(rank, pair_dist, k1, k2, budget)
+    with Workers(1) as inline:
+        rank, scale = dense_rank(dist, k1 + 1, budget, "dist", inline)
+        pair_dist = normalised_gather(dist, scale)
+        v_index, v_value = encode(rank, pair_dist, k1, k2, budget, inline)
     row_offset = torch.full((n + 1,), n * n, dtype=torch.long)
     row_offset[:n] = torch.arange(n) * n
     col_offset = torch.full((n + 1,), n * n, dtype=torch.long)
     col_offset[:n] = torch.arange(n)
 
-    def jaccard() -> None:
+    def jaccard(workers: Workers) -> None:
         storage = torch.zeros(n * n + 1)
-        kernel_module._pair_overlaps(v_index, v_value, n, row_offset, col_offset, storage, budget, upper=True)
-        kernel_module._mirror_upper(storage[:n * n].view(n, n))
+        pair_overlaps(v_index, v_value, n, row_offset, col_offset, storage, budget, workers, upper=True)
+        mirror_upper(storage[:n * n].view(n, n), workers)
 
     length = torch.bincount(v_index[v_index < n], minlength=n).double()
     visits = int((length * (length + 1) / 2).sum())
-    parts = [("whole call", lambda: k_reciprocal_rerank_single(dist, k1, k2, 0.3)),
-             ("ranking (k1 + 1 nearest per row, column scale)",
-              lambda: kernel_module._dense_rank(dist, k1 + 1, budget, "dist")),
-             ("k-reciprocal sets, expansion, weights, local QE",
-              lambda: kernel_module._encode(rank, pair_dist, k1, k2, budget)),
-             (f"Jaccard sums ({visits:,} visits, a <= b) + mirror", jaccard)]
+    # Each stage runs as the kernel runs it: through Workers.run, on threads with one intra-op
+    # thread each (the whole call does that itself).
+    stages = [("ranking (k1 + 1 nearest per row, column scale)",
+               lambda workers: dense_rank(dist, k1 + 1, budget, "dist", workers)),
+              ("k-reciprocal sets, expansion, weights, local QE",
+               lambda workers: encode(rank, pair_dist, k1, k2, budget, workers)),
+              (f"Jaccard sums ({visits:,} visits, a <= b) + mirror", jaccard)]
+    names = ["whole call", *(name for name, _ in stages)]
     threads = torch.get_num_threads()
     columns = []
     for count in sorted({1, threads}):
-        torch.set_num_threads(count)
-        with kernel_module.single_thread_below(n):
-            columns.append([_best_ms(run) for _, run in parts])
+        torch.set_num_threads(count)  # this script's own thread: the Workers below take its count
+        with Workers() as workers:
+            columns.append([_best_ms(lambda: k_reciprocal_rerank_single(dist, k1, k2, 0.3, workers=workers)),
+                            *(_best_ms(lambda run=run: workers.run(cpu, run, workers)) for _, run in stages)])
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     targets = torch.randint(0, n * n, (visits,), generator=generator)
     values = torch.rand(visits, generator=generator)
     output = torch.zeros(n * n)
-    with kernel_module.single_thread_below(n):
+    with Workers() as workers:  # one intra-op thread
         primitives = [(f"torch.topk(D, {k1 + 1}) over the N x N matrix",
-                       _best_ms(lambda: torch.topk(dist, k1 + 1, dim=1, largest=False))),
+                       _best_ms(lambda: workers.run(cpu, torch.topk, dist, k1 + 1, dim=1, largest=False))),
                       (f"scatter_add_ of {visits:,} random targets into N x N",
-                       _best_ms(lambda: output.scatter_add_(0, targets, values)))]
+                       _best_ms(lambda: workers.run(cpu, output.scatter_add_, 0, targets, values)))]
     heads = " | ".join(f"ms, {count} thread{'s' if count > 1 else ''}" for count in sorted({1, threads}))
     lines = [f"\n## stages of the dense kernel at N = {n} (best of 5, each stage timed alone)",
              f"| part | {heads} |", "|:--|" + "--:|" * len(columns)]
-    for row, (name, _) in enumerate(parts):
+    for row, name in enumerate(names):
         lines.append(f"| {name} | " + " | ".join(f"{column[row]:.1f}" for column in columns) + " |")
     lines.append("| rest (blend, checks) | " + " | ".join(f"{column[0] - sum(column[1:]):.1f}" for column in columns)
                  + " |")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -9,14 +12,14 @@ from rerank_reference import re_ranking, re_ranking_single
 
 from jaguar.retrieval.metrics import identity_balanced_map
 from jaguar.retrieval.rerank import (
+    Workers,
     euclidean_distance,
     k_reciprocal_rerank,
     k_reciprocal_rerank_single,
+    k_reciprocal_rerank_topm,
     k_reciprocal_terms_single,
-    single_thread_below,
-    stable_smallest,
 )
-from jaguar.retrieval.rerank_bounded import k_reciprocal_rerank_topm
+from jaguar.retrieval.rerank_kernel import stable_smallest
 
 
 def _distances(n: int, dim: int, seed: int) -> np.ndarray:
@@ -87,7 +90,7 @@ def test_terms_blend_to_the_reranked_distance():
 def test_tiny_memory_budget_gives_the_same_numbers(monkeypatch, output_block_bytes):
     # The Jaccard sums run through the output in row blocks (1 byte: the 64-row minimum, so 70
     # rows make two blocks) and in steps of at most the budget's visits: neither may matter.
-    monkeypatch.setattr("jaguar.retrieval.rerank._OUTPUT_BLOCK_BYTES", output_block_bytes)
+    monkeypatch.setattr("jaguar.retrieval.rerank_kernel.overlaps._OUTPUT_BLOCK_BYTES", output_block_bytes)
     dist = _distances(70, 12, seed=11)
     roomy = k_reciprocal_rerank_single(dist, 10, 4, 0.3)
     tight = k_reciprocal_rerank_single(dist, 10, 4, 0.3, memory_budget_mb=0.005)
@@ -154,7 +157,7 @@ def test_wide_single_set_and_query_gallery_match_reference(monkeypatch, on_host)
     # on_host=False: the path a GPU takes (topk and torch.sort, no numpy, no worker threads),
     # run here on the CPU.
     if not on_host:
-        monkeypatch.setattr("jaguar.retrieval.rerank._on_host", lambda device: False)
+        monkeypatch.setattr("jaguar.retrieval.rerank_kernel.host.on_host", lambda device: False)
     dist = _distances(360, 16, seed=5)
     np.testing.assert_allclose(k_reciprocal_rerank_single(dist, 20, 6, 0.3), re_ranking_single(dist, 20, 6, 0.3),
                                atol=1e-4, rtol=0)
@@ -199,7 +202,7 @@ def test_worker_threads_give_the_same_numbers(monkeypatch):
     # The kernel shares its row chunks out to as many Python threads as torch had intra-op
     # threads; 1, 2 and 3 threads must agree (to float rounding: a chunk's padded width changes
     # the order of a row sum). Small output blocks and a tight budget make many blocks and chunks.
-    monkeypatch.setattr("jaguar.retrieval.rerank._OUTPUT_BLOCK_BYTES", 1)
+    monkeypatch.setattr("jaguar.retrieval.rerank_kernel.overlaps._OUTPUT_BLOCK_BYTES", 1)
     dist = _distances(300, 12, seed=4)
     q_g, q_q, g_g = dist[:40, 40:], dist[:40, :40], dist[40:, 40:]
     before = torch.get_num_threads()
@@ -220,11 +223,32 @@ def test_worker_threads_give_the_same_numbers(monkeypatch):
             np.testing.assert_allclose(one, many, atol=1e-6, rtol=0)
 
 
-def test_single_thread_below_restores_the_thread_count():
+def test_workers_leave_the_callers_thread_settings_alone():
+    # The kernel's threads each run torch on one intra-op thread; the caller's count, and the
+    # default that a thread starting later gets, stay as they were (no process-wide switch).
     before = torch.get_num_threads()
-    with single_thread_below(10):
-        assert torch.get_num_threads() == 1
-    with single_thread_below(10**6):
-        assert torch.get_num_threads() == before
-    k_reciprocal_rerank_single(_distances(20, 4, 0), 4, 2)
-    assert torch.get_num_threads() == before
+    try:
+        torch.set_num_threads(2)
+        with Workers() as workers:
+            assert workers.threads == 2 and torch.get_num_threads() == 2
+            assert workers.run(torch.device("cpu"), torch.get_num_threads) == 1
+            later: list[int] = []
+            thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+            thread.start()
+            thread.join()
+            assert later == [2]
+        k_reciprocal_rerank_single(_distances(20, 4, 0), 4, 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_one_workers_shared_by_concurrent_callers():
+    # Several threads may share one Workers: each call's jobs that no worker has started run on
+    # the caller, so nobody waits on another call's jobs (no deadlock), and the numbers agree.
+    dist = _distances(200, 12, seed=6)
+    expected = re_ranking_single(dist, 10, 4, 0.3)
+    with Workers(2) as workers, ThreadPoolExecutor(3) as callers:
+        calls = [callers.submit(k_reciprocal_rerank_single, dist, 10, 4, 0.3, 0.05, workers) for _ in range(4)]
+        for call in calls:
+            np.testing.assert_allclose(call.result(timeout=120), expected, atol=1e-4, rtol=0)

@@ -17,8 +17,8 @@ from jaguar.config import PostConfig, RetrievalConfig
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.metrics import evaluate
 from jaguar.retrieval.qe import expand
-from jaguar.retrieval.rerank import (euclidean_distance, k_reciprocal_rerank_single,
-                                     k_reciprocal_terms_single, single_thread_below)
+from jaguar.retrieval.rerank import (Workers, euclidean_distance, k_reciprocal_rerank_single,
+                                     k_reciprocal_terms_single)
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +119,10 @@ def tune_post(val_features: FeatureSet, base: RetrievalConfig,
     set of a dozen identities cannot tell a 0.05 gain from chance (0 adopts any gain). With
     search=False the settings of `base` are evaluated and returned as they are. The table holds
     raw, +QE, +re-ranking (each stage's best) and the chosen setting side by side, with each
-    stage's gain, its standard error and whether it was adopted. Small validation sets run on
-    one torch thread (many small tensor ops)."""
-    with single_thread_below(len(val_features)):
-        return _tune_post(val_features, base, search)
+    stage's gain, its standard error and whether it was adopted. The search runs on a thread with
+    one torch intra-op thread (many small tensor ops; see rerank.Workers)."""
+    with Workers() as workers:
+        return workers.run(val_features.embeddings.device, _tune_post, val_features, base, search)
 
 
 def _tune_post(val_features: FeatureSet, base: RetrievalConfig,

@@ -1,14 +1,19 @@
 """Bounded-memory k-reciprocal re-ranking for large galleries: all-vs-all for one set without an
 N x N matrix (kNN lists from chunked matrix products, the k-reciprocal encoding and Jaccard sums
-only over kNN-list candidates), shared core in jaguar/retrieval/rerank.py."""
+only over kNN-list candidates). The algorithm and its conventions are stated in
+jaguar/retrieval/rerank.py (which exports `k_reciprocal_rerank_topm`); the encoding is the
+kernel's (jaguar/retrieval/rerank_kernel), used through its public names only."""
 
 from __future__ import annotations
 
 import torch
 
-from jaguar.retrieval.rerank import (_BYTES_PER_DENSE_CELL, _BYTES_PER_PAIR, _MAX_PADDING_WASTE, ArrayLike,
-                                     _as_tensor, _back, _check_finite, _check_params, _chunk_rows, _encode,
-                                     _jaccard, single_thread_below, stable_smallest)
+from jaguar.retrieval.rerank_kernel import (BYTES_PER_DENSE_CELL, ArrayLike, Workers, as_tensor, check_finite,
+                                            check_params, chunk_rows, encode, like, run_on_workers, stable_smallest)
+
+_BYTES_PER_PAIR = 40  # one inverted-index visit: int64 row and target, float32 value and minimum
+_MAX_PADDING_WASTE = 6.0  # padded visits may exceed exact ones by this factor (hub columns); a padded
+# visit costs several times less than an exact one, measured at N = 10,000
 
 
 class _InvertedIndex:
@@ -70,7 +75,7 @@ class _InvertedIndex:
             visits = (v_index[:n_rows] < self.n).sum(dim=1).cpu() * self.rows.shape[1]
         else:
             visits = self.length[v_index[:n_rows]].sum(dim=1).cpu()
-        cost = torch.cumsum(visits * _BYTES_PER_PAIR + self.n * _BYTES_PER_DENSE_CELL, 0)
+        cost = torch.cumsum(visits * _BYTES_PER_PAIR + self.n * BYTES_PER_DENSE_CELL, 0)
         budget = max(float(budget_mb), 1e-3) * 2**20
         chunks, start = [], 0
         while start < n_rows:
@@ -81,10 +86,9 @@ class _InvertedIndex:
         return chunks
 
 
-
 def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                             top_m: int = 100, chunk: int = 1024,
-                             memory_budget_mb: float = 1024.0) -> tuple[ArrayLike, ArrayLike]:
+                             top_m: int = 100, chunk: int = 1024, memory_budget_mb: float = 1024.0,
+                             workers: Workers | None = None) -> tuple[ArrayLike, ArrayLike]:
     """All-vs-all re-ranking of one set without an N x N matrix: (indices N x M, distances N x M),
     each row the item's M nearest original neighbours (itself included) re-ordered by re-ranked
     distance, ascending, ties by index.
@@ -95,10 +99,15 @@ def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lam
     so column max = row max), and the kNN lists are exact, so the k-reciprocal sets, V, the
     expansion and the Jaccard terms equal the dense ones (up to float rounding of the distances).
     The returned values therefore equal the dense re-ranked distances at the same (row, column) pairs; what the bounded mode gives up is
-    only columns outside the top-M original neighbours (the dense row may rank one of those higher)."""
-    _check_params(k1, k2, lambda_value)
-    matrix = _as_tensor("features", features)
-    _check_finite("features", matrix.amax(dim=0), matrix.amin(dim=0))
+    only columns outside the top-M original neighbours (the dense row may rank one of those higher).
+
+    features: N x D, numpy or torch, finite. Returns int64 and float32, numpy in -> numpy out.
+    Memory: O(N * (M + k1 * k2)) tables, `chunk` x N distance rows and about `memory_budget_mb`;
+    never N x N. The kNN pass and the Jaccard sums run on torch's own threads (large matrix
+    products and scatters), the encoding on `workers` (made for the call when not given)."""
+    check_params(k1, k2, lambda_value)
+    matrix = as_tensor("features", features)
+    check_finite("features", matrix.amax(dim=0), matrix.amin(dim=0))
     feats = torch.nn.functional.normalize(matrix.float(), dim=1)
     n = feats.shape[0]
     top_m = min(int(top_m), n)
@@ -118,15 +127,15 @@ def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lam
     def pair_dist(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         out = torch.empty(cols.shape, dtype=torch.float32, device=feats.device)
         # The gathered B x W x D neighbour features are the big temporary: bound them.
-        block = _chunk_rows(rows.numel(), cols.shape[1] * feats.shape[1], memory_budget_mb, 8)
+        block = chunk_rows(rows.numel(), cols.shape[1] * feats.shape[1], memory_budget_mb, 8)
         for start in range(0, rows.numel(), block):
             part_rows, part_cols = rows[start:start + block], cols[start:start + block]
             dots = torch.einsum("bd,bwd->bw", feats[part_rows], feats[part_cols])
             out[start:start + block] = (2 - 2 * dots).clamp_(min=0) / row_max[part_rows, None]
         return out
 
-    with single_thread_below(0):
-        v_index, v_value = _encode(rank, pair_dist, int(k1), int(k2), memory_budget_mb)
+    v_index, v_value = run_on_workers(workers, feats.device, encode, rank, pair_dist, int(k1), int(k2),
+                                      memory_budget_mb)
     inverted = _InvertedIndex(v_index, v_value, n)
     out_index = torch.empty((n, top_m), dtype=torch.long, device=feats.device)
     out_dist = torch.empty((n, top_m), dtype=torch.float32, device=feats.device)
@@ -134,9 +143,10 @@ def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lam
         candidates = rank[start:stop, :top_m]
         overlap = inverted.overlap(v_index[start:stop], v_value[start:stop]).gather(1, candidates)
         original = knn_square[start:stop, :top_m] / row_max[start:stop, None]
-        final = _jaccard(overlap) * (1 - lambda_value) + original * lambda_value
+        jaccard = 1 - overlap / (2.0 - overlap)
+        final = jaccard * (1 - lambda_value) + original * lambda_value
         candidates, order = candidates.sort(dim=1)
         final = final.gather(1, order)
         final, order = torch.sort(final, dim=1, stable=True)
         out_index[start:stop], out_dist[start:stop] = candidates.gather(1, order), final
-    return _back(out_index, features), _back(out_dist, features)
+    return like(out_index, features), like(out_dist, features)
