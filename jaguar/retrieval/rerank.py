@@ -6,7 +6,7 @@ the batched kernel is in jaguar/retrieval/rerank_kernel/, the bounded mode in re
 Algorithm, for a joined matrix D of all N items (rows and columns in the same order):
 1. orig[i, j] = D[j, i]^2 / max_k D[k, i]^2 -- D squared, each column divided by its maximum,
    transposed (the published code's normalisation; on a symmetric D it is row i over its max).
-2. N(i, k): the k nearest of i by orig, i itself included. R(i) = the j in N(i, k1 + 1) with i
+2. N(i, k): the first k of row i of orig in ascending order (i itself is normally first). R(i) = the j in N(i, k1 + 1) with i
    in N(j, k1 + 1) (k1-reciprocal). Each c in R(i) adds its round(k1/2)-reciprocal set when more
    than 2/3 of that set already lies in R(i).
 3. V[i, j] = exp(-orig[i, j]) over j in the expanded set, normalised to sum 1; local query
@@ -33,8 +33,8 @@ Contract:
   infinite distances, an all-zero column and k1/k2/lambda out of range; TypeError for an input
   that is neither numpy nor torch.
 * Memory: the dense modes hold D, the output, O(N * k1 * k2) tables and about
-  `memory_budget_mb` of working memory (N = 70,000 needs ~40 GB for D alone: use the bounded
-  mode, `k_reciprocal_rerank_topm`, which never holds N x N).
+  `memory_budget_mb` of working memory (at N = 70,000, D alone is ~20 GB in float32: use the
+  bounded mode, `k_reciprocal_rerank_topm`, which never holds N x N).
 * Threads: on the CPU the kernel's row loops run on `workers` (see
   rerank_kernel.host.Workers), each thread on one torch intra-op thread; without one, a call
   makes its own with as many threads as the caller's torch intra-op count. The caller's torch

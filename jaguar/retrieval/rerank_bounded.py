@@ -98,8 +98,9 @@ def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lam
     pass. That is precisely the dense normalisation of `euclidean_distance(features)` (symmetric,
     so column max = row max), and the kNN lists are exact, so the k-reciprocal sets, V, the
     expansion and the Jaccard terms equal the dense ones (up to float rounding of the distances).
-    The returned values therefore equal the dense re-ranked distances at the same (row, column) pairs; what the bounded mode gives up is
-    only columns outside the top-M original neighbours (the dense row may rank one of those higher).
+    The returned values therefore equal the dense re-ranked distances at the same (row, column)
+    pairs; what the bounded mode gives up is only columns outside the top-M original neighbours
+    (the dense row may rank one of those higher).
 
     features: N x D, numpy or torch, finite. Returns int64 and float32, numpy in -> numpy out.
     Memory: O(N * (M + k1 * k2)) tables, `chunk` x N distance rows and about `memory_budget_mb`;

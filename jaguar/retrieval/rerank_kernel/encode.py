@@ -77,8 +77,8 @@ def encode(rank: torch.Tensor, pair_dist: PairDistance, k1: int, k2: int, budget
                       int(budget_mb / len(parts) * 2**20 // ((n + 1) * 8 + k_fwd * (k_half + 1) * 48))))
     everyone = torch.arange(n, device=device)
     # The round(k1/2)-reciprocal set of every item: its half list where it is on the other side's.
-    half_reciprocal = torch.cat([(_rows_of(half_lists, half_lists[s:s + step]) == everyone[s:s + step, None, None]).any(dim=-1)
-                                 for s in range(0, n, step)])
+    half_reciprocal = torch.cat([(_rows_of(half_lists, half_lists[s:s + step])
+                                  == everyone[s:s + step, None, None]).any(dim=-1) for s in range(0, n, step)])
     half_size = half_reciprocal.sum(dim=1)
 
     def encode_rows(first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

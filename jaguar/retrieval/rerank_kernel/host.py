@@ -54,14 +54,15 @@ class Workers:
         torch intra-op count, so the kernel uses as many cores as torch would)."""
         if threads is not None and int(threads) < 1:
             raise ValueError(f"Workers needs threads >= 1, got {threads}")
-        self.threads = int(threads) if threads is not None else None
+        self._requested = None if threads is None else int(threads)
+        self.threads = self._requested or 1  # until entered, everything runs on the calling thread
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Workers:
         if self._pool is not None:
             raise RuntimeError("this Workers is already entered; use a second one or share it")
         own = torch.get_num_threads()
-        self.threads = self.threads or own
+        self.threads = self._requested or own
         if self.threads > 1:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jaguar-rerank",
                                             initializer=_one_intra_op_thread)
@@ -82,8 +83,9 @@ class Workers:
         return self.threads if self._pool is not None and on_host(device) else 1
 
     def run(self, device: torch.device, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """function(*args, **kwargs) on a worker thread (one intra-op thread) when the work is on the CPU,
-        else here: the calling thread's torch settings (and CUDA stream) are never touched."""
+        """function(*args, **kwargs) on a worker thread (one intra-op thread) when the work is on the
+        CPU, else here: the calling thread's torch settings (and CUDA stream) are never touched.
+        Not for use inside a job of this Workers (it would wait for a thread that job holds)."""
         if self.parts(device) == 1:
             return function(*args, **kwargs)
         return self._pool.submit(function, *args, **kwargs).result()

@@ -60,7 +60,8 @@ def pair_overlaps(v_index: torch.Tensor, v_value: torch.Tensor, n: int, row_offs
     some_rows_out, some_cols_out = bool((row_offset[:n] >= dump).any()), bool((col_offset[:n] >= dump).any())
     if some_rows_out:
         keep = (row_offsets < dump).nonzero().view(-1)
-        rows, values, first, span, row_offsets = (t.index_select(0, keep) for t in (rows, values, first, span, row_offsets))
+        rows, values, first, span, row_offsets = (t.index_select(0, keep)
+                                                  for t in (rows, values, first, span, row_offsets))
     if rows.numel() == 0:
         return
     # Steps: blocks of output rows (at least 64), then classes of visit counts in ratios of 5/4

@@ -65,7 +65,8 @@ def stable_smallest(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     k = min(k, rows.shape[1])
     extra = min(k + 1, rows.shape[1])
     values, index = torch.topk(rows, extra, dim=1, largest=False, sorted=True)
-    tied_boundary = values[:, k] == values[:, k - 1] if extra > k else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+    tied_boundary = (values[:, k] == values[:, k - 1] if extra > k
+                     else torch.zeros(len(rows), dtype=torch.bool, device=rows.device))
     values, index = values[:, :k], index[:, :k]
     index, perm = index.sort(dim=1)
     values = values.gather(1, perm)
