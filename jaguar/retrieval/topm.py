@@ -22,7 +22,7 @@ import torch
 
 from jaguar.config import PostConfig, RetrievalConfig
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.knn import knn, normalise
+from jaguar.retrieval.knn import Neighbours, knn, normalise
 from jaguar.retrieval.metrics import RankedEvaluator, RetrievalMetrics, ranked_basis
 from jaguar.retrieval.postprocess import BLENDS, DBA_KS, K1S, K2S, LAMBDAS, QE_ALPHAS, QE_KS, identity_gain
 from jaguar.retrieval.rerank_bounded import k_reciprocal_rerank_topm
@@ -50,29 +50,35 @@ def _pair_cosine(embeddings: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _expand_once(embeddings: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+def _expand_once(embeddings: torch.Tensor, k: int, alpha: float, neighbours: Optional[Neighbours] = None
+                 ) -> torch.Tensor:
     """Each row replaced by the weighted mean of itself (weight 1) and its k-1 nearest other rows
     (weight sim^alpha, negative similarities clamped to 0; alpha 0: plain mean), re-normalised:
-    jaguar.retrieval.qe.query_expansion from neighbour lists."""
+    jaguar.retrieval.qe.query_expansion from neighbour lists (`neighbours`: the rows' own lists,
+    self excluded, at least k-1 long; searched when None)."""
     if alpha < 0:
         raise ValueError(f"retrieval.post.qe_alpha must be >= 0, got {alpha}")
     if k <= 1 or embeddings.shape[0] < 2:
         return embeddings
-    neighbours = knn(embeddings, k=k - 1, exclude_self=True)
-    weights = torch.ones_like(neighbours.similarity) if alpha == 0 else neighbours.similarity.clamp(min=0).pow(alpha)
+    if neighbours is None or neighbours.index.shape[1] < min(k - 1, embeddings.shape[0] - 1):
+        neighbours = knn(embeddings, k=k - 1, exclude_self=True)
+    index, similarity = neighbours.index[:, :k - 1], neighbours.similarity[:, :k - 1]
+    weights = torch.ones_like(similarity) if alpha == 0 else similarity.clamp(min=0).pow(alpha)
     mixed = embeddings.clone()
     for start in range(0, embeddings.shape[0], _ROWS_PER_GATHER):
         stop = start + _ROWS_PER_GATHER
-        mixed[start:stop] += torch.einsum("nk,nkd->nd", weights[start:stop], embeddings[neighbours.index[start:stop]])
+        mixed[start:stop] += torch.einsum("nk,nkd->nd", weights[start:stop], embeddings[index[start:stop]])
     return torch.nn.functional.normalize(mixed, dim=1)
 
 
 def expand_topm(features: Union[FeatureSet, torch.Tensor], qe_k: int = 0, qe_alpha: float = 0.0,
-                dba_k: int = 0) -> torch.Tensor:
-    """All-vs-all expansion of one set (DBA first, then QE against it), as qe.expand: N x D."""
+                dba_k: int = 0, neighbours: Optional[Neighbours] = None) -> torch.Tensor:
+    """All-vs-all expansion of one set (DBA first, then QE against it), as qe.expand: N x D.
+    `neighbours`: the set's own lists (self excluded) when already searched; used for the first step."""
     result = _embeddings(features)
-    result = _expand_once(result, dba_k, qe_alpha)
-    return _expand_once(result, qe_k, qe_alpha)
+    if dba_k > 1:
+        result, neighbours = _expand_once(result, dba_k, qe_alpha, neighbours), None
+    return _expand_once(result, qe_k, qe_alpha, neighbours)
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,8 @@ def tune_post_topm(val_features: FeatureSet, base: RetrievalConfig,
     embeddings = _embeddings(val_features)
     n = embeddings.shape[0]
     raw_post = PostConfig(rerank=False)
-    raw_metrics = score(final_topm(embeddings, raw_post, top_m))
+    raw_lists = final_topm(embeddings, raw_post, top_m)
+    raw_metrics = score(raw_lists)
     table = [_row("raw", raw_metrics, raw_post)]
     logger.info("tune-post in top-M mode (M = %d, %d images): re-ranked rows are figures %s", top_m, n,
                 ranked_basis(top_m))
@@ -176,12 +183,21 @@ def tune_post_topm(val_features: FeatureSet, base: RetrievalConfig,
 
     min_se = float(base.tune_min_gain_se)
     best_qe, best_qe_metrics, best_expanded = raw_post, raw_metrics, embeddings
+    # Each searched set's lists, by (dba_k, alpha): QE of it reads its first neighbours from them.
+    searched = {(0, alpha): raw_lists for alpha in QE_ALPHAS}
     for qe_k, alpha, dba_k in itertools.product(QE_KS, QE_ALPHAS, DBA_KS):
         if (qe_k == 0 and dba_k == 0) or (alpha and max(qe_k, dba_k) == 0):
             continue
         post = PostConfig(qe_k=qe_k, qe_alpha=alpha, dba_k=dba_k)
-        expanded = expand_topm(embeddings, qe_k, alpha, dba_k)
-        metrics = score(final_topm(expanded, raw_post, top_m))
+        before_qe = searched.get((dba_k, alpha))
+        if qe_k > 1 and before_qe is not None:
+            expanded = _expand_once(before_qe.base, qe_k, alpha, Neighbours(before_qe.index, 1 - before_qe.distance))
+        else:
+            expanded = expand_topm(embeddings, qe_k, alpha, dba_k, Neighbours(raw_lists.index, 1 - raw_lists.distance))
+        lists = final_topm(expanded, raw_post, top_m)
+        if qe_k <= 1:
+            searched[(dba_k, alpha)] = lists
+        metrics = score(lists)
         if metrics.mAP_balanced > best_qe_metrics.mAP_balanced:
             best_qe, best_qe_metrics, best_expanded = post, metrics, expanded
     table.append(_row("+QE", best_qe_metrics, best_qe))
