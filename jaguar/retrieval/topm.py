@@ -97,14 +97,16 @@ class RerankTerms:
     excluded: Jaccard distance, normalised squared distance and cosine distance, lists sorted by
     index so any (lambda, blend) is one stable sort away."""
 
-    def __init__(self, embeddings: torch.Tensor, k1: int, k2: int, top_m: int) -> None:
+    def __init__(self, embeddings: torch.Tensor, k1: int, k2: int, top_m: int,
+                 least_cosine: Optional[torch.Tensor] = None) -> None:
         n = embeddings.shape[0]
         index, jaccard = k_reciprocal_rerank_topm(embeddings, k1, k2, 0.0, top_m=min(top_m + 1, n))
         index, order = index.sort(dim=1)
         jaccard = jaccard.gather(1, order)
         cosine = _pair_cosine(embeddings, index)
         # The dense normalisation: squared distance over its row maximum, 2 - 2 * (the row's least cosine).
-        least_cosine = -knn(-embeddings, embeddings, k=1).similarity[:, 0]
+        if least_cosine is None:
+            least_cosine = RerankTerms.least_cosine(embeddings)
         original = (2 - 2 * cosine).clamp(min=0) / (2 - 2 * least_cosine).clamp(min=1e-12)[:, None]
         keep = index != torch.arange(n)[:, None]
         # A row whose list did not hold the item itself (more than M duplicates) drops its farthest entry.
@@ -115,6 +117,11 @@ class RerankTerms:
         self.index, self.jaccard = index[keep].view(n, width), jaccard[keep].view(n, width)
         self.original, self.raw = original[keep].view(n, width), (1 - cosine)[keep].view(n, width)
         self.base = embeddings
+
+    @staticmethod
+    def least_cosine(embeddings: torch.Tensor) -> torch.Tensor:
+        """Each row's least cosine to any row (N,): the farthest item, the top-1 of -row."""
+        return -knn(-embeddings, embeddings, k=1).similarity[:, 0]
 
     def lists(self, lambda_value: float, blend: float = 1.0) -> RankedLists:
         """Final = (1 - blend) * raw + blend * ((1 - lambda) * Jaccard + lambda * original)."""
@@ -208,10 +215,11 @@ def tune_post_topm(val_features: FeatureSet, base: RetrievalConfig,
 
     best_rr: Optional[PostConfig] = None
     best_rr_metrics, best_terms = None, None
+    least_cosine = RerankTerms.least_cosine(base_embeddings)  # the same for every (k1, k2)
     for k1, k2 in itertools.product(K1S, K2S):
         if k1 >= n or k2 >= n:
             continue
-        terms = RerankTerms(base_embeddings, k1, k2, top_m)
+        terms = RerankTerms(base_embeddings, k1, k2, top_m, least_cosine)
         for lam in LAMBDAS:
             metrics = score(terms.lists(lam))
             if best_rr_metrics is None or metrics.mAP_balanced > best_rr_metrics.mAP_balanced:
