@@ -204,6 +204,34 @@ def _figures(query_ids: torch.Tensor, ranks: torch.Tensor, q_label: torch.Tensor
         camera_removed=0, reordered_top_m=reordered_top_m)
 
 
+def _rank_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys in ranking order: a higher key ranks first. The float32 score's bits made
+    monotonic (+0.0 added so -0.0 and 0.0 tie, as they compare equal), then, for equal scores,
+    the lower column first: every key of a row is distinct and no tie is left to break."""
+    bits = (scores + 0.0).view(torch.int32).long()
+    monotonic = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    columns = torch.arange(scores.shape[1], dtype=torch.long)
+    return monotonic * (1 << 32) + ((1 << 32) - 1 - columns)
+
+
+def _count_above(scores: torch.Tensor, targets: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """For each row b of B x G scores and each of its targets (B x T columns, `present` marks the
+    real ones): how many columns rank before the target (higher score; equal score, lower column).
+    One pass for all T: each score's bucket among the row's sorted target keys, a histogram of the
+    buckets, suffix sums; own code because no library call counts ranks against many per-row
+    thresholds in one pass."""
+    keys = _rank_keys(scores)
+    target_keys = torch.where(present, keys.gather(1, targets), torch.iinfo(torch.long).max)
+    sorted_keys, order = target_keys.sort(dim=1)
+    bucket = torch.searchsorted(sorted_keys, keys)  # targets ranked after this column: 0..T
+    n_targets = targets.shape[1]
+    histogram = torch.zeros((scores.shape[0], n_targets + 1), dtype=torch.long)
+    histogram.scatter_add_(1, bucket, torch.ones_like(bucket))
+    # Target i (in sorted order) is ranked after every column whose bucket is > i.
+    above_sorted = histogram.flip(1).cumsum(1).flip(1)[:, 1:]
+    return torch.empty_like(above_sorted).scatter_(1, order, above_sorted)
+
+
 def _match_pairs(q_label: torch.Tensor, g_label: torch.Tensor, all_vs_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Every (query, gallery) pair of the same label, self excluded in all-vs-all: O(matches)."""
     g_order = torch.sort(g_label, stable=True).indices
@@ -256,21 +284,19 @@ class RankedEvaluator:
         needing = torch.unique(self.beyond_query)
         first_pair = torch.searchsorted(self.beyond_query, needing)
         n_pairs = torch.searchsorted(self.beyond_query, needing, right=True) - first_pair
-        columns = torch.arange(n_gallery)
-        for start in range(0, needing.numel(), max(1, int(chunk))):
-            rows = needing[start:start + chunk]
+        # Rows per step: the B x G scores and their int64 keys and buckets stay within ~256 MB.
+        rows_per_step = max(1, min(int(chunk), (256 << 20) // (24 * max(n_gallery, 1))))
+        for start in range(0, needing.numel(), rows_per_step):
+            rows = needing[start:start + rows_per_step]
             scores = query[rows] @ gallery.T  # B x G
             if self.all_vs_all:
                 scores[torch.arange(rows.numel()), rows] = float("-inf")  # the query is no candidate
             scores.scatter_(1, lists[rows], float("-inf"))  # listed candidates are ranked already
-            for slot in range(int(n_pairs[start:start + chunk].max())):
-                has_slot = n_pairs[start:start + chunk] > slot
-                pair = first_pair[start:start + chunk][has_slot] + slot
-                block, target = scores[has_slot], beyond_gallery[pair]
-                threshold = block.gather(1, target[:, None])
-                higher = ((block > threshold).sum(dim=1)
-                          + ((block == threshold) & (columns < target[:, None])).sum(dim=1))
-                self.beyond_rank[pair] = top_m + 1 + higher
+            counts = n_pairs[start:start + rows_per_step]
+            pair = first_pair[start:start + rows_per_step, None] + torch.arange(int(counts.max()))
+            present = pair < (first_pair[start:start + rows_per_step] + counts)[:, None]
+            pair = torch.where(present, pair, 0)
+            self.beyond_rank[pair[present]] = top_m + 1 + _count_above(scores, beyond_gallery[pair], present)[present]
 
     def _lists(self, ranked: ArrayLike, n_query: int) -> torch.Tensor:
         lists = torch.as_tensor(np.asarray(ranked) if not isinstance(ranked, torch.Tensor) else ranked).long()
