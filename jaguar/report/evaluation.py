@@ -16,10 +16,16 @@ from jaguar.errors import JaguarError
 from jaguar.report.plots import GridCell, GridRow
 from jaguar.retrieval import metrics as retrieval_metrics
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import RetrievalMetrics
-from jaguar.retrieval.postprocess import PostConfig, final_distance
+from jaguar.config import PostConfig, RetrievalConfig
+from jaguar.retrieval.metrics import RankedEvaluator, RetrievalMetrics
+from jaguar.retrieval.postprocess import final_distance
+from jaguar.retrieval.topm import final_topm, use_topm
 
 logger = logging.getLogger(__name__)
+
+
+RANKED_KEPT = 50  # each query's best images kept for the grids (the grids show fewer)
+HISTOGRAM_SAMPLE = 3000  # images whose ordered pairs make the similarity histograms
 
 
 def similarity_scores(embeddings: torch.Tensor, chosen: Optional[PostConfig]) -> tuple[np.ndarray, str]:
@@ -34,10 +40,11 @@ def similarity_scores(embeddings: torch.Tensor, chosen: Optional[PostConfig]) ->
 class Evaluation:
     split: str
     features: FeatureSet
-    scores: np.ndarray  # N×N, higher = more alike
-    cosine: np.ndarray  # N×N raw cosine similarities
+    ranked: np.ndarray  # N x K: each query's best other images, best first (no N x N is kept)
+    cosine_sample: np.ndarray  # S x S raw cosine similarities of a random sample of the images
+    sample_labels: np.ndarray  # S labels of that sample
     labels: np.ndarray
-    metrics: RetrievalMetrics  # the evaluator's result, all-vs-all on `scores`
+    metrics: RetrievalMetrics  # the evaluator's result, all-vs-all
     ap_by_identity: dict[str, float]
     scored_with: str
 
@@ -51,15 +58,37 @@ class Evaluation:
         return self.metrics.mAP_balanced
 
 
-def evaluate(split: str, features: FeatureSet, chosen: Optional[PostConfig]) -> Evaluation:
+def _cosine_sample(features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of every ordered pair of a seeded random sample of at most HISTOGRAM_SAMPLE images."""
+    n, size = len(features), HISTOGRAM_SAMPLE
+    chosen = np.sort(np.random.default_rng(0).choice(n, size, replace=False)) if n > size else np.arange(n)
+    sample = features.numpy()[chosen]
+    return sample @ sample.T, features.labels.numpy()[chosen]
+
+
+def evaluate(split: str, features: FeatureSet, chosen: Optional[PostConfig],
+             retrieval: Optional[RetrievalConfig] = None) -> Evaluation:
+    """The figures, grids' lists and histogram sample of one labelled set; in top-M form (never
+    N x N) when `retrieval` says so for its size (jaguar.retrieval.topm)."""
     features = features.normalized()
     labels = features.labels.numpy()
-    scores, scored_with = similarity_scores(features.embeddings, chosen)
-    metrics = retrieval_metrics.evaluate(scores, labels, kind="similarity")
+    retrieval = retrieval or RetrievalConfig()
+    if use_topm(retrieval, len(features)):
+        lists = final_topm(features, chosen or PostConfig(), int(retrieval.top_m))
+        metrics = RankedEvaluator(lists.index, lists.base, features.labels).evaluate(lists.index, lists.reordered)
+        ranked = lists.index[:, :RANKED_KEPT].numpy()
+        scored_with = (("the chosen post-processing (tune-post)" if chosen is not None else "raw cosine similarity")
+                       + f", top-{lists.index.shape[1]} lists; figures {metrics.describe_basis()}")
+    else:
+        scores, scored_with = similarity_scores(features.embeddings, chosen)
+        metrics = retrieval_metrics.evaluate(scores, labels, kind="similarity")
+        np.fill_diagonal(scores, -np.inf)
+        ranked = np.argsort(-scores, axis=1, kind="stable")[:, :min(RANKED_KEPT, len(features) - 1)]
     ap_by_identity = {features.label_names.get(int(label), str(label)): float(value)
                       for label, value in metrics.per_identity_ap.items()}
-    return Evaluation(split, features, scores, features.numpy() @ features.numpy().T, labels, metrics,
-                      ap_by_identity, scored_with)
+    cosine_sample, sample_labels = _cosine_sample(features)
+    return Evaluation(split, features, ranked, cosine_sample, sample_labels, labels, metrics, ap_by_identity,
+                      scored_with)
 
 
 class ImageLookup:
@@ -123,9 +152,7 @@ def grid_rows(evaluation: Evaluation, shards: ImageLookup | None, which: str, qu
 
     rows = []
     for q in picked:
-        row_scores = evaluation.scores[q].copy()
-        row_scores[q] = -np.inf
-        top = np.argsort(-row_scores, kind="stable")[:top_k]
+        top = evaluation.ranked[q][:top_k]
         rows.append(GridRow(cell(q, None),
                             [cell(int(i), bool(evaluation.labels[i] == evaluation.labels[q])) for i in top],
                             note=f"AP {evaluation.query_ap[q]:.2f}"))

@@ -205,10 +205,13 @@ def _evaluation_sections(page: _Page, evaluation: Evaluation, shards: Any, shard
         parts.append(page.img(grid, f"{which} queries {split}"))
 
     parts.append(f"<h2>Similarity distributions — {_esc(split)}</h2>")
-    histogram = plots.plot_similarity_histograms(evaluation.cosine, evaluation.labels,
+    histogram = plots.plot_similarity_histograms(evaluation.cosine_sample, evaluation.sample_labels,
                                                  page.figure(f"similarity_{split}.png"),
                                                  f"Pair similarities ({split})")
     parts.append(page.img(histogram, f"similarity distributions {split}"))
+    if len(evaluation.sample_labels) < len(evaluation.labels):
+        parts.append(f"<p class='sub'>From a random sample of {len(evaluation.sample_labels):,} of the "
+                     f"{len(evaluation.labels):,} images.</p>")
     parts.append("<p class='sub'>Raw cosine similarity of ordered pairs; the less the two overlap, "
                  "the better a single threshold separates same from different identities.</p>")
     return "\n".join(parts)
@@ -243,19 +246,20 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
     score_table, _ = _read(run.load_score_table, run.has_score_table())
     ensemble, _ = _read(run.load_ensemble, run.is_ensemble())
     chosen = post.chosen if post is not None else None
+    retrieval = config.retrieval if config is not None else None
     shards, shards_problem = find_shards(run.path, config.data.shards if config is not None else "")
 
     evaluations: list[Evaluation] = []
     eval_notes: list[str] = []
     if run.has_features("val"):
-        evaluations.append(evaluate("val", run.load_features("val"), chosen))
+        evaluations.append(evaluate("val", run.load_features("val"), chosen, retrieval))
     else:
         eval_notes.append(_missing(f"No validation features ({run.features_path('val')})",
                                    f"jaguar extract {run} --split val"))
     if run.has_features("test"):
         labelled_test = labelled_test_features(run, test_labels)
         if labelled_test is not None:
-            evaluations.append(evaluate("test", labelled_test, chosen))
+            evaluations.append(evaluate("test", labelled_test, chosen, retrieval))
     elif test_labels:
         eval_notes.append(_missing(f"--test-labels given but no test features ({run.features_path('test')})",
                                    f"jaguar extract {run} --split test"))
