@@ -36,6 +36,7 @@ PathLike = Union[str, Path]
 LABEL_COLUMNS = ("filename", "ground_truth")
 PAIR_COLUMNS = ("row_id", "query_image", "gallery_image")
 SUBMISSION_COLUMNS = ("row_id", "similarity")
+IDENTIFY_COLUMNS = ("photo", "rank", "individual", "score", "decision")
 _SHOWN = 10
 
 
@@ -241,3 +242,15 @@ def write_submission(path: PathLike, row_ids: Sequence[str], similarities: Seque
     _check_values(row_ids, values, str(path))
     # repr keeps every float64 digit, so distinct similarities stay distinct in the file.
     _write(path, SUBMISSION_COLUMNS, ((r, repr(float(v))) for r, v in zip(row_ids, values)))
+
+
+# Open-set identification: photo,rank,individual,score,decision (`jaguar identify`)
+
+
+def write_identify(path: PathLike, rows: Iterable[tuple[str, int, str, float, str]]) -> None:
+    """One row per photo and candidate: the photo as given, the candidate's rank (1 = best), the
+    individual, its score (cosine similarity, 6 decimals) and the photo's decision ("known: NAME"
+    or "new individual"); written atomically."""
+    _write(path, IDENTIFY_COLUMNS, ((photo, int(rank), individual, f"{float(score):.6f}", decision)
+                                    for photo, rank, individual, score, decision in rows))
+

@@ -16,6 +16,11 @@ report, ensemble, pseudo-label) takes a `RunDir`.
     RUN/score.json                local test score             load_score / save_score (Score)
     RUN/score_table.json          the stage table on test      load_score_table / save_score_table (ScoreTable)
     RUN/ensemble.json             an ensemble's members        load_ensemble / save_ensemble (EnsembleRecord)
+    RUN/gallery/enrolled.safetensors  enrolled individuals'    load_enrolled / save_enrolled (FeatureSet)
+                                  embeddings (`jaguar enroll`)
+    RUN/gallery/thumbnails/       their photos, small          thumbnail_path
+    RUN/calibration.json          open-set threshold chosen    load_calibration / save_calibration
+                                  on validation                (OpenSetCalibration)
     RUN/report/                   the HTML report              report_dir
     RUN/pseudo/                   pseudo-label shards          pseudo_dir
 
@@ -54,6 +59,10 @@ _SCORE = "score.json"
 _SCORE_TABLE = "score_table.json"
 _ENSEMBLE = "ensemble.json"
 _REPORT = "report"
+_GALLERY = "gallery"
+_ENROLLED = "enrolled.safetensors"
+_THUMBNAILS = "thumbnails"
+_CALIBRATION = "calibration.json"
 _PSEUDO = "pseudo"
 _PREEMPT = "PREEMPT"
 
@@ -155,6 +164,33 @@ class EnsembleRecord:
     config_from: Optional[str] = None
 
 
+@dataclass
+class OpenSetCalibration:
+    """calibration.json: the new-individual decision chosen on validation (`jaguar calibrate`).
+
+    A photo is "known" when its best individual's score (`aggregate` of its image similarities to
+    that individual's gallery images: "max" or "mean_top<n>") is >= `threshold`. The figures are
+    pooled over `folds` hold-outs of whole identities (group-aware) from the training gallery,
+    validation images as queries; `fold_balanced` is each fold's balanced accuracy (its spread is
+    the uncertainty); `curve` holds the sweep ({"threshold", "known_accuracy", "unknown_accuracy",
+    "balanced_accuracy"} lists) and `aggregates` the figures of every aggregate tried."""
+    threshold: float
+    aggregate: str
+    known_accuracy: float
+    unknown_accuracy: float
+    balanced_accuracy: float
+    geometric_mean: float
+    known_rank1: float
+    num_known: int
+    num_unknown: int
+    folds: int
+    fold_balanced: list[float]
+    curve: dict[str, list[float]]
+    aggregates: dict[str, dict[str, float]]
+    held_out_groups: str  # how the hold-outs respected near-duplicate groups, in words
+    features: str = ""  # the features' provenance (checkpoint) the threshold belongs to
+
+
 T = TypeVar("T")
 
 
@@ -212,6 +248,10 @@ class RunDir:
         self.score_table_path = self.path / _SCORE_TABLE
         self.ensemble_path = self.path / _ENSEMBLE
         self.report_dir = self.path / _REPORT
+        self.gallery_dir = self.path / _GALLERY
+        self.enrolled_path = self.gallery_dir / _ENROLLED
+        self.thumbnails_dir = self.gallery_dir / _THUMBNAILS
+        self.calibration_path = self.path / _CALIBRATION
         self.pseudo_dir = self.path / _PSEUDO
         # touching this file asks a running training to checkpoint and exit (as SIGUSR1 does)
         self.preempt_flag = self.path / _PREEMPT
@@ -343,6 +383,41 @@ class RunDir:
 
     def save_score_table(self, table: ScoreTable) -> None:
         atomic_write_json(self.score_table_path, _to_json(table))
+
+    # ------------------------------------------------------------------ open-set identification
+
+    def has_enrolled(self) -> bool:
+        return self.enrolled_path.is_file()
+
+    def load_enrolled(self) -> FeatureSet:
+        """The enrolled individuals' embeddings (labels index label_names, the individuals' names)."""
+        if not self.has_enrolled():
+            raise MissingInputError(f"{self.enrolled_path} does not exist; enrol with "
+                                    f"`jaguar enroll {self.path} --name NAME PHOTO...`")
+        try:
+            return FeatureSet.load(self.enrolled_path)
+        except (OSError, ValueError, KeyError) as err:
+            raise RunDirError(f"{self.enrolled_path} could not be read ({err}); restore it or remove it "
+                              f"and enrol again") from None
+
+    def save_enrolled(self, features: FeatureSet) -> None:
+        features.save(self.enrolled_path)
+
+    def thumbnail_path(self, key: str) -> Path:
+        """The thumbnail of an enrolled photo; `key` is its content hash (hex), never a user's name."""
+        if not key or any(c not in "0123456789abcdef" for c in key):
+            raise RunDirError(f"thumbnail key {key!r} is not a hex content hash")
+        return self.thumbnails_dir / f"{key}.png"
+
+    def has_calibration(self) -> bool:
+        return self.calibration_path.is_file()
+
+    def load_calibration(self) -> OpenSetCalibration:
+        raw = self._read_json(self.calibration_path, f"run `jaguar calibrate {self.path}`")
+        return _build(OpenSetCalibration, raw, str(self.calibration_path))
+
+    def save_calibration(self, calibration: OpenSetCalibration) -> None:
+        atomic_write_json(self.calibration_path, _to_json(calibration))
 
     # ------------------------------------------------------------------ ensembles
 

@@ -334,3 +334,57 @@ def identity_balanced_map(similarity: ArrayLike, labels: ArrayLike,
     """The challenge metric of one set searched against itself (see `evaluate`): shorthand for
     `evaluate(similarity, labels, kind="similarity", candidates=candidates).mAP_balanced`."""
     return evaluate(similarity, labels, kind="similarity", candidates=candidates).mAP_balanced
+
+
+@dataclass(frozen=True)
+class OpenSetFigures:
+    """Open-set identification at one threshold (AnimalCLEF 2025): each query is decided "known"
+    (its best individual's score >= threshold, then named as that individual) or "new individual".
+
+    known_accuracy: share of queries of gallery individuals that are decided known AND named right
+    (BAKS); unknown_accuracy: share of queries of individuals absent from the gallery decided new
+    (BAUS); balanced_accuracy: their mean; geometric_mean: sqrt(known * unknown), the AnimalCLEF
+    headline; known_rank1: share of known queries whose best individual is right, whatever the
+    threshold. NaN where a side has no queries."""
+
+    threshold: float
+    known_accuracy: float
+    unknown_accuracy: float
+    balanced_accuracy: float
+    geometric_mean: float
+    known_rank1: float
+    num_known: int
+    num_unknown: int
+
+
+def open_set_figures(best_score: ArrayLike, best_is_right: ArrayLike, is_known: ArrayLike,
+                     threshold: float) -> OpenSetFigures:
+    """OpenSetFigures of Q queries. best_score: (Q,) score of each query's best individual;
+    best_is_right: (Q,) bool, that individual is the query's own (False for unknown queries);
+    is_known: (Q,) bool, the query's individual is in the gallery. Raises MetricsError on shape
+    mismatches."""
+    score = np.asarray(best_score, dtype=np.float64).reshape(-1)
+    right = np.asarray(best_is_right, dtype=bool).reshape(-1)
+    known = np.asarray(is_known, dtype=bool).reshape(-1)
+    if not score.shape == right.shape == known.shape:
+        raise MetricsError(f"open-set inputs differ in length: scores {score.shape}, right {right.shape}, "
+                           f"known {known.shape}")
+    if bool((right & ~known).any()):
+        raise MetricsError("a query of an individual absent from the gallery cannot be named right")
+    accepted = score >= threshold
+    num_known, num_unknown = int(known.sum()), int((~known).sum())
+    known_acc = float((accepted & right)[known].mean()) if num_known else float("nan")
+    unknown_acc = float((~accepted)[~known].mean()) if num_unknown else float("nan")
+    rank1 = float(right[known].mean()) if num_known else float("nan")
+    return OpenSetFigures(float(threshold), known_acc, unknown_acc, (known_acc + unknown_acc) / 2,
+                          float(np.sqrt(known_acc * unknown_acc)), rank1, num_known, num_unknown)
+
+
+def open_set_sweep(best_score: ArrayLike, best_is_right: ArrayLike, is_known: ArrayLike) -> list[OpenSetFigures]:
+    """OpenSetFigures at every threshold that changes a decision: each distinct best score (a query
+    at exactly the threshold is accepted) and one above the highest (everything new), ascending."""
+    score = np.asarray(best_score, dtype=np.float64).reshape(-1)
+    distinct = np.unique(score)
+    top = float(distinct[-1]) if distinct.size else 0.0
+    thresholds = list(distinct) + [np.nextafter(top, np.inf)]
+    return [open_set_figures(score, best_is_right, is_known, float(t)) for t in thresholds]

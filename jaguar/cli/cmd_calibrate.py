@@ -1,0 +1,28 @@
+"""`jaguar calibrate RUN_DIR`: choose the new-individual threshold of `jaguar identify` on
+validation, holding out whole identities (group-aware) as unseen in several folds, and save it
+with the open-set figures in the run."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaguar.retrieval.calibrate import DEFAULT_FOLDS, calibrate_run, describe
+from jaguar.run import RunDir
+
+_RUN = RunDir("RUN")  # the run folder as the help texts name it
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("calibrate", help="calibrate the known / new-individual decision on validation")
+    parser.add_argument("run_dir", help=f"trained run folder; writes {_RUN.calibration_path}")
+    parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
+                        help=f"identity hold-out folds (default {DEFAULT_FOLDS}; fewer when there are fewer identities)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = RunDir(args.run_dir)
+    calibration = calibrate_run(run_dir, args.folds)
+    print(describe(calibration))
+    print(f"wrote {run_dir.calibration_path}")
+    return 0

@@ -1,0 +1,184 @@
+"""Calibrating the new-individual decision on validation (`jaguar calibrate`).
+
+Field photos include individuals the model never saw; a threshold on the best individual's score
+tells them apart, and it is chosen here rather than guessed. Whole identities of the training
+gallery are held out as "unseen" in several folds: each fold searches the validation images
+(queries) against the training images of the identities kept, so validation images of held-out
+identities are unknown queries and the rest known ones (validation identities absent from
+training, as with data.val_split=identity, are unknown in every fold). Decisions are pooled over
+the folds and the threshold and the per-individual aggregate ("max" or "mean_top<n>") maximising
+the balanced accuracy of known and unknown queries are kept; AnimalCLEF 2025's figures (known and
+unknown accuracy, their geometric mean) are reported with each fold's balanced accuracy as the
+spread.
+
+Group-aware: identities are held out in connected blocks, two identities joined when a
+near-duplicate group of the run's split (split.json "groups", written by a group-aware split)
+holds images of both, so no held-out image has a near-duplicate left in the gallery. Without
+recorded groups each identity is its own block (a group of one identity's images always moves
+with that identity)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from jaguar.errors import JaguarError
+from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.identify import AGGREGATES, gallery_from_features, individual_scores, training_features
+from jaguar.retrieval.metrics import OpenSetFigures, open_set_figures, open_set_sweep
+from jaguar.run import OpenSetCalibration, RunDir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FOLDS = 5
+CURVE_POINTS = 200
+
+
+class CalibrationError(JaguarError, ValueError):
+    """Validation data that cannot calibrate an open-set decision; the message says what is lacking."""
+
+
+def identity_blocks(train: FeatureSet, groups: Sequence[Sequence[str]], names_of: dict[str, str]) -> list[list[str]]:
+    """The training identities in blocks that must be held out together: identities joined by a
+    near-duplicate group (file names; `names_of` maps every file name to its identity) holding
+    images of both. Blocks and their members are sorted."""
+    identities = sorted({train.label_names.get(label, str(label)) for label in train.labelled().labels.tolist()})
+    parent = {identity: identity for identity in identities}
+
+    def root(identity: str) -> str:
+        while parent[identity] != identity:
+            parent[identity] = parent[parent[identity]]
+            identity = parent[identity]
+        return identity
+
+    for group in groups:
+        members = sorted({names_of[name] for name in group if names_of.get(name) in parent})
+        for other in members[1:]:
+            parent[root(other)] = root(members[0])
+    blocks: dict[str, list[str]] = {}
+    for identity in identities:
+        blocks.setdefault(root(identity), []).append(identity)
+    return sorted(blocks.values())
+
+
+def assign_folds(blocks: list[list[str]], folds: int, seed: int) -> list[set[str]]:
+    """`folds` disjoint sets of held-out identities: the blocks in a seeded random order dealt round
+    robin (fold sizes differ by at most one block). Needs at least 2 blocks, so that every fold
+    keeps an identity."""
+    if len(blocks) < 2:
+        raise CalibrationError(f"calibration holds out identities as unseen and needs at least 2 training "
+                               f"identities (in separate near-duplicate blocks); found {len(blocks)}")
+    folds = max(2, min(folds, len(blocks)))
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), 0x0BE5])).permutation(len(blocks))
+    held: list[set[str]] = [set() for _ in range(folds)]
+    for position, block in enumerate(order.tolist()):
+        held[position % folds].update(blocks[block])
+    return held
+
+
+def fold_decisions(train: FeatureSet, queries: FeatureSet, held_out: set[str],
+                   aggregate: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(best score, best is right, is known) of each labelled query against the training
+    features of the identities not `held_out`."""
+    train = train.labelled()
+    keep = [n for n, label in zip(train.names, train.labels.tolist())
+            if train.label_names.get(label, str(label)) not in held_out]
+    gallery = gallery_from_features(train.select(keep))
+    scores = individual_scores(queries.embeddings, gallery, aggregate)
+    best_score, best = scores.max(dim=1)
+    truth = [queries.label_names.get(label, str(label)) for label in queries.labels.tolist()]
+    known = np.array([name in gallery.individuals for name in truth], dtype=bool)
+    right = np.array([gallery.individuals[b] == name for b, name in zip(best.tolist(), truth)], dtype=bool)
+    return best_score.numpy().astype(np.float64), right, known
+
+
+def choose_threshold(sweep: list[OpenSetFigures], scores: np.ndarray) -> float:
+    """The threshold of the sweep's best balanced accuracy (the lowest such on ties), moved to the
+    middle of the gap below it: every threshold in (previous score, chosen score] decides the
+    validation queries alike, and the middle of that gap is the one least tied to them."""
+    best = max(range(len(sweep)), key=lambda i: (round(sweep[i].balanced_accuracy, 12), -i))
+    threshold = sweep[best].threshold
+    below = scores[scores < threshold]
+    return float((below.max() + threshold) / 2) if below.size and np.isfinite(threshold) else threshold
+
+
+def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequence[str]] = (),
+                       folds: int = DEFAULT_FOLDS, seed: int = 0,
+                       aggregates: Sequence[str] = AGGREGATES) -> OpenSetCalibration:
+    """Choose aggregate and threshold (module docstring) from labelled training and validation
+    features. Raises CalibrationError when validation has no labelled images or too few identities."""
+    queries = val.labelled()
+    if len(queries) == 0:
+        raise CalibrationError("the validation features hold no labelled image; train with data.val_fraction > 0 "
+                               "and extract the val split")
+    names_of = {n: train.label_names.get(label, str(label)) for n, label in zip(train.names, train.labels.tolist())}
+    names_of.update({n: val.label_names.get(label, str(label)) for n, label in zip(val.names, val.labels.tolist())})
+    blocks = identity_blocks(train, groups, names_of)
+    held = assign_folds(blocks, folds, seed)
+    joined = sum(len(block) > 1 for block in blocks)
+    how = (f"{len(blocks)} blocks of identities, {joined} joined by shared near-duplicate groups" if groups
+           else "whole identities (no near-duplicate groups recorded in the run's split)")
+    tried: dict[str, dict] = {}
+    for aggregate in aggregates:
+        per_fold = [fold_decisions(train, queries, held_out, aggregate) for held_out in held]
+        scores, right, known = (np.concatenate([fold[i] for fold in per_fold]) for i in range(3))
+        if not known.any() or known.all():
+            raise CalibrationError(f"the validation images give {int(known.sum())} known and {int((~known).sum())} "
+                                   f"unknown queries over the folds; both are needed (are the validation identities "
+                                   f"also in training?)")
+        sweep = open_set_sweep(scores, right, known)
+        threshold = choose_threshold(sweep, scores)
+        figures = open_set_figures(scores, right, known, threshold)
+        fold_balanced = [open_set_figures(*fold, threshold).balanced_accuracy for fold in per_fold]
+        tried[aggregate] = {"figures": figures, "sweep": sweep, "fold_balanced": fold_balanced}
+        log.info("aggregate %s: threshold %.4f, balanced accuracy %.4f", aggregate, threshold, figures.balanced_accuracy)
+    chosen = max(aggregates, key=lambda a: (round(tried[a]["figures"].balanced_accuracy, 12),
+                                            -list(aggregates).index(a)))
+    figures, sweep = tried[chosen]["figures"], tried[chosen]["sweep"]
+    step = max(1, len(sweep) // CURVE_POINTS)
+    points = sweep[::step] + ([sweep[-1]] if (len(sweep) - 1) % step else [])
+    curve = {key: [float(getattr(p, key)) for p in points]
+             for key in ("threshold", "known_accuracy", "unknown_accuracy", "balanced_accuracy")}
+    table = {a: {"threshold": v["figures"].threshold, "balanced_accuracy": v["figures"].balanced_accuracy,
+                 "geometric_mean": v["figures"].geometric_mean, "known_rank1": v["figures"].known_rank1}
+             for a, v in tried.items()}
+    return OpenSetCalibration(
+        threshold=figures.threshold, aggregate=chosen, known_accuracy=figures.known_accuracy,
+        unknown_accuracy=figures.unknown_accuracy, balanced_accuracy=figures.balanced_accuracy,
+        geometric_mean=figures.geometric_mean, known_rank1=figures.known_rank1, num_known=figures.num_known,
+        num_unknown=figures.num_unknown, folds=len(held), fold_balanced=tried[chosen]["fold_balanced"],
+        curve=curve, aggregates=table, held_out_groups=how, features=str(train.meta.get("source", "")))
+
+
+def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS) -> OpenSetCalibration:
+    """`jaguar calibrate`: calibrate on the run's training and validation features (each extracted
+    with the run's checkpoint when missing) and the near-duplicate groups of its split; saves and
+    returns the calibration."""
+    from jaguar.retrieval.photos import require_trained_run
+
+    require_trained_run(run)
+    cfg = run.load_config()
+    train = training_features(run)
+    if not run.has_features("val"):
+        from jaguar.retrieval.extract import extract_split
+
+        extract_split(run, "val", cfg, run.default_checkpoint())
+    val = run.load_features("val")
+    groups = getattr(run.load_split(), "groups", []) if run.split_path.is_file() else []
+    calibration = calibrate_features(train, val, groups, folds, cfg.run.seed)
+    run.save_calibration(calibration)
+    return calibration
+
+
+def describe(calibration: OpenSetCalibration) -> str:
+    """The calibration in a few lines, for the command line."""
+    spread = float(np.std(calibration.fold_balanced)) if calibration.fold_balanced else float("nan")
+    return (f"new-individual threshold {calibration.threshold:.4f} on the {calibration.aggregate} score "
+            f"({calibration.folds} folds; {calibration.held_out_groups})\n"
+            f"known accuracy {calibration.known_accuracy:.4f} ({calibration.num_known} known queries), "
+            f"unknown accuracy {calibration.unknown_accuracy:.4f} ({calibration.num_unknown} unknown queries)\n"
+            f"balanced accuracy {calibration.balanced_accuracy:.4f} (fold spread +- {spread:.4f}), "
+            f"geometric mean {calibration.geometric_mean:.4f}, known rank-1 {calibration.known_rank1:.4f}")
+

@@ -1,0 +1,283 @@
+"""Open-set identification: is a new photo a known individual (which one) or a new one?
+
+The gallery is the run's training images' embeddings (`jaguar extract RUN --split train`, done
+here when missing) plus the individuals enrolled without retraining (`jaguar enroll`). A photo is
+scored per individual by aggregating its cosine similarities to that individual's gallery images
+("max": the best image; "mean_top<n>": the mean of the n best, all of them when fewer), and is
+decided "known: NAME" when its best individual's score reaches the threshold `jaguar calibrate`
+chose on validation, else "new individual" (AnimalCLEF's open-set task).
+
+Post-processing: the run's query expansion and k-reciprocal re-ranking rank a set of queries
+against each other; a field photo is identified on its own, so identification scores the plain
+cosine similarity, the same score the threshold was calibrated on.
+
+Names of individuals are untrusted text: they are stored as data (never as paths; enrolled photos'
+thumbnails are named by content hash) and escaped wherever a page shows them."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from jaguar.errors import JaguarError
+from jaguar.io import atomic_write_bytes
+from jaguar.retrieval.features import FeatureSet
+from jaguar.run import OpenSetCalibration, RunDir
+
+log = logging.getLogger(__name__)
+
+AGGREGATES = ("max", "mean_top2", "mean_top3")
+NEW_INDIVIDUAL = "new individual"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class IdentifyError(JaguarError, ValueError):
+    """An enrolment or identification the run cannot do; the message names the value at fault."""
+
+
+def decision_text(individual: str, known: bool) -> str:
+    return f"known: {individual}" if known else NEW_INDIVIDUAL
+
+
+@dataclass
+class Gallery:
+    """The images an identification searches: embeddings (N x D, L2-normalised), the individual of
+    each row (N, index into `individuals`), a reference for showing each row ("shard:<file name>"
+    for training images, "thumb:<hash>" for enrolled photos) and which individuals were enrolled."""
+    embeddings: torch.Tensor
+    individual: torch.Tensor
+    individuals: list[str]
+    refs: list[str]
+    enrolled: set[str] = field(default_factory=set)
+    source: str = ""  # the weights the training features were extracted with
+
+    def counts(self) -> dict[str, int]:
+        """Images per individual, in `individuals` order."""
+        tally = torch.bincount(self.individual, minlength=len(self.individuals)).tolist()
+        return dict(zip(self.individuals, tally))
+
+    def examples(self, index: int, count: int = 2) -> list[str]:
+        """`count` gallery references of individual `index` (the first ones, in gallery order)."""
+        rows = torch.nonzero(self.individual == index).flatten()[:count].tolist()
+        return [self.refs[i] for i in rows]
+
+
+def gallery_from_features(train: FeatureSet, enrolled: Optional[FeatureSet] = None) -> Gallery:
+    """A Gallery of the labelled training features and, when given, the enrolled ones (their
+    label_names are the individuals' names; their meta["thumbnails"] maps row name -> hash)."""
+    train = train.labelled()
+    individuals: list[str] = []
+    index_of: dict[str, int] = {}
+
+    def index(name: str) -> int:
+        if name not in index_of:
+            index_of[name] = len(individuals)
+            individuals.append(name)
+        return index_of[name]
+
+    rows = [index(train.label_names.get(label, str(label))) for label in train.labels.tolist()]
+    refs = [f"shard:{name}" for name in train.names]
+    embeddings = [train.embeddings]
+    enrolled_names: set[str] = set()
+    if enrolled is not None and len(enrolled):
+        thumbs = enrolled.meta.get("thumbnails", {})
+        for name, label in zip(enrolled.names, enrolled.labels.tolist()):
+            individual = enrolled.label_names[label]
+            enrolled_names.add(individual)
+            rows.append(index(individual))
+            refs.append(f"thumb:{thumbs.get(name, name)}")
+        embeddings.append(enrolled.embeddings)
+    return Gallery(torch.cat(embeddings), torch.tensor(rows, dtype=torch.long), individuals, refs,
+                   enrolled_names, str(train.meta.get("source", "")))
+
+
+def training_features(run: RunDir) -> FeatureSet:
+    """The run's training-image features, extracted with the run's checkpoint when missing."""
+    if not run.has_features("train"):
+        from jaguar.retrieval.extract import extract_split
+
+        log.info("no %s yet: extracting the training images (the gallery)", run.features_path("train"))
+        extract_split(run, "train", run.load_config(), run.default_checkpoint())
+    return run.load_features("train")
+
+
+def load_gallery(run: RunDir) -> Gallery:
+    """The run's gallery: training features plus enrolled individuals."""
+    return gallery_from_features(training_features(run), run.load_enrolled() if run.has_enrolled() else None)
+
+
+def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -> torch.Tensor:
+    """Q x I scores of Q L2-normalised query embeddings against the gallery's I individuals:
+    `aggregate` ("max" or "mean_top<n>") of each query's cosine similarities to the individual's
+    images. Raises IdentifyError for an unknown aggregate."""
+    if aggregate == "max":
+        top_n = 1
+    elif aggregate.startswith("mean_top") and aggregate[len("mean_top"):].isdigit():
+        top_n = int(aggregate[len("mean_top"):])
+    else:
+        raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
+    similarity = queries.float() @ gallery.embeddings.float().T  # Q x N
+    scores = torch.full((queries.shape[0], len(gallery.individuals)), float("-inf"))
+    for index in range(len(gallery.individuals)):
+        columns = torch.nonzero(gallery.individual == index).flatten()
+        if columns.numel() == 0:
+            continue
+        best = similarity[:, columns].topk(min(top_n, columns.numel()), dim=1).values
+        scores[:, index] = best.mean(dim=1)
+    return scores
+
+
+@dataclass
+class PhotoResult:
+    """One identified photo: its candidates (individual, score), best first, and the decision."""
+    photo: str
+    candidates: list[tuple[str, float]]
+    known: bool
+    thumbnail: bytes = b""
+
+    @property
+    def decision(self) -> str:
+        return decision_text(self.candidates[0][0], self.known)
+
+
+def rank_individuals(queries: torch.Tensor, gallery: Gallery, calibration: OpenSetCalibration,
+                     top_k: int) -> list[tuple[list[tuple[str, float]], bool]]:
+    """For each query: its top_k (individual, score), best first (ties: gallery order), and whether
+    the best score reaches the calibrated threshold (known)."""
+    scores = individual_scores(queries, gallery, calibration.aggregate)
+    k = min(top_k, len(gallery.individuals))
+    # a stable descending sort: equal scores keep the gallery's individual order
+    order = torch.argsort(-scores, dim=1, stable=True)[:, :k]
+    results = []
+    for row in range(scores.shape[0]):
+        candidates = [(gallery.individuals[i], float(scores[row, i])) for i in order[row].tolist()]
+        results.append((candidates, candidates[0][1] >= calibration.threshold))
+    return results
+
+
+@dataclass
+class Identification:
+    results: list[PhotoResult]
+    problems: list  # PhotoProblem: photos that could not be read, each named
+    gallery: Gallery
+    calibration: OpenSetCalibration
+
+
+def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
+                    checkpoint: str | Path | None = None) -> Identification:
+    """`jaguar identify`: embed the photos / folders `items` (jaguar.retrieval.photos), score them
+    against the run's gallery and decide each with the run's calibration. Unreadable photos are
+    returned as problems; raises when none is readable, the run is not trained or not calibrated."""
+    from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos, require_trained_run
+
+    require_trained_run(run)
+    if top_k < 1:
+        raise IdentifyError(f"--top-k must be at least 1, got {top_k}")
+    calibration = run.load_calibration()
+    photos, problems = require_photos(items)
+    gallery = load_gallery(run)
+    embedder = PhotoEmbedder(run, checkpoint)
+    check_same_weights(gallery, embedder.source, run)
+    embedded = embedder.embed(photos)
+    problems = problems + embedded.problems
+    if not embedded.paths:
+        raise PhotoError("no photo could be read: " + "; ".join(f"{p.path}: {p.reason}" for p in problems))
+    ranked = rank_individuals(embedded.embeddings, gallery, calibration, top_k)
+    results = [PhotoResult(str(path), candidates, known, thumb)
+               for path, (candidates, known), thumb in zip(embedded.paths, ranked, embedded.thumbnails)]
+    return Identification(results, problems, gallery, calibration)
+
+
+def check_same_weights(gallery: Gallery, source: str, run: RunDir) -> None:
+    """Photos must be embedded by the weights the gallery was extracted with (compared by the
+    weights file's last three path parts, e.g. checkpoints/best/model.safetensors, so a run folder
+    reached by another path or moved still matches)."""
+    if gallery.source and source and Path(gallery.source).parts[-3:] != Path(source).parts[-3:]:
+        raise IdentifyError(f"{run.features_path('train')} was extracted with {gallery.source} but photos would "
+                            f"be embedded with {source}; re-extract (`jaguar extract {run.path} --split train "
+                            f"--force`) and re-calibrate, or pass that --checkpoint")
+
+
+def check_individual_name(name: str, gallery: Gallery) -> str:
+    """The enrolment name, stripped; IdentifyError when empty, with control characters, or already
+    an individual of the gallery (compared case-insensitively: two names differing only in case
+    would read as one individual in a field notebook)."""
+    cleaned = name.strip() if isinstance(name, str) else ""
+    if not cleaned:
+        raise IdentifyError("--name is empty; give the new individual's name")
+    if _CONTROL.search(cleaned):
+        raise IdentifyError(f"--name {name!r} contains a control character; give a plain name")
+    if len(cleaned) > 200:
+        raise IdentifyError(f"--name is {len(cleaned)} characters long; give a name of at most 200")
+    taken = {known.casefold(): known for known in gallery.individuals}
+    if cleaned.casefold() in taken:
+        kind = "an enrolled individual" if taken[cleaned.casefold()] in gallery.enrolled else "a training identity"
+        raise IdentifyError(f"--name {cleaned!r} is already {kind} ({taken[cleaned.casefold()]!r}); "
+                            f"names must be unique: choose another")
+    return cleaned
+
+
+@dataclass
+class Enrolment:
+    name: str
+    photos: list[Path]
+    gallery_images: int  # the individual's images now in the gallery
+
+
+def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str | Path | None = None) -> Enrolment:
+    """`jaguar enroll`: add individual `name` to the run's gallery from the photos `items`, without
+    retraining. All or nothing: any unreadable photo, a photo already in the gallery or a taken name
+    raises IdentifyError/PhotoError naming it, and the gallery is left as it was; the new
+    embeddings are appended to RUN/gallery/enrolled.safetensors in one atomic write."""
+    from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos, require_trained_run
+
+    require_trained_run(run)
+    photos, problems = require_photos(items)
+    gallery = load_gallery(run)
+    name = check_individual_name(name, gallery)
+    embedder = PhotoEmbedder(run, checkpoint)
+    check_same_weights(gallery, embedder.source, run)
+    embedded = embedder.embed(photos)
+    problems += embedded.problems
+    if problems:
+        raise PhotoError(f"nothing enrolled: {len(problems)} photo(s) could not be used: " +
+                         "; ".join(f"{p.path}: {p.reason}" for p in problems))
+    existing = run.load_enrolled() if run.has_enrolled() else None
+    known_rows = set(existing.names) if existing is not None else set()
+    repeated = [str(p) for p, h in zip(embedded.paths, embedded.hashes) if h in known_rows]
+    if repeated or len(set(embedded.hashes)) != len(embedded.hashes):
+        raise IdentifyError(f"nothing enrolled: photo(s) already in the gallery or given twice: "
+                            f"{', '.join(repeated) or 'the same file twice'}")
+    label_names = dict(existing.label_names) if existing is not None else {}
+    label = max(label_names, default=-1) + 1
+    label_names[label] = name
+    meta = dict(existing.meta) if existing is not None else {}
+    meta["source"] = embedder.source
+    meta["thumbnails"] = {**meta.get("thumbnails", {}), **{h: h for h in embedded.hashes}}
+    meta["photos"] = {**meta.get("photos", {}), **{h: str(p) for p, h in zip(embedded.paths, embedded.hashes)}}
+    for digest, thumbnail in zip(embedded.hashes, embedded.thumbnails):
+        atomic_write_bytes(run.thumbnail_path(digest), thumbnail)
+    new = FeatureSet(list(embedded.hashes), embedded.embeddings, torch.full((len(embedded.paths),), label))
+    if existing is not None:
+        names = existing.names + new.names
+        embeddings = torch.cat([existing.embeddings, new.embeddings])
+        labels = torch.cat([existing.labels, new.labels])
+    else:
+        names, embeddings, labels = new.names, new.embeddings, new.labels
+    run.save_enrolled(FeatureSet(names, embeddings, labels, label_names, meta))
+    return Enrolment(name, embedded.paths, len(embedded.paths))
+
+
+def gallery_listing(run: RunDir) -> list[tuple[str, int, str]]:
+    """`jaguar gallery`: (individual, images, "training" or "enrolled") for each individual."""
+    from jaguar.retrieval.photos import require_trained_run
+
+    require_trained_run(run)
+    gallery = load_gallery(run)
+    return [(name, count, "enrolled" if name in gallery.enrolled else "training")
+            for name, count in gallery.counts().items()]
