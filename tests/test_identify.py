@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,19 @@ def test_thumbnail_keys_are_hashes_only(tmp_path):
     assert run.thumbnail_path("abc123").name == "abc123.png"
     with pytest.raises(RunDirError):
         run.thumbnail_path("../x")
+
+
+def test_threshold_above_every_score_keeps_every_query_new():
+    """When deciding everything "new" is best, the chosen threshold must stay above the top score
+    (moving it to a gap's middle must not accept the top query)."""
+    from jaguar.retrieval.calibrate import choose_threshold
+
+    scores = np.array([0.9, 0.8])
+    right, known = [False, False], [False, True]  # an unknown query on top, the known one named wrong
+    sweep = open_set_sweep(scores, right, known)
+    threshold = choose_threshold(sweep, scores)
+    assert threshold > 0.9
+    assert open_set_figures(scores, right, known, threshold).balanced_accuracy == 0.5
+    # an ordinary gap: the threshold moves to its middle, deciding the queries as the sweep did
+    sweep = open_set_sweep([0.9, 0.5], [True, False], [True, False])
+    assert choose_threshold(sweep, np.array([0.9, 0.5])) == pytest.approx(0.7)

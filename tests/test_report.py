@@ -17,7 +17,7 @@ from jaguar.report.tb_reader import read_scalars
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.postprocess import PostConfig
 from jaguar.retrieval.stages import labelled_test_features, stage_table_on, submit_run
-from jaguar.run import PostResult, RunDir, StageRow, TrainingMetrics
+from jaguar.run import OpenSetCalibration, PostResult, RunDir, StageRow, TrainingMetrics
 
 
 class _Images(HTMLParser):
@@ -99,6 +99,11 @@ def full_run(tmp_path_factory, tiny_shards) -> Path:
                                   StageRow("+QE", qe, 0.43, rank1=0.8, gain=0.02, gain_se=0.01, adopted=True),
                                   StageRow("blend (chosen)", qe, 0.5, rank1=0.85)],
                              val_size=len(names), searched=True))
+    run.save_calibration(OpenSetCalibration(
+        0.61, "max", 0.8, 0.7, 0.75, 0.7483, 0.9, 40, 10, 2, [0.7, 0.8], {
+            "threshold": [0.5, 0.61, 0.7], "known_accuracy": [0.9, 0.8, 0.5], "unknown_accuracy": [0.4, 0.7, 0.8],
+            "balanced_accuracy": [0.65, 0.75, 0.65]}, {"max": {"threshold": 0.61, "balanced_accuracy": 0.75}},
+        "whole identities"))
     return run.path
 
 
@@ -137,14 +142,15 @@ def test_full_report_has_every_section_and_only_existing_images(full_run, test_l
     for split in ("val", "test"):
         for heading in ("Per-identity AP", "Retrieval examples", "Similarity distributions"):
             assert f"{heading} — {split}" in text, (heading, split)
-    for heading in ("Results", "Configuration", "Training curves"):
+    for heading in ("Results", "Configuration", "Training curves", "Open-set identification"):
         assert heading in text, heading
     assert f"{score.mAP_balanced:.4f}" in text and "blend (chosen)" in text and "resnet18" in text
     assert "score_table.json" in text and f"{table.table[0].mAP_balanced:.4f}" in text
     assert "yes, +0.0200 +- 0.0100" in text  # the stage decision of post.json's +QE row
     sources = _image_sources(index)
     assert {"training_curves.png", "per_identity_ap_val.png", "retrieval_best_val.png",
-            "retrieval_worst_val.png", "similarity_val.png", "retrieval_worst_test.png"} <= set(sources)
+            "retrieval_worst_val.png", "similarity_val.png", "retrieval_worst_test.png",
+            "open_set_curve.png"} <= set(sources)
     for source in sources:
         assert not re.match(r"^(https?:|/)", source), source  # offline: relative files only
         assert (index.parent / source).is_file(), source

@@ -19,6 +19,7 @@ from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_text
 from jaguar.report import plots
 from jaguar.report.evaluation import Evaluation, evaluate, find_shards, grid_rows
+from jaguar.report.openset import open_set_section
 from jaguar.report.tb_reader import read_scalars
 from jaguar.retrieval.stages import labelled_test_features
 from jaguar.run import EnsembleRecord, PostResult, RunDir, Score, ScoreTable, TrainingMetrics
@@ -269,6 +270,7 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
     page.sections.append(_summary_section(page, post, post_problem, metrics, score, score_table,
                                           ensemble is not None))
     page.sections.append(_config_section(page, config, config_problem))
+    page.sections.append(open_set_section(run, page.figure, page.img))
     page.sections.append(_curves_section(page, ensemble is not None))
     page.sections.extend(eval_notes)
     for evaluation in evaluations:

@@ -179,3 +179,21 @@ def render_retrieval_grid(rows: Sequence[GridRow], path: str | Path, title: str,
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.02, top=1 - 0.75 / height, wspace=0.08,
                         hspace=0.45)
     return _save(fig, Path(path), tight=False)
+
+
+def plot_open_set_curve(curve: dict[str, list[float]], threshold: float, path: str | Path, title: str) -> Path:
+    """Known, unknown and balanced accuracy against the new-individual threshold (a calibration's
+    sweep, `OpenSetCalibration.curve`), the chosen threshold marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, color in (("known_accuracy", "known accuracy", MATCH_COLOR),
+                              ("unknown_accuracy", "unknown accuracy", MISMATCH_COLOR),
+                              ("balanced_accuracy", "balanced accuracy", "#4575b4")):
+        ax.plot(curve["threshold"], curve[key], label=label, color=color, lw=2 if key.startswith("balanced") else 1.2)
+    ax.axvline(threshold, color="#555", ls="--", lw=1, label=f"chosen {threshold:.3f}")
+    ax.set_xlabel("threshold on the best individual's score")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))

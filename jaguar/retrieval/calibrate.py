@@ -101,7 +101,11 @@ def choose_threshold(sweep: list[OpenSetFigures], scores: np.ndarray) -> float:
     best = max(range(len(sweep)), key=lambda i: (round(sweep[i].balanced_accuracy, 12), -i))
     threshold = sweep[best].threshold
     below = scores[scores < threshold]
-    return float((below.max() + threshold) / 2) if below.size and np.isfinite(threshold) else threshold
+    if not below.size:
+        return threshold
+    middle = float((below.max() + threshold) / 2)
+    # adjacent floats (the "everything new" threshold just above the top score) have no middle
+    return middle if below.max() < middle <= threshold else threshold
 
 
 def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequence[str]] = (),

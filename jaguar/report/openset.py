@@ -1,0 +1,50 @@
+"""The report's open-set section: the new-individual threshold `jaguar calibrate` chose on
+validation, its figures (known / unknown accuracy, balanced accuracy, geometric mean, per-fold
+spread) and the accuracy-vs-threshold curve; read from the run, never recomputed."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jaguar.errors import JaguarError
+from jaguar.report import plots
+from jaguar.run import RunDir
+
+
+def open_set_section(run: RunDir, figure: Callable[[str], Path], img: Callable[[Path, str], str]) -> str:
+    """HTML of the section; a note naming `jaguar calibrate` when the run has no calibration."""
+    parts = ["<h2>Open-set identification</h2>"]
+    if not run.has_calibration():
+        parts.append(f'<div class="missing">No new-individual calibration ({html.escape(run.calibration_path.name)}) '
+                     f"— produce it with <code>jaguar calibrate {html.escape(str(run))}</code>.</div>")
+        return "\n".join(parts)
+    try:
+        calibration = run.load_calibration()
+    except (JaguarError, OSError) as err:
+        return "\n".join(parts + [f'<div class="missing">{html.escape(str(err))}</div>'])
+    spread = float(np.std(calibration.fold_balanced)) if calibration.fold_balanced else float("nan")
+    rows = [("threshold", f"{calibration.threshold:.4f} on the {calibration.aggregate} score"),
+            ("known accuracy", f"{calibration.known_accuracy:.4f} ({calibration.num_known} known queries)"),
+            ("unknown accuracy", f"{calibration.unknown_accuracy:.4f} ({calibration.num_unknown} unknown queries)"),
+            ("balanced accuracy", f"{calibration.balanced_accuracy:.4f} (+- {spread:.4f} over {calibration.folds} folds)"),
+            ("geometric mean (AnimalCLEF)", f"{calibration.geometric_mean:.4f}"),
+            ("known rank-1", f"{calibration.known_rank1:.4f}"),
+            ("hold-outs", calibration.held_out_groups)]
+    parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+                 + "</table>")
+    aggregates = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
+        f"<td class='num'>{values.get(key, float('nan')):.4f}</td>"
+        for key in ("threshold", "balanced_accuracy", "geometric_mean", "known_rank1")) + "</tr>"
+        for name, values in calibration.aggregates.items())
+    parts.append("<p class='sub'>Per-individual score aggregates tried on validation (the best balanced "
+                 "accuracy is kept):</p><table><tr><th>aggregate</th><th>threshold</th><th>balanced accuracy</th>"
+                 f"<th>geometric mean</th><th>known rank-1</th></tr>{aggregates}</table>")
+    if calibration.curve.get("threshold"):
+        path = plots.plot_open_set_curve(calibration.curve, calibration.threshold, figure("open_set_curve.png"),
+                                         "validation, identities held out as unseen")
+        parts.append(img(path, "open-set accuracy against the threshold"))
+    return "\n".join(parts)
