@@ -86,6 +86,9 @@ def test_mixup_recomputes_the_margin_for_each_target_and_skips_metric_losses():
                 + (1 - lam) * cross_entropy(arcface_logits(cosine.numpy(), labels_b), labels_b))
     assert losses["ce"].item() == pytest.approx(expected, rel=1e-5)
     assert set(losses) == {"loss", "ce"}
+    # the centres get a zero gradient, not none: DDP expects one for every parameter it wraps
+    losses["loss"].backward()
+    assert torch.equal(criterion.center.centers.grad, torch.zeros_like(criterion.center.centers))
     unmixed = criterion(make_output(POINTS[:2], cosine), torch.tensor(labels_a))
     assert unmixed["ce"].item() == pytest.approx(cross_entropy(arcface_logits(cosine.numpy(), labels_a),
                                                                labels_a), rel=1e-5)

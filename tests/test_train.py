@@ -92,9 +92,11 @@ def test_deepspeed_zero2_bf16_runs_through_the_same_trainer_and_exports_the_fp32
     assert ckpt.is_complete(final) and (final / ckpt.WEIGHTS_FILE).is_file()
     exported = load_file(str(final / ckpt.WEIGHTS_FILE))
     # DeepSpeed's own resume state, read back by its own tool: the optimizer's fp32 master weights
-    # (merged from both ZeRO partitions), and the module's bf16 copies.
-    masters = get_fp32_state_dict_from_zero_checkpoint(str(final), tag="pytorch_model")
-    bf16_copy = torch.load(final / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    # (merged from both ZeRO partitions), and the module's bf16 copies; DeepSpeed holds the
+    # TrainedModules, where the model's tensors are under "model.".
+    masters = _model_part(get_fp32_state_dict_from_zero_checkpoint(str(final), tag="pytorch_model"))
+    bf16_copy = _model_part(torch.load(final / "pytorch_model" / "mp_rank_00_model_states.pt",
+                                       weights_only=False)["module"])
     trained = [key for key in masters if bf16_copy[key].dtype == torch.bfloat16 and key in exported]
     assert len(trained) > 10
     for key in trained:
@@ -106,6 +108,31 @@ def test_deepspeed_zero2_bf16_runs_through_the_same_trainer_and_exports_the_fp32
     assert not torch.equal(exported["neck.bnneck.weight"], torch.ones_like(exported["neck.bnneck.weight"]))
 
 
+def _model_part(state: dict) -> dict:
+    from jaguar.train.optim import TrainedModules
+
+    prefix = TrainedModules.MODEL_PREFIX
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def test_center_loss_under_deepspeed_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    from jaguar.config import ConfigError, load_config
+    from jaguar.train.trainer import Trainer
+
+    # Today DeepSpeed steps its one optimizer inside backward(): the centres' own SGD would never run.
+    base = [f"run.dir={tmp_path / 'run'}", "data.shards=/nonexistent", "loss.center_weight=0.0005"]
+    zero2 = f"train.deepspeed_config={ROOT / 'launch' / 'deepspeed' / 'zero2.json'}"
+    with pytest.raises(ConfigError, match=r"loss.center_weight=0.0005 cannot be trained under DeepSpeed"):
+        Trainer(load_config(TINY, [*base, zero2]))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # `accelerate launch` with a DeepSpeed config
+    with pytest.raises(ConfigError, match="loss.center_weight"):
+        Trainer(load_config(TINY, base))
+    assert not (tmp_path / "run").exists()
+
+
+# One optimizer step on a fixed global batch of 8 images (this rank's share of it, in `accum`
+# micro-batches), with center loss; then one step that mixes the batch on rank 0 only. Writes the
+# model's tensors and the centres before, after the step and after the mixed step (OUT[.RANK]).
 _GA_SCRIPT = textwrap.dedent("""
     import sys, torch
     from safetensors.torch import save_file
@@ -116,43 +143,87 @@ _GA_SCRIPT = textwrap.dedent("""
         "model.img_size=[32,32]", "model.neck=none", "model.pooling=avg", "model.head=arcface",
         "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0", "optim.weight_decay=0",
         "optim.scheduler=constant", "data.num_workers=0", f"train.grad_accum={accum}", "data.val_fraction=0",
-        "data.p_identities=2", "data.k_images=2"])
+        "data.p_identities=2", "data.k_images=2", "loss.center_weight=0.05", "loss.center_lr=0.5"])
     trainer = Trainer(cfg)
+    acc = trainer.accelerator
+    suffix = f".{acc.process_index}" if acc.num_processes > 1 else ""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 32, 32, generator=g)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    index = torch.arange(8)
-    accum = int(accum)
-    size = 8 // accum
-    batches = [(images[i:i + size], labels[i:i + size], index[i:i + size]) for i in range(0, 8, size)]
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, out + ".before")
+    share = 8 // acc.num_processes
+    first, size = acc.process_index * share, share // int(accum)
+    batches = [(images[i:i + size], labels[i:i + size], torch.arange(i, i + size))
+               for i in range(first, first + share, size)]
+
+    def trained(**extra):
+        state = {k: v.detach().clone().contiguous() for k, v in trainer.reid_model.state_dict().items()}
+        return {**state, "CENTERS": trainer.criterion.center.centers.detach().clone(), **extra}
+
+    with torch.no_grad():
+        features = trainer.reid_model(images).features.float()
+    save_file(trained(FEATURES=features), out + ".before" + suffix)
     trainer._optimizer_step(iter(batches))
-    save_file({k: v.contiguous() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}, out)
+    save_file(trained(), out + suffix)
+    cfg.data.mixup_alpha, cfg.data.mixup_prob = 0.4, 1.0 if acc.process_index == 0 else 0.0
+    trainer._optimizer_step(iter(batches))
+    save_file(trained(), out + ".mixed" + suffix)
 """)
 
 
+def _ga_run(shards_dir: Path, tmp_path: Path, accum: int, processes: int = 1) -> Path:
+    out = tmp_path / f"ga{accum}x{processes}.safetensors"
+    args = [str(shards_dir), str(tmp_path / f"r{accum}x{processes}"), str(accum), str(out)]
+    if processes == 1:
+        result = subprocess.run([sys.executable, "-c", _GA_SCRIPT, *args], capture_output=True, text=True,
+                                cwd=ROOT, env=_env(), timeout=300)
+    else:
+        script = tmp_path / "ga_script.py"
+        script.write_text(_GA_SCRIPT)
+        result = _accelerate("cpu_2proc.yaml", str(script), *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def test_gradient_accumulation_matches_large_batch(shards_dir, tmp_path):
-    outputs = []
-    for accum in (1, 2):
-        out = tmp_path / f"ga{accum}.safetensors"
-        result = subprocess.run([sys.executable, "-c", _GA_SCRIPT, str(shards_dir), str(tmp_path / f"r{accum}"),
-                                 str(accum), str(out)], capture_output=True, text=True, cwd=ROOT, env=_env(),
-                                timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs.append(load_file(str(out)))
-    one_step, accumulated = outputs
-    before = load_file(str(tmp_path / "ga1.safetensors.before"))
+    one_step, accumulated = (load_file(str(_ga_run(shards_dir, tmp_path, accum))) for accum in (1, 2))
+    before = load_file(str(tmp_path / "ga1x1.safetensors.before"))
     moved = [key for key in one_step if not torch.equal(one_step[key], before[key])]
     assert len(moved) > len(one_step) // 2, "the optimizer step changed almost nothing"
     for key, value in one_step.items():
         torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # BoT's centre update, by hand: SGD at loss.center_lr on the unweighted center-loss gradient,
+    # d/dc mean_i ||f_i - c_(y_i)||^2 = -2/8 sum_(y_i = c) (f_i - c) over the global batch of 8.
+    centers, features = before["CENTERS"], before["FEATURES"]
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    gradient = torch.zeros_like(centers).index_add_(0, labels, -2.0 / 8 * (features - centers[labels]))
+    torch.testing.assert_close(one_step["CENTERS"], centers - 0.5 * gradient, rtol=1e-5, atol=1e-6)
+    # a mixed batch trains the model but leaves the centres exactly as they were
+    mixed = load_file(str(tmp_path / "ga1x1.safetensors.mixed"))
+    assert torch.equal(mixed["CENTERS"], one_step["CENTERS"])
+    assert not torch.equal(mixed["head.weight"], one_step["head.weight"])
+
+
+@pytest.mark.slow
+def test_ddp_averages_the_centres_like_the_model(shards_dir, tmp_path):
+    one = load_file(str(_ga_run(shards_dir, tmp_path, 1)))
+    out = _ga_run(shards_dir, tmp_path, 1, processes=2)
+    ranks = [load_file(f"{out}.{rank}") for rank in range(2)]
+    # two ranks of 4 images take the step the one process took on all 8, centres included
+    for key, value in one.items():
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # a step mixed on rank 0 only (no center term there, a zero gradient) keeps both ranks equal
+    for stage in ("", ".mixed"):
+        first, second = (load_file(f"{out}{stage}.{rank}") for rank in range(2))
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"{key}{stage} differs between the ranks"
+    mixed = load_file(f"{out}.mixed.0")
+    assert not torch.equal(mixed["CENTERS"], ranks[0]["CENTERS"]), "rank 1's center gradient was lost"
 
 
 def test_kill_and_resume_is_bit_identical(shards_dir, tmp_path):
     args = ["train", TINY, *_small(shards_dir, tmp_path / "x", "model.img_size=[64,64]", "train.epochs=100",
                                    "train.max_steps=24", "train.checkpoint_every=3", "train.keep_last=20",
-                                   "train.eval_every=0", "model.dropout=0.1")]
+                                   "train.eval_every=0", "model.dropout=0.1", "loss.center_weight=0.0005")]
     straight = tmp_path / "straight"
     result = _jaguar(*[a if not a.startswith("run.dir=") else f"run.dir={straight}" for a in args])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -180,6 +251,15 @@ def test_kill_and_resume_is_bit_identical(shards_dir, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after kill -9 and resume"
+    # the exported weights are the model's alone (the centres stay in the training state): extraction
+    # loads them strictly into a model built from the run's config
+    from jaguar.models import build_model
+    from jaguar.run import RunDir
+
+    run = RunDir(straight)
+    model = build_model(run.load_config(), run.load_metrics().num_classes)
+    ckpt.load_weights(model, straight / "checkpoints" / "step-000024")
+    assert set(a) == set(model.state_dict())
 
 
 def test_preempt_file_checkpoints_and_exits(shards_dir, tmp_path):
@@ -197,6 +277,19 @@ def test_preempt_file_checkpoints_and_exits(shards_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
     assert ckpt.read_state(ckpt.list_checkpoints(run / "checkpoints")[-1])["step"] == 3
+
+
+def test_a_checkpoint_of_the_model_alone_is_not_resumed(shards_dir, tmp_path):
+    from jaguar.config import ConfigError, load_config
+    from jaguar.train.trainer import Trainer
+
+    # saved before the centres were prepared with the model: its state has no "layout"
+    old = tmp_path / "run" / "checkpoints" / "step-000001"
+    old.mkdir(parents=True)
+    (old / ckpt.STATE_FILE).write_text(json.dumps({"step": 1, "steps_per_epoch": 1}))
+    trainer = Trainer(load_config(TINY, _small(shards_dir, tmp_path / "run")))
+    with pytest.raises(ConfigError, match=f"checkpoint {old} was saved by an earlier jaguar.*train.init_from={old}"):
+        trainer.train()
 
 
 def test_resume_ignores_incomplete_checkpoints(tmp_path):
@@ -223,7 +316,7 @@ _NAN_SCRIPT = textwrap.dedent("""
         "data.k_images=2", "train.max_bad_steps=2", "train.eval_every=0", "optim.grad_clip=0"])
     trainer = Trainer(cfg)
     acc = trainer.accelerator
-    model = acc.unwrap_model(trainer.model)
+    model = trainer.reid_model
     trainer.loader.batch_sampler.set_position(0, 0)
     batches = iter(trainer.loader)
 

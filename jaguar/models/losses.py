@@ -5,7 +5,8 @@ configured weights.
 The head's margin (ArcFace, CosFace; `build_margin`) is applied here and only here, to the model's
 margin-free `ReIDOutput.similarity`: once per target set under mixup, so margin heads get cos(θ+m)
 on each mixed target. Triplet and center terms are skipped for mixed batches (their labels are
-ambiguous)."""
+ambiguous); the centres then get a zero gradient, so that every trainable parameter has a gradient
+after every backward, as DDP expects of the module it wraps (jaguar.train.optim.TrainedModules)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ class ReIDCriterion(nn.Module):
 
     The centres get the gradient of the unweighted center loss (BoT divides their gradient by the
     weight before its SGD step); here that is built into the loss graph, so the trainer only needs
-    `center_optimizer.step()` with the other step."""
+    `center_optimizer.step()` with the other step. Under mixup the centres get a zero gradient (a
+    plain SGD step leaves them exactly as they are)."""
 
     def __init__(self, cfg: Config, num_classes: int, feat_dim: int) -> None:
         super().__init__()
@@ -101,4 +103,6 @@ class ReIDCriterion(nn.Module):
             toward_centers = self.center(output.features.detach(), labels)
             terms["center"] = from_features
             total = total + self.center_weight * from_features + (toward_centers - toward_centers.detach())
+        elif self.center is not None:
+            total = total + 0.0 * self.center.centers.sum()
         return {"loss": total, **terms}

@@ -64,9 +64,16 @@ def _state_dict_to_cpu(state: dict) -> dict:
     return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
-def model_weights(accelerator: Accelerator, model) -> dict:
+def _under_prefix(weights: Optional[dict], prefix: str) -> Optional[dict]:
+    if weights is None or not prefix:
+        return weights
+    return {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
+
+
+def model_weights(accelerator: Accelerator, model, prefix: str = "") -> dict:
     """The trained weights of the (prepared) model, whole on the main process: what extraction,
-    train.init_from and ensembles load. Collective: every rank must call it.
+    train.init_from and ensembles load. Collective: every rank must call it. With `prefix` (the
+    model's name in the prepared module, e.g. "model.") only the tensors under it, by their own names.
 
     Under DeepSpeed with bf16/fp16 the module holds 16-bit copies of the weights; the weights being
     trained are the optimizer's fp32 master copies (partitioned under ZeRO), which
@@ -74,7 +81,7 @@ def model_weights(accelerator: Accelerator, model) -> dict:
     every other floating tensor (frozen parameters, BatchNorm statistics) is stored as fp32 too."""
     weights = accelerator.get_state_dict(model)
     if accelerator.state.deepspeed_plugin is None or accelerator.mixed_precision not in ("bf16", "fp16"):
-        return weights
+        return _under_prefix(weights, prefix)
     from deepspeed.utils import safe_get_full_fp32_param  # DeepSpeed runs only; it is slow to import
 
     for name, param in model.module.named_parameters():
@@ -83,12 +90,14 @@ def model_weights(accelerator: Accelerator, model) -> dict:
             weights[name] = master
     if weights is None:
         return weights
-    return {name: value.float() if value.is_floating_point() else value for name, value in weights.items()}
+    return _under_prefix({name: value.float() if value.is_floating_point() else value
+                          for name, value in weights.items()}, prefix)
 
 
 def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, name: str,
-                    trainer_state: dict, keep_last: int) -> Path:
-    """Save the full training state under checkpoint_dir/name atomically; prune old step checkpoints."""
+                    trainer_state: dict, keep_last: int, weights_prefix: str = "") -> Path:
+    """Save the full training state under checkpoint_dir/name atomically; prune old step checkpoints.
+    The exported weights are the tensors under `weights_prefix` (see `model_weights`)."""
     final = checkpoint_dir / name
     tmp = checkpoint_dir / f".{name}.partial"
     if accelerator.is_main_process:
@@ -97,7 +106,7 @@ def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, 
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     # Gathering the full weights is collective under ZeRO: every rank calls it.
-    weights = model_weights(accelerator, model)
+    weights = model_weights(accelerator, model, weights_prefix)
     if accelerator.is_main_process:
         save_file(_state_dict_to_cpu(weights), str(tmp / WEIGHTS_FILE))
         if ema is not None:

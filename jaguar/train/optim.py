@@ -1,5 +1,7 @@
-"""Optimisation of a ReID model: timm optimizers with no-decay and layer-decay parameter groups,
-a head LR multiplier, per-update LR schedules (warmup + cosine / multistep / constant) and weight EMA."""
+"""Optimisation of a ReID model: what is trained (`TrainedModules`: the model and the center loss's
+centres, prepared together so one mechanism synchronises their gradients), timm optimizers with
+no-decay and layer-decay parameter groups, a head LR multiplier, BoT's separate SGD for the centres,
+per-update LR schedules (warmup + cosine / multistep / constant) and weight EMA of the model."""
 
 from __future__ import annotations
 
@@ -13,12 +15,32 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from jaguar.config import Config
+from jaguar.config import Config, ConfigError
+from jaguar.train.accel import launched_with_deepspeed
 
 logger = logging.getLogger(__name__)
 
 # timm names: "momentum" is SGD with momentum and nesterov off ("sgd" in timm turns nesterov on).
 _TIMM_OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}
+
+
+class TrainedModules(nn.Module):
+    """The module Accelerate prepares: `model` (the ReID model) and `criterion` (a ReIDCriterion, whose
+    trainable part is the center loss's centres). As parameters of the module DDP wraps, the centres'
+    gradients are averaged in DDP's buckets with the model's, at the same accumulation boundaries
+    (DDP's hooks fire on every parameter's gradient, wherever in the backward it arises), and fp16
+    unscaling is the scaler's. forward(images) is the model's; the trainer applies the criterion.
+    Checkpoints hold both (`model.*`, `criterion.*`); the exported weights hold the model's only."""
+
+    MODEL_PREFIX = "model."
+
+    def __init__(self, model: nn.Module, criterion: nn.Module) -> None:
+        super().__init__()
+        self.model = model  # registered first: parameters() lists the model's before the centres
+        self.criterion = criterion
+
+    def forward(self, images: torch.Tensor):
+        return self.model(images)
 
 
 def _no_weight_decay_names(net: nn.Module) -> set[str]:
@@ -85,6 +107,18 @@ def build_center_optimizer(cfg: Config, criterion: nn.Module) -> Optional[torch.
     if cfg.loss.center_weight <= 0 or center is None:
         return None
     return torch.optim.SGD(center.parameters(), lr=cfg.loss.center_lr)
+
+
+def refuse_centres_under_deepspeed(cfg: Config) -> None:
+    """Raise ConfigError when a run would train center loss under DeepSpeed. The centres have their own
+    SGD (loss.center_lr, BoT) while DeepSpeed drives a single optimizer whose step runs inside
+    backward(), so the centres would never move from their random start. Call it before building
+    anything: it reads the same settings as `jaguar.train.accel.build_accelerator`."""
+    if cfg.loss.center_weight > 0 and (cfg.train.deepspeed_config or launched_with_deepspeed()):
+        raise ConfigError(f"loss.center_weight={cfg.loss.center_weight} cannot be trained under DeepSpeed: "
+                          f"the centres need their own SGD optimizer (loss.center_lr) and DeepSpeed drives "
+                          f"one; set loss.center_weight=0, or train with DDP (no train.deepspeed_config, "
+                          f"not launched with DeepSpeed)")
 
 
 def total_updates(cfg: Config, steps_per_epoch: int) -> int:

@@ -1,6 +1,10 @@
 """The training loop: one code path for 1 CPU process, N processes (gloo/NCCL), DDP or DeepSpeed.
 Gradient accumulation without sync on non-final micro-steps, mixed precision, clipping, a guard
-against non-finite gradients (jaguar.train.guard), periodic validation, atomic checkpoints and exact resume."""
+against non-finite gradients (jaguar.train.guard), periodic validation, atomic checkpoints and exact resume.
+
+What Accelerate prepares is a `TrainedModules`: the ReID model and the criterion, so that the
+center loss's centres are parameters of the module DDP wraps and their gradients are averaged in
+its buckets with the model's (no all-reduce of our own). They keep BoT's own SGD at loss.center_lr."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
+from torch import nn
 from tqdm import tqdm
 
 from jaguar.config import Config, ConfigError
@@ -26,10 +31,15 @@ from jaguar.run import RunDir, TrainingMetrics
 from jaguar.train.data import RunSplit, build_run_split, open_train_split
 from jaguar.train.evaluate import validate
 from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
-from jaguar.train.optim import build_center_optimizer, build_ema, build_optimizer, build_scheduler, total_updates
+from jaguar.train.optim import (TrainedModules, build_center_optimizer, build_ema, build_optimizer, build_scheduler,
+                                refuse_centres_under_deepspeed, total_updates)
 from jaguar.train.tb import TensorBoardLogger
 
 log = logging.getLogger("jaguar.train")
+
+
+# Checkpoints hold the TrainedModules (model and centres); earlier ones held the model alone.
+_STATE_LAYOUT = "model+criterion"
 
 
 class _PreemptFlag:
@@ -50,6 +60,7 @@ class _PreemptFlag:
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        refuse_centres_under_deepspeed(cfg)
         self.accelerator = build_accelerator(cfg)
         acc = self.accelerator
         set_seed(cfg.run.seed)
@@ -71,6 +82,10 @@ class Trainer:
         self.mean, self.std = tuple(model.mean), tuple(model.std)
         self.criterion = ReIDCriterion(cfg, self.num_classes, model.embed_dim)
         optimizer = build_optimizer(cfg, model)
+        # Not prepared: a prepared optimizer's step() runs the fp16 scaler's step and update(); a second
+        # one would then unscale its gradients again and update the scale twice a step (accelerate
+        # issue #439; torch's AMP notes: update() once, after every optimizer). Its gradients are
+        # unscaled with the model's, and the one update() comes with the model's step (_apply_update).
         self.center_optimizer = build_center_optimizer(cfg, self.criterion)
 
         self.loader = build_train_loader(cfg, self.split, self.run_split.train_indices, acc.process_index,
@@ -83,11 +98,10 @@ class Trainer:
 
         model = prepare_model_for_deepspeed(model, acc)
         set_deepspeed_micro_batch(acc, self.loader.batch_sampler.batch_size)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = acc.prepare(TrainedModules(model, self.criterion), optimizer)
         self.input_dtype = next(self.model.parameters()).dtype
-        self.criterion.to(acc.device)
-        self.ema = build_ema(cfg, acc.unwrap_model(self.model))
-        acc.register_for_checkpointing(self.scheduler, self.criterion)
+        self.ema = build_ema(cfg, self.reid_model)
+        acc.register_for_checkpointing(self.scheduler)
         if self.center_optimizer is not None:
             acc.register_for_checkpointing(self.center_optimizer)
         if self.ema is not None:
@@ -100,10 +114,16 @@ class Trainer:
         self.history: list[dict] = []
         self.preempt = _PreemptFlag()
 
+    @property
+    def reid_model(self) -> nn.Module:
+        """The ReID model being trained (unwrapped): what validation, the EMA and extraction see."""
+        return self.accelerator.unwrap_model(self.model).model
+
     # ------------------------------------------------------------------ set-up helpers
 
     def _trainer_state(self) -> dict:
         return {
+            "layout": _STATE_LAYOUT,
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
@@ -130,6 +150,10 @@ class Trainer:
         if source is None:
             return
         state = ckpt.read_state(source)
+        if state.get("layout") != _STATE_LAYOUT:
+            raise ConfigError(f"checkpoint {source} was saved by an earlier jaguar (the model without the "
+                              f"criterion) and cannot be resumed; start a new run.dir, with "
+                              f"train.init_from={source} to start from its weights")
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"checkpoint {source} was made with {state['steps_per_epoch']} steps per epoch, "
                               f"this run has {self.steps_per_epoch} (batch size, world size or data changed); "
@@ -250,7 +274,7 @@ class Trainer:
         if applied:
             self.scheduler.step_update(self.step + 1)
             if self.ema is not None:
-                self.ema.update(acc.unwrap_model(self.model), step=self.step + 1)
+                self.ema.update(self.reid_model, step=self.step + 1)
         return totals, grad_norm if applied else None, count
 
     def _apply_update(self, deepspeed_skipped_before: int) -> tuple[Optional[float], bool]:
@@ -263,16 +287,20 @@ class Trainer:
             norm = self.model.get_global_grad_norm()
             return (float(norm) if norm is not None else None,
                     self.model.skipped_steps == deepspeed_skipped_before)
-        self._sync_center_grads()
-        acc.unscale_gradients()  # fp16: the scaler divides the gradients and notes any inf for its step
-        parameters = [p for p in (*self.model.parameters(), *self.criterion.parameters()) if p.grad is not None]
+        # DDP has averaged every gradient, the centres' included. fp16: the scaler divides the gradients
+        # of both optimizers and notes any inf of each.
+        optimizers = [self.optimizer] + ([self.center_optimizer] if self.center_optimizer is not None else [])
+        acc.unscale_gradients(optimizers)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
         norm = total_grad_norm(parameters)
         applied = all_ranks_finite(acc, norm)
         if applied:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(parameters, cfg.optim.grad_clip, norm)
+            # fp16: the scaler's step, then its update() from both optimizers' inf checks (once a step).
             self.optimizer.step()
             if self.center_optimizer is not None:
+                # Gradients unscaled above and finite on every rank (the guard's norm covers them).
                 self.center_optimizer.step()
         elif acc.scaler is not None:
             # fp16: no step; the scaler's update lowers its scale for the inf its unscale_ recorded.
@@ -281,16 +309,6 @@ class Trainer:
         if self.center_optimizer is not None:
             self.center_optimizer.zero_grad(set_to_none=True)
         return float(norm), applied
-
-    def _sync_center_grads(self) -> None:
-        """The centres live outside DDP: average their gradients across ranks, and undo fp16 loss scaling."""
-        scaler = self.accelerator.scaler
-        divisor = float(self.accelerator.num_processes) * (scaler.get_scale() if scaler is not None else 1.0)
-        for param in self.criterion.parameters():
-            if param.grad is not None:
-                if self.accelerator.num_processes > 1:
-                    torch.distributed.all_reduce(param.grad)
-                param.grad /= divisor
 
     def _preempt_requested(self) -> bool:
         local = self.preempt.raised or self.run.preempt_flag.exists()
@@ -310,7 +328,7 @@ class Trainer:
         values["train/grad_norm"] = grad_norm
         values["train/images_per_sec"] = images_per_sec
         values["train/skipped_steps"] = self.guard.skipped
-        gem_p = self.accelerator.unwrap_model(self.model).gem_p()
+        gem_p = self.reid_model.gem_p()
         values["model/gem_p"] = gem_p
         self.tb.scalars(values, self.step)
 
@@ -321,7 +339,7 @@ class Trainer:
         evaluate = cfg.train.eval_every > 0 and len(self.run_split.val_indices) > 0 and (
             (epoch + 1) % cfg.train.eval_every == 0 or last)
         if evaluate:
-            model = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+            model = self.ema.module if self.ema is not None else self.reid_model
             result = validate(model, self.split, self.run_split.val_indices, cfg, self.accelerator,
                               self.mean, self.std, self.tb, self.step)
             entry = {"epoch": epoch + 1, "step": self.step, **result}
@@ -338,12 +356,12 @@ class Trainer:
     def _save(self, kind: str) -> None:
         name = "best" if kind == "best" else f"step-{self.step:06d}"
         ckpt.save_checkpoint(self.accelerator, self.model, self.ema, self.checkpoint_dir, name,
-                             self._trainer_state(), self.cfg.train.keep_last)
+                             self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX)
 
     def _param_checksums(self) -> list[float]:
-        """A checksum of this rank's parameters, gathered from every rank: equal when ranks are in step."""
-        model = self.accelerator.unwrap_model(self.model)
-        local = sum(float(p.detach().double().sum()) for p in model.parameters())
+        """A checksum of this rank's trained parameters (the model's and the centres'), gathered from
+        every rank: equal when ranks are in step."""
+        local = sum(float(p.detach().double().sum()) for p in self.accelerator.unwrap_model(self.model).parameters())
         if self.accelerator.num_processes == 1:
             return [local]
         gathered = [None] * self.accelerator.num_processes
