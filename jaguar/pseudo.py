@@ -239,6 +239,8 @@ def write_pseudo_shards(shards_dir: Path, manifest: Manifest, selected: dict[str
                         shard_size: int = 500) -> Manifest:
     """Write the selected images (image bytes unchanged, json relabelled with the predicted identity)
     as split "train" of a `jaguar prep`-format folder in out_dir, with the source's identities."""
+    from jaguar.data.dedup import carry_groups
+
     samples = _raw_samples(shards_dir, manifest, set(selected))
     out_dir.mkdir(parents=True, exist_ok=True)
     spool = out_dir / ".spool"  # the layout prep's split writer reads image bytes from
@@ -254,8 +256,9 @@ def write_pseudo_shards(shards_dir: Path, manifest: Manifest, selected: dict[str
             entries.append({"key": key, "meta": meta, "spool": places, "sha256": digest})
     split = write_split(out_dir, "train", entries, spool, shard_size)
     spool.unlink()
-    # the same label space as the shards trained on
+    # the same label space as the shards trained on; the images keep their source's near-duplicate groups
     out_manifest = Manifest(layout="pseudo-labels", source=str(shards_dir.resolve()),
-                            identities=dict(manifest.identities), splits={"train": split})
+                            identities=dict(manifest.identities), splits={"train": split},
+                            groups=carry_groups(manifest.groups, set(selected), "train"))
     out_manifest.save(out_dir)
     return out_manifest

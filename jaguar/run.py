@@ -78,6 +78,7 @@ class SplitRecord:
     train: list[str]
     val: list[str]
     class_of_label: dict[int, int]
+    groups: list[list[str]] = field(default_factory=list)  # near-duplicate groups the split kept whole
 
 
 @dataclass
@@ -307,7 +308,8 @@ class RunDir:
     def save_split(self, record: SplitRecord) -> None:
         atomic_write_json(self.split_path, {"train": list(record.train), "val": list(record.val),
                                             "class_of_label": {str(k): int(v) for k, v in
-                                                               record.class_of_label.items()}})
+                                                               record.class_of_label.items()},
+                                            "groups": [list(group) for group in record.groups]})
 
     def default_checkpoint(self) -> Path:
         """The checkpoint extraction uses by default: best if kept, else the newest complete one."""

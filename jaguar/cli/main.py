@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "jaguar.cli.cmd_synth",
     "jaguar.cli.cmd_prep",
     "jaguar.cli.cmd_verify",
+    "jaguar.cli.cmd_dedup",
     "jaguar.cli.cmd_config",
     "jaguar.cli.cmd_train",
     "jaguar.cli.cmd_extract",

@@ -43,6 +43,9 @@ class DataConfig(Group):
     shards: str = ""  # a `jaguar prep` output folder
     val_fraction: float = ranged(0.1, "[0, 1)", "1 would leave no training images")
     val_split: Literal["stratified", "identity"] = "stratified"
+    # near-duplicate groups (bursts, copies) every split keeps on one side: prep's pHash groups,
+    # `jaguar dedup`'s embedding groups, or none
+    split_groups: Literal["none", "phash", "embedding"] = "phash"
     alpha_mode: Literal["keep", "black", "random", "blur"] = "keep"
     background: Literal["noise", "solid", "patch", "mixed"] = "mixed"  # for alpha_mode=random
     crop_to_alpha: bool = False  # crop to the mask's bounding box before resizing

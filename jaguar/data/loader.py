@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jaguar.config import Config, ConfigError
 from jaguar.data.sampler import PKBatchSampler, SampleKey, ShuffleBatchSampler
+from jaguar.data.splits import split_train_val  # noqa: F401  (moved to jaguar.data.splits; old import path)
 from jaguar.data.transforms import build_eval_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -30,42 +31,6 @@ def make_label_map(labels_subset: Sequence[int]) -> dict[int, int]:
     """Original label -> contiguous class 0..C-1 (in label order) over the labelled (>= 0) entries."""
     present = sorted({int(v) for v in np.asarray(labels_subset).ravel() if int(v) >= 0})
     return {label: cls for cls, label in enumerate(present)}
-
-
-def split_train_val(labels: np.ndarray, val_fraction: float, mode: str = "stratified",
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train_idx, val_idx), sorted positions into `labels`; unlabelled (< 0) are in neither.
-
-    stratified: each identity sends max(1, round(n * val_fraction)) of its n images to val but
-    keeps at least one in train (identities with a single image stay wholly in train).
-    identity: max(1, round(identities * val_fraction)) whole identities are held out (at least
-    one identity stays in train). val_fraction = 0 gives an empty val set."""
-    labels = np.asarray(labels, dtype=np.int64)
-    labelled = np.flatnonzero(labels >= 0)
-    empty = np.zeros(0, dtype=np.int64)
-    if val_fraction == 0 or len(labelled) == 0:
-        return labelled.astype(np.int64), empty
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E1]))
-    identities = np.unique(labels[labelled])
-    if mode == "stratified":
-        val_parts = []
-        for ident in identities:
-            members = rng.permutation(np.flatnonzero(labels == ident))
-            n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction)))
-            val_parts.append(members[:n_val])
-        val = np.concatenate(val_parts) if val_parts else empty
-    elif mode == "identity":
-        if len(identities) < 2:
-            raise ConfigError(f"data.val_split=identity needs at least 2 labelled identities, found "
-                              f"{len(identities)}; use data.val_split=stratified")
-        n_val = min(len(identities) - 1, max(1, round(len(identities) * val_fraction)))
-        held_out = rng.permutation(identities)[:n_val]
-        val = labelled[np.isin(labels[labelled], held_out)]
-    else:
-        raise ConfigError(f"config key 'data.val_split' is {mode!r}; choose stratified or identity")
-    val = np.sort(val).astype(np.int64)
-    train = np.setdiff1d(labelled, val).astype(np.int64)
-    return train, val
 
 
 def sample_rng(seed: int, key: SampleKey) -> np.random.Generator:

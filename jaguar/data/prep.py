@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from jaguar.data.dedup import hash_groups, hash_members, summary_lines
 from jaguar.data.image_forms import ImageFormError, read_rgba
 from jaguar.data.layouts import Listing, Problem, SourceImage, read_listing
 from jaguar.data.manifest import Manifest, SampleEntry, ShardEntry, SplitEntry, file_sha256
@@ -87,7 +88,10 @@ def convert_image(path: str, require_alpha: bool, max_side: int, encoding: str =
 
 
 def _convert_task(task: tuple[str, bool, int, str]) -> dict:
-    return convert_image(*task)
+    result = convert_image(*task)
+    if "members" in result:
+        result["phash"] = hash_members(result["members"])
+    return result
 
 
 def _format_problems(src: Path, problems: list[Problem], skip_hint: bool) -> str:
@@ -216,6 +220,8 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
                     "orig_size": result["orig_size"], "size": result["size"], "alpha_bbox": result["alpha_bbox"]}
             per_split[image.split].append({"key": image.key, "meta": meta, "spool": result["spool"],
                                            "sha256": result["sha256"]})
+        groups = hash_groups([(image.split, image.filename) for image, _ in converted],
+                             [result["phash"] for _, result in converted])
         splits = {split: write_split(tmp, split, samples, spool, shard_size)
                   for split, samples in per_split.items() if samples}
         spool.unlink()
@@ -229,6 +235,7 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
             splits=splits,
             skipped=[{"file": p.file, "reason": p.reason} for p in problems],
             warnings=warnings,
+            groups={"phash": groups.to_json()},
         )
         manifest.save(tmp)
     log.info("prepared %s from %s", out, src)
@@ -260,5 +267,6 @@ def summary(manifest: Manifest, out: str | Path) -> str:
     if manifest.skipped:
         lines.append(f"  skipped {len(manifest.skipped)} bad file(s):")
         lines += [f"    {item['file']}: {item['reason']}" for item in manifest.skipped]
+    lines += summary_lines(manifest.groups)
     lines += [f"  warning: {w}" for w in manifest.warnings]
     return "\n".join(lines)

@@ -3,13 +3,17 @@ pattern; pose, lighting, blur, noise, occlusion and a cluttered background vary 
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
 import os
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import cv2
@@ -22,15 +26,14 @@ from jaguar.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
-# Images per identity in the real training set (jaguar_train_labels.csv): the synthetic set copies the shape
-# of this distribution, scaled to the requested size.
-REAL_IDENTITY_COUNTS: dict[str, int] = {
-    "Abril": 21, "Akaloi": 19, "Alira": 23, "Apeiara": 20, "Ariely": 34, "Bagua": 60, "Benita": 86,
-    "Bernard": 13, "Bororo": 22, "Estella": 16, "Guaraci": 31, "Ipepo": 13, "Jaju": 104, "Kamaikua": 105,
-    "Katniss": 63, "Kwang": 113, "Lua": 120, "Madalena": 27, "Marcela": 183, "Medrosa": 170, "Ousado": 179,
-    "Overa": 62, "Oxum": 17, "Patricia": 19, "Pixana": 50, "Pollyanna": 16, "Pyte": 36, "Saseka": 79,
-    "Solar": 45, "Ti": 86, "Tomas": 63,
-}
+def _read_identity_counts() -> dict[str, int]:
+    """Images per identity in the real training set (jaguar_train_labels.csv), shipped as package data."""
+    text = resources.files("jaguar.data").joinpath("real_identity_counts.csv").read_text(encoding="utf-8")
+    return {row["identity"]: int(row["images"]) for row in csv.DictReader(io.StringIO(text))}
+
+
+# The synthetic set copies the shape of the real identity-size distribution, scaled to the requested size.
+REAL_IDENTITY_COUNTS: dict[str, int] = _read_identity_counts()
 
 cv2.setNumThreads(1)  # one image per call; the pool's processes are the parallelism
 
@@ -40,6 +43,8 @@ PNG_COMPRESS_LEVEL = 1  # fixed so the same seed always gives byte-identical fil
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESS_LEVEL, cv2.IMWRITE_PNG_STRATEGY,
               cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
 _SPLIT_CODE = {"train": 1, "test": 2}
+BURST_FRAMES = (2, 5)  # frames in a burst, uniform
+BURST_MEAN = sum(BURST_FRAMES) / 2
 
 
 class SynthError(JaguarError, ValueError):
@@ -227,16 +232,42 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return cv2.GaussianBlur(np.asarray(field, dtype=np.float32), (0, 0), size / 300)
 
 
-def render_image(seed: int, name: str, split: str, index: int, size: int) -> Image.Image:
-    """Photo number `index` of split `split` showing identity `name`, as an RGBA image (alpha = mask)."""
-    rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
+def _burst_jitter(rng: np.random.Generator, size: int) -> np.ndarray:
+    """The small camera-trap burst motion between frames: about 1 degree, 1% shift and scale."""
+    angle = math.radians(rng.uniform(-1.5, 1.5))
+    scale = rng.uniform(0.98, 1.02)
+    shift = rng.uniform(-0.015, 0.015, 2) * size
+    centre = np.array([[1, 0, -size / 2], [0, 1, -size / 2], [0, 0, 1]], dtype=np.float64)
+    turn = np.array([[scale * math.cos(angle), -scale * math.sin(angle), size / 2 + shift[0]],
+                     [scale * math.sin(angle), scale * math.cos(angle), size / 2 + shift[1]], [0, 0, 1]])
+    return turn @ centre
+
+
+def _warp(canvas: np.ndarray, to_image: np.ndarray, size: int) -> Image.Image:
+    to_canvas = np.linalg.inv(to_image)
+    to_canvas /= to_canvas[2, 2]
+    return Image.fromarray(canvas).transform((size, size), Image.PERSPECTIVE, tuple(to_canvas.ravel()[:8]),
+                                             resample=Image.BILINEAR)
+
+
+def render_image(seed: int, name: str, split: str, index: int, size: int, scene: int | None = None
+                 ) -> Image.Image:
+    """Photo number `index` of split `split` showing identity `name`, as an RGBA image (alpha = mask).
+
+    `scene` (default `index`): a burst frame repeats photo `scene`'s pose, background and light with a
+    tiny pose/exposure jitter and fresh sensor noise, as consecutive camera-trap frames do."""
+    scene = index if scene is None else scene
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], scene])
+    # frames after a burst's first draw their jitter and noise from their own stream
+    frame_rng = np.random.default_rng([seed, _SPLIT_CODE[split], scene, index]) if scene != index else None
     canvas_w = max(192, int(round(1.25 * size / 32)) * 32)
     canvas = _body_canvas(seed, name, canvas_w)
-    to_canvas = np.linalg.inv(_homography(rng, size, canvas_w, canvas_w // 2))
-    to_canvas /= to_canvas[2, 2]
-    warped = Image.fromarray(canvas).transform((size, size), Image.PERSPECTIVE, tuple(to_canvas.ravel()[:8]),
-                                               resample=Image.BILINEAR)
-    mask, dark, belly = (np.asarray(warped, dtype=np.float32)[..., c] / 255.0 for c in range(3))
+    to_image = _homography(rng, size, canvas_w, canvas_w // 2)
+    if frame_rng is not None:
+        scene_mask = np.asarray(_warp(canvas, to_image, size), dtype=np.float32)[..., 0] / 255.0
+        to_image = _burst_jitter(frame_rng, size) @ to_image
+    mask, dark, belly = (np.asarray(_warp(canvas, to_image, size), dtype=np.float32)[..., c] / 255.0
+                         for c in range(3))
 
     # coat colour is jittered per photo so that identity cannot be read from colour
     base = np.array([rng.uniform(165, 225), rng.uniform(110, 160), rng.uniform(45, 95)], dtype=np.float32)
@@ -249,7 +280,8 @@ def render_image(seed: int, name: str, split: str, index: int, size: int) -> Ima
     rgb = _background(rng, size) * (1 - alpha) + coat * alpha
 
     if rng.random() < 0.35:  # foliage in front of the animal: it hides the coat and is cut from the mask
-        ys, xs = np.nonzero(mask > 0.5)
+        # a burst frame's foliage stays where it was in the scene's first frame while the animal moves
+        ys, xs = np.nonzero((mask if frame_rng is None else scene_mask) > 0.5)
         if len(xs):
             pick = int(rng.integers(len(xs)))
             leaves = Image.new("L", (size, size), 0)
@@ -264,19 +296,22 @@ def render_image(seed: int, name: str, split: str, index: int, size: int) -> Ima
 
     # camera: exposure, contrast, colour cast, blur, sensor noise (on the whole photo)
     rgb = rgb * rng.uniform(0.65, 1.3) * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    if frame_rng is not None:
+        rgb = rgb * frame_rng.uniform(0.95, 1.05)
     # contrast about a fixed grey, not the photo's mean, which would leak the coat into the background
     rgb = (rgb - 110.0) * rng.uniform(0.7, 1.3) + 110.0
     photo = np.clip(rgb, 0, 255).astype(np.uint8)
     if rng.random() < 0.4:
         photo = cv2.GaussianBlur(photo, (0, 0), rng.uniform(0.3, 1.5) * size / 256)
-    noisy = photo.astype(np.float32) + rng.standard_normal((size, size, 3), dtype=np.float32) * rng.uniform(0, 8)
+    noise = (rng if frame_rng is None else frame_rng).standard_normal((size, size, 3), dtype=np.float32)
+    noisy = photo.astype(np.float32) + noise * rng.uniform(0, 8)
     alpha8 = np.round(alpha[..., 0] * 255).astype(np.uint8)
     alpha8[alpha8 < 8] = 0  # a clean 0 outside the animal
     rgba = np.dstack([np.clip(noisy, 0, 255).astype(np.uint8), alpha8])
     return Image.fromarray(rgba, "RGBA")
 
 
-def _render_png(job: tuple[int, str, str, int, int]) -> bytes:
+def _render_png(job: tuple[int, str, str, int, int, int]) -> bytes:
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(np.asarray(render_image(*job)), cv2.COLOR_RGBA2BGRA), PNG_PARAMS)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode synthetic image {job}")
@@ -294,12 +329,42 @@ def _assign(counts: dict[str, int], rng: np.random.Generator | None) -> list[str
     return names
 
 
+def plan_bursts(names: list[str], rate: float, rng: np.random.Generator) -> list[int]:
+    """The scene of each image: its own index, or the index of its burst's first frame.
+
+    Each identity's images (in list order) are cut into single photos and bursts of 2-5 frames so that
+    about `rate` of all images belong to a burst. 0.12 resembles the real training set (317
+    near-duplicate pairs at cosine 0.99 among 1,895 images: ~63 bursts of 3.5 frames, 5 pairs each)."""
+    if not 0.0 <= rate < 1.0:
+        raise SynthError(f"burst rate must be in [0, 1), got {rate}")
+    scenes = list(range(len(names)))
+    # a new event is a burst with probability p; the expected share of images in bursts is then
+    # p * 3.5 / (p * 3.5 + 1 - p) = rate
+    p_burst = rate / (BURST_MEAN - (BURST_MEAN - 1) * rate)
+    for name in sorted(set(names)):
+        members = [i for i, n in enumerate(names) if n == name]
+        start = 0
+        while start < len(members):
+            length = 1
+            if len(members) - start >= 2 and rng.random() < p_burst:
+                length = min(int(rng.integers(BURST_FRAMES[0], BURST_FRAMES[1] + 1)), len(members) - start)
+            for i in members[start:start + length]:
+                scenes[i] = members[start]
+            start += length
+    return scenes
+
+
 def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 1895, test_images: int = 371,
                    size: int = 256, seed: int = 0, workers: int | None = None, overwrite: bool = False,
-                   progress: bool = False) -> Path:
-    """Write a synthetic data set in the challenge layout to `out` (atomically) and return its path."""
+                   progress: bool = False, bursts: float = 0.0) -> Path:
+    """Write a synthetic data set in the challenge layout to `out` (atomically) and return its path.
+
+    `bursts` > 0: about that share of each split's images are frames of near-identical bursts (see
+    `plan_bursts`); bursts.csv lists them (filename, burst = the file name of its first frame)."""
     if size < 32:
         raise SynthError(f"image size must be >= 32 px, got {size}")
+    if not 0.0 <= bursts < 1.0:
+        raise SynthError(f"bursts (the share of images in bursts) must be in [0, 1), got {bursts}")
     if test_images < 2:
         raise SynthError(f"test_images must be >= 2 to form pairs, got {test_images}")
     out = Path(out)
@@ -312,8 +377,14 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
     test_names = _assign(test_counts, np.random.default_rng([seed, 3]))
     train_files = [f"train_{i + 1:04d}.png" for i in range(len(train_names))]
     test_files = [f"test_{i + 1:04d}.png" for i in range(len(test_names))]
-    jobs = [(seed, name, "train", i, size) for i, name in enumerate(train_names)]
-    jobs += [(seed, name, "test", i, size) for i, name in enumerate(test_names)]
+    train_scenes = plan_bursts(train_names, bursts, np.random.default_rng([seed, 4]))
+    test_scenes = plan_bursts(test_names, bursts, np.random.default_rng([seed, 5]))
+    jobs = [(seed, name, "train", i, size, train_scenes[i]) for i, name in enumerate(train_names)]
+    jobs += [(seed, name, "test", i, size, test_scenes[i]) for i, name in enumerate(test_names)]
+    burst_rows = []
+    for files, scenes in ((train_files, train_scenes), (test_files, test_scenes)):
+        frames = Counter(scenes)
+        burst_rows += [(files[i], files[scene]) for i, scene in enumerate(scenes) if frames[scene] > 1]
     paths = [Path("train") / f for f in train_files] + [Path("test") / f for f in test_files]
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
 
@@ -323,6 +394,9 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
         write_labels(tmp / "train.csv", zip(train_files, train_names))
         write_labels(tmp / "test_labels.csv", zip(test_files, test_names))
         write_pairs(tmp / "test.csv", _all_pairs(test_files))
+        if bursts > 0:
+            with (tmp / "bursts.csv").open("w", newline="", encoding="utf-8") as handle:
+                csv.writer(handle, lineterminator="\n").writerows([("filename", "burst"), *burst_rows])
         from tqdm import tqdm
 
         if workers == 1:

@@ -4,12 +4,13 @@ built once and saved in the run directory)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from jaguar.config import Config, ConfigError
-from jaguar.data.loader import make_label_map, split_train_val
+from jaguar.data.loader import make_label_map
+from jaguar.data.splits import groups_by_name, split_groups_of, split_train_val
 from jaguar.data.shards import ShardSplit
 from jaguar.run import SplitRecord
 
@@ -67,16 +68,17 @@ class RunSplit:
     train_indices: np.ndarray
     val_indices: np.ndarray
     class_of_label: dict[int, int]  # shard label -> contiguous head class
+    groups: list[list[str]] = field(default_factory=list)  # near-duplicate groups the split kept whole
 
     @property
     def num_classes(self) -> int:
         return len(self.class_of_label)
 
     def to_record(self, split) -> SplitRecord:
-        """The run directory's split.json record: file names and the class map."""
+        """The run directory's split.json record: file names, the class map and the groups kept whole."""
         return SplitRecord(train=[split.filenames[i] for i in self.train_indices],
                            val=[split.filenames[i] for i in self.val_indices],
-                           class_of_label=dict(self.class_of_label))
+                           class_of_label=dict(self.class_of_label), groups=[list(g) for g in self.groups])
 
     @classmethod
     def from_record(cls, record: SplitRecord, split, where: str) -> "RunSplit":
@@ -95,16 +97,19 @@ class RunSplit:
         if unknown:
             raise ConfigError(f"{where}: training images carry labels {unknown[:5]} that its class map "
                               f"does not hold; the shards changed since this run started")
-        return cls(train, val, dict(record.class_of_label))
+        return cls(train, val, dict(record.class_of_label), [list(g) for g in record.groups])
 
 
 def build_run_split(cfg: Config, split) -> RunSplit:
     """Split the training shards into training and validation (data.val_fraction, data.val_split,
-    run.seed) and number the training identities 0..C-1. Unlabelled images are left out here, the
-    one place that drops them (split_train_val returns labelled positions only)."""
-    train, val = split_train_val(split.labels, cfg.data.val_fraction, cfg.data.val_split, cfg.run.seed)
+    run.seed), keeping each near-duplicate group of data.split_groups on one side, and number the
+    training identities 0..C-1. Unlabelled images are left out here, the one place that drops them
+    (split_train_val returns labelled positions only)."""
+    groups = split_groups_of(split, cfg.data.split_groups)
+    train, val = split_train_val(split.labels, cfg.data.val_fraction, cfg.data.val_split, cfg.run.seed, groups)
     if len(train) == 0:
         raise ConfigError(f"no labelled training images in {cfg.data.shards}; check data.shards and "
                           f"data.val_fraction")
-    return RunSplit(train, val, make_label_map(np.asarray(split.labels, dtype=np.int64)[train]))
+    return RunSplit(train, val, make_label_map(np.asarray(split.labels, dtype=np.int64)[train]),
+                    groups_by_name(split.filenames, groups, np.concatenate([train, val])))
 
