@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 
 from conftest import SYNTH_IDENTITIES, SYNTH_SIZE, SYNTH_TEST_IMAGES, SYNTH_TRAIN_IMAGES
 from jaguar.data.synth import (REAL_IDENTITY_COUNTS, apportion, choose_identities, make_synthetic,
-                               render_image)
+                               plan_bursts, render_image)
 
 
 def _rows(path: Path) -> list[list[str]]:
@@ -135,3 +135,48 @@ def test_cli_synth_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert main(args) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--seed", "1"]) == 0
+    assert main(args + ["--overwrite", "--bursts", "0.5"]) == 0
+    assert "are frames of" in capsys.readouterr().out and (out / "bursts.csv").is_file()
+
+
+def test_identity_sizes_are_package_data_matching_the_real_labels() -> None:
+    from importlib import resources
+
+    assert resources.files("jaguar.data").joinpath("real_identity_counts.csv").is_file()
+    labels = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "jaguar_train_labels.csv"
+    assert labels.is_file(), f"{labels} is missing: the shared challenge labels are expected beside the repository"
+    assert REAL_IDENTITY_COUNTS == dict(Counter(row[1] for row in _rows(labels)[1:]))
+
+
+def test_burst_plan_keeps_identities_and_hits_the_rate() -> None:
+    names = [f"id{i % 7}" for i in range(3000)]
+    scenes = plan_bursts(names, 0.12, np.random.default_rng(0))
+    frames = Counter(scenes)
+    in_bursts = [i for i, scene in enumerate(scenes) if frames[scene] > 1]
+    assert 0.09 <= len(in_bursts) / len(names) <= 0.15
+    assert {frames[s] for s in scenes if frames[s] > 1} <= {2, 3, 4, 5}
+    assert all(names[i] == names[scene] for i, scene in enumerate(scenes))  # a burst shows one animal
+    assert plan_bursts(names, 0.0, np.random.default_rng(0)) == list(range(len(names)))
+    with pytest.raises(ValueError, match="burst rate"):
+        plan_bursts(names, 1.0, np.random.default_rng(0))
+
+
+def test_burst_frames_are_near_identical_but_not_copies(tmp_path: Path) -> None:
+    out = make_synthetic(tmp_path / "b", identities=3, train_images=30, test_images=6, size=96, seed=1, workers=1,
+                         bursts=0.5)
+    rows = _rows(out / "bursts.csv")
+    assert rows[0] == ["filename", "burst"] and len(rows) > 3
+    first, second = [r[0] for r in rows[1:] if r[1] == rows[1][1]][:2]
+    split = "train" if first.startswith("train") else "test"
+    a = np.asarray(Image.open(out / split / first), dtype=np.float32)
+    b = np.asarray(Image.open(out / split / second), dtype=np.float32)
+    assert a.tobytes() != b.tobytes()
+    assert np.abs(a[..., :3] - b[..., :3]).mean() < 15  # different photos of a split differ by > 20
+    assert (a[..., 3] != b[..., 3]).mean() < 0.1
+    # without bursts, the same seed renders exactly the images it rendered before bursts existed
+    plain = make_synthetic(tmp_path / "p", identities=3, train_images=30, test_images=6, size=96, seed=1, workers=1)
+    assert not (plain / "bursts.csv").exists()
+    lone = [r[0] for r in _rows(out / "train.csv")[1:] if r[0] not in {row[0] for row in rows[1:]}]
+    assert (plain / "train" / lone[0]).read_bytes() == (out / "train" / lone[0]).read_bytes()
+    with pytest.raises(ValueError, match="bursts"):
+        make_synthetic(tmp_path / "x", identities=3, train_images=30, test_images=6, size=96, bursts=1.2)
