@@ -83,7 +83,7 @@ def test_embedding_groups_join_by_cosine_and_chain() -> None:
     assert [sorted(n for _, n in g["members"]) for g in found.groups] == [["chained", "near", "t0"]]
     assert all(score >= 0.99 for _, _, score in found.groups[0]["pairs"])
     assert NearDuplicates.from_json(json.loads(json.dumps(found.to_json()))) == found
-    with pytest.raises(ValueError, match="min_cosine"):
+    with pytest.raises(ValueError, match=r"--min-cosine must be in \[-1, 1\], got 1.5"):
         embedding_groups(keys, embeddings, min_cosine=1.5)
 
 
@@ -210,7 +210,8 @@ def test_prep_groups_the_planted_bursts_and_reports_them(burst_set) -> None:
 
 def test_manifest_groups_reach_the_split_and_the_run_split_file(burst_set, tmp_path: Path) -> None:
     from jaguar.data.shards import ShardSplit
-    from jaguar.train.data import RunSplit, load_split_groups, save_run_split
+    from jaguar.run import RunDir
+    from jaguar.train.data import RunSplit, build_run_split
 
     raw, shards, _ = burst_set
     split = ShardSplit(shards, "train")
@@ -222,27 +223,38 @@ def test_manifest_groups_reach_the_split_and_the_run_split_file(burst_set, tmp_p
     expected = [names for names in expected if len(names) > 1]
     everything = np.arange(len(split))
     assert sorted(sorted(g) for g in groups_by_name(split.filenames, numbers, everything)) == expected
-    train, val = split_train_val(split.labels, 0.25, "stratified", seed=0, groups=numbers)
-    run_split = RunSplit(train, val, {}, groups_by_name(split.filenames, numbers, np.concatenate([train, val])))
-    save_run_split(tmp_path / "split.json", run_split, split)
-    saved = load_split_groups(tmp_path)
-    assert sorted(sorted(g) for g in saved) == expected
-    val_names = set(json.loads((tmp_path / "split.json").read_text())["val"])
-    for names in saved:  # no group crosses the train/validation split
+    cfg = load_config(None, [f"data.shards={shards}", "data.val_fraction=0.25"])
+    run_split = build_run_split(cfg, split)
+    assert sorted(sorted(g) for g in run_split.groups) == expected
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.save_split(run_split.to_record(split))
+    record = run.load_split()
+    assert sorted(sorted(g) for g in record.groups) == expected
+    again = RunSplit.from_record(record, split, "split.json")
+    assert again.groups == run_split.groups and np.array_equal(again.val_indices, run_split.val_indices)
+    val_names = set(record.val)
+    for names in record.groups:  # no group crosses the train/validation split
         assert len({name in val_names for name in names}) == 1
+    naive = build_run_split(load_config(None, [f"data.shards={shards}", "data.val_fraction=0.25",
+                                               "data.split_groups=none"]), split)
+    assert naive.groups == []
     with pytest.raises(ConfigError, match="no 'embedding' near-duplicate groups.*jaguar dedup"):
         split_groups_of(split, "embedding")
 
 
 def test_pseudo_labelled_images_join_their_source_groups(burst_set) -> None:
+    from jaguar.data.manifest import Manifest
+
     _, shards, _ = burst_set
-    manifest = json.loads((shards / "manifest.json").read_text())
-    carried = carry_groups(manifest["groups"], {"test_0001.png"}, "train")
+    manifest = Manifest.load(shards)
+    carried = carry_groups(manifest.groups, {"test_0001.png"}, "train")
     assert carried["phash"]["groups"][0]["members"] == [["train", "test_0001.png"]]
     base = SimpleNamespace(manifest=manifest, split="train", shards_dir=shards.resolve(),
                            filenames=["train_0003.png", "train_0004.png"])
-    extra = SimpleNamespace(manifest={"layout": "pseudo-labels", "source": str(shards.resolve()), "groups": carried},
-                            split="train", shards_dir=Path("/elsewhere"), filenames=["test_0001.png"])
+    pseudo = SimpleNamespace(layout="pseudo-labels", source=str(shards.resolve()), groups=carried)
+    extra = SimpleNamespace(manifest=pseudo, split="train", shards_dir=Path("/elsewhere"),
+                            filenames=["test_0001.png"])
     numbers = split_groups_of(SimpleNamespace(splits=[base, extra]), "phash")
     assert numbers[2] == numbers[0]  # the pseudo-labelled copy joins train_0003's group
 
@@ -271,7 +283,7 @@ def test_dedup_run_writes_embedding_groups_into_the_manifest(burst_set, tmp_path
     found = dedup_run(run, 0.99)
     assert [sorted(n for _, n in g["members"]) for g in found.groups] == [[train.filenames[1], train.filenames[5]]]
     split = ShardSplit(shards, "train")
-    assert "phash" in split.manifest["groups"]  # kept beside the new groups
+    assert set(split.manifest.groups) == {"phash", "embedding"}  # kept beside the new groups
     numbers = split_groups_of(split, "embedding")
     assert numbers[5] == numbers[1] and len(set(numbers.tolist())) == len(split) - 1
     assert main(["dedup", str(run)]) == 0
