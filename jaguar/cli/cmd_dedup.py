@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--min-cosine (connected components) and stores them as the 'embedding' groups of the "
                     "manifest of the run's data.shards; later runs split by them with data.split_groups=embedding. "
                     "Run `jaguar extract RUN --split train` (and val, test) first.")
-    parser.add_argument("run_dir", help="a run folder with features/*.safetensors and config.yaml")
+    parser.add_argument("run_dir", help="a run folder with extracted features and its config")
     parser.add_argument("--min-cosine", type=float, default=None,
                         help="cosine at or above which two images are near-duplicates (default 0.99)")
     parser.set_defaults(func=_run)
