@@ -242,3 +242,21 @@ def test_threshold_above_every_score_keeps_every_query_new():
     # an ordinary gap: the threshold moves to its middle, deciding the queries as the sweep did
     sweep = open_set_sweep([0.9, 0.5], [True, False], [True, False])
     assert choose_threshold(sweep, np.array([0.9, 0.5])) == pytest.approx(0.7)
+
+
+def test_calibrate_run_holds_out_identities_joined_by_the_splits_groups(tmp_path):
+    """`jaguar calibrate` reads the near-duplicate groups the run's group-aware split recorded."""
+    from jaguar.config import Config
+    from jaguar.retrieval.calibrate import calibrate_run
+    from jaguar.run import SplitRecord
+
+    train, val = _four_identities(with_confused=False)
+    run = RunDir(tmp_path / "run")
+    run.save_config(Config())
+    run.save_features("train", train)
+    run.save_features("val", val)
+    run.save_split(SplitRecord(list(train.names), list(val.names), {0: 0, 1: 1, 2: 2, 3: 3},
+                               groups=[["t_A0", "t_C1"]]))
+    calibration = calibrate_run(run, folds=5)
+    assert calibration.folds == 3 and "3 blocks of identities, 1 joined" in calibration.held_out_groups
+    assert run.load_calibration() == calibration

@@ -170,7 +170,7 @@ def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS) -> OpenSetCalibration
 
         extract_split(run, "val", cfg, run.default_checkpoint())
     val = run.load_features("val")
-    groups = getattr(run.load_split(), "groups", []) if run.split_path.is_file() else []
+    groups = run.load_split().groups if run.split_path.is_file() else []
     calibration = calibrate_features(train, val, groups, folds, cfg.run.seed)
     run.save_calibration(calibration)
     return calibration
