@@ -12,8 +12,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from conftest import SYNTH_IDENTITIES, SYNTH_SIZE, SYNTH_TEST_IMAGES, SYNTH_TRAIN_IMAGES
-from jaguar.data.synth import (REAL_IDENTITY_COUNTS, apportion, choose_identities, make_synthetic,
-                               plan_bursts, render_image)
+from jaguar.data.synth import REAL_IDENTITY_COUNTS, apportion, choose_identities, make_synthetic, plan_bursts
+from jaguar.data.synth_render import render_image
 
 
 def _rows(path: Path) -> list[list[str]]:
