@@ -30,17 +30,20 @@ the command that writes it; a malformed one is a `RunDirError` naming the file a
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any
 
-from jaguar.config import Config, PostConfig, load_config, save_config
-from jaguar.errors import JaguarError, MissingInputError
+from jaguar.config import Config, load_config, save_config
+from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
 from jaguar.retrieval.features import FeatureSet
+# The records are importable from here too: callers take a RunDir and the types it returns together.
+from jaguar.run_records import (EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score, ScoreTable,
+                                SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
+
+__all__ = ["SPLITS", "RunDir", "RunDirError", "EnsembleRecord", "OpenSetCalibration", "PostResult", "Score",
+           "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
 
 SPLITS = ("train", "val", "test")
 
@@ -65,168 +68,6 @@ _THUMBNAILS = "thumbnails"
 _CALIBRATION = "calibration.json"
 _PSEUDO = "pseudo"
 _PREEMPT = "PREEMPT"
-
-
-class RunDirError(JaguarError, ValueError):
-    """A run-folder file exists but does not hold what its stage writes; the message names it."""
-
-
-@dataclass
-class SplitRecord:
-    """split.json: the training and validation images by file name, and the classifier head's
-    class for each shard label (shard label -> contiguous class index)."""
-    train: list[str]
-    val: list[str]
-    class_of_label: dict[int, int]
-    groups: list[list[str]] = field(default_factory=list)  # near-duplicate groups the split kept whole
-
-
-@dataclass
-class TrainingMetrics:
-    """metrics.json: the best validation entry, one entry per validation ({"epoch", "step", and
-    the evaluator's figures, e.g. "mAP_balanced", "rank1"}), and the run's totals."""
-    best: dict[str, Any]
-    history: list[dict[str, Any]]
-    steps: int
-    skipped_steps: int
-    num_classes: int
-    world_size: int
-    param_checksums: list[float] = field(default_factory=list)
-
-
-@dataclass
-class StageRow:
-    """One row of a post-processing stage table: the settings and their scores on one labelled
-    split; a validation row of `jaguar tune-post` also says whether the stage was adopted, with its
-    identity-balanced mAP gain over the previous stage and that gain's standard error."""
-    name: str  # "raw", "+QE", "+re-ranking" or "blend (chosen)"
-    config: PostConfig
-    mAP_balanced: float
-    mAP: Optional[float] = None
-    rank1: Optional[float] = None
-    rank5: Optional[float] = None
-    rank10: Optional[float] = None
-    mINP: Optional[float] = None
-    gain: Optional[float] = None
-    gain_se: Optional[float] = None
-    adopted: Optional[bool] = None
-
-    @property
-    def is_chosen(self) -> bool:
-        return "chosen" in self.name
-
-    def decision_text(self) -> str:
-        """The stage decision, e.g. "no, +0.0188 +- 0.0451"; "" for rows without one."""
-        if self.adopted is None:
-            return ""
-        text = "yes" if self.adopted else "no"
-        if self.gain is not None:
-            text += f", {self.gain:+.4f} +- {self.gain_se or 0.0:.4f}"
-        return text
-
-
-@dataclass
-class PostResult:
-    """post.json: the post-processing chosen on validation and the stage table behind it."""
-    chosen: PostConfig
-    table: list[StageRow]
-    val_size: int
-    searched: bool
-
-
-@dataclass
-class Score:
-    """score.json: identity-balanced mAP of the run's submission against known test labels."""
-    mAP_balanced: float
-    per_identity: dict[str, float]
-    num_pairs: int
-    num_images: int
-    mAP: Optional[float] = None  # the evaluator's other figures (absent in older score.json files)
-    rank1: Optional[float] = None
-    rank5: Optional[float] = None
-    rank10: Optional[float] = None
-    mINP: Optional[float] = None
-
-
-@dataclass
-class ScoreTable:
-    """score_table.json: each row of post.json's table re-scored on the labelled test images."""
-    labels: str  # the labels file the rows were scored with
-    table: list[StageRow]
-
-
-@dataclass
-class EnsembleRecord:
-    """ensemble.json: the member runs and weights of an ensemble run and what was written per split."""
-    members: list[str]
-    weights: list[float]
-    mode: str
-    splits: dict[str, dict[str, Any]]
-    config_from: Optional[str] = None
-
-
-@dataclass
-class OpenSetCalibration:
-    """calibration.json: the new-individual decision chosen on validation (`jaguar calibrate`).
-
-    A photo is "known" when its best individual's score (`aggregate` of its image similarities to
-    that individual's gallery images: "max" or "mean_top<n>") is >= `threshold`. The figures are
-    pooled over `folds` hold-outs of whole identities (group-aware) from the training gallery,
-    validation images as queries; `fold_balanced` is each fold's balanced accuracy (its spread is
-    the uncertainty); `curve` holds the sweep ({"threshold", "known_accuracy", "unknown_accuracy",
-    "balanced_accuracy"} lists) and `aggregates` the figures of every aggregate tried."""
-    threshold: float
-    aggregate: str
-    known_accuracy: float
-    unknown_accuracy: float
-    balanced_accuracy: float
-    geometric_mean: float
-    known_rank1: float
-    num_known: int
-    num_unknown: int
-    folds: int
-    fold_balanced: list[float]
-    curve: dict[str, list[float]]
-    aggregates: dict[str, dict[str, float]]
-    held_out_groups: str  # how the hold-outs respected near-duplicate groups, in words
-    features: str = ""  # the features' provenance (checkpoint) the threshold belongs to
-
-
-T = TypeVar("T")
-
-
-def _build(cls: type[T], mapping: Any, where: str) -> T:
-    """A dataclass from its JSON mapping: required fields present, no unknown keys, nested
-    PostConfig / StageRow values built too."""
-    if not isinstance(mapping, dict):
-        raise RunDirError(f"{where}: expected a JSON object for {cls.__name__}, got {type(mapping).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(mapping) - set(fields))
-    if unknown:
-        raise RunDirError(f"{where}: unknown key(s) {unknown}; expected {sorted(fields)}")
-    missing = [name for name, f in fields.items() if name not in mapping
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise RunDirError(f"{where}: missing key(s) {missing}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in mapping.items():
-        hint = hints[name]
-        if hint is PostConfig:
-            try:
-                value = PostConfig.from_dict(value, f" in {where}")
-            except (TypeError, ValueError) as err:
-                raise RunDirError(f"{where}: {name}: {err}") from None
-        elif hint == list[StageRow]:
-            if not isinstance(value, list):
-                raise RunDirError(f"{where}: {name} must be a list of rows")
-            value = [_build(StageRow, row, f"{where} {name}[{i}]") for i, row in enumerate(value)]
-        values[name] = value
-    return cls(**values)
-
-
-def _to_json(obj: Any) -> Any:
-    return dataclasses.asdict(obj)
 
 
 class RunDir:
@@ -298,7 +139,7 @@ class RunDir:
 
     def load_split(self) -> SplitRecord:
         raw = self._read_json(self.split_path, "the train/validation split is written by `jaguar train`")
-        record = _build(SplitRecord, raw, str(self.split_path))
+        record = build_record(SplitRecord, raw, str(self.split_path))
         try:
             record.class_of_label = {int(k): int(v) for k, v in record.class_of_label.items()}
         except (AttributeError, TypeError, ValueError):
@@ -329,10 +170,10 @@ class RunDir:
 
     def load_metrics(self) -> TrainingMetrics:
         raw = self._read_json(self.metrics_path, f"train first: `jaguar train RECIPE run.dir={self.path}`")
-        return _build(TrainingMetrics, raw, str(self.metrics_path))
+        return build_record(TrainingMetrics, raw, str(self.metrics_path))
 
     def save_metrics(self, metrics: TrainingMetrics) -> None:
-        atomic_write_json(self.metrics_path, _to_json(metrics))
+        atomic_write_json(self.metrics_path, record_to_json(metrics))
 
     # ------------------------------------------------------------------ features
 
@@ -360,20 +201,20 @@ class RunDir:
 
     def load_post(self) -> PostResult:
         raw = self._read_json(self.post_path, f"run `jaguar tune-post {self.path}`")
-        return _build(PostResult, raw, str(self.post_path))
+        return build_record(PostResult, raw, str(self.post_path))
 
     def save_post(self, post: PostResult) -> None:
-        atomic_write_json(self.post_path, _to_json(post))
+        atomic_write_json(self.post_path, record_to_json(post))
 
     def has_score(self) -> bool:
         return self.score_path.is_file()
 
     def load_score(self) -> Score:
         raw = self._read_json(self.score_path, f"run `jaguar score {self.path} --test-csv ... --labels ...`")
-        return _build(Score, raw, str(self.score_path))
+        return build_record(Score, raw, str(self.score_path))
 
     def save_score(self, score: Score) -> None:
-        atomic_write_json(self.score_path, _to_json(score))
+        atomic_write_json(self.score_path, record_to_json(score))
 
     def has_score_table(self) -> bool:
         return self.score_table_path.is_file()
@@ -381,10 +222,10 @@ class RunDir:
     def load_score_table(self) -> ScoreTable:
         raw = self._read_json(self.score_table_path,
                               f"run `jaguar score {self.path} --test-csv ... --labels ...`")
-        return _build(ScoreTable, raw, str(self.score_table_path))
+        return build_record(ScoreTable, raw, str(self.score_table_path))
 
     def save_score_table(self, table: ScoreTable) -> None:
-        atomic_write_json(self.score_table_path, _to_json(table))
+        atomic_write_json(self.score_table_path, record_to_json(table))
 
     # ------------------------------------------------------------------ open-set identification
 
@@ -416,10 +257,10 @@ class RunDir:
 
     def load_calibration(self) -> OpenSetCalibration:
         raw = self._read_json(self.calibration_path, f"run `jaguar calibrate {self.path}`")
-        return _build(OpenSetCalibration, raw, str(self.calibration_path))
+        return build_record(OpenSetCalibration, raw, str(self.calibration_path))
 
     def save_calibration(self, calibration: OpenSetCalibration) -> None:
-        atomic_write_json(self.calibration_path, _to_json(calibration))
+        atomic_write_json(self.calibration_path, record_to_json(calibration))
 
     # ------------------------------------------------------------------ ensembles
 
@@ -428,10 +269,10 @@ class RunDir:
 
     def load_ensemble(self) -> EnsembleRecord:
         raw = self._read_json(self.ensemble_path, "it is written by `jaguar ensemble`")
-        return _build(EnsembleRecord, raw, str(self.ensemble_path))
+        return build_record(EnsembleRecord, raw, str(self.ensemble_path))
 
     def save_ensemble(self, record: EnsembleRecord) -> None:
-        atomic_write_json(self.ensemble_path, _to_json(record))
+        atomic_write_json(self.ensemble_path, record_to_json(record))
 
     # ------------------------------------------------------------------ helpers
 

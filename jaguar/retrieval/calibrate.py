@@ -12,7 +12,7 @@ unknown accuracy, their geometric mean) are reported with each fold's balanced a
 spread.
 
 Group-aware: identities are held out in connected blocks, two identities joined when a
-near-duplicate group of the run's split (split.json "groups", written by a group-aware split)
+near-duplicate group of the run's split (the split record's "groups", written by a group-aware split)
 holds images of both, so no held-out image has a near-duplicate left in the gallery. Without
 recorded groups each identity is its own block (a group of one identity's images always moves
 with that identity)."""

@@ -233,7 +233,7 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
     """`jaguar enroll`: add individual `name` to the run's gallery from the photos `items`, without
     retraining. All or nothing: any unreadable photo, a photo already in the gallery or a taken name
     raises IdentifyError/PhotoError naming it, and the gallery is left as it was; the new
-    embeddings are appended to RUN/gallery/enrolled.safetensors in one atomic write."""
+    embeddings are appended to the run's enrolled gallery (RunDir.save_enrolled) in one atomic write."""
     from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos, require_trained_run
 
     require_trained_run(run)

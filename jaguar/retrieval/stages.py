@@ -24,7 +24,7 @@ from jaguar.run import PostResult, RunDir, Score, ScoreTable, StageRow
 
 logger = logging.getLogger(__name__)
 
-_ROW_FIELDS = {f.name for f in dataclasses.fields(StageRow)}
+_ROW_FIELDS = frozenset(f.name for f in dataclasses.fields(StageRow))
 
 
 def _scores(summary: dict[str, Any]) -> dict[str, Any]:

@@ -62,9 +62,9 @@ def open_train_split(cfg: Config):
 
 @dataclass
 class RunSplit:
-    """The training data of a run, built once (`build_run_split`) and kept in RUN/split.json: the
-    labelled positions (into the train split) trained on, the positions validated on, and the
-    classifier head's class of each shard label."""
+    """The training data of a run, built once (`build_run_split`) and kept in the run's split record
+    (RunDir.save_split): the labelled positions (into the train split) trained on, the positions
+    validated on, and the classifier head's class of each shard label."""
     train_indices: np.ndarray
     val_indices: np.ndarray
     class_of_label: dict[int, int]  # shard label -> contiguous head class
@@ -75,7 +75,7 @@ class RunSplit:
         return len(self.class_of_label)
 
     def to_record(self, split) -> SplitRecord:
-        """The run directory's split.json record: file names, the class map and the groups kept whole."""
+        """The run directory's split record: file names, the class map and the groups kept whole."""
         return SplitRecord(train=[split.filenames[i] for i in self.train_indices],
                            val=[split.filenames[i] for i in self.val_indices],
                            class_of_label=dict(self.class_of_label), groups=[list(g) for g in self.groups])

@@ -135,7 +135,7 @@ class Trainer:
         }
 
     def _training_data(self) -> RunSplit:
-        """The run's split: read back from RUN/split.json when resuming (the checkpoint was trained on
+        """The run's split: read back from the run's split record when resuming (the checkpoint was trained on
         it), else built from the config and saved there."""
         run = self.run
         if self.resume_from is not None and run.split_path.is_file():

@@ -1,0 +1,175 @@
+"""The typed contents of a run's artifacts: one dataclass per JSON record that `jaguar.run.RunDir`
+loads and saves (where each lives in the run folder is RunDir's business alone), and the strict
+JSON-to-dataclass conversion that names the file and key at fault (`RunDirError`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, TypeVar
+
+from jaguar.config import PostConfig
+from jaguar.errors import JaguarError
+
+
+class RunDirError(JaguarError, ValueError):
+    """A run-folder file exists but does not hold what its stage writes; the message names it."""
+
+
+@dataclass
+class SplitRecord:
+    """The run's split (RunDir.load_split / save_split): the training and validation images by file name, and the classifier head's
+    class for each shard label (shard label -> contiguous class index)."""
+    train: list[str]
+    val: list[str]
+    class_of_label: dict[int, int]
+    groups: list[list[str]] = field(default_factory=list)  # near-duplicate groups the split kept whole
+
+
+@dataclass
+class TrainingMetrics:
+    """Training metrics (RunDir.load_metrics / save_metrics): the best validation entry, one entry per validation ({"epoch", "step", and
+    the evaluator's figures, e.g. "mAP_balanced", "rank1"}), and the run's totals."""
+    best: dict[str, Any]
+    history: list[dict[str, Any]]
+    steps: int
+    skipped_steps: int
+    num_classes: int
+    world_size: int
+    param_checksums: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StageRow:
+    """One row of a post-processing stage table: the settings and their scores on one labelled
+    split; a validation row of `jaguar tune-post` also says whether the stage was adopted, with its
+    identity-balanced mAP gain over the previous stage and that gain's standard error."""
+    name: str  # "raw", "+QE", "+re-ranking" or "blend (chosen)"
+    config: PostConfig
+    mAP_balanced: float
+    mAP: Optional[float] = None
+    rank1: Optional[float] = None
+    rank5: Optional[float] = None
+    rank10: Optional[float] = None
+    mINP: Optional[float] = None
+    gain: Optional[float] = None
+    gain_se: Optional[float] = None
+    adopted: Optional[bool] = None
+
+    @property
+    def is_chosen(self) -> bool:
+        return "chosen" in self.name
+
+    def decision_text(self) -> str:
+        """The stage decision, e.g. "no, +0.0188 +- 0.0451"; "" for rows without one."""
+        if self.adopted is None:
+            return ""
+        text = "yes" if self.adopted else "no"
+        if self.gain is not None:
+            text += f", {self.gain:+.4f} +- {self.gain_se or 0.0:.4f}"
+        return text
+
+
+@dataclass
+class PostResult:
+    """The post-processing chosen (RunDir.load_post / save_post) on validation and the stage table behind it."""
+    chosen: PostConfig
+    table: list[StageRow]
+    val_size: int
+    searched: bool
+
+
+@dataclass
+class Score:
+    """The local score (RunDir.load_score / save_score): identity-balanced mAP of the run's submission against known test labels."""
+    mAP_balanced: float
+    per_identity: dict[str, float]
+    num_pairs: int
+    num_images: int
+    mAP: Optional[float] = None  # the evaluator's other figures (absent in older score files)
+    rank1: Optional[float] = None
+    rank5: Optional[float] = None
+    rank10: Optional[float] = None
+    mINP: Optional[float] = None
+
+
+@dataclass
+class ScoreTable:
+    """The test-side stage table (RunDir.load_score_table): each row of the post-processing table re-scored on the labelled test images."""
+    labels: str  # the labels file the rows were scored with
+    table: list[StageRow]
+
+
+@dataclass
+class EnsembleRecord:
+    """An ensemble run's record (RunDir.load_ensemble): the member runs and weights of an ensemble run and what was written per split."""
+    members: list[str]
+    weights: list[float]
+    mode: str
+    splits: dict[str, dict[str, Any]]
+    config_from: Optional[str] = None
+
+
+@dataclass
+class OpenSetCalibration:
+    """The open-set calibration (RunDir.load_calibration): the new-individual decision chosen on validation (`jaguar calibrate`).
+
+    A photo is "known" when its best individual's score (`aggregate` of its image similarities to
+    that individual's gallery images: "max" or "mean_top<n>") is >= `threshold`. The figures are
+    pooled over `folds` hold-outs of whole identities (group-aware) from the training gallery,
+    validation images as queries; `fold_balanced` is each fold's balanced accuracy (its spread is
+    the uncertainty); `curve` holds the sweep ({"threshold", "known_accuracy", "unknown_accuracy",
+    "balanced_accuracy"} lists) and `aggregates` the figures of every aggregate tried."""
+    threshold: float
+    aggregate: str
+    known_accuracy: float
+    unknown_accuracy: float
+    balanced_accuracy: float
+    geometric_mean: float
+    known_rank1: float
+    num_known: int
+    num_unknown: int
+    folds: int
+    fold_balanced: list[float]
+    curve: dict[str, list[float]]
+    aggregates: dict[str, dict[str, float]]
+    held_out_groups: str  # how the hold-outs respected near-duplicate groups, in words
+    features: str = ""  # the features' provenance (checkpoint) the threshold belongs to
+
+
+T = TypeVar("T")
+
+
+def build_record(cls: type[T], mapping: Any, where: str) -> T:
+    """A dataclass from its JSON mapping: required fields present, no unknown keys, nested
+    PostConfig / StageRow values built too."""
+    if not isinstance(mapping, dict):
+        raise RunDirError(f"{where}: expected a JSON object for {cls.__name__}, got {type(mapping).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise RunDirError(f"{where}: unknown key(s) {unknown}; expected {sorted(fields)}")
+    missing = [name for name, f in fields.items() if name not in mapping
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RunDirError(f"{where}: missing key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in mapping.items():
+        hint = hints[name]
+        if hint is PostConfig:
+            try:
+                value = PostConfig.from_dict(value, f" in {where}")
+            except (TypeError, ValueError) as err:
+                raise RunDirError(f"{where}: {name}: {err}") from None
+        elif hint == list[StageRow]:
+            if not isinstance(value, list):
+                raise RunDirError(f"{where}: {name} must be a list of rows")
+            value = [build_record(StageRow, row, f"{where} {name}[{i}]") for i, row in enumerate(value)]
+        values[name] = value
+    return cls(**values)
+
+
+def record_to_json(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
