@@ -29,7 +29,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-from jaguar.errors import JaguarError
+from jaguar.errors import JaguarError, MissingInputError
 from jaguar.io import atomic_write_text
 
 PathLike = Union[str, Path]
@@ -71,7 +71,7 @@ def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
     if path.is_dir():  # it exists: "does not exist" would blame the wrong thing
         raise FormatError(f"{what} {path} is a folder; give the CSV file (header {','.join(columns)}) inside it")
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist (expected a CSV with header {','.join(columns)})")
+        raise MissingInputError(f"{what} {path} does not exist (expected a CSV with header {','.join(columns)})")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             records = list(enumerate(csv.reader(handle), start=1))

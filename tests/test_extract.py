@@ -132,6 +132,20 @@ def test_extract_with_a_recipe_takes_the_run_folder_from_run_dir(shards_dir, tmp
     assert run.load_config().data.shards == str(shards_dir)
 
 
+def test_extract_with_a_recipe_and_no_split_takes_the_configs_validation_images(shards_dir, tmp_path):
+    from jaguar.config import load_config
+    from jaguar.train.data import build_run_split, open_train_split
+
+    # A baseline run (never trained) gets the same validation images training with its config would hold out.
+    run = RunDir(tmp_path / "baseline")
+    overrides = [f"data.shards={shards_dir}", f"run.dir={run.path}", *SMALL]
+    _jaguar("extract", "--config", TINY, *overrides, "--split", "val")
+    cfg = load_config(TINY, overrides)
+    split = open_train_split(cfg)
+    expected = [split.filenames[i] for i in build_run_split(cfg, split).val_indices]
+    assert expected and run.load_features("val").names == expected
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["extract", "--config", "R.py", "a.b=1", "run.dir=x", "--split", "val"], (None, ["a.b=1", "run.dir=x"])),
     (["extract", "RUN", "--config", "R.py", "a.b=1"], ("RUN", ["a.b=1"])),

@@ -142,6 +142,21 @@ def test_calibration_figures_with_one_confusing_image_are_exact():
                                                                        0.5 * (5 / 6 + 1), 0.5 * (6 / 6 + 1 / 2)]))
 
 
+def test_a_calibration_that_cannot_tell_known_from_new_says_so():
+    from jaguar.retrieval.calibrate import describe, uninformative
+
+    # Every validation photo of every identity is the same vector: no threshold separates the sides.
+    train, val = _four_identities(with_confused=False)
+    val.embeddings[:] = val.embeddings[0]
+    collapsed = calibrate_features(train, val, folds=4, seed=0)
+    assert (collapsed.known_accuracy, collapsed.unknown_accuracy, collapsed.balanced_accuracy) == (0.0, 1.0, 0.5)
+    assert "every validation photo 'new individual'" in uninformative(collapsed)
+    assert uninformative(collapsed) in describe(collapsed)
+    # A calibration that separates them carries no warning.
+    good = calibrate_features(*_four_identities(with_confused=False), folds=4, seed=0)
+    assert uninformative(good) == "" and "warning" not in describe(good)
+
+
 def test_folds_hold_out_identities_joined_by_a_near_duplicate_group_together():
     train, val = _four_identities(with_confused=False)
     names_of = {n: train.label_names[label] for n, label in zip(train.names, train.labels.tolist())}

@@ -130,6 +130,17 @@ def test_center_loss_under_deepspeed_is_refused_before_anything_is_built(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_shards_leave_no_run_folder(tmp_path):
+    from jaguar.config import load_config
+    from jaguar.errors import JaguarError
+    from jaguar.train.trainer import Trainer
+
+    # A user who mistypes data.shards gets the error and no half-made run folder holding a config.
+    with pytest.raises(JaguarError, match="nonexistent.*does not exist"):
+        Trainer(load_config(TINY, [f"run.dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'nonexistent'}"]))
+    assert not (tmp_path / "run").exists()
+
+
 # One optimizer step on a fixed global batch of 8 images (this rank's share of it, in `accum`
 # micro-batches), with center loss; then one step that mixes the batch on rank 0 only. Writes the
 # model's tensors and the centres before, after the step and after the mixed step (OUT[.RANK]).

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from jaguar.formats import write_identify
+from jaguar.retrieval.calibrate import uninformative
 from jaguar.retrieval.identify import identify_photos
 from jaguar.run import RunDir
 
@@ -39,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     new = sum(not r.known for r in found.results)
     print(f"{len(found.results)} photo(s): {len(found.results) - new} known, {new} new individual(s); "
           f"threshold {found.calibration.threshold:.4f}; wrote {output} and {page}")
+    warning = uninformative(found.calibration)
+    if warning:
+        print(f"jaguar identify: {warning} (from `jaguar calibrate`)", file=sys.stderr)
     for problem in found.problems:
         print(f"jaguar identify: error: {problem.path}: {problem.reason}", file=sys.stderr)
     return 1 if found.problems else 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jaguar.config import ConfigError
+from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
 from jaguar.names import resolve_inside
 
@@ -116,10 +117,10 @@ class Manifest:
             raise ShardsError(f"{shards_dir} is a file, not a shards folder; give the folder `jaguar prep` wrote "
                               f"(the one holding {MANIFEST_NAME})")
         if not shards_dir.is_dir():
-            raise FileNotFoundError(f"shard folder {shards_dir} does not exist; create it with `jaguar prep SRC "
+            raise MissingInputError(f"shard folder {shards_dir} does not exist; create it with `jaguar prep SRC "
                                     f"{shards_dir}` (or fix data.shards)")
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: {shards_dir} is not a `jaguar prep` output; "
+            raise MissingInputError(f"{path} does not exist: {shards_dir} is not a `jaguar prep` output; "
                                     f"re-run `jaguar prep SRC {shards_dir}`")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from jaguar.data.dedup import hash_groups, hash_members, summary_lines
 from jaguar.data.image_forms import ImageFormError, read_rgba
 from jaguar.data.layouts import Listing, Problem, SourceImage, read_listing
 from jaguar.data.manifest import Manifest, SampleEntry, ShardEntry, SplitEntry, file_sha256
-from jaguar.errors import JaguarError
+from jaguar.errors import JaguarError, MissingInputError
 from jaguar.io import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
     Raises PrepError listing every bad input (unless `skip_bad`, which leaves them out and lists them)."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
-        raise FileNotFoundError(f"source folder {src} does not exist; give the folder holding train.csv "
+        raise MissingInputError(f"source folder {src} does not exist; give the folder holding train.csv "
                                 f"(challenge layout) or one sub-folder per identity")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists; remove it, choose another OUT or pass --overwrite")

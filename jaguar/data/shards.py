@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from jaguar.data.manifest import Manifest, ShardsError
+from jaguar.errors import MissingInputError
 from jaguar.names import resolve_inside
 
 IMAGE_MEMBERS = ("png", "jpg", "mask.png")  # an RGBA PNG, or a JPEG with its alpha mask as a PNG
@@ -104,7 +105,7 @@ class ShardSplit:
         entry = splits[split]
         self.index_path = resolve_inside(self.shards_dir, entry.index, f"split {split!r} index")
         if not self.index_path.is_file():
-            raise FileNotFoundError(f"wids index {self.index_path} is missing; re-run `jaguar prep`")
+            raise MissingInputError(f"wids index {self.index_path} is missing; re-run `jaguar prep`")
         _check_index_urls(self.index_path, self.shards_dir)
         self.manifest.check_sizes(self.shards_dir, [split])
         self.filenames: list[str] = [s.filename for s in entry.samples]

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaguar.errors import JaguarError
 from jaguar.report import plots
+from jaguar.retrieval.calibrate import uninformative
 from jaguar.run import RunDir
 
 
@@ -36,6 +37,9 @@ def open_set_section(run: RunDir, figure: Callable[[str], Path], img: Callable[[
             ("hold-outs", calibration.held_out_groups)]
     parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
                  + "</table>")
+    warning = uninformative(calibration)
+    if warning:
+        parts.append(f'<div class="missing">{html.escape(warning)}</div>')
     aggregates = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
         f"<td class='num'>{values.get(key, float('nan')):.4f}</td>"
         for key in ("threshold", "balanced_accuracy", "geometric_mean", "known_rank1")) + "</tr>"

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from jaguar.errors import MissingInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,7 +35,7 @@ def read_scalars(tb_dir: str | Path) -> dict[str, ScalarSeries]:
 
     tb_dir = Path(tb_dir)
     if not tb_dir.is_dir():
-        raise FileNotFoundError(f"TensorBoard folder {tb_dir} does not exist; `jaguar train` writes it")
+        raise MissingInputError(f"TensorBoard folder {tb_dir} does not exist; `jaguar train` writes it")
     by_tag: dict[str, dict[int, tuple[float, float]]] = {}
     for folder in _event_dirs(tb_dir):
         # size 0 keeps every event; the default reservoir-samples long runs down to 10,000 points

@@ -26,7 +26,7 @@ from jaguar.retrieval.features import FeatureSet
 from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
 from jaguar.train.accel import build_accelerator
-from jaguar.train.data import open_train_split
+from jaguar.train.data import build_run_split, open_train_split
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,21 @@ def resolve_source(run: Optional[RunDir], recipe: str | Path | None = None, over
 
 def split_positions(cfg: Config, run: RunDir, split_name: str) -> tuple[object, list[int]]:
     """(split, positions): the shards split holding `split_name`'s images and their positions in
-    it: every test image; the run's validation / training images (its saved split), or every training
-    image for "train" when the run has no split (a recipe extraction)."""
+    it: every test image; the run's validation / training images (its saved split). A run without a
+    saved split (a recipe extraction) gets the validation images its config's split would hold out
+    for "val", and every training image for "train"."""
     if split_name == "test":
         split = ShardSplit(cfg.data.shards, "test")
         return split, list(range(len(split)))
     split = open_train_split(cfg)
     position = {name: i for i, name in enumerate(split.filenames)}
     if split_name == "val":
-        names = run.load_split().val
+        if run.split_path.is_file():
+            names = run.load_split().val
+        else:
+            # No trained run yet (a recipe extraction, e.g. a baseline): the validation images this config's
+            # training would hold out, made by the same deterministic split.
+            names = [split.filenames[i] for i in build_run_split(cfg, split).val_indices]
     elif split_name == "train":
         names = run.load_split().train if run.split_path.is_file() else list(split.filenames)
     else:

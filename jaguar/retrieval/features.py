@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save as save_bytes
 from safetensors import safe_open
 
 from jaguar.io import atomic_write_bytes
+from jaguar.errors import MissingInputError
 
 
 @dataclass
@@ -85,7 +86,7 @@ class FeatureSet:
     def load(cls, path: str | Path) -> "FeatureSet":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"feature file {path} does not exist; run `jaguar extract` first")
+            raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract` first")
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))

@@ -52,7 +52,7 @@ def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> Optional[Path]:
         return complete[-1] if complete else None
     path = Path(resume)
     if not is_complete(path):
-        raise FileNotFoundError(f"train.resume={resume}: no complete checkpoint there (missing {STATE_FILE})")
+        raise MissingInputError(f"train.resume={resume}: no complete checkpoint there (missing {STATE_FILE})")
     return path
 
 

@@ -67,11 +67,11 @@ class Trainer:
         self.run = RunDir(cfg.run.dir)
         self.run_dir = self.run.path
         self.checkpoint_dir = self.run.checkpoints_dir
+        # The shards are opened (and checked) before the run folder is made: bad input leaves no folder behind.
+        self.split = open_train_split(cfg)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.run.save_config(cfg)
-
-        self.split = open_train_split(cfg)
         self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_dir, cfg.train.resume)
         self.run_split = self._training_data()
         self.num_classes = self.run_split.num_classes
