@@ -52,7 +52,8 @@ def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
     """One stage at one size, in this process: {"seconds", "note"}."""
     from jaguar.config import Config, PostConfig, RetrievalConfig
     from jaguar.retrieval.knn import knn
-    from jaguar.retrieval.metrics import RankedEvaluator, evaluate
+    from jaguar.retrieval.metrics import evaluate
+    from jaguar.retrieval.metrics_ranked import RankedEvaluator
     from jaguar.retrieval.postprocess import final_distance, tune_post
     from jaguar.retrieval.rank import rank_run
     from jaguar.retrieval.topm import final_topm, tune_post_topm

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from jaguar.retrieval.knn import knn
-from jaguar.retrieval.metrics import MetricsError, evaluate, evaluate_ranked
+from jaguar.retrieval.metrics import MetricsError, evaluate
+from jaguar.retrieval.metrics_ranked import evaluate_ranked
 from tests.test_knn import clustered
 
 
@@ -62,7 +63,7 @@ def test_bad_lists_are_refused():
 
 
 def test_ranked_evaluator_scores_reorderings_of_its_lists_only():
-    from jaguar.retrieval.metrics import RankedEvaluator
+    from jaguar.retrieval.metrics_ranked import RankedEvaluator
 
     features, labels = clustered(seed=4, dim=8)
     ranked = knn(features, k=5, exclude_self=True).index
@@ -70,3 +71,36 @@ def test_ranked_evaluator_scores_reorderings_of_its_lists_only():
     assert_same(evaluator.evaluate(ranked), evaluate_ranked(ranked, features, labels))
     with pytest.raises(MetricsError, match="other items"):
         evaluator.evaluate(knn(features, k=6, exclude_self=True).index[:, 1:])
+
+
+@pytest.mark.parametrize("top_m,chunk", [(1, 7), (5, 1024), (30, 13)])
+def test_search_finds_the_knn_lists_and_their_exact_figures_in_one_pass(top_m, chunk):
+    from jaguar.retrieval.metrics_ranked import RankedEvaluator
+
+    features, labels = clustered(per_identity=8, dim=8, duplicates=40)  # ties: duplicate images
+    labels[::7] = 1000 + torch.arange(len(labels[::7]))
+    neighbours, evaluator = RankedEvaluator.search(features, labels, top_m, chunk=chunk)
+    expected = knn(features, k=top_m, exclude_self=True, backend="torch")
+    assert torch.equal(neighbours.index, expected.index)
+    torch.testing.assert_close(neighbours.similarity, expected.similarity, atol=1e-6, rtol=0)  # block sizes differ
+    assert_same(evaluator.evaluate(neighbours.index), evaluate(features @ features.T, labels, kind="similarity"))
+
+
+@pytest.mark.parametrize("wide_rows", [0, 15, 40])  # rows with a target far down: counted in place
+def test_counting_ranks_beyond_the_lists_packed_or_in_place_gives_the_same_counts(wide_rows):
+    from jaguar.retrieval.metrics_ranked import _count_above, _count_above_dense
+
+    generator = torch.Generator().manual_seed(3)
+    scores = (torch.randn(40, 300, generator=generator) * 0.05).round(decimals=1)  # many exact ties
+    scores[:, 60:] -= 10  # a tail far below the first 60 columns
+    targets = torch.randint(0, 60, (40, 6), generator=generator)  # few columns above: packed
+    targets[:wide_rows, 0] = torch.randint(60, 300, (wide_rows,), generator=generator)
+    present = torch.rand(40, 6, generator=generator) > 0.3
+    present[:, 0] = True
+    # The plain definition: columns with a higher score, or an equal score and a lower column.
+    column = torch.arange(300)
+    target_scores = scores.gather(1, targets)
+    expected = ((scores[:, None, :] > target_scores[:, :, None])
+                | ((scores[:, None, :] == target_scores[:, :, None]) & (column < targets[:, :, None]))).sum(-1)
+    assert torch.equal(_count_above(scores, targets, present)[present], expected[present])
+    assert torch.equal(_count_above_dense(scores, targets, present)[present], expected[present])

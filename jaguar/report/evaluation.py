@@ -17,7 +17,8 @@ from jaguar.report.plots import GridCell, GridRow
 from jaguar.retrieval import metrics as retrieval_metrics
 from jaguar.retrieval.features import FeatureSet
 from jaguar.config import PostConfig, RetrievalConfig
-from jaguar.retrieval.metrics import RankedEvaluator, RetrievalMetrics
+from jaguar.retrieval.metrics import RetrievalMetrics
+from jaguar.retrieval.metrics_ranked import RankedEvaluator
 from jaguar.retrieval.postprocess import final_distance
 from jaguar.retrieval.topm import final_topm, use_topm
 

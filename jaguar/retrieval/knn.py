@@ -52,7 +52,7 @@ def _by_score_then_index(scores: torch.Tensor, index: torch.Tensor) -> tuple[tor
     return scores, index.gather(1, order)
 
 
-def _stable_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stable_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of each row of a B x N block, ties by column: top-(k + margin) by
     torch.topk (unordered among ties), re-sorted; rows whose tie at the k-th place may reach past
     that are sorted whole (stable)."""
@@ -104,14 +104,14 @@ def knn(queries: ArrayLike, gallery: Optional[ArrayLike] = None, k: int = 100, *
     for start in range(0, query.shape[0], max(1, int(chunk))):
         block = query[start:start + chunk]
         if faiss_index is None:
-            values, index = _stable_top(block @ base.T, searched)
+            values, index = stable_top(block @ base.T, searched)
         else:
             found_values, found_index = faiss_index.search(block.numpy(), width)
             values, index = _by_score_then_index(torch.from_numpy(found_values), torch.from_numpy(found_index))
             if width < base.shape[0]:
                 unsure = (values[:, searched - 1] == values[:, -1]).nonzero().flatten()
                 if unsure.numel():
-                    exact_values, exact_index = _stable_top(block[unsure] @ base.T, width)
+                    exact_values, exact_index = stable_top(block[unsure] @ base.T, width)
                     values[unsure], index[unsure] = exact_values, exact_index
             values, index = values[:, :searched], index[:, :searched]
         if exclude_self:

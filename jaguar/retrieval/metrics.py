@@ -1,7 +1,7 @@
 """The retrieval evaluator: the one implementation of AP, CMC and mINP in jaguar, used by training
 validation, `jaguar tune-post`, `jaguar score`, the report and (through those) the ensemble.
-`evaluate` ranks a full score matrix; `evaluate_ranked` gives the same figures at any N from top-M
-ranked lists in O(N * M) memory (gallery scale).
+`evaluate` ranks a full score matrix; `jaguar.retrieval.metrics_ranked` gives the same figures at any
+N from top-M ranked lists in O(N * M) memory (gallery scale), through `_figures` here.
 
 `evaluate` ranks each query's candidates and returns a `RetrievalMetrics`: per-query AP, per-identity
 AP, the challenge's identity-balanced mAP, plain (per-query) mAP, CMC rank-1/5/10 and mINP.
@@ -175,7 +175,8 @@ def _figures(query_ids: torch.Tensor, ranks: torch.Tensor, q_label: torch.Tensor
     ranks[i]): the one place AP, INP, CMC and their averages are computed, for a full ranking
     (`evaluate`) and for ranked lists (`evaluate_ranked`) alike."""
     n_query = q_label.numel()
-    order = np.lexsort((ranks.numpy(), query_ids.numpy()))
+    # By (query, rank): one int64 key (a rank is at most the candidate count, below 2^31).
+    order = torch.sort(query_ids * (1 << 31) + ranks, stable=True).indices
     query_ids, ranks = query_ids[order], ranks[order].double()
     n_hits = torch.bincount(query_ids, minlength=n_query)
     has = n_hits > 0
@@ -202,131 +203,6 @@ def _figures(query_ids: torch.Tensor, ranks: torch.Tensor, q_label: torch.Tensor
         mAP_balanced=float((sums / counts).mean()), mAP=float(ap[has].mean()), rank1=cmc[1], rank5=cmc[5],
         rank10=cmc[10], mINP=float(inp[has].mean()), num_queries=int(has.sum()), num_skipped=int((~has).sum()),
         camera_removed=0, reordered_top_m=reordered_top_m)
-
-
-def _rank_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys in ranking order: a higher key ranks first. The float32 score's bits made
-    monotonic (+0.0 added so -0.0 and 0.0 tie, as they compare equal), then, for equal scores,
-    the lower column first: every key of a row is distinct and no tie is left to break."""
-    bits = (scores + 0.0).view(torch.int32).long()
-    monotonic = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    columns = torch.arange(scores.shape[1], dtype=torch.long)
-    return monotonic * (1 << 32) + ((1 << 32) - 1 - columns)
-
-
-def _count_above(scores: torch.Tensor, targets: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """For each row b of B x G scores and each of its targets (B x T columns, `present` marks the
-    real ones): how many columns rank before the target (higher score; equal score, lower column).
-    One pass for all T: each score's bucket among the row's sorted target keys, a histogram of the
-    buckets, suffix sums; own code because no library call counts ranks against many per-row
-    thresholds in one pass."""
-    keys = _rank_keys(scores)
-    target_keys = torch.where(present, keys.gather(1, targets), torch.iinfo(torch.long).max)
-    sorted_keys, order = target_keys.sort(dim=1)
-    bucket = torch.searchsorted(sorted_keys, keys)  # targets ranked after this column: 0..T
-    n_targets = targets.shape[1]
-    histogram = torch.zeros((scores.shape[0], n_targets + 1), dtype=torch.long)
-    histogram.scatter_add_(1, bucket, torch.ones_like(bucket))
-    # Target i (in sorted order) is ranked after every column whose bucket is > i.
-    above_sorted = histogram.flip(1).cumsum(1).flip(1)[:, 1:]
-    return torch.empty_like(above_sorted).scatter_(1, order, above_sorted)
-
-
-def _match_pairs(q_label: torch.Tensor, g_label: torch.Tensor, all_vs_all: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (query, gallery) pair of the same label, self excluded in all-vs-all: O(matches)."""
-    g_order = torch.sort(g_label, stable=True).indices
-    g_sorted = g_label[g_order]
-    first = torch.searchsorted(g_sorted, q_label)
-    count = torch.searchsorted(g_sorted, q_label, right=True) - first
-    queries = torch.repeat_interleave(torch.arange(q_label.numel()), count)
-    offset = torch.arange(queries.numel()) - (torch.cumsum(count, 0) - count)[queries]
-    gallery = g_order[first[queries] + offset]
-    if all_vs_all:
-        keep = gallery != queries
-        queries, gallery = queries[keep], gallery[keep]
-    return queries, gallery
-
-
-class RankedEvaluator:
-    """The evaluator over top-M ranked lists in O(N * M) memory: the same figures as `evaluate` on
-    the full score matrix, without it (fast-reid's one-evaluator habit, at gallery scale).
-
-    Built once for a set of lists (Q x M gallery indices, each query's M best candidates by the base
-    score: cosine of query_features Q x D and gallery_features G x D, L2-normalised here, ties by
-    index); gallery_* None means all-vs-all (the lists must not hold the query itself). A true match
-    beyond M is ranked exactly: M plus the candidates outside the list that score higher than it
-    (equal scores: lower index first), counted per query in chunks of `chunk` queries x G scores,
-    only for queries with such matches. Those ranks depend only on which items each list holds,
-    so `evaluate` then scores any re-ordering of the same lists (re-ranking, blends) cheaply.
-    No camera ids or candidate masks (use `evaluate`). Raises MetricsError on shapes that do not
-    match, lists holding the query itself, or (in `evaluate`) when no query has a true match."""
-
-    def __init__(self, ranked: ArrayLike, query_features: ArrayLike, query_labels: ArrayLike,
-                 gallery_features: Optional[ArrayLike] = None, gallery_labels: Optional[ArrayLike] = None, *,
-                 chunk: int = 1024) -> None:
-        from jaguar.retrieval.knn import normalise
-
-        self.all_vs_all = gallery_features is None
-        query = normalise("query features", query_features)
-        gallery = query if self.all_vs_all else normalise("gallery features", gallery_features)
-        lists = self._lists(ranked, query.shape[0])
-        self.q_label = _vector("query labels", query_labels, query.shape[0])
-        self.g_label = self.q_label if self.all_vs_all else _vector("gallery labels", gallery_labels,
-                                                                     gallery.shape[0])
-        n_gallery, top_m = gallery.shape[0], lists.shape[1]
-        self.sorted_lists = lists.sort(dim=1).values
-        list_query, list_rank = (self.g_label[lists] == self.q_label[:, None]).nonzero(as_tuple=True)
-        pair_query, pair_gallery = _match_pairs(self.q_label, self.g_label, self.all_vs_all)
-        listed = np.isin((pair_query * n_gallery + pair_gallery).numpy(),
-                         (list_query * n_gallery + lists[list_query, list_rank]).numpy())
-        self.beyond_query, beyond_gallery = pair_query[~listed], pair_gallery[~listed]
-        self.beyond_rank = torch.empty(self.beyond_query.numel(), dtype=torch.long)
-        needing = torch.unique(self.beyond_query)
-        first_pair = torch.searchsorted(self.beyond_query, needing)
-        n_pairs = torch.searchsorted(self.beyond_query, needing, right=True) - first_pair
-        # Rows per step: the B x G scores and their int64 keys and buckets stay within ~256 MB.
-        rows_per_step = max(1, min(int(chunk), (256 << 20) // (24 * max(n_gallery, 1))))
-        for start in range(0, needing.numel(), rows_per_step):
-            rows = needing[start:start + rows_per_step]
-            scores = query[rows] @ gallery.T  # B x G
-            if self.all_vs_all:
-                scores[torch.arange(rows.numel()), rows] = float("-inf")  # the query is no candidate
-            scores.scatter_(1, lists[rows], float("-inf"))  # listed candidates are ranked already
-            counts = n_pairs[start:start + rows_per_step]
-            pair = first_pair[start:start + rows_per_step, None] + torch.arange(int(counts.max()))
-            present = pair < (first_pair[start:start + rows_per_step] + counts)[:, None]
-            pair = torch.where(present, pair, 0)
-            self.beyond_rank[pair[present]] = top_m + 1 + _count_above(scores, beyond_gallery[pair], present)[present]
-
-    def _lists(self, ranked: ArrayLike, n_query: int) -> torch.Tensor:
-        lists = torch.as_tensor(np.asarray(ranked) if not isinstance(ranked, torch.Tensor) else ranked).long()
-        if lists.ndim != 2 or lists.shape[0] != n_query:
-            raise MetricsError(f"ranked lists must be Q x M with Q = {n_query} queries, got {tuple(lists.shape)}")
-        if self.all_vs_all and bool((lists == torch.arange(n_query)[:, None]).any()):
-            raise MetricsError("all-vs-all ranked lists hold the query itself; search with the query excluded")
-        return lists
-
-    def evaluate(self, ranked: ArrayLike, reordered: bool = False) -> RetrievalMetrics:
-        """The figures of these lists in this order (each row the same items as the lists the
-        evaluator was built on); reordered=True when re-ordered within the top M (e.g. re-ranked),
-        which the figures then say (`reordered_top_m`)."""
-        lists = self._lists(ranked, self.q_label.numel())
-        if not torch.equal(lists.sort(dim=1).values, self.sorted_lists):
-            raise MetricsError("ranked lists hold other items than the lists the evaluator was built on")
-        list_query, list_rank = (self.g_label[lists] == self.q_label[:, None]).nonzero(as_tuple=True)
-        return _figures(torch.cat([list_query, self.beyond_query]), torch.cat([list_rank + 1, self.beyond_rank]),
-                        self.q_label, lists.shape[1] if reordered else None,
-                        _no_match_message(self.all_vs_all, False, 0, 0))
-
-
-def evaluate_ranked(ranked: ArrayLike, query_features: ArrayLike, query_labels: ArrayLike,
-                    gallery_features: Optional[ArrayLike] = None, gallery_labels: Optional[ArrayLike] = None, *,
-                    reordered: bool = False, chunk: int = 1024) -> RetrievalMetrics:
-    """`RankedEvaluator(ranked, ...).evaluate(ranked, reordered)`: the figures of one set of
-    top-M lists, equal to `evaluate(query_features @ gallery_features.T, ..., kind="similarity")`
-    (1e-9) when the lists hold the top M by that score in that order."""
-    evaluator = RankedEvaluator(ranked, query_features, query_labels, gallery_features, gallery_labels, chunk=chunk)
-    return evaluator.evaluate(ranked, reordered)
 
 
 def identity_balanced_map(similarity: ArrayLike, labels: ArrayLike,

@@ -6,6 +6,8 @@ kernel's (jaguar/retrieval/rerank_kernel), used through its public names only.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from jaguar.retrieval.rerank_kernel import (BYTES_PER_DENSE_CELL, ArrayLike, Workers, as_tensor, check_finite,
@@ -45,18 +47,22 @@ class _InvertedIndex:
                 self.rows[:n] = torch.where(present, self.flat_rows[start], n)
                 self.values[:n] = torch.where(present, self.flat_values[start], 0.0)
 
-    def overlap(self, q_index: torch.Tensor, q_value: torch.Tensor) -> torch.Tensor:
-        """sum_c min(V[q, c], V[j, c]) for each given row q (B x W sparse) and every j: B x n."""
+    def overlap(self, q_index: torch.Tensor, q_value: torch.Tensor, columns: torch.Tensor,
+                scratch: torch.Tensor) -> torch.Tensor:
+        """sum_c min(V[q, c], V[j, c]) for each given row q (B x W sparse) and each j of its row of
+        `columns` (B x M): B x M. scratch: a zero (>= B) x (n + 1) table, left zero: only the
+        cells the sums wrote are reset, so a call costs its visits, not B x n."""
         n_rows = q_index.shape[0]
-        total = torch.zeros((n_rows, self.n + 1), dtype=q_value.dtype, device=q_value.device)
+        total = scratch[:n_rows]
         query_row, slot = (q_index < self.n).nonzero(as_tuple=True)
         col = q_index[query_row, slot]
         if self.padded:
             others = self.rows.index_select(0, col)  # entries x column width
             contribution = torch.minimum(self.values.index_select(0, col), q_value[query_row, slot][:, None])
             target = query_row[:, None] * (self.n + 1) + others
-            total.view(-1).scatter_add_(0, target.view(-1), contribution.view(-1))
-            return total[:, :self.n]
+            target = target.view(-1)
+            total.view(-1).scatter_add_(0, target, contribution.view(-1))
+            return self._read_and_reset(total, columns, target)
         lengths = self.length.index_select(0, col)
         entry = torch.repeat_interleave(torch.arange(col.numel(), device=col.device), lengths)
         first_visit = torch.cumsum(lengths, 0) - lengths
@@ -67,7 +73,13 @@ class _InvertedIndex:
                                      self.flat_values.index_select(0, position))
         target = query_row.index_select(0, entry) * (self.n + 1) + others
         total.view(-1).scatter_add_(0, target, contribution)
-        return total[:, :self.n]
+        return self._read_and_reset(total, columns, target)
+
+    @staticmethod
+    def _read_and_reset(total: torch.Tensor, columns: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = total.gather(1, columns)
+        total.view(-1).index_fill_(0, target, 0.0)
+        return out
 
     def row_chunks(self, v_index: torch.Tensor, n_rows: int, budget_mb: float) -> list[tuple[int, int]]:
         """Row ranges whose B x n block and visits together fit the budget."""
@@ -86,44 +98,59 @@ class _InvertedIndex:
         return chunks
 
 
-def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                             top_m: int = 100, chunk: int = 1024, memory_budget_mb: float = 1024.0,
-                             workers: Workers | None = None) -> tuple[ArrayLike, ArrayLike]:
-    """All-vs-all re-ranking of one set without an N x N matrix: (indices N x M, distances N x M),
-    each row the item's M nearest original neighbours (itself included) re-ordered by re-ranked
-    distance, ascending, ties by index.
+@dataclass(frozen=True)
+class OriginalNeighbours:
+    """Each item's nearest items by original distance, itself among them, from one chunked pass over
+    the set: everything the bounded re-ranking reads of the N x N distances, so that one pass serves
+    any number of (k1, k2, lambda) settings (tune-post's grid)."""
 
-    Definition: features are L2-normalised; the squared original distance is s = max(2 - 2 cos, 0)
-    and it is divided by its row maximum over all N items, found exactly during the chunked kNN
-    pass. That is precisely the dense normalisation of `euclidean_distance(features)` (symmetric,
-    so column max = row max), and the kNN lists are exact, so the k-reciprocal sets, V, the
-    expansion and the Jaccard terms equal the dense ones (up to float rounding of the distances).
-    The returned values therefore equal the dense re-ranked distances at the same (row, column)
-    pairs; what the bounded mode gives up is only columns outside the top-M original neighbours
-    (the dense row may rank one of those higher).
+    features: torch.Tensor  # (N, D) float32, L2-normalised
+    rank: torch.Tensor  # (N, W) int64, nearest first, equal distances by index (a stable sort's first W)
+    square: torch.Tensor  # (N, W) float32 their squared distances s = max(2 - 2 cos, 0), ascending
+    row_max: torch.Tensor  # (N,) float32 each row's largest squared distance over all N items
 
-    features: N x D, numpy or torch, finite. Returns int64 and float32, numpy in -> numpy out.
-    Memory: O(N * (M + k1 * k2)) tables, `chunk` x N distance rows and about `memory_budget_mb`;
-    never N x N. The kNN pass and the Jaccard sums run on torch's own threads (large matrix
-    products and scatters), the encoding on `workers` (made for the call when not given)."""
-    check_params(k1, k2, lambda_value)
+    @property
+    def width(self) -> int:
+        return self.rank.shape[1]
+
+
+def original_neighbours(features: ArrayLike, width: int, chunk: int = 1024) -> OriginalNeighbours:
+    """The pass behind `k_reciprocal_rerank_topm`: features (N x D, numpy or torch, finite) are
+    L2-normalised, and chunk x N squared-distance rows are held at a time. width is capped at N.
+    Raises ValueError on non-finite features or when every distance is 0."""
     matrix = as_tensor("features", features)
     check_finite("features", matrix.amax(dim=0), matrix.amin(dim=0))
     feats = torch.nn.functional.normalize(matrix.float(), dim=1)
     n = feats.shape[0]
-    top_m = min(int(top_m), n)
-    width = min(max(k1 + 1, k2, top_m), n)
+    width = min(int(width), n)
     rank = torch.empty((n, width), dtype=torch.long, device=feats.device)
-    knn_square = torch.empty((n, width), dtype=torch.float32, device=feats.device)
+    square_out = torch.empty((n, width), dtype=torch.float32, device=feats.device)
     row_max = torch.empty(n, dtype=torch.float32, device=feats.device)
     for start in range(0, n, max(1, int(chunk))):
         stop = min(start + max(1, int(chunk)), n)
         square = torch.addmm(torch.tensor(2.0, device=feats.device), feats[start:stop], feats.T,
                              alpha=-2.0).clamp_(min=0)
         row_max[start:stop] = square.amax(dim=1)
-        knn_square[start:stop], rank[start:stop] = stable_smallest(square, width)
+        square_out[start:stop], rank[start:stop] = stable_smallest(square, width)
     if bool((row_max == 0).any()):
         raise ValueError("all features are identical (every distance is 0); re-ranking needs distinct items")
+    return OriginalNeighbours(feats, rank, square_out, row_max)
+
+
+def k_reciprocal_terms_topm(nearest: OriginalNeighbours, k1: int, k2: int, top_m: int,
+                            memory_budget_mb: float = 1024.0,
+                            workers: Workers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Jaccard distance of each item to its top-M original neighbours: (candidates N x M int64,
+    the first M of `nearest.rank`; Jaccard N x M float32), from lists searched once
+    (`original_neighbours`, width >= max(k1 + 1, k2, M) or N). The normalised original distance
+    of the same pairs is nearest.square[:, :M] / nearest.row_max[:, None]."""
+    check_params(k1, k2, 0.0)
+    feats, rank, row_max = nearest.features, nearest.rank, nearest.row_max
+    n = feats.shape[0]
+    top_m = min(int(top_m), n)
+    if nearest.width < min(max(k1 + 1, k2, top_m), n):
+        raise ValueError(f"neighbour lists of width {nearest.width} are too short for k1 = {k1}, k2 = {k2}, "
+                         f"M = {top_m}; search them with width >= {max(k1 + 1, k2, top_m)}")
 
     def pair_dist(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         out = torch.empty(cols.shape, dtype=torch.float32, device=feats.device)
@@ -138,16 +165,43 @@ def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lam
     v_index, v_value = run_on_workers(workers, feats.device, encode, rank, pair_dist, int(k1), int(k2),
                                       memory_budget_mb)
     inverted = _InvertedIndex(v_index, v_value, n)
-    out_index = torch.empty((n, top_m), dtype=torch.long, device=feats.device)
-    out_dist = torch.empty((n, top_m), dtype=torch.float32, device=feats.device)
-    for start, stop in inverted.row_chunks(v_index, n, memory_budget_mb):
-        candidates = rank[start:stop, :top_m]
-        overlap = inverted.overlap(v_index[start:stop], v_value[start:stop]).gather(1, candidates)
-        original = knn_square[start:stop, :top_m] / row_max[start:stop, None]
-        jaccard = 1 - overlap / (2.0 - overlap)
-        final = jaccard * (1 - lambda_value) + original * lambda_value
-        candidates, order = candidates.sort(dim=1)
-        final = final.gather(1, order)
-        final, order = torch.sort(final, dim=1, stable=True)
-        out_index[start:stop], out_dist[start:stop] = candidates.gather(1, order), final
-    return like(out_index, features), like(out_dist, features)
+    candidates = rank[:, :top_m]
+    jaccard = torch.empty((n, top_m), dtype=torch.float32, device=feats.device)
+    # Small row chunks: the scratch table is made once and reset by visit, so its size buys nothing.
+    chunks = inverted.row_chunks(v_index, n, min(memory_budget_mb, 64.0))
+    scratch = torch.zeros((max(stop - start for start, stop in chunks), n + 1), dtype=v_value.dtype,
+                          device=feats.device)
+    for start, stop in chunks:
+        overlap = inverted.overlap(v_index[start:stop], v_value[start:stop], candidates[start:stop], scratch)
+        jaccard[start:stop] = 1 - overlap / (2.0 - overlap)
+    return candidates, jaccard
+
+
+def k_reciprocal_rerank_topm(features: ArrayLike, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                             top_m: int = 100, chunk: int = 1024, memory_budget_mb: float = 1024.0,
+                             workers: Workers | None = None) -> tuple[ArrayLike, ArrayLike]:
+    """All-vs-all re-ranking of one set without an N x N matrix: (indices N x M, distances N x M),
+    each row the item's M nearest original neighbours (itself included) re-ordered by re-ranked
+    distance, ascending, ties by index.
+
+    Definition: features are L2-normalised; the squared original distance is s = max(2 - 2 cos, 0)
+    and it is divided by its row maximum over all N items, found exactly during the chunked kNN
+    pass (`original_neighbours`). That is precisely the dense normalisation of
+    `euclidean_distance(features)` (symmetric, so column max = row max), and the kNN lists are
+    exact, so the k-reciprocal sets, V, the expansion and the Jaccard terms equal the dense ones (up
+    to float rounding of the distances). The returned values therefore equal the dense re-ranked
+    distances at the same (row, column) pairs; what the bounded mode gives up is only columns
+    outside the top-M original neighbours (the dense row may rank one of those higher).
+
+    features: N x D, numpy or torch, finite. Returns int64 and float32, numpy in -> numpy out.
+    Memory: O(N * (M + k1 * k2)) tables, `chunk` x N distance rows and about `memory_budget_mb`;
+    never N x N. The kNN pass and the Jaccard sums run on torch's own threads (large matrix
+    products and scatters), the encoding on `workers` (made for the call when not given)."""
+    check_params(k1, k2, lambda_value)
+    nearest = original_neighbours(features, max(k1 + 1, k2, int(top_m)), chunk)
+    candidates, jaccard = k_reciprocal_terms_topm(nearest, k1, k2, top_m, memory_budget_mb, workers)
+    original = nearest.square[:, :candidates.shape[1]] / nearest.row_max[:, None]
+    final = jaccard * (1 - lambda_value) + original * lambda_value
+    candidates, order = candidates.sort(dim=1)
+    final, order = torch.sort(final.gather(1, order), dim=1, stable=True)
+    return like(candidates.gather(1, order), features), like(final, features)

@@ -12,8 +12,6 @@ so the dense path ranks it after them too; the figures then say they are over re
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -23,9 +21,10 @@ import torch
 from jaguar.config import PostConfig, RetrievalConfig
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.knn import Neighbours, knn, normalise
-from jaguar.retrieval.metrics import RankedEvaluator, RetrievalMetrics, ranked_basis
-from jaguar.retrieval.postprocess import BLENDS, DBA_KS, K1S, K2S, LAMBDAS, QE_ALPHAS, QE_KS, identity_gain
-from jaguar.retrieval.rerank_bounded import k_reciprocal_rerank_topm
+from jaguar.retrieval.metrics import RetrievalMetrics, ranked_basis
+from jaguar.retrieval.metrics_ranked import RankedEvaluator
+from jaguar.retrieval.postprocess import K1S, K2S, QE_ALPHAS
+from jaguar.retrieval.rerank_bounded import OriginalNeighbours, k_reciprocal_terms_topm, original_neighbours
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +38,6 @@ def use_topm(retrieval: RetrievalConfig, n_items: int) -> bool:
 
 def _embeddings(features: Union[FeatureSet, torch.Tensor]) -> torch.Tensor:
     return normalise("features", features.embeddings if isinstance(features, FeatureSet) else features)
-
-
-def _pair_cosine(embeddings: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """cos(row i, row index[i, j]) for every listed pair: N x M."""
-    out = torch.empty(index.shape, dtype=torch.float32)
-    for start in range(0, index.shape[0], _ROWS_PER_GATHER):
-        stop = start + _ROWS_PER_GATHER
-        out[start:stop] = torch.einsum("nd,nmd->nm", embeddings[start:stop], embeddings[index[start:stop]])
-    return out
 
 
 def _expand_once(embeddings: torch.Tensor, k: int, alpha: float, neighbours: Optional[Neighbours] = None
@@ -95,35 +85,34 @@ class RankedLists:
 class RerankTerms:
     """The k-reciprocal terms of one (k1, k2) over each item's top-M original neighbours, itself
     excluded: Jaccard distance, normalised squared distance and cosine distance, lists sorted by
-    index so any (lambda, blend) is one stable sort away."""
+    index so any (lambda, blend) is one stable sort away. `nearest` is the set's one kNN pass
+    (rerank_bounded.original_neighbours, width >= max(k1 + 1, k2, M + 1)), shared by every (k1, k2)."""
 
-    def __init__(self, embeddings: torch.Tensor, k1: int, k2: int, top_m: int,
-                 least_cosine: Optional[torch.Tensor] = None) -> None:
-        n = embeddings.shape[0]
-        index, jaccard = k_reciprocal_rerank_topm(embeddings, k1, k2, 0.0, top_m=min(top_m + 1, n))
+    def __init__(self, nearest: OriginalNeighbours, k1: int, k2: int, top_m: int,
+                 base: Optional[torch.Tensor] = None) -> None:
+        n = nearest.rank.shape[0]
+        index, jaccard = k_reciprocal_terms_topm(nearest, k1, k2, min(top_m + 1, n))
+        square = nearest.square[:, :index.shape[1]]
         index, order = index.sort(dim=1)
-        jaccard = jaccard.gather(1, order)
-        cosine = _pair_cosine(embeddings, index)
-        # The dense normalisation: squared distance over its row maximum, 2 - 2 * (the row's least cosine).
-        if least_cosine is None:
-            least_cosine = RerankTerms.least_cosine(embeddings)
-        original = (2 - 2 * cosine).clamp(min=0) / (2 - 2 * least_cosine).clamp(min=1e-12)[:, None]
+        jaccard, square = jaccard.gather(1, order), square.gather(1, order)
+        # The dense normalisation: squared distance over its row maximum; 1 - cos = s / 2.
+        original = square / nearest.row_max[:, None]
         keep = index != torch.arange(n)[:, None]
         # A row whose list did not hold the item itself (more than M duplicates) drops its farthest entry.
-        farthest = torch.where(original == original.amax(dim=1, keepdim=True), index, -1).argmax(dim=1)
+        farthest = torch.where(square == square.amax(dim=1, keepdim=True), index, -1).argmax(dim=1)
         lost = keep.all(dim=1)
         keep[lost, farthest[lost]] = False
         width = index.shape[1] - 1
         self.index, self.jaccard = index[keep].view(n, width), jaccard[keep].view(n, width)
-        self.original, self.raw = original[keep].view(n, width), (1 - cosine)[keep].view(n, width)
-        self.base = embeddings
+        self.original, self.raw = original[keep].view(n, width), (square / 2)[keep].view(n, width)
+        self.base = nearest.features if base is None else base  # what the lists' evaluator counts beyond M on
 
     @staticmethod
-    def least_cosine(embeddings: torch.Tensor) -> torch.Tensor:
-        """Each row's least cosine to any row (N,): the farthest item, the top-1 of -row."""
-        return -knn(-embeddings, embeddings, k=1).similarity[:, 0]
+    def neighbours(embeddings: torch.Tensor, top_m: int) -> OriginalNeighbours:
+        """The one kNN pass that serves every (k1, k2) of the grid at this M."""
+        return original_neighbours(embeddings, max(max(K1S) + 1, max(K2S), top_m + 1))
 
-    def lists(self, lambda_value: float, blend: float = 1.0) -> RankedLists:
+    def final(self, lambda_value: float, blend: float = 1.0) -> RankedLists:
         """Final = (1 - blend) * raw + blend * ((1 - lambda) * Jaccard + lambda * original)."""
         reranked = self.jaccard * (1 - lambda_value) + self.original * lambda_value
         final = reranked if blend == 1 else (1 - blend) * self.raw + blend * reranked
@@ -137,7 +126,8 @@ def final_topm(features: Union[FeatureSet, torch.Tensor], post: PostConfig, top_
     if not post.rerank or post.blend == 0:
         neighbours = knn(expanded, k=top_m, exclude_self=True)
         return RankedLists(neighbours.index, 1 - neighbours.similarity, expanded, reordered=False)
-    return RerankTerms(expanded, post.k1, post.k2, top_m).lists(post.lambda_value, post.blend)
+    nearest = original_neighbours(expanded, max(post.k1 + 1, post.k2, top_m + 1))
+    return RerankTerms(nearest, post.k1, post.k2, top_m).final(post.lambda_value, post.blend)
 
 
 class _Scorer:
@@ -145,6 +135,9 @@ class _Scorer:
 
     def __init__(self, labels: torch.Tensor) -> None:
         self.labels, self.evaluators = labels, []
+
+    def add(self, base: torch.Tensor, evaluator: RankedEvaluator) -> None:
+        self.evaluators = [*self.evaluators[-3:], (base, evaluator)]
 
     def __call__(self, lists: RankedLists) -> RetrievalMetrics:
         for base, evaluator in self.evaluators:
@@ -154,90 +147,56 @@ class _Scorer:
                 except ValueError:
                     pass  # another item set (rounding-level ties at the M-th place): build one below
         evaluator = RankedEvaluator(lists.index, lists.base, self.labels)
-        self.evaluators = [*self.evaluators[-3:], (lists.base, evaluator)]
+        self.add(lists.base, evaluator)
         return evaluator.evaluate(lists.index, lists.reordered)
 
 
-def _row(name: str, metrics: RetrievalMetrics, post: PostConfig) -> dict[str, Any]:
-    return {"name": name, **metrics.summary(), "config": post.to_dict()}
+class TopMSpace:
+    """tune-post's search space at gallery scale (postprocess.SearchSpace): candidates are each
+    item's top-M lists, scored by the evaluator's ranked-list mode. The lists of each set searched
+    before QE are kept, so QE of it reads its first neighbours from them; the re-ranking base is
+    searched once for the whole (k1, k2) grid."""
+
+    def __init__(self, features: Union[FeatureSet, torch.Tensor], labels: torch.Tensor, top_m: int) -> None:
+        self.embeddings, self.top_m, self.metrics = _embeddings(features), int(top_m), _Scorer(labels)
+        raw = self._search(self.embeddings)
+        # The lists of each set before QE, by (dba_k, alpha): (its embeddings, its neighbours).
+        self._before_qe = {(0, alpha): (self.embeddings, raw) for alpha in QE_ALPHAS}
+        self._nearest: Optional[tuple[torch.Tensor, OriginalNeighbours]] = None  # (base, its kNN pass)
+
+    def expanded(self, qe_k: int, qe_alpha: float, dba_k: int) -> tuple[torch.Tensor, RankedLists]:
+        before = self._before_qe.get((dba_k, qe_alpha))
+        if before is None:  # the DBA-expanded set, searched once for every QE on top of it
+            augmented = _expand_once(self.embeddings, dba_k, qe_alpha, self._before_qe[(0, 0.0)][1])
+            before = self._before_qe[(dba_k, qe_alpha)] = (augmented, self._search(augmented))
+        expanded, neighbours = before
+        if qe_k > 1:
+            expanded = _expand_once(expanded, qe_k, qe_alpha, neighbours)
+            neighbours = self._search(expanded)
+        return expanded, RankedLists(neighbours.index, 1 - neighbours.similarity, expanded, reordered=False)
+
+    def _search(self, embeddings: torch.Tensor) -> Neighbours:
+        """The set's top-M lists, its evaluator kept for scoring them (one pass for both)."""
+        neighbours, evaluator = RankedEvaluator.search(embeddings, self.metrics.labels, self.top_m)
+        self.metrics.add(embeddings, evaluator)
+        return neighbours
+
+    def terms(self, embeddings: torch.Tensor, k1: int, k2: int) -> RerankTerms:
+        if self._nearest is None or self._nearest[0] is not embeddings:
+            self._nearest = (embeddings, RerankTerms.neighbours(embeddings, self.top_m))
+        return RerankTerms(self._nearest[1], k1, k2, self.top_m, base=embeddings)
+
+    def final(self, post: PostConfig) -> RankedLists:
+        return final_topm(self.embeddings, post, self.top_m)
 
 
 def tune_post_topm(val_features: FeatureSet, base: RetrievalConfig,
                    search: bool = True) -> tuple[PostConfig, list[dict[str, Any]]]:
-    """postprocess.tune_post in top-M form (M = base.top_m): the same stages, grids, strict-gain
-    rule and table, each setting scored by the evaluator on its ranked lists."""
-    from jaguar.retrieval.postprocess import _as_chosen, _decide
+    """postprocess.tune_post in top-M form (M = base.top_m): the same search (postprocess.search_post)
+    in a TopMSpace, each setting scored by the evaluator on its ranked lists."""
+    from jaguar.retrieval.postprocess import _labelled, search_post
 
-    labels = val_features.labels
-    if bool((labels < 0).any()):
-        raise ValueError("validation features have unknown labels (-1); tuning needs labelled images")
-    top_m, score = int(base.top_m), _Scorer(labels)
-    embeddings = _embeddings(val_features)
-    n = embeddings.shape[0]
-    raw_post = PostConfig(rerank=False)
-    raw_lists = final_topm(embeddings, raw_post, top_m)
-    raw_metrics = score(raw_lists)
-    table = [_row("raw", raw_metrics, raw_post)]
-    logger.info("tune-post in top-M mode (M = %d, %d images): re-ranked rows are figures %s", top_m, n,
-                ranked_basis(top_m))
-    if not search:
-        chosen = dataclasses.replace(base.post)
-        qe_post = dataclasses.replace(raw_post, qe_k=chosen.qe_k, qe_alpha=chosen.qe_alpha, dba_k=chosen.dba_k)
-        for name, post in (("+QE", qe_post), ("+re-ranking", dataclasses.replace(chosen, rerank=True, blend=1.0)),
-                           ("blend (chosen)", chosen)):
-            table.append(_row(name, score(final_topm(embeddings, post, top_m)), post))
-        return chosen, table
-
-    min_se = float(base.tune_min_gain_se)
-    best_qe, best_qe_metrics, best_expanded = raw_post, raw_metrics, embeddings
-    # Each searched set's lists, by (dba_k, alpha): QE of it reads its first neighbours from them.
-    searched = {(0, alpha): raw_lists for alpha in QE_ALPHAS}
-    for qe_k, alpha, dba_k in itertools.product(QE_KS, QE_ALPHAS, DBA_KS):
-        if (qe_k == 0 and dba_k == 0) or (alpha and max(qe_k, dba_k) == 0):
-            continue
-        post = PostConfig(qe_k=qe_k, qe_alpha=alpha, dba_k=dba_k)
-        before_qe = searched.get((dba_k, alpha))
-        if qe_k > 1 and before_qe is not None:
-            expanded = _expand_once(before_qe.base, qe_k, alpha, Neighbours(before_qe.index, 1 - before_qe.distance))
-        else:
-            expanded = expand_topm(embeddings, qe_k, alpha, dba_k, Neighbours(raw_lists.index, 1 - raw_lists.distance))
-        lists = final_topm(expanded, raw_post, top_m)
-        if qe_k <= 1:
-            searched[(dba_k, alpha)] = lists
-        metrics = score(lists)
-        if metrics.mAP_balanced > best_qe_metrics.mAP_balanced:
-            best_qe, best_qe_metrics, best_expanded = post, metrics, expanded
-    table.append(_row("+QE", best_qe_metrics, best_qe))
-    chosen, chosen_metrics, chosen_row, base_embeddings = raw_post, raw_metrics, table[0], embeddings
-    if _decide("+QE", identity_gain(best_qe_metrics.per_identity_ap, raw_metrics.per_identity_ap), min_se,
-               table[-1]):
-        chosen, chosen_metrics, chosen_row, base_embeddings = best_qe, best_qe_metrics, table[-1], best_expanded
-
-    best_rr: Optional[PostConfig] = None
-    best_rr_metrics, best_terms = None, None
-    least_cosine = RerankTerms.least_cosine(base_embeddings)  # the same for every (k1, k2)
-    for k1, k2 in itertools.product(K1S, K2S):
-        if k1 >= n or k2 >= n:
-            continue
-        terms = RerankTerms(base_embeddings, k1, k2, top_m, least_cosine)
-        for lam in LAMBDAS:
-            metrics = score(terms.lists(lam))
-            if best_rr_metrics is None or metrics.mAP_balanced > best_rr_metrics.mAP_balanced:
-                best_rr = dataclasses.replace(chosen, rerank=True, k1=k1, k2=k2, lambda_value=lam, blend=1.0)
-                best_rr_metrics, best_terms = metrics, terms
-    if best_rr is None:
-        logger.info("validation set of %d images is too small to re-rank; keeping %s", n, chosen)
-        table.append({**_as_chosen(chosen_row), "name": "+re-ranking", "adopted": False})
-        table.append(_as_chosen(chosen_row))
-        return chosen, table
-    best_blend, best_blend_metrics = best_rr, None
-    for weight in BLENDS[1:]:
-        metrics = score(best_terms.lists(best_rr.lambda_value, weight))
-        if best_blend_metrics is None or metrics.mAP_balanced > best_blend_metrics.mAP_balanced:
-            best_blend, best_blend_metrics = dataclasses.replace(best_rr, blend=weight), metrics
-    table.append(_row("+re-ranking", best_blend_metrics, best_blend))
-    if _decide("+re-ranking", identity_gain(best_blend_metrics.per_identity_ap, chosen_metrics.per_identity_ap),
-               min_se, table[-1]):
-        chosen, chosen_row = best_blend, table[-1]
-    table.append(_as_chosen(chosen_row))
-    return chosen, table
+    space = TopMSpace(val_features, _labelled(val_features), int(base.top_m))
+    logger.info("tune-post in top-M mode (M = %d, %d images): re-ranked rows are figures %s", space.top_m,
+                len(space.embeddings), ranked_basis(space.top_m))
+    return search_post(space, base, search)
