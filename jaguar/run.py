@@ -9,6 +9,8 @@ report, ensemble, pseudo-label) takes a `RunDir`.
     RUN/tb/                       TensorBoard event files      tb_dir
     RUN/metrics.json              training metrics             load_metrics / save_metrics (TrainingMetrics)
     RUN/features/<split>.safetensors  embeddings per split     load_features / save_features (FeatureSet)
+    RUN/features/parts/           finished blocks of an        feature_part_path, feature_part_files,
+                                  unfinished extraction        remove_feature_parts
     RUN/post.json                 chosen post-processing and   load_post / save_post (PostResult)
                                   the stage table
     RUN/submission.csv            the challenge submission     submission_path
@@ -54,6 +56,7 @@ _TB = "tb"
 _METRICS = "metrics.json"
 _FEATURES = "features"
 _FEATURE_PARTS = "parts"
+_FEATURE_PART = "{split}-{start:07d}-{end:07d}-{key}"  # + _FEATURE_SUFFIX: rows [start, end) of a split
 _FEATURE_SUFFIX = ".safetensors"
 _POST = "post.json"
 _SUBMISSION = "submission.csv"
@@ -193,6 +196,33 @@ class RunDir:
 
     def save_features(self, split: str, features: FeatureSet) -> None:
         features.save(self.features_path(split))
+
+    def feature_part_path(self, split: str, start: int, end: int, key: str) -> Path:
+        """A finished block of an extraction: rows [start, end) of the split's image list, computed
+        with the settings whose fingerprint is `key` (hex)."""
+        self.features_path(split)  # checks the split name
+        if not key or any(c not in "0123456789abcdef" for c in key):
+            raise RunDirError(f"feature part key {key!r} is not a hex fingerprint")
+        name = _FEATURE_PART.format(split=split, start=start, end=end, key=key)
+        return self.feature_parts_dir / f"{name}{_FEATURE_SUFFIX}"
+
+    def feature_part_files(self, split: str) -> list[Path]:
+        """Every part of `split` in the parts folder, finished or half-written (a killed process's
+        temporary file), whatever its settings."""
+        self.features_path(split)
+        if not self.feature_parts_dir.is_dir():
+            return []
+        return sorted(p for p in self.feature_parts_dir.iterdir()
+                      if p.name.startswith(f"{split}-") or p.name.startswith(f".{split}-"))
+
+    def remove_feature_parts(self, split: str) -> None:
+        """Remove `split`'s parts (once its features file is complete), and the folder when empty."""
+        for path in self.feature_part_files(split):
+            path.unlink(missing_ok=True)
+        try:
+            self.feature_parts_dir.rmdir()
+        except OSError:  # absent, or another split's parts are still there
+            pass
 
     # ------------------------------------------------------------------ post-processing, score
 

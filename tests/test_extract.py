@@ -1,5 +1,5 @@
 """Sharded extraction: every image exactly once at any world size, 1 and 2 processes agree, finished
-work is reused, a pretrained/random backbone can be scored without a checkpoint, and the features
+work is reused (resuming an interrupted extraction: test_extract_resume.py), a pretrained/random backbone can be scored without a checkpoint, and the features
 feed a validated submission for every ordered test pair."""
 
 from __future__ import annotations
@@ -91,28 +91,6 @@ def test_rerun_is_a_noop_and_val_split_follows_the_run(trained_run):
     assert (features.labels >= 0).all()
     again = _jaguar("extract", str(trained_run), "--split", "val")
     assert "up to date" in again.stderr
-
-
-def test_finished_part_is_reused_and_partial_ignored(trained_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    (run / "features" / "test.safetensors").unlink(missing_ok=True)
-    _jaguar("extract", str(run), "--split", "test", "--force")
-    reference = FeatureSet.load(run / "features" / "test.safetensors")
-    # Leave a finished part with a marked embedding and a half-written temporary file, then resume.
-    from jaguar.retrieval.extract import part_path
-
-    key = reference.meta["key"]
-    parts = run / "features" / "parts"
-    finished = part_path(parts, "test", 0, len(reference), key)
-    marked = reference.embeddings.clone()
-    marked[0] = -marked[0]
-    FeatureSet(reference.names, marked, reference.labels).save(finished)
-    (parts / f".{finished.name}.abc.tmp").write_bytes(b"half")
-    (run / "features" / "test.safetensors").unlink()
-    _jaguar("extract", str(run), "--split", "test")
-    resumed = FeatureSet.load(run / "features" / "test.safetensors")
-    torch.testing.assert_close(resumed.embeddings[0], -reference.embeddings[0])
 
 
 def test_extract_with_a_recipe_and_no_checkpoint(shards_dir, tmp_path):

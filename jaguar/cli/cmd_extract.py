@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 
 from jaguar.errors import JaguarError
-from jaguar.retrieval.extract import extract_run
+from jaguar.progress import LOG_INTERVAL_S
+from jaguar.retrieval.extract import DEFAULT_BLOCK_SIZE, extract_run
 from jaguar.run import RunDir
 from jaguar.train.entry import setup_logging
 
@@ -17,10 +18,13 @@ _RUN = RunDir("RUN")  # the run folder as the help texts name it
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "extract", help="embed a split's images with a trained (or pretrained) model",
-        description="Each process embeds a contiguous slice of the split; rank 0 merges the parts into "
-                    f"{_RUN.features_dir}/<split>.safetensors. Run under `accelerate launch -m "
-                    "jaguar.cli.main extract` or torchrun for several processes. Finished parts are reused "
-                    "when re-run.")
+        description="Each process embeds a contiguous run of fixed-size blocks of the split and saves each "
+                    f"block when done under {_RUN.feature_parts_dir}/; rank 0 merges them into "
+                    f"{_RUN.features_dir}/<split>.safetensors (atomically) and removes the parts. Run under "
+                    "`accelerate launch -m jaguar.cli.main extract` or torchrun for several processes. Resumable: "
+                    "re-running the same command after a kill or preemption reuses the blocks finished with the "
+                    "same images, weights and settings and computes the rest. On a terminal a progress bar; "
+                    f"in a redirected log one progress line every {LOG_INTERVAL_S:.0f} s.")
     parser.add_argument("run_dir", nargs="?", default=None,
                         help=f"the run directory (holds {_RUN.config_path.name} and {_RUN.checkpoints_dir.name}/); "
                              "with --config it may be left out and is then run.dir")
@@ -32,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default=None,
                         help="extract with this recipe/YAML and no trained checkpoint (a pretrained backbone as is)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for --config")
-    parser.add_argument("--force", action="store_true", help="recompute even if the features exist")
+    parser.add_argument("--force", action="store_true", help="recompute even if the features or parts exist")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help="images a saved block holds, rounded up to whole batches (default "
+                             f"{DEFAULT_BLOCK_SIZE}): at most this much work is lost to an interruption")
     parser.set_defaults(func=_run)
 
 
@@ -58,5 +65,5 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging()
     run_dir, overrides = run_and_overrides(args)
     extract_run(RunDir(run_dir) if run_dir else None, args.split, args.config, overrides, args.checkpoint,
-                force=args.force)
+                force=args.force, block_size=args.block_size)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jaguar.data.prep import prepare, summary
 
@@ -27,6 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     manifest = prepare(args.src, args.out, max_side=args.max_side, shard_size=args.shard_size,
                        workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                       progress=sys.stderr.isatty(), encoding=args.encoding)
+                       progress=True, encoding=args.encoding)
     print(summary(manifest, args.out))
     return 0

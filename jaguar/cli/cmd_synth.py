@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jaguar.data.synth import make_synthetic
 from jaguar.formats import read_labels
@@ -29,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     out = make_synthetic(args.out, identities=args.identities, train_images=args.train_images,
                          test_images=args.test_images, size=args.size, seed=args.seed,
-                         workers=args.workers, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+                         workers=args.workers, overwrite=args.overwrite, progress=True,
                          bursts=args.bursts)
     train = read_labels(out / "train.csv")
     test_images = len(read_labels(out / "test_labels.csv"))

@@ -118,7 +118,7 @@ def spool_members(handle, members: dict[str, bytes]) -> tuple[list[tuple[str, in
 def _convert_all(listing: Listing, max_side: int, encoding: str, workers: int, spool: Path, progress: bool
                  ) -> tuple[list[tuple[SourceImage, dict]], list[Problem]]:
     """Convert every image (in parallel), keeping the encoded bytes in a spool file so memory stays flat."""
-    from tqdm import tqdm
+    from jaguar.progress import progress_bar
 
     tasks = [(str(image.path), listing.require_alpha, max_side, encoding) for image in listing.images]
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(tasks) > 1 else None
@@ -126,8 +126,8 @@ def _convert_all(listing: Listing, max_side: int, encoding: str, workers: int, s
     converted, problems = [], []
     try:
         with spool.open("wb") as handle:
-            for image, result in tqdm(zip(listing.images, results), total=len(tasks), disable=not progress,
-                                      desc="prep", unit="img"):
+            for image, result in progress_bar(zip(listing.images, results), total=len(tasks), enabled=progress,
+                                              desc="prep", unit="img"):
                 if "error" in result:
                     problems.append(Problem(str(image.path), result["error"]))
                     continue

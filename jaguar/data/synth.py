@@ -154,7 +154,7 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
         if bursts > 0:
             with (tmp / "bursts.csv").open("w", newline="", encoding="utf-8") as handle:
                 csv.writer(handle, lineterminator="\n").writerows([("filename", "burst"), *burst_rows])
-        from tqdm import tqdm
+        from jaguar.progress import progress_bar
 
         if workers == 1:
             results = map(render_png, jobs)
@@ -163,8 +163,8 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
             pool = ProcessPoolExecutor(max_workers=workers)
             results = pool.map(render_png, jobs, chunksize=16)
         try:
-            for path, png in tqdm(zip(paths, results), total=len(jobs), disable=not progress,
-                                  desc="synth", unit="img"):
+            for path, png in progress_bar(zip(paths, results), total=len(jobs), enabled=progress,
+                                          desc="synth", unit="img"):
                 (tmp / path).write_bytes(png)
         finally:
             if pool is not None:

@@ -1,6 +1,10 @@
-"""Sharded feature extraction: each process embeds one contiguous, disjoint slice of a split (every
-image exactly once at any world size), writes its part atomically, and rank 0 merges the parts into
-the run's features of that split after checking that together they cover the split exactly.
+"""Sharded, resumable feature extraction. A split's image list is cut into fixed-size blocks (the
+same at any world size); each process embeds one contiguous run of blocks and writes every block,
+as soon as it is complete, as a part file under the run folder (atomically, named by RunDir with a
+fingerprint of the images, weights and settings). A re-run after a kill or a preemption skips the
+blocks whose part matches and computes the rest; rank 0 then checks that the parts cover the split
+exactly, writes the features file in one rename and removes the parts. Batches never straddle a
+block, so a resumed extraction gives the same bytes as an uninterrupted one.
 `extract_split` is the stage (`jaguar extract`); `resolve_source` chooses its config and weights
 and `split_positions` the images of a split."""
 
@@ -9,19 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from safetensors import SafetensorError, safe_open
 
 from jaguar.config import Config, ConfigError, load_config
 from jaguar.data.loader import build_eval_loader
+from jaguar.data.manifest import file_sha256
 from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
 from jaguar.models import build_model
+from jaguar.progress import progress_bar
 from jaguar.retrieval.features import FeatureSet
 from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
@@ -39,40 +45,66 @@ def contiguous_slice(count: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def embed_batch(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
+                flip_tta: bool = True, scales: Sequence[float] = (1.0,),
+                autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """B x D L2-normalised float32 embeddings (on the CPU) of a B x 3 x H x W batch. Flip TTA
+    averages the image and its mirror; several scales average the embeddings of resized inputs."""
+    images = images.to(device, non_blocking=True)
+    total = None
+    for scale in scales:
+        scaled = images if scale == 1.0 else F.interpolate(
+            images, scale_factor=scale, mode="bilinear", align_corners=False)
+        views = [scaled, torch.flip(scaled, dims=[3])] if flip_tta else [scaled]
+        for view in views:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                emb = embed(view).float()
+            emb = F.normalize(emb, dim=1)
+            total = emb if total is None else total + emb
+    return F.normalize(total, dim=1).cpu()
+
+
+@torch.no_grad()
 def embed_batches(embed: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
                   flip_tta: bool = True, scales: Sequence[float] = (1.0,),
                   autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
                   desc: str = "extract") -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed every batch of `loader` (yielding (images, positions)); returns (positions, embeddings)
-    with embeddings L2-normalised float32. Flip TTA averages the image and its mirror; several
-    scales average the embeddings of resized inputs."""
+    """Embed every batch of `loader` (yielding (images, positions)) with `embed_batch`; returns
+    (positions, embeddings) with embeddings L2-normalised float32."""
     all_positions, all_embeddings = [], []
-    for images, positions in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True)
-        total = None
-        for scale in scales:
-            scaled = images if scale == 1.0 else F.interpolate(
-                images, scale_factor=scale, mode="bilinear", align_corners=False)
-            views = [scaled, torch.flip(scaled, dims=[3])] if flip_tta else [scaled]
-            for view in views:
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    emb = embed(view).float()
-                emb = F.normalize(emb, dim=1)
-                total = emb if total is None else total + emb
-        all_embeddings.append(F.normalize(total, dim=1).cpu())
+    for images, positions in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
+        all_embeddings.append(embed_batch(embed, images, device, flip_tta, scales, autocast_dtype))
         all_positions.append(torch.as_tensor(positions).cpu())
     if not all_embeddings:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
     return torch.cat(all_positions), torch.cat(all_embeddings)
 
 
-def fingerprint(obj: dict) -> str:
-    """A short stable hash of what determines a part's content (checkpoint, split, settings)."""
+def fingerprint(obj: object) -> str:
+    """A short stable hash of what determines a part's content (weights, images, settings)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def part_path(parts_dir: Path, split: str, start: int, end: int, key: str) -> Path:
-    return parts_dir / f"{split}-{start:07d}-{end:07d}-{key}.safetensors"
+DEFAULT_BLOCK_SIZE = 1024  # images a part holds: at most this much work is lost when a process is killed
+
+
+def block_grid(count: int, world_size: int, block_size: int, batch_size: int) -> list[tuple[int, int]]:
+    """The blocks [start, end) of a split of `count` images. A block is `block_size` images rounded
+    up to whole batches (so the eval loader's batches never straddle two blocks), or fewer when the
+    split is too small to give every process one: then ceil(count / world_size), also in whole
+    batches. Above world_size x block_size images the grid does not depend on the world size, so
+    parts are reused when a re-run has another number of processes."""
+    if count == 0:
+        return []
+    size = min(block_size, -(-count // world_size))
+    size = max(batch_size, -(-size // batch_size) * batch_size)
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def rank_blocks(blocks: list[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
+    """`rank`'s contiguous run of blocks (contiguous_slice over the block list)."""
+    first, last = contiguous_slice(len(blocks), rank, world_size)
+    return blocks[first:last]
 
 
 def merge_parts(part_files: list[Path], expected_names: list[str], label_names: dict[int, str],
@@ -148,63 +180,149 @@ class Extraction:
     source: str = ""
 
 
-def _mtime(checkpoint: Optional[Path]) -> float:
-    if checkpoint is None or not checkpoint.exists():
-        return 0.0
-    return checkpoint.stat().st_mtime
+# Data settings only the training loader reads: changing them leaves an extracted embedding as it was.
+_TRAINING_ONLY_DATA = ("sampler", "p_identities", "k_images", "num_workers", "hflip", "rotation", "scale",
+                       "translate", "color_jitter", "random_erasing", "pad", "mixup_alpha", "mixup_prob")
+
+
+def weights_digest(checkpoint: Optional[Path], cfg: Config) -> str:
+    """sha256 of the weights an extraction loads (a checkpoint folder's weights and EMA weights, a
+    weights file, or model.pretrained_file when there is no checkpoint): a checkpoint re-written at
+    the same path is another checkpoint."""
+    if checkpoint is None:
+        file = Path(cfg.model.pretrained_file) if cfg.model.pretrained_file else None
+        return f"as built, {file_sha256(file) if file and file.is_file() else 'no weights file'}"
+    files = [checkpoint / ckpt.WEIGHTS_FILE, checkpoint / ckpt.EMA_WEIGHTS_FILE] if checkpoint.is_dir() else [checkpoint]
+    return ",".join(f"{f.name}:{file_sha256(f)}" for f in files if f.is_file()) or f"{checkpoint} (missing)"
+
+
+def _image_digests(split) -> list[str]:
+    """The sha256 of every image of a shard split (a ShardSplit, or a ConcatSplit of several), from
+    the manifest: re-prepared images under the same names are other images."""
+    return [sample.sha256 for part in getattr(split, "splits", [split])
+            for sample in part.manifest.splits[part.split].samples]
+
+
+def extraction_key(cfg: Config, split_name: str, split, positions: Sequence[int], checkpoint: Optional[Path],
+                   autocast: Optional[torch.dtype]) -> str:
+    """The fingerprint of everything an extracted embedding depends on: the images in order (names
+    and content), the weights (content), the model and eval-transform settings, flip TTA and scales,
+    the batch size and the autocast type. A part or features file made under another key is stale."""
+    digests = _image_digests(split)
+    images = fingerprint([[split.filenames[p], digests[p]] for p in positions])
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in _TRAINING_ONLY_DATA}
+    return fingerprint({"format": 2, "split": split_name, "images": images, "weights": weights_digest(checkpoint, cfg),
+                        "prefer_ema": cfg.optim.ema, "model": asdict(cfg.model), "data": data,
+                        "flip_tta": cfg.retrieval.flip_tta, "scales": list(cfg.retrieval.scales),
+                        "autocast": str(autocast)})
+
+
+def _stored_key(path: Path) -> Optional[str]:
+    """The key in a features file's metadata (without reading its tensors); None if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get("meta", "{}")).get("key")
+    except (OSError, ValueError, json.JSONDecodeError, SafetensorError):
+        return None
+
+
+def _finished_part(path: Path, names: list[str], key: str) -> bool:
+    """Whether `path` is a complete part of these images made under `key` (an unreadable or
+    mismatched one is logged and recomputed)."""
+    if not path.is_file():
+        return False
+    try:
+        part = FeatureSet.load(path)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as err:
+        log.warning("feature part %s is unreadable (%s); recomputing it", path, err)
+        return False
+    if part.names != names or part.meta.get("key") != key:
+        log.warning("feature part %s does not hold the expected images; recomputing it", path)
+        return False
+    return True
+
+
+def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, positions: Sequence[int],
+                  names: list[str], blocks: list[tuple[int, int]], cfg: Config, device: torch.device,
+                  autocast: Optional[torch.dtype], bar) -> None:
+    """Embed `blocks` (one loader over their images; batches never straddle a block, see
+    block_grid) and save each block as its part file as soon as it is complete."""
+    flat = [p for start, end in blocks for p in positions[start:end]]
+    loader = build_eval_loader(cfg, split, flat, tuple(model.mean), tuple(model.std), cfg.data.batch_size)
+    pending = iter(blocks)
+    start, end = next(pending)
+    pieces: list[torch.Tensor] = []
+    filled = 0
+    for images, _ in loader:
+        pieces.append(embed_batch(model.embed, images, device, cfg.retrieval.flip_tta, cfg.retrieval.scales,
+                                  autocast))
+        filled += len(images)
+        bar.update(len(images))
+        if filled > end - start:
+            raise RuntimeError(f"a batch of {len(images)} straddles the block [{start}, {end}); the block "
+                               f"size must be whole batches of data.batch_size={cfg.data.batch_size}")
+        if filled == end - start:
+            labels = torch.as_tensor(split.labels[list(positions[start:end])], dtype=torch.long)
+            FeatureSet(names[start:end], torch.cat(pieces), labels, meta={"key": key}).save(
+                run.feature_part_path(split_name, start, end, key))
+            pieces, filled = [], 0
+            start, end = next(pending, (0, 0))
 
 
 def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optional[Path],
-                  force: bool = False) -> Extraction:
+                  force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Extraction:
     """Embed `split_name`'s images into the run's features of that split, each process of the
-    launch (accelerate / torchrun / srun, or one process) its contiguous slice; parts finished by an
-    earlier attempt are reused and an up-to-date features file is left as it is (unless `force`).
-    With `checkpoint` None the model is used as built. The run's config is written if it has none."""
+    launch (accelerate / torchrun / srun, or one process) its contiguous run of `block_size`-image
+    blocks (block_grid), each block saved as a part when done. Parts finished by an earlier,
+    interrupted attempt with the same images, weights and settings are reused; an up-to-date
+    features file is left as it is (unless `force`, which recomputes every block). With
+    `checkpoint` None the model is used as built. The run's config is written if it has none.
+    Raises JaguarError (ConfigError, MissingInputError) for a bad split, config or checkpoint."""
+    if block_size < 1:
+        raise ConfigError(f"the extraction block size must be >= 1 image, got {block_size}")
     out = run.features_path(split_name)
     split, positions = split_positions(cfg, run, split_name)
     names = [split.filenames[p] for p in positions]
-    settings = {"split": split_name, "names": fingerprint({"n": names}), "flip_tta": cfg.retrieval.flip_tta,
-                "scales": cfg.retrieval.scales, "backbone": cfg.model.backbone, "img_size": cfg.model.img_size,
-                "checkpoint": str(checkpoint) if checkpoint else "pretrained",
-                "weights_mtime": _mtime(checkpoint)}
-    key = fingerprint(settings)
-    if out.is_file() and not force and FeatureSet.load(out).meta.get("key") == key:
-        log.info("%s is up to date; nothing to do (--force recomputes)", out)
-        return Extraction(out, len(names), reused=True)
-
     cfg.train.precision = "fp32"  # extraction chooses its own autocast below
     accelerator = build_accelerator(cfg)
+    autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast)
+    if out.is_file() and not force and _stored_key(out) == key:
+        log.info("%s is up to date; nothing to do (--force recomputes)", out)
+        if accelerator.is_main_process:
+            run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up
+        return Extraction(out, len(names), reused=True)
+
     num_classes = ckpt.read_state(checkpoint)["num_classes"] if checkpoint is not None and checkpoint.is_dir() else 1
     model = build_model(cfg, num_classes)
     source = (str(ckpt.load_weights(model, checkpoint, prefer_ema=cfg.optim.ema)) if checkpoint
               else f"{cfg.model.backbone} (as built)")
     model.to(accelerator.device).eval()
     rank, world = accelerator.process_index, accelerator.num_processes
-    start, end = contiguous_slice(len(positions), rank, world)
-    mine = part_path(run.feature_parts_dir, split_name, start, end, key)
-    if mine.is_file() and not force:
-        log.info("rank %d: reusing finished part %s", rank, mine.name)
-    else:
-        loader = build_eval_loader(cfg, split, positions[start:end], tuple(model.mean), tuple(model.std),
-                                   cfg.data.batch_size)
-        autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        _, embeddings = embed_batches(model.embed, loader, accelerator.device, cfg.retrieval.flip_tta,
-                                      cfg.retrieval.scales, autocast, progress=accelerator.is_main_process,
-                                      desc=f"extract {split_name}")
-        labels = torch.as_tensor(split.labels[positions[start:end]], dtype=torch.long)
-        if embeddings.numel() == 0:
-            embeddings = torch.zeros(0, model.embed_dim)
-        FeatureSet(names[start:end], embeddings, labels).save(mine)
+    blocks = block_grid(len(positions), world, block_size, cfg.data.batch_size)
+    mine = rank_blocks(blocks, rank, world)
+    todo = [(start, end) for start, end in mine
+            if force or not _finished_part(run.feature_part_path(split_name, start, end, key), names[start:end], key)]
+    total, left = sum(e - s for s, e in mine), sum(e - s for s, e in todo)
+    if left < total:
+        log.info("rank %d: %d of its %d images were extracted by an earlier attempt; %d to go",
+                 rank, total - left, total, left)
+    bar = progress_bar(total=total, initial=total - left, unit="img", enabled=accelerator.is_main_process,
+                       desc=f"extract {split_name}" + (f" (rank 0 of {world})" if world > 1 else ""))
+    with bar:
+        if todo:
+            _embed_blocks(run, split_name, key, model, split, positions, names, todo, cfg, accelerator.device,
+                          autocast, bar)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        part_files = [part_path(run.feature_parts_dir, split_name, *contiguous_slice(len(positions), r, world), key)
-                      for r in range(world)]
         meta = {"split": split_name, "source": source, "key": key, "flip_tta": cfg.retrieval.flip_tta,
-                "scales": cfg.retrieval.scales, "world_size": world}
+                "scales": cfg.retrieval.scales, "world_size": world, "block_size": blocks[0][1] if blocks else 0}
+        part_files = [run.feature_part_path(split_name, start, end, key) for start, end in blocks]
         features = merge_parts(part_files, names, split.label_names, meta)
-        run.save_features(split_name, features)
-        for part in part_files:
-            part.unlink(missing_ok=True)
+        if len(features) == 0:
+            features.embeddings = torch.zeros(0, model.embed_dim)
+        run.save_features(split_name, features)  # atomic: the old file or the new one, never half of one
+        run.remove_feature_parts(split_name)
         if not run.has_config():
             run.save_config(cfg)
         log.info("wrote %s: %d images x %d dims from %s", out, len(features), features.embeddings.shape[1], source)
@@ -214,8 +332,8 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
 
 def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | None = None,
                 overrides: Sequence[str] = (), checkpoint: str | Path | None = None,
-                force: bool = False) -> Extraction:
+                force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Extraction:
     """`jaguar extract`: resolve the config and weights (resolve_source; with a recipe the run may
     be None and is then its run.dir), then extract the split (extract_split)."""
     run, cfg, weights = resolve_source(run, recipe, overrides, checkpoint)
-    return extract_split(run, split_name, cfg, weights, force=force)
+    return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size)

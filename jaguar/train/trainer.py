@@ -17,13 +17,13 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 from torch import nn
-from tqdm import tqdm
 
 from jaguar.config import Config, ConfigError
 from jaguar.data.loader import build_train_loader
 from jaguar.data.mixup import mixup_batch
 from jaguar.models import build_model
 from jaguar.models.losses import ReIDCriterion
+from jaguar.progress import progress_bar
 from jaguar.train import checkpoint as ckpt
 from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, set_deepspeed_micro_batch,
                                 uses_deepspeed)
@@ -187,8 +187,8 @@ class Trainer:
         if self.step >= self.total_steps:
             log.info("training already finished at step %d; nothing to do", self.step)
             return self._write_metrics()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
-                   desc="train", dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, enabled=acc.is_main_process, desc="train",
+                           unit="step")
         sums: dict[str, float] = {}
         window_steps, images_seen, window_start = 0, 0, time.perf_counter()
         while self.step < self.total_steps:
@@ -209,7 +209,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     self._log_scalars(sums, window_steps, grad_norm,
                                       images_seen * acc.num_processes / max(elapsed, 1e-9))
-                    bar.set_postfix(loss=f"{sums.get('loss', 0.0) / window_steps:.3f}")
+                    bar.set_postfix(loss=f"{sums.get('loss', 0.0) / window_steps:.3f}", refresh=False)
                     sums, window_steps, images_seen, window_start = {}, 0, 0, time.perf_counter()
                 if self._preempt_requested():
                     self._save("step")
