@@ -288,8 +288,8 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast)
     if out.is_file() and not force and _stored_key(out) == key:
-        log.info("%s is up to date; nothing to do (--force recomputes)", out)
         if accelerator.is_main_process:
+            log.info("%s is up to date; nothing to do (--force recomputes)", out)
             run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up
         return Extraction(out, len(names), reused=True)
 
