@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from jaguar.config import load_config  # noqa: E402
+from jaguar.retrieval.extract import DEFAULT_BLOCK_SIZE, block_grid  # noqa: E402
+from jaguar.run import RunDir  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny_cpu.py"
 CPU_2PROC = ROOT / "launch" / "cpu_2proc.yaml"
@@ -52,12 +57,29 @@ def run_stage(name: str, command: list[str], logs: Path, env: dict) -> dict:
             "log_lines": len(log_path.read_text().splitlines())}
 
 
+def run_killed(name: str, command: list[str], logs: Path, env: dict, parts_done, wanted: int) -> dict:
+    """Run a stage and kill -9 its whole process group once `parts_done()` reaches `wanted`: a
+    preempted job. Its wall time until the kill and the blocks it left."""
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    with (logs / f"{name}.log").open("w") as log, open(logs / f"{name}.out", "w") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=log, cwd=ROOT, env=env, start_new_session=True)
+        while child.poll() is None and parts_done() < wanted:
+            time.sleep(0.2)
+        if child.poll() is not None:
+            raise SystemExit(f"stage {name} ended before it could be killed; use a larger --count")
+        os.killpg(child.pid, signal.SIGKILL)
+        _, _, usage = os.wait4(child.pid, 0)
+    return {"stage": name, "wall": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime,
+            "rss_mb": usage.ru_maxrss / 1024, "load": (load, os.getloadavg()[0]),
+            "log_lines": len((logs / f"{name}.log").read_text().splitlines()), "parts": parts_done()}
+
+
 def reader_rate(shards: Path, size_overrides: list[str], images: int) -> float:
     """Images/s of the evaluation reader alone (read, decode, eval transform, batching) on one core:
     the shards' speed limit for extraction, per process."""
     import torch
 
-    from jaguar.config import load_config
     from jaguar.data.loader import build_eval_loader
     from jaguar.data.shards import ShardSplit
 
@@ -76,7 +98,6 @@ def model_rate(size_overrides: list[str], seconds: float = 5.0) -> float:
     on one thread: the other bound of extraction, per process."""
     import torch
 
-    from jaguar.config import load_config
     from jaguar.models import build_model
     from jaguar.retrieval.extract import embed_batch
 
@@ -108,6 +129,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2, help="extraction processes (accelerate, gloo)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/jaguar-image-scale"))
     parser.add_argument("--keep", action="store_true", help="keep WORK afterwards")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="jaguar extract --block-size")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="skip the second extraction that is killed half-way and resumed")
     args = parser.parse_args()
 
     identities = args.identities or max(31, args.count // 50)
@@ -119,8 +143,12 @@ def main() -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true",
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     jaguar = [sys.executable, "-m", "jaguar.cli.main"]
-    config = ["--config", str(RECIPE), f"data.shards={shards}", f"run.dir={run}",
-              f"data.val_fraction={args.val_fraction}", "data.num_workers=0"]
+
+    def config_for(run_dir: Path) -> list[str]:
+        return ["--config", str(RECIPE), f"data.shards={shards}", f"run.dir={run_dir}",
+                f"data.val_fraction={args.val_fraction}", "data.num_workers=0", "--block-size", str(args.block_size)]
+
+    config = config_for(run)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
               "--num_processes", str(args.processes), "-m", "jaguar.cli.main"]
 
@@ -140,23 +168,56 @@ def main() -> int:
         ("tune-post", [*jaguar, "tune-post", str(run)]),
         ("rank val", [*jaguar, "rank", str(run), "--split", "val", "--top-k", "100"]),
     ]
+    if not args.no_resume:
+        # The same extraction into a second run folder, killed (kill -9 of every process) once half
+        # its blocks are saved, then the same command again: it must finish the rest only and give
+        # the same features, bit for bit.
+        resumed = work / "resumed"
+        again = [*launch, "extract", str(resumed), *config_for(resumed), "--split", "train"]
+        stages[3:3] = [("extract train, killed half-way", again), ("extract train, resumed", again)]
+
+    def parts_done() -> int:
+        return len([p for p in RunDir(work / "resumed").feature_part_files("train") if not p.name.startswith(".")])
+
+    batch = load_config(RECIPE).data.batch_size
+    blocks = len(block_grid(args.count, args.processes, args.block_size, batch))
     results = []
     for name, command in stages:
-        result = run_stage(name.replace(" ", "_"), command, logs, env)
+        if name.endswith("killed half-way"):
+            result = run_killed(name.replace(" ", "_").replace(",", ""), command, logs, env, parts_done,
+                                max(1, blocks // 2))
+            print(f"  {name}: killed after {result['wall']:.1f} s with {result['parts']} of {blocks} blocks saved",
+                  flush=True)
+        else:
+            result = run_stage(name.replace(" ", "_").replace(",", ""), command, logs, env)
+            print(f"  {name}: {result['wall']:.1f} s", flush=True)
         result["stage"] = name
         results.append(result)
-        print(f"  {name}: {result['wall']:.1f} s", flush=True)
         if name == "prep":
             bound = reader_rate(shards, [], 2000)
             print(f"  eval reader alone (1 process, 1 thread, num_workers 0): {bound:.0f} images/s", flush=True)
             model_bound = model_rate([])
             print(f"  model alone (1 thread, flip TTA): {model_bound:.0f} images/s", flush=True)
 
-    from jaguar.run import RunDir
+    up_to_date = (logs / "extract_train_again_(up_to_date).log").read_text()
+    if "up to date" not in up_to_date:
+        raise SystemExit("the re-run of a finished extraction recomputed it:\n" + up_to_date[-2000:])
+    resume_note = ""
+    if not args.no_resume:
+        import torch
 
+        whole, resumed_set = RunDir(run).load_features("train"), RunDir(work / "resumed").load_features("train")
+        same = whole.names == resumed_set.names and torch.equal(whole.embeddings, resumed_set.embeddings)
+        if not same:
+            raise SystemExit("the resumed extraction's features differ from the uninterrupted one's")
+        reused = re.findall(r"rank (\d+): (\d+) of its (\d+) images were extracted by an earlier attempt",
+                            (logs / "extract_train_resumed.log").read_text())
+        resume_note = (f"resumed extraction: identical features (names and embeddings bit for bit) to the "
+                       f"uninterrupted run; reused per rank: "
+                       f"{', '.join(f'rank {r} {a}/{b}' for r, a, b in reused) or 'none'} images.")
     val = len(RunDir(run).load_features("val"))
     counts = {"synth": args.count + args.test_images, "prep": args.count + args.test_images,
-              "extract train": args.count, "extract val": val, "tune-post": val, "rank val": val}
+              "extract train": args.count, "extract val": val, "extract train, resumed": None, "tune-post": val, "rank val": val}
     print()
     print("| stage | images | wall | CPU | images/s | peak RSS (largest process) | load before / after | "
           "stderr lines |")
@@ -174,6 +235,8 @@ def main() -> int:
           f"images/s start to end (incl. launch, imports, merge), {steady or 0:.0f} images/s a process while "
           f"embedding (rank 0's progress line); bounds on one core: eval reader {bound:.0f} images/s, model "
           f"{model_bound:.0f} images/s, both in series {1 / (1 / bound + 1 / model_bound):.0f} images/s.")
+    if resume_note:
+        print(resume_note)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

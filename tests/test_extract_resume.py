@@ -209,6 +209,23 @@ def _counting_read(reads):
     return counting
 
 
+def test_a_model_without_checkpoint_is_the_same_in_every_process_and_run(shards_dir, tmp_path, reads):
+    """`extract --config` without weights embeds with the randomly initialised layers as built: they
+    are drawn from run.seed, so two runs (or two processes, each building its own) agree and a
+    part of one process matches the others'."""
+    first, second = RunDir(tmp_path / "first"), RunDir(tmp_path / "second")
+    torch.manual_seed(1)
+    extract_split(first, "test", _cfg(shards_dir, first.path), None, block_size=BLOCK)
+    torch.manual_seed(2)  # the caller's random state does not leak into the model
+    extract_split(second, "test", _cfg(shards_dir, second.path), None, block_size=BLOCK)
+    assert torch.equal(first.load_features("test").embeddings, second.load_features("test").embeddings)
+    reseeded = RunDir(tmp_path / "reseeded")
+    extract_split(reseeded, "test", load_config(TINY, [f"data.shards={shards_dir}", f"run.dir={reseeded.path}",
+                                                       *SMALL, "run.seed=7"]), None, block_size=BLOCK)
+    assert not torch.equal(first.load_features("test").embeddings, reseeded.load_features("test").embeddings)
+    assert first.load_features("test").meta["key"] != reseeded.load_features("test").meta["key"]
+
+
 @pytest.mark.slow
 def test_two_processes_resume_a_killed_run(shards_dir, tmp_path, weights, reads):
     """A 1-process extraction killed after 2 blocks, re-run with 2 processes (accelerate, gloo): the

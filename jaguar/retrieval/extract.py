@@ -187,11 +187,12 @@ _TRAINING_ONLY_DATA = ("sampler", "p_identities", "k_images", "num_workers", "hf
 
 def weights_digest(checkpoint: Optional[Path], cfg: Config) -> str:
     """sha256 of the weights an extraction loads (a checkpoint folder's weights and EMA weights, a
-    weights file, or model.pretrained_file when there is no checkpoint): a checkpoint re-written at
-    the same path is another checkpoint."""
+    weights file, or model.pretrained_file and run.seed, which draws the random layers, when there is
+    no checkpoint): a checkpoint re-written at the same path is another checkpoint."""
     if checkpoint is None:
         file = Path(cfg.model.pretrained_file) if cfg.model.pretrained_file else None
-        return f"as built, {file_sha256(file) if file and file.is_file() else 'no weights file'}"
+        return (f"as built with seed {cfg.run.seed}, "
+                f"{file_sha256(file) if file and file.is_file() else 'no weights file'}")
     files = [checkpoint / ckpt.WEIGHTS_FILE, checkpoint / ckpt.EMA_WEIGHTS_FILE] if checkpoint.is_dir() else [checkpoint]
     return ",".join(f"{f.name}:{file_sha256(f)}" for f in files if f.is_file()) or f"{checkpoint} (missing)"
 
@@ -294,7 +295,11 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
         return Extraction(out, len(names), reused=True)
 
     num_classes = ckpt.read_state(checkpoint)["num_classes"] if checkpoint is not None and checkpoint.is_dir() else 1
-    model = build_model(cfg, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        # Without a checkpoint the randomly initialised layers ARE the model: every process and every
+        # re-run must draw the same ones (run.seed), or the processes' parts would not match.
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg, num_classes)
     source = (str(ckpt.load_weights(model, checkpoint, prefer_ema=cfg.optim.ema)) if checkpoint
               else f"{cfg.model.backbone} (as built)")
     model.to(accelerator.device).eval()
