@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -58,17 +57,23 @@ def run_stage(name: str, command: list[str], logs: Path, env: dict) -> dict:
 
 
 def run_killed(name: str, command: list[str], logs: Path, env: dict, parts_done, wanted: int) -> dict:
-    """Run a stage and kill -9 its whole process group once `parts_done()` reaches `wanted`: a
-    preempted job. Its wall time until the kill and the blocks it left."""
+    """Run a stage and kill -9 all its processes once `parts_done()` reaches `wanted`: a preempted
+    job. Its wall time until the kill and the blocks it left (CPU and RSS: the launcher's only)."""
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with (logs / f"{name}.log").open("w") as log, open(logs / f"{name}.out", "w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=log, cwd=ROOT, env=env, start_new_session=True)
+        child = subprocess.Popen(command, stdout=out, stderr=log, cwd=ROOT, env=env)
         while child.poll() is None and parts_done() < wanted:
             time.sleep(0.2)
         if child.poll() is not None:
             raise SystemExit(f"stage {name} ended before it could be killed; use a larger --count")
-        os.killpg(child.pid, signal.SIGKILL)
+        # torchrun starts each worker in a session of its own: kill the whole tree, as Slurm does
+        # (psutil comes with accelerate).
+        import psutil
+
+        launcher = psutil.Process(child.pid)
+        for process in [*launcher.children(recursive=True), launcher]:
+            process.kill()
         _, _, usage = os.wait4(child.pid, 0)
     return {"stage": name, "wall": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime,
             "rss_mb": usage.ru_maxrss / 1024, "load": (load, os.getloadavg()[0]),
