@@ -62,15 +62,41 @@ def test_bad_lists_are_refused():
         evaluate_ranked(torch.zeros((2, 2), dtype=torch.long), features, labels)
 
 
-def test_ranked_evaluator_scores_reorderings_of_its_lists_only():
+def _dense_of_lists(scores, lists):
+    """The dense ranking a set of lists stands for: each list in its order first, the rest by score."""
+    order_key = torch.zeros_like(scores)
+    width = lists.shape[1]
+    order_key.scatter_(1, lists, 10.0 + torch.arange(width, 0, -1, dtype=torch.float32).expand(len(lists), width))
+    return scores + order_key
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_ranked_evaluator_scores_lists_that_reorder_or_swap_in_items_from_beyond_m(seed):
     from jaguar.retrieval.metrics_ranked import RankedEvaluator
 
-    features, labels = clustered(seed=4, dim=8)
+    features, labels = clustered(seed=seed, dim=8, duplicates=20)  # ties: duplicate images
+    scores = features @ features.T
     ranked = knn(features, k=5, exclude_self=True).index
-    evaluator = RankedEvaluator(ranked, features, labels)
-    assert_same(evaluator.evaluate(ranked), evaluate_ranked(ranked, features, labels))
-    with pytest.raises(MetricsError, match="other items"):
-        evaluator.evaluate(knn(features, k=6, exclude_self=True).index[:, 1:])
+    built = RankedEvaluator(ranked, features, labels)
+    assert_same(built.evaluate(ranked), evaluate_ranked(ranked, features, labels))
+    _, evaluator = RankedEvaluator.search(features, labels, 5)
+    # Re-ranking style lists: some rows swap items (true matches among them) for items beyond M.
+    generator = torch.Generator().manual_seed(seed)
+    swapped = ranked.clone()
+    beyond = knn(features, k=15, exclude_self=True).index[:, 5:]
+    rows = torch.randperm(len(labels), generator=generator)[:len(labels) // 2]
+    for row in rows.tolist():
+        n_swap = int(torch.randint(1, 4, (1,), generator=generator))
+        slots = torch.randperm(5, generator=generator)[:n_swap]
+        swapped[row, slots] = beyond[row, torch.randperm(10, generator=generator)[:n_swap]]
+        swapped[row] = swapped[row, torch.randperm(5, generator=generator)]
+    scores.fill_diagonal_(float("-inf"))
+    result = evaluator.evaluate(swapped, reordered=True)
+    assert_same(result, evaluate(_dense_of_lists(scores, swapped), labels, kind="similarity"))
+    with pytest.raises(MetricsError, match="entries a query"):
+        evaluator.evaluate(swapped[:, 1:])
+    with pytest.raises(MetricsError, match="other items"):  # the caller's lists: beyond M is unknown
+        built.evaluate(swapped)
 
 
 @pytest.mark.parametrize("top_m,chunk", [(1, 7), (5, 1024), (30, 13)])

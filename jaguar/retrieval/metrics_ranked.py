@@ -125,7 +125,8 @@ class RankedEvaluator:
             last = int(torch.searchsorted(pair_query, rows[-1], right=True))
             ranks.append(self._count_block(query[rows] @ gallery.T, rows, lists[rows], pair_query[first:last],
                                            pair_gallery[first:last]))
-        self._finish(lists, pair_query, torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long))
+        self._finish(lists, pair_query, pair_gallery, torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long))
+        self.searched = False  # the lists are the caller's: other items cannot be placed against them
 
     @classmethod
     def search(cls, features: ArrayLike, labels: ArrayLike, top_m: int, *,
@@ -146,7 +147,7 @@ class RankedEvaluator:
         similarity = torch.empty((n, top_m), dtype=torch.float32)
         pair_query, pair_gallery = _match_pairs(evaluator.q_label, evaluator.g_label, True)
         bounds = torch.searchsorted(pair_query, torch.arange(n + 1))
-        beyond_query, beyond_rank = [], []
+        beyond_query, beyond_gallery, beyond_rank = [], [], []
         step = evaluator._rows_per_step(n, chunk)
         for start in range(0, n, step):
             stop = min(start + step, n)
@@ -158,9 +159,11 @@ class RankedEvaluator:
                 index[start:stop], pair_query[bounds[start]:bounds[stop]] - start,
                 pair_gallery[bounds[start]:bounds[stop]])
             beyond_query.append(block_query + start)
+            beyond_gallery.append(block_gallery)
             beyond_rank.append(evaluator._count_block(scores, rows, index[start:stop], block_query + start,
                                                       block_gallery))
-        evaluator._finish(index, torch.cat(beyond_query), torch.cat(beyond_rank))
+        evaluator._finish(index, torch.cat(beyond_query), torch.cat(beyond_gallery), torch.cat(beyond_rank))
+        evaluator.searched = True  # the lists are the base top M: `evaluate` may place other items
         return Neighbours(index, similarity), evaluator
 
     def _setup(self, query_features: ArrayLike, query_labels: ArrayLike, gallery_features: Optional[ArrayLike],
@@ -171,6 +174,7 @@ class RankedEvaluator:
         self.q_label = _vector("query labels", query_labels, query.shape[0])
         self.g_label = self.q_label if self.all_vs_all else _vector("gallery labels", gallery_labels,
                                                                      gallery.shape[0])
+        self.query, self.gallery = query, gallery
         return query, gallery
 
     @staticmethod
@@ -209,9 +213,10 @@ class RankedEvaluator:
         ranks[pair[present]] = lists.shape[1] + 1 + above[present]
         return ranks
 
-    def _finish(self, lists: torch.Tensor, beyond_query: torch.Tensor, beyond_rank: torch.Tensor) -> None:
+    def _finish(self, lists: torch.Tensor, beyond_query: torch.Tensor, beyond_gallery: torch.Tensor,
+                beyond_rank: torch.Tensor) -> None:
         self.sorted_lists = lists.sort(dim=1).values
-        self.beyond_query, self.beyond_rank = beyond_query, beyond_rank
+        self.beyond_query, self.beyond_gallery, self.beyond_rank = beyond_query, beyond_gallery, beyond_rank
 
     def _lists(self, ranked: ArrayLike, n_query: int) -> torch.Tensor:
         lists = torch.as_tensor(np.asarray(ranked) if not isinstance(ranked, torch.Tensor) else ranked).long()
@@ -222,16 +227,83 @@ class RankedEvaluator:
         return lists
 
     def evaluate(self, ranked: ArrayLike, reordered: bool = False) -> RetrievalMetrics:
-        """The figures of these lists in this order (each row the same items as the lists the
-        evaluator was built on); reordered=True when re-ordered within the top M (e.g. re-ranked),
-        which the figures then say (`reordered_top_m`)."""
+        """The figures of these lists in this order; reordered=True when re-ordered within the top
+        M (e.g. re-ranked), which the figures then say (`reordered_top_m`). On an evaluator made by
+        `search`, a list may also swap some of its items for items from beyond M (re-ranking
+        brings them in): everything not in a list then follows it in base score order, the
+        swapped-out items first."""
         lists = self._lists(ranked, self.q_label.numel())
-        if not torch.equal(lists.sort(dim=1).values, self.sorted_lists):
-            raise MetricsError("ranked lists hold other items than the lists the evaluator was built on")
+        width = self.sorted_lists.shape[1]
+        if lists.shape[1] != width:
+            raise MetricsError(f"ranked lists have {lists.shape[1]} entries a query; the evaluator was built on "
+                               f"{width}")
+        found = torch.searchsorted(self.sorted_lists, lists).clamp(max=width - 1)
+        in_base = self.sorted_lists.gather(1, found) == lists
         list_query, list_rank = (self.g_label[lists] == self.q_label[:, None]).nonzero(as_tuple=True)
-        return _figures(torch.cat([list_query, self.beyond_query]), torch.cat([list_rank + 1, self.beyond_rank]),
-                        self.q_label, lists.shape[1] if reordered else None,
-                        _no_match_message(self.all_vs_all, False, 0, 0))
+        beyond_query, beyond_rank = self.beyond_query, self.beyond_rank
+        if not bool(in_base.all()):
+            if not self.searched:
+                raise MetricsError("ranked lists hold other items than the lists the evaluator was built on; "
+                                   "build it with RankedEvaluator.search to score lists that bring in items "
+                                   "from beyond M")
+            beyond_query, beyond_rank = self._swapped(lists, in_base)
+        return _figures(torch.cat([list_query, beyond_query]), torch.cat([list_rank + 1, beyond_rank]),
+                        self.q_label, width if reordered else None, _no_match_message(self.all_vs_all, False, 0, 0))
+
+    def _pair_scores(self, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """cos(query rows[i], gallery items[i, k]): R x K, the gathered vectors ~64 MB at a time."""
+        out = torch.empty(items.shape, dtype=torch.float32)
+        step = max(1, (64 << 20) // (4 * max(items.shape[1], 1) * self.gallery.shape[1]))
+        for start in range(0, rows.numel(), step):
+            part = slice(start, start + step)
+            out[part] = torch.einsum("rd,rkd->rk", self.query[rows[part]], self.gallery[items[part]])
+        return out
+
+    def _swapped(self, lists: torch.Tensor, in_base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ranks of the true matches outside lists that swapped items In (from beyond the built
+        lists L) for items Out (of L), |In| = |Out| a row. Outside a new list, base order puts Out
+        first (L outranks everything beyond it): a match in Out is ranked M + 1 + the Out items
+        before it; a match beyond L keeps its built rank (M + 1 + those outside L before it),
+        plus the In items after it (they left the outside, and Out joined it ahead)."""
+        width = lists.shape[1]
+        rows = (~in_base).any(dim=1).nonzero().flatten()
+        new, fresh = lists[rows], ~in_base[rows]
+        old = self.sorted_lists[rows]
+        new_sorted = new.sort(dim=1).values
+        gone = new_sorted.gather(1, torch.searchsorted(new_sorted, old).clamp(max=width - 1)) != old
+
+        def packed(items: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            count = int(mask.sum(dim=1).max())
+            order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :count]
+            items, valid = items.gather(1, order), mask.gather(1, order)
+            return items, valid, self._pair_scores(rows, items)
+
+        def before(score_a, item_a, score_b, item_b):  # a ranks before b in base order
+            return (score_a > score_b) | ((score_a == score_b) & (item_a < item_b))
+
+        in_items, in_valid, in_score = packed(new, fresh)
+        out_items, out_valid, out_score = packed(old, gone)
+        # Matches swapped out: M + 1 + the Out items before them (their place in base order; the
+        # padding, scored -inf, sorts last).
+        out_score = out_score.masked_fill(~out_valid, float("-inf"))
+        by_item = out_items.sort(dim=1)
+        by_score = torch.sort(out_score.gather(1, by_item.indices), dim=1, descending=True, stable=True).indices
+        ahead = torch.empty_like(by_score).scatter_(
+            1, by_item.indices.gather(1, by_score), torch.arange(by_score.shape[1]).expand_as(by_score).contiguous())
+        out_match = out_valid & (self.g_label[out_items] == self.q_label[rows, None])
+        out_query, out_rank = rows[:, None].expand_as(out_items)[out_match], (width + 1 + ahead)[out_match]
+        # Matches beyond L in these rows: dropped when brought in, else later by the In items after them.
+        local = torch.searchsorted(rows, self.beyond_query).clamp(max=max(rows.numel() - 1, 0))
+        affected = (rows[local] == self.beyond_query).nonzero().flatten()
+        r, item = local[affected], self.beyond_gallery[affected]
+        score = self._pair_scores(self.beyond_query[affected], item[:, None])[:, 0]
+        brought = ((in_items[r] == item[:, None]) & in_valid[r]).any(dim=1)
+        after = (before(score[:, None], item[:, None], in_score[r], in_items[r]) & in_valid[r]).sum(dim=1)
+        beyond_rank = self.beyond_rank.clone()
+        beyond_rank[affected] += after
+        keep = torch.ones(self.beyond_query.numel(), dtype=torch.bool)
+        keep[affected[brought]] = False
+        return (torch.cat([self.beyond_query[keep], out_query]), torch.cat([beyond_rank[keep], out_rank]))
 
 
 def evaluate_ranked(ranked: ArrayLike, query_features: ArrayLike, query_labels: ArrayLike,

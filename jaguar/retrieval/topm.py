@@ -1,14 +1,14 @@
 """Post-processing in top-M form, for galleries too large for N x N: QE, alpha-QE and DBA from
 each item's exact neighbour lists (jaguar.retrieval.knn), k-reciprocal re-ranking in its bounded
-mode and the raw/re-ranked blend over each item's top-M original neighbours, and the tune-post
-search over them scored by the evaluator's ranked-list mode. Memory is O(N * M).
+mode and the raw/re-ranked blend over every pair that can reach an item's top M, and the
+tune-post search over them (postprocess.search_post in a `TopMSpace`) scored by the evaluator's
+ranked-list mode (jaguar.retrieval.metrics_ranked). Memory is O(N * M).
 
-The numbers are the dense path's (jaguar.retrieval.postprocess): the expanded embeddings are the
-same (each row's neighbours are found exactly, ties by index), and the re-ranked distances at a
-(row, column) pair equal the dense ones. What top-M mode gives up is only the order of columns
-outside each item's top-M original neighbours, which keep their base cosine order: an item
-outside them shares no k-reciprocal neighbour with the query in practice (Jaccard distance 1),
-so the dense path ranks it after them too; the figures then say they are over re-ranked lists."""
+The lists are the dense path's top M (jaguar.retrieval.postprocess), with its values: the
+expanded embeddings are the same (each row's neighbours are found exactly, ties by index), and
+re-ranking scores each item's M nearest plus every item sharing a k-reciprocal neighbour with it,
+which is all that can reach its top M. What top-M mode gives up is only the order beyond M: there
+items keep their base cosine order, and figures over re-ranked lists say so."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from jaguar.retrieval.knn import Neighbours, knn, normalise
 from jaguar.retrieval.metrics import RetrievalMetrics, ranked_basis
 from jaguar.retrieval.metrics_ranked import RankedEvaluator
 from jaguar.retrieval.postprocess import K1S, K2S, QE_ALPHAS
-from jaguar.retrieval.rerank_bounded import OriginalNeighbours, k_reciprocal_terms_topm, original_neighbours
+from jaguar.retrieval.rerank_bounded import (OriginalNeighbours, k_reciprocal_lists_topm, k_reciprocal_terms_topm,
+                                             original_neighbours)
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,12 @@ class RankedLists:
 
 
 class RerankTerms:
-    """The k-reciprocal terms of one (k1, k2) over each item's top-M original neighbours, itself
-    excluded: Jaccard distance, normalised squared distance and cosine distance, lists sorted by
-    index so any (lambda, blend) is one stable sort away. `nearest` is the set's one kNN pass
-    (rerank_bounded.original_neighbours, width >= max(k1 + 1, k2, M + 1)), shared by every (k1, k2)."""
+    """The k-reciprocal terms of one (k1, k2) over each item's M nearest, itself excluded: Jaccard
+    distance, normalised squared distance and cosine distance, lists sorted by index so any
+    (lambda, blend) is one stable sort away. This is what tune-post's grid scores, re-ranking
+    within the M nearest; the exact top M of a setting is `final_topm` (items from beyond the M
+    nearest can enter it). `nearest` is the set's one kNN pass (rerank_bounded.original_neighbours,
+    width >= max(k1 + 1, k2, M + 1)), shared by every (k1, k2)."""
 
     def __init__(self, nearest: OriginalNeighbours, k1: int, k2: int, top_m: int,
                  base: Optional[torch.Tensor] = None) -> None:
@@ -126,27 +129,33 @@ def final_topm(features: Union[FeatureSet, torch.Tensor], post: PostConfig, top_
     if not post.rerank or post.blend == 0:
         neighbours = knn(expanded, k=top_m, exclude_self=True)
         return RankedLists(neighbours.index, 1 - neighbours.similarity, expanded, reordered=False)
-    nearest = original_neighbours(expanded, max(post.k1 + 1, post.k2, top_m + 1))
-    return RerankTerms(nearest, post.k1, post.k2, top_m).final(post.lambda_value, post.blend)
+    return exact_lists(original_neighbours(expanded, max(post.k1 + 1, post.k2)), post, top_m, expanded)
+
+
+def exact_lists(nearest: OriginalNeighbours, post: PostConfig, top_m: int, base: torch.Tensor) -> RankedLists:
+    """The exact top M of re-ranking setting `post` over a set's kNN pass, the item itself left out
+    (rerank_bounded.k_reciprocal_lists_topm): the dense path's lists and values."""
+    index, final = k_reciprocal_lists_topm(nearest, post.k1, post.k2, post.lambda_value, top_m, post.blend,
+                                           exclude_self=True)
+    return RankedLists(index, final, base, reordered=True)
 
 
 class _Scorer:
-    """Evaluators by list set: the ranks beyond M are counted once per base embedding and set."""
+    """The evaluator of each base embedding set, made by the pass that searched its lists
+    (RankedEvaluator.search): any list over that base, re-ordered or with items brought in from
+    beyond M, is then scored without another N x N pass."""
 
     def __init__(self, labels: torch.Tensor) -> None:
         self.labels, self.evaluators = labels, []
 
     def add(self, base: torch.Tensor, evaluator: RankedEvaluator) -> None:
-        self.evaluators = [*self.evaluators[-3:], (base, evaluator)]
+        self.evaluators.append((base, evaluator))
 
     def __call__(self, lists: RankedLists) -> RetrievalMetrics:
         for base, evaluator in self.evaluators:
-            if base is lists.base:
-                try:
-                    return evaluator.evaluate(lists.index, lists.reordered)
-                except ValueError:
-                    pass  # another item set (rounding-level ties at the M-th place): build one below
-        evaluator = RankedEvaluator(lists.index, lists.base, self.labels)
+            if base is lists.base and evaluator.sorted_lists.shape[1] == lists.index.shape[1]:
+                return evaluator.evaluate(lists.index, lists.reordered)
+        _, evaluator = RankedEvaluator.search(lists.base, self.labels, lists.index.shape[1])
         self.add(lists.base, evaluator)
         return evaluator.evaluate(lists.index, lists.reordered)
 
@@ -181,10 +190,17 @@ class TopMSpace:
         self.metrics.add(embeddings, evaluator)
         return neighbours
 
-    def terms(self, embeddings: torch.Tensor, k1: int, k2: int) -> RerankTerms:
+    def _nearest_of(self, embeddings: torch.Tensor) -> OriginalNeighbours:
+        """The re-ranking base's one kNN pass, for every (k1, k2) and the exact lists."""
         if self._nearest is None or self._nearest[0] is not embeddings:
             self._nearest = (embeddings, RerankTerms.neighbours(embeddings, self.top_m))
-        return RerankTerms(self._nearest[1], k1, k2, self.top_m, base=embeddings)
+        return self._nearest[1]
+
+    def terms(self, embeddings: torch.Tensor, k1: int, k2: int) -> RerankTerms:
+        return RerankTerms(self._nearest_of(embeddings), k1, k2, self.top_m, base=embeddings)
+
+    def exact(self, embeddings: torch.Tensor, post: PostConfig, terms: RerankTerms) -> RankedLists:
+        return exact_lists(self._nearest_of(embeddings), post, self.top_m, embeddings)
 
     def final(self, post: PostConfig) -> RankedLists:
         return final_topm(self.embeddings, post, self.top_m)
