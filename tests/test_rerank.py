@@ -149,11 +149,12 @@ def test_stable_smallest_equals_stable_argsort_prefix_with_ties():
     assert index.tolist() == [[3, 1, 2], [5, 4, 3]]
     assert values.tolist() == [[0.0, 1.0, 1.0], [0.0, 1.0, 2.0]]
     generator = torch.Generator().manual_seed(0)
-    for k in range(1, 13):
-        rows = torch.randint(0, 4, (9, 12), generator=generator).float()
-        expected = torch.sort(rows, dim=1, stable=True)
-        values, index = stable_smallest(rows, k)
-        assert torch.equal(index, expected.indices[:, :k]) and torch.equal(values, expected.values[:, :k])
+    for width, levels in ((12, 4), (60, 40)):  # wide tie groups (full sort), pairs and triples (the margin)
+        for k in range(1, width + 1):
+            rows = torch.randint(0, levels, (9, width), generator=generator).float()
+            expected = torch.sort(rows, dim=1, stable=True)
+            values, index = stable_smallest(rows, k)
+            assert torch.equal(index, expected.indices[:, :k]) and torch.equal(values, expected.values[:, :k])
 
 
 @pytest.mark.parametrize("on_host", [True, False])

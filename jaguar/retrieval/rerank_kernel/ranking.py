@@ -22,6 +22,7 @@ PairDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows B, 
 
 _BLOCK = 8  # columns per block (rows of D) whose minimum prefilters the k smallest of a row
 _MAX_ROWS_PER_STEP = 512  # rows per chunk of the O(N * k) passes: scratch rows stay in cache
+_TIE_MARGIN = 8  # entries past the k-th that stable_smallest takes, so a small tie group is seen whole
 
 
 def _order_by_value_then_column(values: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,19 +60,21 @@ def stable_smallest(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     """The k smallest entries of each row, ordered by (value, column): a stable argsort's first k.
 
     topk is O(N) a row but unordered among ties (on contiguous rows it beats a block prefilter,
-    whose inner-axis minimum costs as much). It is asked for k + 1 entries: a left-out entry
-    ties with the k-th exactly when the (k+1)-th smallest equals the k-th, and only those rows
-    fall back to a full stable sort, so the result always equals `argsort(kind="stable")[:, :k]`."""
+    whose inner-axis minimum costs as much). It is asked for _TIE_MARGIN more entries than k: an
+    entry left out ties with the k-th only when the last one taken does too, so only those rows
+    (a tie group wider than the margin at the k-th place) fall back to a full stable sort, and the
+    result always equals `argsort(kind="stable")[:, :k]`. The margin matters for duplicate items
+    (DBA makes mutual nearest neighbours identical), whose pairs would otherwise send many rows
+    to the full sort."""
     k = min(k, rows.shape[1])
-    extra = min(k + 1, rows.shape[1])
+    extra = min(k + _TIE_MARGIN, rows.shape[1])
     values, index = torch.topk(rows, extra, dim=1, largest=False, sorted=True)
-    tied_boundary = (values[:, k] == values[:, k - 1] if extra > k
+    tied_boundary = (values[:, -1] == values[:, k - 1] if extra > k
                      else torch.zeros(len(rows), dtype=torch.bool, device=rows.device))
-    values, index = values[:, :k], index[:, :k]
     index, perm = index.sort(dim=1)
     values = values.gather(1, perm)
     values, order = torch.sort(values, dim=1, stable=True)
-    index = index.gather(1, order)
+    values, index = values[:, :k], index.gather(1, order)[:, :k]
     if bool(tied_boundary.any()):
         full_values, full_index = torch.sort(rows[tied_boundary], dim=1, stable=True)
         values[tied_boundary] = full_values[:, :k]
