@@ -1,9 +1,16 @@
 """Gallery scale: time and peak memory of the top-M retrieval path (kNN, tune-post's search,
-re-ranking, the evaluator, `jaguar rank`) on clustered synthetic features, with the dense path
-beside it where it fits. Prints figures (a Markdown table); not a test.
+re-ranking, the evaluator, `jaguar rank`, `jaguar report`) on clustered synthetic features, with
+the dense path beside it where it fits. Prints figures (a Markdown table); not a test.
 
     python benchmarks/gallery_scale.py [--sizes 10000 50000 100000] [--tune-sizes 20000]
                                        [--dense-sizes 5000 10000] [--dim 256] [--stages ...]
+    python benchmarks/gallery_scale.py --sizes 10000 100000 --stages report report_search \
+                                       --tune-sizes --dense-sizes --end-to-end   # the report alone
+
+report: `jaguar report` (build_report, what the CLI calls) on a run whose val and test features
+both hold N labelled images, post.json set to raw cosine and `jaguar rank`'s lists of both splits
+made before the clock starts (their time is in the note); features only, no shards (the grids
+show captions). report_search: the same run without the ranked lists (the report searches them).
 
 Each (stage, N) runs in a fresh process, so its peak RSS (ru_maxrss of the child) is its own; the
 features (D = 256, ~10 images an identity, L2-normalised) are made in that process before the
@@ -25,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STAGES = ("knn_faiss", "knn_torch", "rerank_topm", "metrics_topm", "rank", "tune_post_topm", "end_to_end",
-          "dense_metrics", "dense_tune_post")
+          "dense_metrics", "dense_tune_post", "report", "report_search")
 
 
 def clustered(n: int, dim: int, seed: int = 0):
@@ -46,6 +53,25 @@ def _feature_set(n: int, dim: int, seed: int = 0):
 
     embeddings, labels = clustered(n, dim, seed)
     return FeatureSet([f"img_{seed}_{i:07d}.png" for i in range(n)], embeddings, labels)
+
+
+def _report_run(path: Path, n: int, dim: int, top_m: int, ranked: bool) -> None:
+    """The run `jaguar report` is timed on: val and test features of n labelled images each,
+    post.json set to raw cosine (nothing searched), and `jaguar rank`'s lists of both when ranked."""
+    from jaguar.config import Config, PostConfig
+    from jaguar.retrieval.rank import rank_run
+    from jaguar.run import PostResult, RunDir
+
+    run = RunDir(path)
+    run.save_features("val", _feature_set(n, dim))
+    run.save_features("test", _feature_set(n, dim, seed=1))  # labels stored with them: test-side figures too
+    config = Config()
+    config.retrieval.top_m = top_m
+    run.save_config(config)
+    run.save_post(PostResult(PostConfig(), [], val_size=n, searched=False))
+    if ranked:
+        for split in ("val", "test"):
+            rank_run(run, split, top_k=top_m)
 
 
 def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
@@ -116,6 +142,27 @@ def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
     elif stage == "dense_tune_post":
         chosen, _ = tune_post(features, RetrievalConfig())
         note = f"chosen {chosen.to_dict()}"
+    elif stage in ("report", "report_search"):
+        import multiprocessing
+
+        from jaguar.report import build_report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            # made in a child process, so that `jaguar rank`'s peak memory is not counted as the report's
+            setup = multiprocessing.get_context("spawn").Process(
+                target=_report_run, args=(Path(tmp) / "run", n, dim, top_m, stage == "report"))
+            setup.start()
+            setup.join()
+            if setup.exitcode:
+                raise SystemExit(f"making the run for {stage} failed (exit code {setup.exitcode})")
+            note = f"run made in {time.perf_counter() - start:.0f} s before the clock; " if stage == "report" else ""
+            start = time.perf_counter()
+            index = build_report(RunDir(Path(tmp) / "run"))
+            seconds = time.perf_counter() - start
+            figures = sorted(p.name for p in index.parent.glob("*.png"))
+            lists_read = index.read_text().count("lists of ranks_")
+            note += f"{len(figures)} figures; lists read from `jaguar rank`'s files for {lists_read} of 2 splits"
+            return {"seconds": seconds, "note": note}
     else:
         raise SystemExit(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     seconds = time.perf_counter() - start

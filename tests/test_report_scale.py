@@ -1,26 +1,164 @@
-"""The report's evaluation at gallery scale: in top-M form it holds ranked lists and a histogram
-sample, never N x N, with the dense path's figures and grids."""
+"""The report at gallery scale: in top-M form it works from ranked lists (`jaguar rank`'s file when
+the run has one) and a histogram sample, never N x N; its list figures bound the evaluator's."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 
-from jaguar.config import RetrievalConfig
+from jaguar.config import Config, PostConfig, RetrievalConfig
+from jaguar.report import build_report
 from jaguar.report import evaluation as report_evaluation
+from jaguar.report import plots
 from jaguar.retrieval.features import FeatureSet
-from tests.test_knn import clustered
+from jaguar.retrieval.metrics import evaluate
+from jaguar.retrieval.rank import RankError, rank_run, read_ranks, write_ranks
+from jaguar.run import PostResult, RunDir
+from tests.test_knn import clustered, dense_top
 
 
-def test_top_m_report_evaluation_equals_dense(monkeypatch):
-    embeddings, labels = clustered(n_identities=20, per_identity=6, dim=8, duplicates=10, seed=3)
-    features = FeatureSet([f"{i}.png" for i in range(len(labels))], embeddings, labels)
+def _features(n_identities: int = 20, per_identity: int = 6, seed: int = 3, noise: float = 0.6) -> FeatureSet:
+    embeddings, labels = clustered(n_identities=n_identities, per_identity=per_identity, dim=8, duplicates=10,
+                                   seed=seed, noise=noise)
+    return FeatureSet([f"img_{i:04d}.png" for i in range(len(labels))], embeddings, labels,
+                      {i: f"jaguar {i}" for i in range(n_identities)})
+
+
+@pytest.mark.parametrize("top_k", [3, 10, 119])
+def test_list_figures_bound_the_evaluator_and_equal_it_when_every_match_is_listed(top_k):
+    features = _features(noise=1.2)  # hard: many matches fall beyond short lists
+    exact = evaluate(features.embeddings @ features.embeddings.T, features.labels, kind="similarity")
+    _, lists = dense_top(features.embeddings, top_k, exclude_self=True)
+    figures = report_evaluation.list_figures(lists.numpy(), features.labels.numpy())
+    assert np.all(figures.query_lower <= exact.query_ap + 1e-12)
+    assert np.all(exact.query_ap <= figures.query_upper + 1e-12)
+    complete = figures.complete
+    np.testing.assert_allclose(figures.query_lower[complete], exact.query_ap[complete], atol=1e-12)
+    np.testing.assert_allclose(figures.query_upper[complete], exact.query_ap[complete], atol=1e-12)
+    if top_k == 119:  # the whole ranking: the bounds close
+        assert complete.all()
+    else:
+        assert not complete.all()
+    for rank in (1, 5, 10):
+        if rank <= top_k:
+            assert figures.cmc(rank) == pytest.approx(getattr(exact, f"rank{rank}"), abs=1e-12)
+    identities = sorted(exact.per_identity_ap)
+    assert figures.identities.tolist() == identities
+    assert np.all(figures.identity_lower <= np.array([exact.per_identity_ap[i] for i in identities]) + 1e-12)
+    assert np.all(np.array([exact.per_identity_ap[i] for i in identities]) <= figures.identity_upper + 1e-12)
+
+
+def test_list_figures_upper_bound_places_the_missing_matches_right_after_the_list():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    lists = np.array([[3, 1], [0, 2], [1, 0], [4, 0], [3, 0], [0, 1]])  # query 0: miss, hit; item 2 missing
+    figures = report_evaluation.list_figures(lists, labels)
+    assert figures.query_lower[0] == pytest.approx((1 / 2) / 2)
+    assert figures.query_upper[0] == pytest.approx((1 / 2 + 2 / 3) / 2)  # item 2 at rank 3
+    assert figures.complete.tolist() == [False, True, True, True, True, True]
+    assert np.isnan(figures.query_lower[5])  # a single-image identity has no match: not averaged
+    assert figures.first_hit.tolist() == [2, 1, 1, 1, 1, 0]
+
+
+def test_read_ranks_gives_back_the_written_lists_in_any_row_order(tmp_path):
+    features = _features()
+    names = list(features.names)
+    _, lists = dense_top(features.embeddings, 7, exclude_self=True)
+    path = tmp_path / "ranks.parquet"
+    write_ranks(path, names, lists, torch.zeros(lists.shape), queries_per_chunk=16)
+    assert torch.equal(read_ranks(path, names, batch_rows=50), lists)
+    table = pq.read_table(path)
+    shuffled = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
+    pq.write_table(shuffled, tmp_path / "shuffled.parquet")
+    assert torch.equal(read_ranks(tmp_path / "shuffled.parquet", names), lists)
+    with pytest.raises(RankError, match="img_0003.png.*not among"):
+        read_ranks(path, names[:3] + names[4:])  # the file ranks an image these features do not hold
+    pq.write_table(table.slice(0, table.num_rows - 1), tmp_path / "short.parquet")
+    with pytest.raises(RankError, match="short.parquet.*equal length"):
+        read_ranks(tmp_path / "short.parquet", names)
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(RankError, match="bad.parquet"):
+        read_ranks(tmp_path / "bad.parquet", names)
+
+
+def test_top_m_report_evaluation_searches_lists_when_it_has_none(monkeypatch):
+    features = _features(noise=0.2)
     dense = report_evaluation.evaluate("val", features, None, RetrievalConfig(mode="dense"))
     monkeypatch.setattr(report_evaluation, "HISTOGRAM_SAMPLE", 50)
+    monkeypatch.setattr(report_evaluation.retrieval_metrics, "evaluate", _forbidden)  # no N x N evaluation
     topm = report_evaluation.evaluate("val", features, None, RetrievalConfig(mode="topm", top_m=30))
-    assert topm.balanced_map == pytest.approx(dense.balanced_map, abs=1e-9)
-    np.testing.assert_allclose(topm.query_ap, dense.query_ap, atol=1e-9)
+    assert topm.metrics is None and "top-30 lists searched" in topm.scored_with
+    np.testing.assert_allclose(topm.query_ap, dense.query_ap, atol=1e-9)  # 6 an identity: all within 30
+    assert topm.ap_by_identity == pytest.approx(dense.ap_by_identity)
     np.testing.assert_array_equal(topm.ranked[:, :10], dense.ranked[:, :10])
     assert topm.cosine_sample.shape == (50, 50) and len(topm.sample_labels) == 50
     assert dense.cosine_sample.shape == (len(features), len(features))
-    assert "top-30 lists" in topm.scored_with
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("the N x N path ran at gallery scale")
+
+
+def _scale_run(tmp_path, features: FeatureSet) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    run.save_features("val", features)
+    run.save_features("test", features)  # labels stored with them: test-side figures too
+    config = Config()
+    config.retrieval.mode, config.retrieval.top_m = "topm", 20
+    run.save_config(config)
+    run.save_post(PostResult(PostConfig(), [], val_size=len(features), searched=False))
+    return run
+
+
+def test_report_at_scale_reads_jaguar_ranks_lists_and_searches_nothing(tmp_path, monkeypatch):
+    features = _features(n_identities=30, per_identity=8, noise=1.2)
+    run = _scale_run(tmp_path, features)
+    for split in ("val", "test"):
+        rank_run(run, split, top_k=20)
+    for name in ("final_topm", "similarity_scores"):
+        monkeypatch.setattr(report_evaluation, name, _forbidden)
+    monkeypatch.setattr(report_evaluation.retrieval_metrics, "evaluate", _forbidden)
+    text = build_report(run).read_text()
+    assert text.count("the top-20 lists of ranks_val.parquet") == 1
+    assert text.count("the top-20 lists of ranks_test.parquet") == 1
+    lists = read_ranks(run.ranks_path("val"), list(features.names))
+    figures = report_evaluation.list_figures(lists.numpy(), features.labels.numpy())
+    assert f"rank-1 {figures.cmc(1):.4f}" in text
+    assert f"between {figures.identity_lower.mean():.4f} and {figures.identity_upper.mean():.4f}" in text
+    for figure in ("per_identity_ap_val.png", "retrieval_worst_val.png", "similarity_test.png"):
+        assert (run.report_dir / figure).is_file(), figure
+
+    # a ranking older than the post-processing it should follow is not used: the report searches
+    later = run.ranks_path("val").stat().st_mtime + 10
+    os.utime(run.post_path, (later, later))
+    monkeypatch.undo()
+    text = build_report(run).read_text()
+    assert "ranks_val.parquet is older than post.json" in text and "jaguar rank" in text
+    assert "top-20 lists searched for this report" in text
+
+
+def test_report_at_scale_without_ranks_says_how_to_make_them(tmp_path):
+    features = _features()
+    run = _scale_run(tmp_path, features)
+    run.ranks_path("test").write_text("not parquet")
+    text = build_report(run).read_text()
+    assert "No ranked lists (ranks_val.parquet)" in text
+    assert "ranks_test.parquet was not used" in text and "ranks_test.parquet could not be read" in text
+    assert text.count("lists searched for this report") == 2
+
+
+def test_per_identity_chart_of_many_identities_stays_small(tmp_path):
+    rng = np.random.default_rng(0)
+    ap = {f"jaguar {i}": float(v) for i, v in enumerate(rng.uniform(size=5000))}
+    upper = {name: min(1.0, value + 0.05) for name, value in ap.items()}
+    path = plots.plot_per_identity_ap(ap, tmp_path / "ap.png", "Per-identity AP (val)", upper)
+    with Image.open(path) as image:
+        assert image.height < 1500 and image.width < 1500
+    few = plots.plot_per_identity_ap(dict(list(ap.items())[:5]), tmp_path / "few.png", "few")
+    with Image.open(few) as image:
+        assert image.height < 400

@@ -1,5 +1,7 @@
 """What the report measures on a labelled feature set: scores under the chosen post-processing,
-per-identity and per-query AP, the best/worst queries, and the images to show for them."""
+per-identity and per-query AP, the best/worst queries, and the images to show for them. At gallery
+scale (top-M form) everything comes from ranked lists (`jaguar rank`'s file when the run has it)
+and a sample of the images: O(N * k) memory and work, no N x N."""
 
 from __future__ import annotations
 
@@ -18,15 +20,17 @@ from jaguar.retrieval import metrics as retrieval_metrics
 from jaguar.retrieval.features import FeatureSet
 from jaguar.config import PostConfig, RetrievalConfig
 from jaguar.retrieval.metrics import RetrievalMetrics
-from jaguar.retrieval.metrics_ranked import RankedEvaluator
 from jaguar.retrieval.postprocess import final_distance
+from jaguar.retrieval.rank import RankError, read_ranks
 from jaguar.retrieval.topm import final_topm, use_topm
+from jaguar.run import RunDir
 
 logger = logging.getLogger(__name__)
 
 
 RANKED_KEPT = 50  # each query's best images kept for the grids (the grids show fewer)
 HISTOGRAM_SAMPLE = 3000  # images whose ordered pairs make the similarity histograms
+CMC_RANKS = (1, 5, 10)
 
 
 def similarity_scores(embeddings: torch.Tensor, chosen: Optional[PostConfig]) -> tuple[np.ndarray, str]:
@@ -45,18 +49,62 @@ class Evaluation:
     cosine_sample: np.ndarray  # S x S raw cosine similarities of a random sample of the images
     sample_labels: np.ndarray  # S labels of that sample
     labels: np.ndarray
-    metrics: RetrievalMetrics  # the evaluator's result, all-vs-all
-    ap_by_identity: dict[str, float]
+    query_ap: np.ndarray  # (N,) AP of each query (from lists: AP@k, a lower bound); NaN without a match
+    ap_by_identity: dict[str, float]  # identity name -> mean query_ap of its queries
+    figures_text: str  # the headline figures, as the page says them
     scored_with: str
+    metrics: Optional[RetrievalMetrics] = None  # the evaluator's all-vs-all result (dense path only)
+    ap_upper_by_identity: Optional[dict[str, float]] = None  # from lists: the upper bound of each identity's AP
 
-    @property
-    def query_ap(self) -> np.ndarray:
-        """AP of each query against all other images; NaN when it has no match."""
-        return self.metrics.query_ap
 
-    @property
-    def balanced_map(self) -> float:
-        return self.metrics.mAP_balanced
+@dataclass(frozen=True)
+class ListFigures:
+    """Retrieval figures of all-vs-all top-k lists alone, O(N * k): the ranks of the true matches
+    beyond k are unknown, so AP is bounded. Lower: AP@k (those matches count as not retrieved).
+    Upper: the same matches placed right after the list (ranks k+1, k+2, ...). Both equal the
+    evaluator's AP (jaguar.retrieval.metrics, the owner of the exact figures) for a query whose
+    matches are all listed. CMC rank-r is exact for r <= k."""
+
+    query_lower: np.ndarray  # (N,) float64; NaN where the query has no true match in the set
+    query_upper: np.ndarray
+    complete: np.ndarray  # (N,) bool: every true match of the query is in its list
+    first_hit: np.ndarray  # (N,) 1-based rank of the first listed true match; 0 where none is listed
+    identities: np.ndarray  # labels of the identities with a match, ascending
+    identity_lower: np.ndarray  # mean query_lower of each identity's queries
+    identity_upper: np.ndarray
+
+    def cmc(self, rank: int) -> float:
+        valid = ~np.isnan(self.query_lower)
+        return float(((self.first_hit[valid] >= 1) & (self.first_hit[valid] <= rank)).mean())
+
+
+def list_figures(lists: np.ndarray, labels: np.ndarray) -> ListFigures:
+    """`ListFigures` of lists (N x k indices of each query's best other items, best first) of
+    items with these labels (N,); raises ValueError when no query has a true match."""
+    lists, labels = np.asarray(lists, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    n, top_k = lists.shape
+    _, label_index, label_count = np.unique(labels, return_inverse=True, return_counts=True)
+    matches = label_count[label_index] - 1  # true matches of each query in the set (itself excluded)
+    hits = labels[lists] == labels[:, None]
+    listed = hits.sum(axis=1)
+    position = np.cumsum(hits, axis=1, dtype=np.int64)  # the i-th hit of its row at rank r adds i / r
+    precision_sum = np.where(hits, position / np.arange(1, top_k + 1), 0.0).sum(axis=1)
+    missing = (matches - listed).astype(np.float64)
+    # sum over j = 1..m of (h + j) / (k + j) = m - (k - h) (H(k + m) - H(k)), H the harmonic numbers
+    harmonic = (torch.digamma(torch.from_numpy(top_k + missing + 1)) - torch.digamma(torch.tensor(top_k + 1.0, dtype=torch.float64))).numpy()
+    beyond_best = missing - (top_k - listed) * harmonic
+    valid = matches > 0
+    safe = np.maximum(matches, 1)
+    lower = np.where(valid, precision_sum / safe, np.nan)
+    upper = np.where(valid, (precision_sum + beyond_best) / safe, np.nan)
+    if not valid.any():
+        raise ValueError("no query has a true match (every identity has a single image)")
+    first_hit = np.where(listed > 0, hits.argmax(axis=1) + 1, 0)
+    identities, inverse = np.unique(labels[valid], return_inverse=True)
+    counts = np.bincount(inverse)
+    return ListFigures(lower, upper, listed == matches, first_hit, identities,
+                       np.bincount(inverse, weights=lower[valid]) / counts,
+                       np.bincount(inverse, weights=upper[valid]) / counts)
 
 
 def _cosine_sample(features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
@@ -67,29 +115,75 @@ def _cosine_sample(features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
     return sample @ sample.T, features.labels.numpy()[chosen]
 
 
+def _between(lower: float, upper: float) -> str:
+    return f"{lower:.4f}" if abs(upper - lower) < 5e-5 else f"between {lower:.4f} and {upper:.4f}"
+
+
+def _from_lists(split: str, features: FeatureSet, lists: np.ndarray, scored_with: str) -> Evaluation:
+    labels = features.labels.numpy()
+    figures = list_figures(lists, labels)
+    top_k = lists.shape[1]
+    name = {int(label): features.label_names.get(int(label), str(label)) for label in figures.identities}
+    valid = ~np.isnan(figures.query_lower)
+    cmc = ", ".join(f"rank-{r} {figures.cmc(r):.4f}" for r in CMC_RANKS if r <= top_k)
+    text = (f"identity-balanced mAP {_between(figures.identity_lower.mean(), figures.identity_upper.mean())}, "
+            f"mAP {_between(figures.query_lower[valid].mean(), figures.query_upper[valid].mean())}, {cmc}. "
+            f"Every true match is within the top-{top_k} list for {figures.complete[valid].mean():.1%} of the "
+            f"queries (their AP is exact); the others' matches beyond it bound their AP between not "
+            f"retrieved and ranked right after the list (AP@{top_k} is shown per query and identity). "
+            f"The exact figures of the whole ranking are tune-post's (validation) and score's (test) tables.")
+    return Evaluation(split, features, lists[:, :RANKED_KEPT], *_cosine_sample(features), labels,
+                      figures.query_lower, {name[int(i)]: float(v) for i, v in
+                                            zip(figures.identities, figures.identity_lower)},
+                      text, scored_with, None,
+                      {name[int(i)]: float(v) for i, v in zip(figures.identities, figures.identity_upper)})
+
+
 def evaluate(split: str, features: FeatureSet, chosen: Optional[PostConfig],
-             retrieval: Optional[RetrievalConfig] = None) -> Evaluation:
-    """The figures, grids' lists and histogram sample of one labelled set; in top-M form (never
-    N x N) when `retrieval` says so for its size (jaguar.retrieval.topm)."""
+             retrieval: Optional[RetrievalConfig] = None, lists: Optional[tuple[torch.Tensor, str]] = None
+             ) -> Evaluation:
+    """The figures, grids' lists and histogram sample of one labelled set. Below the top-M
+    threshold (`retrieval`, jaguar.retrieval.topm) the evaluator's exact figures of the N x N
+    scores; above it, figures of top-k lists (`ListFigures`, never N x N and no N^2 work): `lists`
+    (N x k indices, what they are) when given, e.g. read from `jaguar rank`'s file, else each
+    query's top-M list searched here."""
     features = features.normalized()
     labels = features.labels.numpy()
     retrieval = retrieval or RetrievalConfig()
+    method = "the chosen post-processing (tune-post)" if chosen is not None else "raw cosine similarity"
     if use_topm(retrieval, len(features)):
-        lists = final_topm(features, chosen or PostConfig(), int(retrieval.top_m))
-        metrics = RankedEvaluator(lists.index, lists.base, features.labels).evaluate(lists.index, lists.reordered)
-        ranked = lists.index[:, :RANKED_KEPT].numpy()
-        scored_with = (("the chosen post-processing (tune-post)" if chosen is not None else "raw cosine similarity")
-                       + f", top-{lists.index.shape[1]} lists; figures {metrics.describe_basis()}")
-    else:
-        scores, scored_with = similarity_scores(features.embeddings, chosen)
-        metrics = retrieval_metrics.evaluate(scores, labels, kind="similarity")
-        np.fill_diagonal(scores, -np.inf)
-        ranked = np.argsort(-scores, axis=1, kind="stable")[:, :min(RANKED_KEPT, len(features) - 1)]
+        if lists is None:
+            searched = final_topm(features, chosen or PostConfig(), int(retrieval.top_m))
+            lists = (searched.index, f"{method}, top-{searched.index.shape[1]} lists searched for this report")
+        return _from_lists(split, features, lists[0].numpy(), lists[1])
+    scores, scored_with = similarity_scores(features.embeddings, chosen)
+    metrics = retrieval_metrics.evaluate(scores, labels, kind="similarity")
+    np.fill_diagonal(scores, -np.inf)
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :min(RANKED_KEPT, len(features) - 1)]
     ap_by_identity = {features.label_names.get(int(label), str(label)): float(value)
                       for label, value in metrics.per_identity_ap.items()}
-    cosine_sample, sample_labels = _cosine_sample(features)
-    return Evaluation(split, features, ranked, cosine_sample, sample_labels, labels, metrics, ap_by_identity,
-                      scored_with)
+    text = (f"identity-balanced mAP {metrics.mAP_balanced:.4f}, mAP {metrics.mAP:.4f}, rank-1 {metrics.rank1:.4f}, "
+            f"rank-5 {metrics.rank5:.4f}, mINP {metrics.mINP:.4f}.")
+    return Evaluation(split, features, ranked, *_cosine_sample(features), labels, metrics.query_ap, ap_by_identity,
+                      text, scored_with, metrics)
+
+
+def ranked_lists(run: RunDir, split: str, features: FeatureSet, has_post: bool
+                 ) -> tuple[Optional[tuple[torch.Tensor, str]], str]:
+    """(lists, "") from `jaguar rank`'s file of the split when it ranks exactly these images and
+    is newer than their features and post.json, else (None, why not; "" when there is no file)."""
+    path = run.ranks_path(split)
+    if not path.is_file():
+        return None, ""
+    newer = [p for p in (run.features_path(split), run.post_path if has_post else None)
+             if p is not None and p.stat().st_mtime > path.stat().st_mtime]
+    if newer:
+        return None, f"{path.name} is older than {newer[0].name}, so its lists were not used"
+    try:
+        index = read_ranks(path, list(features.names))
+    except RankError as err:
+        return None, f"{path.name} was not used: {err}"
+    return (index, f"the top-{index.shape[1]} lists of {path.name} (`jaguar rank`, post.json's settings)"), ""
 
 
 class ImageLookup:

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
-from jaguar.config import Config, get_value
+from jaguar.config import Config, RetrievalConfig, get_value
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_text
 from jaguar.report import plots
-from jaguar.report.evaluation import Evaluation, evaluate, find_shards, grid_rows
+from jaguar.report.evaluation import Evaluation, evaluate, find_shards, grid_rows, ranked_lists
 from jaguar.report.openset import open_set_section
 from jaguar.report.tb_reader import read_scalars
+from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.stages import labelled_test_features
+from jaguar.retrieval.topm import use_topm
 from jaguar.run import EnsembleRecord, PostResult, RunDir, Score, ScoreTable, TrainingMetrics
 
 logger = logging.getLogger(__name__)
@@ -182,15 +184,15 @@ def _curves_section(page: _Page, is_ensemble: bool) -> str:
     return "\n".join(parts)
 
 
-def _evaluation_sections(page: _Page, evaluation: Evaluation, shards: Any, shards_problem: str) -> str:
+def _evaluation_sections(page: _Page, evaluation: Evaluation, shards: Any, shards_problem: str,
+                         notes: list[str]) -> str:
     split = evaluation.split
     parts = [f"<h2>Per-identity AP — {_esc(split)}</h2>",
-             f"<p class='sub'>{len(evaluation.features)} images, scored with {_esc(evaluation.scored_with)}; "
-             f"identity-balanced mAP {evaluation.balanced_map:.4f}, mAP {evaluation.metrics.mAP:.4f}, "
-             f"rank-1 {evaluation.metrics.rank1:.4f}, rank-5 {evaluation.metrics.rank5:.4f}, "
-             f"mINP {evaluation.metrics.mINP:.4f}.</p>"]
+             f"<p class='sub'>{len(evaluation.features):,} images, scored with {_esc(evaluation.scored_with)}; "
+             f"{_esc(evaluation.figures_text)}</p>"]
+    parts.extend(_missing(note, f"jaguar rank {page.run} --split {split}") for note in notes)
     chart = plots.plot_per_identity_ap(evaluation.ap_by_identity, page.figure(f"per_identity_ap_{split}.png"),
-                                       f"Per-identity AP ({split})")
+                                       f"Per-identity AP ({split})", evaluation.ap_upper_by_identity)
     parts.append(page.img(chart, f"per-identity AP {split}"))
 
     parts.append(f"<h2>Retrieval examples — {_esc(split)}</h2>")
@@ -250,17 +252,27 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
     retrieval = config.retrieval if config is not None else None
     shards, shards_problem = find_shards(run.path, config.data.shards if config is not None else "")
 
-    evaluations: list[Evaluation] = []
+    evaluations: list[tuple[Evaluation, list[str]]] = []
     eval_notes: list[str] = []
+
+    def add(split: str, features: FeatureSet) -> None:
+        lists, note = None, ""
+        if use_topm(retrieval or RetrievalConfig(), len(features)):  # at scale: `jaguar rank`'s lists if usable
+            lists, note = ranked_lists(run, split, features, post is not None)
+            if lists is None and not note:
+                note = (f"No ranked lists ({run.ranks_path(split).name}) for these {len(features):,} images: "
+                        f"the report searched them itself (a kNN pass); with the file it only reads them")
+        evaluations.append((evaluate(split, features, chosen, retrieval, lists), [note] if note else []))
+
     if run.has_features("val"):
-        evaluations.append(evaluate("val", run.load_features("val"), chosen, retrieval))
+        add("val", run.load_features("val"))
     else:
         eval_notes.append(_missing(f"No validation features ({run.features_path('val')})",
                                    f"jaguar extract {run} --split val"))
     if run.has_features("test"):
         labelled_test = labelled_test_features(run, test_labels)
         if labelled_test is not None:
-            evaluations.append(evaluate("test", labelled_test, chosen, retrieval))
+            add("test", labelled_test)
     elif test_labels:
         eval_notes.append(_missing(f"--test-labels given but no test features ({run.features_path('test')})",
                                    f"jaguar extract {run} --split test"))
@@ -273,8 +285,8 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
     page.sections.append(open_set_section(run, page.figure, page.img))
     page.sections.append(_curves_section(page, ensemble is not None))
     page.sections.extend(eval_notes)
-    for evaluation in evaluations:
-        page.sections.append(_evaluation_sections(page, evaluation, shards, shards_problem))
+    for evaluation, notes in evaluations:
+        page.sections.append(_evaluation_sections(page, evaluation, shards, shards_problem, notes))
 
     name = run.path.resolve().name
     title = name if ensemble is not None or config is None else (config.run.name or name)

@@ -71,23 +71,57 @@ def plot_training_curves(scalars: dict[str, ScalarSeries], path: str | Path) -> 
     return _save(fig, Path(path))
 
 
-def plot_per_identity_ap(ap_by_identity: dict[str, float], path: str | Path, title: str) -> Path:
-    """Horizontal bars, worst identity at the top, with the identity-balanced mean marked."""
-    items = sorted(ap_by_identity.items(), key=lambda kv: kv[1])
-    names = [name for name, _ in items]
-    values = np.array([value for _, value in items], dtype=float)
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(items) + 1.2)))
+MAX_IDENTITY_BARS = 40  # identities drawn as bars; more are shown as a histogram and their worst bars
+
+
+def _identity_bars(ax: plt.Axes, names: list[str], values: np.ndarray, upper: np.ndarray | None) -> None:
     colors = plt.cm.RdYlGn(np.clip(values, 0.0, 1.0))
-    ax.barh(np.arange(len(items)), values, color=colors, edgecolor="#444", linewidth=0.4)
-    ax.set_yticks(np.arange(len(items)), labels=names, fontsize=8, parse_math=False)  # names are data, not TeX
+    ax.barh(np.arange(len(names)), values, color=colors, edgecolor="#444", linewidth=0.4)
+    if upper is not None and np.any(upper > values):  # AP from ranked lists: its upper bound as a whisker
+        ax.errorbar(upper, np.arange(len(names)), xerr=[upper - values, np.zeros_like(values)], fmt="none",
+                    ecolor="#555", elinewidth=0.8, capsize=2, label="upper bound (matches beyond the lists)")
+    ax.set_yticks(np.arange(len(names)), labels=names, fontsize=8, parse_math=False)  # names are data, not TeX
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    mean = float(values.mean()) if len(values) else 0.0
-    ax.axvline(mean, color="#333", linestyle="--", linewidth=1, label=f"identity-balanced mAP {mean:.3f}")
     ax.set_xlabel("average precision")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
+
+
+def plot_per_identity_ap(ap_by_identity: dict[str, float], path: str | Path, title: str,
+                         upper_by_identity: dict[str, float] | None = None) -> Path:
+    """Horizontal bars, worst identity at the top, with the identity-balanced mean marked; past
+    MAX_IDENTITY_BARS identities, a histogram of all of them beside bars of the worst (a bar each
+    of 10,000 identities would be a picture 200,000 pixels tall). `upper_by_identity`: upper
+    bounds of AP known only within bounds (from ranked lists), drawn as whiskers."""
+    items = sorted(ap_by_identity.items(), key=lambda kv: kv[1])
+    values = np.array([value for _, value in items], dtype=float)
+    mean = float(values.mean()) if len(values) else 0.0
+    shown = items[:MAX_IDENTITY_BARS]
+    names = [name for name, _ in shown]
+    upper = (np.array([upper_by_identity.get(name, value) for name, value in shown], dtype=float)
+             if upper_by_identity is not None else None)
+    height = max(2.5, 0.22 * len(shown) + 1.2)
+    mean_label = f"identity-balanced mAP {mean:.3f}"
+    if len(items) <= MAX_IDENTITY_BARS:
+        fig, ax = plt.subplots(figsize=(7, height))
+        _identity_bars(ax, names, values, upper)
+        ax.axvline(mean, color="#333", linestyle="--", linewidth=1, label=mean_label)
+        ax.set_title(title)
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        fig, (spread, worst) = plt.subplots(1, 2, figsize=(12, height), gridspec_kw={"width_ratios": [1, 1.2]})
+        spread.hist(values, bins=np.linspace(0, 1, 41), color="#4575b4", alpha=0.8)
+        spread.axvline(mean, color="#333", linestyle="--", linewidth=1, label=mean_label)
+        spread.set_xlim(0, 1)
+        spread.set_xlabel("average precision")
+        spread.set_ylabel("identities")
+        spread.set_title(f"{title}: all {len(items):,} identities")
+        spread.legend(fontsize=8)
+        spread.grid(alpha=0.3)
+        _identity_bars(worst, names, values[:len(shown)], upper)
+        worst.set_title(f"the worst {len(shown)}")
+        if upper is not None and np.any(upper > values[:len(shown)]):
+            worst.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return _save(fig, Path(path))
 

@@ -117,3 +117,48 @@ def rank_run(run: RunDir, split: str, top_k: int = 100, output: str | Path | Non
     mode = "topm" if use_topm(config.retrieval, len(features)) else "dense"
     basis = ranked_basis(max(top_k, int(config.retrieval.top_m)) if reordered else None)
     return RankResult(output, len(features), rows, top_k, mode, post, basis)
+
+
+def read_ranks(path: str | Path, names: list[str], batch_rows: int = 1 << 20) -> torch.Tensor:
+    """The lists of a Parquet file `write_ranks` wrote, as Q x k indices into `names` (row i: the
+    gallery of query names[i], rank order), read a batch of rows at a time: O(Q * k) memory, no
+    per-row Python. Raises RankError naming the file when it cannot be read, its queries are not
+    exactly `names`, a listed image is not among `names`, or its lists differ in length."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if len(names) < 2:
+        raise RankError(f"ranked lists need two or more images, got {len(names)}")
+    name_array = pa.array(names, pa.string())
+    queries, galleries, ranks = [], [], []
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["query", "rank", "gallery"]):
+            for column, out in (("query", queries), ("gallery", galleries)):
+                found = pc.index_in(batch.column(column), value_set=name_array)
+                if found.null_count:
+                    unknown = batch.column(column).filter(pc.is_null(found))[0].as_py()
+                    raise RankError(f"{path} lists {unknown!r} ({column}), which is not among the {len(names)} "
+                                    f"images ranked; re-run `jaguar rank` on these features")
+                out.append(found.to_numpy(zero_copy_only=False).astype(np.int64))
+            ranks.append(batch.column("rank").to_numpy(zero_copy_only=False).astype(np.int64))
+    except (OSError, pa.ArrowException) as err:
+        raise RankError(f"{path} could not be read as `jaguar rank` output ({err}); re-run `jaguar rank`") from err
+    query = np.concatenate(queries) if queries else np.zeros(0, np.int64)
+    gallery = np.concatenate(galleries) if galleries else np.zeros(0, np.int64)
+    rank = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+    per_query = np.bincount(query, minlength=len(names))
+    top_k = int(per_query[0])
+    if top_k < 1 or not np.all(per_query == top_k):
+        short = int(np.argmin(per_query))
+        raise RankError(f"{path} does not hold one list of equal length for each of the {len(names)} images "
+                        f"(e.g. {names[short]!r} has {int(per_query[short])} rows, {names[0]!r} {top_k}); "
+                        f"re-run `jaguar rank` on these features")
+    if np.any(np.diff(query) < 0) or np.any(np.diff(rank.reshape(-1, top_k), axis=1) <= 0):
+        order = np.lexsort((rank, query))  # written in (query, rank) order; another writer may not
+        query, gallery, rank = query[order], gallery[order], rank[order]
+    if not np.array_equal(rank.reshape(-1, top_k), np.broadcast_to(np.arange(1, top_k + 1), (len(names), top_k))):
+        raise RankError(f"{path}: each list must hold ranks 1..{top_k} once; re-run `jaguar rank`")
+    return torch.from_numpy(gallery.reshape(len(names), top_k))
