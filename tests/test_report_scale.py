@@ -93,6 +93,7 @@ def test_top_m_report_evaluation_searches_lists_when_it_has_none(monkeypatch):
     monkeypatch.setattr(report_evaluation.retrieval_metrics, "evaluate", _forbidden)  # no N x N evaluation
     topm = report_evaluation.evaluate("val", features, None, RetrievalConfig(mode="topm", top_m=30))
     assert topm.metrics is None and "top-30 lists searched" in topm.scored_with
+    assert report_evaluation.grid_rows(topm, None, "worst", 2, 5)[0].note.startswith("AP@30 ")
     np.testing.assert_allclose(topm.query_ap, dense.query_ap, atol=1e-9)  # 6 an identity: all within 30
     assert topm.ap_by_identity == pytest.approx(dense.ap_by_identity)
     np.testing.assert_array_equal(topm.ranked[:, :10], dense.ranked[:, :10])

@@ -55,6 +55,7 @@ class Evaluation:
     scored_with: str
     metrics: Optional[RetrievalMetrics] = None  # the evaluator's all-vs-all result (dense path only)
     ap_upper_by_identity: Optional[dict[str, float]] = None  # from lists: the upper bound of each identity's AP
+    ap_name: str = "AP"  # what query_ap is: "AP", or "AP@k" from top-k lists
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def _from_lists(split: str, features: FeatureSet, lists: np.ndarray, scored_with
                       figures.query_lower, {name[int(i)]: float(v) for i, v in
                                             zip(figures.identities, figures.identity_lower)},
                       text, scored_with, None,
-                      {name[int(i)]: float(v) for i, v in zip(figures.identities, figures.identity_upper)})
+                      {name[int(i)]: float(v) for i, v in zip(figures.identities, figures.identity_upper)},
+                      f"AP@{top_k}")
 
 
 def evaluate(split: str, features: FeatureSet, chosen: Optional[PostConfig],
@@ -250,5 +252,5 @@ def grid_rows(evaluation: Evaluation, shards: ImageLookup | None, which: str, qu
         top = evaluation.ranked[q][:top_k]
         rows.append(GridRow(cell(q, None),
                             [cell(int(i), bool(evaluation.labels[i] == evaluation.labels[q])) for i in top],
-                            note=f"AP {evaluation.query_ap[q]:.2f}"))
+                            note=f"{evaluation.ap_name} {evaluation.query_ap[q]:.2f}"))
     return rows

@@ -192,7 +192,8 @@ def _evaluation_sections(page: _Page, evaluation: Evaluation, shards: Any, shard
              f"{_esc(evaluation.figures_text)}</p>"]
     parts.extend(_missing(note, f"jaguar rank {page.run} --split {split}") for note in notes)
     chart = plots.plot_per_identity_ap(evaluation.ap_by_identity, page.figure(f"per_identity_ap_{split}.png"),
-                                       f"Per-identity AP ({split})", evaluation.ap_upper_by_identity)
+                                       f"Per-identity {evaluation.ap_name} ({split})",
+                                       evaluation.ap_upper_by_identity)
     parts.append(page.img(chart, f"per-identity AP {split}"))
 
     parts.append(f"<h2>Retrieval examples — {_esc(split)}</h2>")
