@@ -92,7 +92,8 @@ def list_figures(lists: np.ndarray, labels: np.ndarray) -> ListFigures:
     precision_sum = np.where(hits, position / np.arange(1, top_k + 1), 0.0).sum(axis=1)
     missing = (matches - listed).astype(np.float64)
     # sum over j = 1..m of (h + j) / (k + j) = m - (k - h) (H(k + m) - H(k)), H the harmonic numbers
-    harmonic = (torch.digamma(torch.from_numpy(top_k + missing + 1)) - torch.digamma(torch.tensor(top_k + 1.0, dtype=torch.float64))).numpy()
+    digamma = torch.digamma(torch.from_numpy(np.append(top_k + missing + 1, top_k + 1.0))).numpy()
+    harmonic = digamma[:-1] - digamma[-1]
     beyond_best = missing - (top_k - listed) * harmonic
     valid = matches > 0
     safe = np.maximum(matches, 1)
