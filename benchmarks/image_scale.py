@@ -3,7 +3,7 @@ processes, train and val splits) -> `jaguar tune-post` -> `jaguar rank`, each st
 process, beside the shard reader's own speed (the bound extraction is compared with). Prints a
 Markdown table; not a test.
 
-    python benchmarks/image_scale.py [--count 20000] [--size 64] [--identities N] [--test-images 50]
+    python benchmarks/image_scale.py [--count 20000] [--size 64] [--identities N] [--test-images N]
         [--val-fraction 0.1] [--processes 2] [--work DIR] [--keep]
 
 The model is recipes/tiny_cpu.py's resnet10t at its 80 x 160 input, UNTRAINED (random weights,
@@ -129,7 +129,8 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=20000, help="training images (the extracted split)")
     parser.add_argument("--size", type=int, default=64, help="synthetic image side in px")
     parser.add_argument("--identities", type=int, default=None, help="default: count / 50, at least 31")
-    parser.add_argument("--test-images", type=int, default=50)
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="default: one per identity (synth needs at least that many)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share (tune-post, rank)")
     parser.add_argument("--processes", type=int, default=2, help="extraction processes (accelerate, gloo)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/jaguar-image-scale"))
@@ -140,6 +141,7 @@ def main() -> int:
     args = parser.parse_args()
 
     identities = args.identities or max(31, args.count // 50)
+    args.test_images = args.test_images or identities
     work = args.work / f"n{args.count}-s{args.size}"
     shutil.rmtree(work, ignore_errors=True)
     logs = work / "logs"
