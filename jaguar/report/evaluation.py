@@ -186,7 +186,8 @@ def ranked_lists(run: RunDir, split: str, features: FeatureSet, has_post: bool
         index = read_ranks(path, list(features.names))
     except RankError as err:
         return None, f"{path.name} was not used: {err}"
-    return (index, f"the top-{index.shape[1]} lists of {path.name} (`jaguar rank`, {run.post_path.name}'s settings)"), ""
+    where = f"the top-{index.shape[1]} lists of {path.name} (`jaguar rank`, {run.post_path.name}'s settings)"
+    return (index, where), ""
 
 
 class ImageLookup:
