@@ -17,7 +17,8 @@ from jaguar.report import build_report
 from jaguar.report import evaluation as report_evaluation
 from jaguar.report import plots
 from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import evaluate
+from jaguar.retrieval.metrics import MetricsError, evaluate
+from jaguar.retrieval.metrics_ranked import list_bounds
 from jaguar.retrieval.rank import RankError, rank_run, read_ranks, write_ranks
 from jaguar.run import PostResult, RunDir
 from tests.test_knn import clustered, dense_top
@@ -31,38 +32,48 @@ def _features(n_identities: int = 20, per_identity: int = 6, seed: int = 3, nois
 
 
 @pytest.mark.parametrize("top_k", [3, 10, 119])
-def test_list_figures_bound_the_evaluator_and_equal_it_when_every_match_is_listed(top_k):
+def test_list_bounds_bound_the_evaluator_and_equal_it_when_every_match_is_listed(top_k):
     features = _features(noise=1.2)  # hard: many matches fall beyond short lists
     exact = evaluate(features.embeddings @ features.embeddings.T, features.labels, kind="similarity")
     _, lists = dense_top(features.embeddings, top_k, exclude_self=True)
-    figures = report_evaluation.list_figures(lists.numpy(), features.labels.numpy())
-    assert np.all(figures.query_lower <= exact.query_ap + 1e-12)
-    assert np.all(exact.query_ap <= figures.query_upper + 1e-12)
-    complete = figures.complete
-    np.testing.assert_allclose(figures.query_lower[complete], exact.query_ap[complete], atol=1e-12)
-    np.testing.assert_allclose(figures.query_upper[complete], exact.query_ap[complete], atol=1e-12)
+    bounds = list_bounds(lists.numpy(), features.labels.numpy())
+    lower, upper, complete = bounds.lower, bounds.upper, bounds.complete
+    assert np.all(lower.query_ap <= exact.query_ap + 1e-12)
+    assert np.all(exact.query_ap <= upper.query_ap + 1e-12)
+    np.testing.assert_allclose(lower.query_ap[complete], exact.query_ap[complete], atol=1e-12)
+    np.testing.assert_allclose(upper.query_ap[complete], exact.query_ap[complete], atol=1e-12)
     if top_k == 119:  # the whole ranking: the bounds close
         assert complete.all()
     else:
         assert not complete.all()
     for rank in (1, 5, 10):
         if rank <= top_k:
-            assert figures.cmc(rank) == pytest.approx(getattr(exact, f"rank{rank}"), abs=1e-12)
+            for bound in (lower, upper):
+                assert getattr(bound, f"rank{rank}") == pytest.approx(getattr(exact, f"rank{rank}"), abs=1e-12)
     identities = sorted(exact.per_identity_ap)
-    assert figures.identities.tolist() == identities
-    assert np.all(figures.identity_lower <= np.array([exact.per_identity_ap[i] for i in identities]) + 1e-12)
-    assert np.all(np.array([exact.per_identity_ap[i] for i in identities]) <= figures.identity_upper + 1e-12)
+    assert sorted(lower.per_identity_ap) == sorted(upper.per_identity_ap) == identities
+    for i in identities:
+        assert lower.per_identity_ap[i] <= exact.per_identity_ap[i] + 1e-12 <= upper.per_identity_ap[i] + 2e-12
+    assert lower.mAP_balanced <= exact.mAP_balanced + 1e-12 <= upper.mAP_balanced + 2e-12
 
 
-def test_list_figures_upper_bound_places_the_missing_matches_right_after_the_list():
-    labels = np.array([0, 0, 0, 1, 1, 2])
-    lists = np.array([[3, 1], [0, 2], [1, 0], [4, 0], [3, 0], [0, 1]])  # query 0: miss, hit; item 2 missing
-    figures = report_evaluation.list_figures(lists, labels)
-    assert figures.query_lower[0] == pytest.approx((1 / 2) / 2)
-    assert figures.query_upper[0] == pytest.approx((1 / 2 + 2 / 3) / 2)  # item 2 at rank 3
-    assert figures.complete.tolist() == [False, True, True, True, True, True]
-    assert np.isnan(figures.query_lower[5])  # a single-image identity has no match: not averaged
-    assert figures.first_hit.tolist() == [2, 1, 1, 1, 1, 0]
+def test_list_bounds_count_missing_matches_as_not_retrieved_or_right_after_the_list():
+    labels = np.array([0, 0, 0, 1, 1, 2, 3, 3])
+    # query 0: miss, hit, item 2 missing; query 6: its match 7 missing from its list
+    lists = np.array([[3, 1], [0, 2], [1, 0], [4, 0], [3, 0], [0, 1], [0, 1], [6, 0]])
+    bounds = list_bounds(lists, labels)
+    assert bounds.lower.query_ap[0] == pytest.approx((1 / 2) / 2, abs=1e-14)  # AP@2
+    assert bounds.upper.query_ap[0] == pytest.approx((1 / 2 + 2 / 3) / 2)  # item 2 at rank 3
+    assert bounds.lower.query_ap[6] == pytest.approx(0.0, abs=1e-14)
+    assert bounds.upper.query_ap[6] == pytest.approx(1 / 3)
+    assert bounds.complete.tolist() == [False, True, True, True, True, True, False, True]
+    assert np.isnan(bounds.lower.query_ap[5]) and np.isnan(bounds.upper.query_ap[5])  # no match: not averaged
+    assert bounds.lower.num_queries == 7
+    assert bounds.lower.rank1 == pytest.approx(5 / 7) and bounds.upper.rank1 == pytest.approx(5 / 7)
+    with pytest.raises(MetricsError, match="hold the query itself"):
+        list_bounds(np.array([[0, 1]] * 8), labels)
+    with pytest.raises(MetricsError, match="single image"):
+        list_bounds(np.array([[1], [0]]), np.array([0, 1]))
 
 
 def test_read_ranks_gives_back_the_written_lists_in_any_row_order(tmp_path):
@@ -128,9 +139,9 @@ def test_report_at_scale_reads_jaguar_ranks_lists_and_searches_nothing(tmp_path,
     assert text.count("the top-20 lists of ranks_val.parquet") == 1
     assert text.count("the top-20 lists of ranks_test.parquet") == 1
     lists = read_ranks(run.ranks_path("val"), list(features.names))
-    figures = report_evaluation.list_figures(lists.numpy(), features.labels.numpy())
-    assert f"rank-1 {figures.cmc(1):.4f}" in text
-    assert f"between {figures.identity_lower.mean():.4f} and {figures.identity_upper.mean():.4f}" in text
+    bounds = list_bounds(lists.numpy(), features.labels.numpy())
+    assert f"rank-1 {bounds.lower.rank1:.4f}" in text
+    assert f"between {bounds.lower.mAP_balanced:.4f} and {bounds.upper.mAP_balanced:.4f}" in text
     for figure in ("per_identity_ap_val.png", "retrieval_worst_val.png", "similarity_test.png"):
         assert (run.report_dir / figure).is_file(), figure
 

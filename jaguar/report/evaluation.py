@@ -19,7 +19,8 @@ from jaguar.report.plots import GridCell, GridRow
 from jaguar.retrieval import metrics as retrieval_metrics
 from jaguar.retrieval.features import FeatureSet
 from jaguar.config import PostConfig, RetrievalConfig
-from jaguar.retrieval.metrics import RetrievalMetrics
+from jaguar.retrieval.metrics import CMC_RANKS, RetrievalMetrics
+from jaguar.retrieval.metrics_ranked import list_bounds
 from jaguar.retrieval.postprocess import final_distance
 from jaguar.retrieval.rank import RankError, read_ranks
 from jaguar.retrieval.topm import final_topm, use_topm
@@ -30,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 RANKED_KEPT = 50  # each query's best images kept for the grids (the grids show fewer)
 HISTOGRAM_SAMPLE = 3000  # images whose ordered pairs make the similarity histograms
-CMC_RANKS = (1, 5, 10)
 
 
 def similarity_scores(embeddings: torch.Tensor, chosen: Optional[PostConfig]) -> tuple[np.ndarray, str]:
@@ -58,57 +58,6 @@ class Evaluation:
     ap_name: str = "AP"  # what query_ap is: "AP", or "AP@k" from top-k lists
 
 
-@dataclass(frozen=True)
-class ListFigures:
-    """Retrieval figures of all-vs-all top-k lists alone, O(N * k): the ranks of the true matches
-    beyond k are unknown, so AP is bounded. Lower: AP@k (those matches count as not retrieved).
-    Upper: the same matches placed right after the list (ranks k+1, k+2, ...). Both equal the
-    evaluator's AP (jaguar.retrieval.metrics, the owner of the exact figures) for a query whose
-    matches are all listed. CMC rank-r is exact for r <= k."""
-
-    query_lower: np.ndarray  # (N,) float64; NaN where the query has no true match in the set
-    query_upper: np.ndarray
-    complete: np.ndarray  # (N,) bool: every true match of the query is in its list
-    first_hit: np.ndarray  # (N,) 1-based rank of the first listed true match; 0 where none is listed
-    identities: np.ndarray  # labels of the identities with a match, ascending
-    identity_lower: np.ndarray  # mean query_lower of each identity's queries
-    identity_upper: np.ndarray
-
-    def cmc(self, rank: int) -> float:
-        valid = ~np.isnan(self.query_lower)
-        return float(((self.first_hit[valid] >= 1) & (self.first_hit[valid] <= rank)).mean())
-
-
-def list_figures(lists: np.ndarray, labels: np.ndarray) -> ListFigures:
-    """`ListFigures` of lists (N x k indices of each query's best other items, best first) of
-    items with these labels (N,); raises ValueError when no query has a true match."""
-    lists, labels = np.asarray(lists, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-    n, top_k = lists.shape
-    _, label_index, label_count = np.unique(labels, return_inverse=True, return_counts=True)
-    matches = label_count[label_index] - 1  # true matches of each query in the set (itself excluded)
-    hits = labels[lists] == labels[:, None]
-    listed = hits.sum(axis=1)
-    position = np.cumsum(hits, axis=1, dtype=np.int64)  # the i-th hit of its row at rank r adds i / r
-    precision_sum = np.where(hits, position / np.arange(1, top_k + 1), 0.0).sum(axis=1)
-    missing = (matches - listed).astype(np.float64)
-    # sum over j = 1..m of (h + j) / (k + j) = m - (k - h) (H(k + m) - H(k)), H the harmonic numbers
-    digamma = torch.digamma(torch.from_numpy(np.append(top_k + missing + 1, top_k + 1.0))).numpy()
-    harmonic = digamma[:-1] - digamma[-1]
-    beyond_best = missing - (top_k - listed) * harmonic
-    valid = matches > 0
-    safe = np.maximum(matches, 1)
-    lower = np.where(valid, precision_sum / safe, np.nan)
-    upper = np.where(valid, (precision_sum + beyond_best) / safe, np.nan)
-    if not valid.any():
-        raise ValueError("no query has a true match (every identity has a single image)")
-    first_hit = np.where(listed > 0, hits.argmax(axis=1) + 1, 0)
-    identities, inverse = np.unique(labels[valid], return_inverse=True)
-    counts = np.bincount(inverse)
-    return ListFigures(lower, upper, listed == matches, first_hit, identities,
-                       np.bincount(inverse, weights=lower[valid]) / counts,
-                       np.bincount(inverse, weights=upper[valid]) / counts)
-
-
 def _cosine_sample(features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
     """Cosine of every ordered pair of a seeded random sample of at most HISTOGRAM_SAMPLE images."""
     n, size = len(features), HISTOGRAM_SAMPLE
@@ -123,22 +72,22 @@ def _between(lower: float, upper: float) -> str:
 
 def _from_lists(split: str, features: FeatureSet, lists: np.ndarray, scored_with: str) -> Evaluation:
     labels = features.labels.numpy()
-    figures = list_figures(lists, labels)
-    top_k = lists.shape[1]
-    name = {int(label): features.label_names.get(int(label), str(label)) for label in figures.identities}
-    valid = ~np.isnan(figures.query_lower)
-    cmc = ", ".join(f"rank-{r} {figures.cmc(r):.4f}" for r in CMC_RANKS if r <= top_k)
-    text = (f"identity-balanced mAP {_between(figures.identity_lower.mean(), figures.identity_upper.mean())}, "
-            f"mAP {_between(figures.query_lower[valid].mean(), figures.query_upper[valid].mean())}, {cmc}. "
-            f"Every true match is within the top-{top_k} list for {figures.complete[valid].mean():.1%} of the "
+    bounds = list_bounds(lists, labels)
+    lower, upper, top_k = bounds.lower, bounds.upper, bounds.top_k
+    valid = ~np.isnan(lower.query_ap)
+    cmc = ", ".join(f"rank-{r} {getattr(lower, f'rank{r}'):.4f}" for r in CMC_RANKS if r <= top_k)
+    text = (f"identity-balanced mAP {_between(lower.mAP_balanced, upper.mAP_balanced)}, "
+            f"mAP {_between(lower.mAP, upper.mAP)}, {cmc}. "
+            f"Every true match is within the top-{top_k} list for {bounds.complete[valid].mean():.1%} of the "
             f"queries (their AP is exact); the others' matches beyond it bound their AP between not "
             f"retrieved and ranked right after the list (AP@{top_k} is shown per query and identity). "
             f"The exact figures of the whole ranking are tune-post's (validation) and score's (test) tables.")
-    return Evaluation(split, features, lists[:, :RANKED_KEPT], *_cosine_sample(features), labels,
-                      figures.query_lower, {name[int(i)]: float(v) for i, v in
-                                            zip(figures.identities, figures.identity_lower)},
-                      text, scored_with, None,
-                      {name[int(i)]: float(v) for i, v in zip(figures.identities, figures.identity_upper)},
+
+    def by_name(per_identity: dict[int, float]) -> dict[str, float]:
+        return {features.label_names.get(label, str(label)): value for label, value in per_identity.items()}
+
+    return Evaluation(split, features, lists[:, :RANKED_KEPT], *_cosine_sample(features), labels, lower.query_ap,
+                      by_name(lower.per_identity_ap), text, scored_with, None, by_name(upper.per_identity_ap),
                       f"AP@{top_k}")
 
 
@@ -147,7 +96,7 @@ def evaluate(split: str, features: FeatureSet, chosen: Optional[PostConfig],
              ) -> Evaluation:
     """The figures, grids' lists and histogram sample of one labelled set. Below the top-M
     threshold (`retrieval`, jaguar.retrieval.topm) the evaluator's exact figures of the N x N
-    scores; above it, figures of top-k lists (`ListFigures`, never N x N and no N^2 work): `lists`
+    scores; above it, figures of top-k lists (`metrics_ranked.list_bounds`, never N x N and no N^2 work): `lists`
     (N x k indices, what they are) when given, e.g. read from `jaguar rank`'s file, else each
     query's top-M list searched here."""
     features = features.normalized()

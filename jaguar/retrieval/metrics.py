@@ -175,8 +175,10 @@ def _figures(query_ids: torch.Tensor, ranks: torch.Tensor, q_label: torch.Tensor
     ranks[i]): the one place AP, INP, CMC and their averages are computed, for a full ranking
     (`evaluate`) and for ranked lists (`evaluate_ranked`) alike."""
     n_query = q_label.numel()
-    # By (query, rank): one int64 key (a rank is at most the candidate count, below 2^31).
-    order = torch.sort(query_ids * (1 << 31) + ranks, stable=True).indices
+    # By (query, rank): by rank, then stably by query (ranks may be as large as 2^53, see
+    # `metrics_ranked.list_bounds`, so no single int64 key holds both).
+    order = torch.sort(ranks, stable=True).indices
+    order = order[torch.sort(query_ids[order], stable=True).indices]
     query_ids, ranks = query_ids[order], ranks[order].double()
     n_hits = torch.bincount(query_ids, minlength=n_query)
     has = n_hits > 0

@@ -5,10 +5,14 @@ from the ranks of the true matches; this module only finds those ranks.
 
 A true match inside a query's list has its list position as rank. One beyond the list is ranked
 exactly: M plus the candidates outside the list that score higher than it (equal scores: lower
-index first), counted in row chunks of the Q x G scores, never truncated."""
+index first), counted in row chunks of the Q x G scores, never truncated.
+
+Without the features (a ranked-list file alone), `list_bounds` gives the figures' bounds from
+the lists: the ranks beyond them are unknown, so each match outside is placed at both extremes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -96,6 +100,57 @@ def _match_pairs(q_label: torch.Tensor, g_label: torch.Tensor, all_vs_all: bool)
         keep = gallery != queries
         queries, gallery = queries[keep], gallery[keep]
     return queries, gallery
+
+
+# The rank given to a match counted as never retrieved: its precision term (at most N / 2^53 a
+# query) is below float64's resolution of any AP, and the rank stays exact in float64.
+_NEVER_RETRIEVED = 1 << 53
+
+
+@dataclass(frozen=True)
+class ListBounds:
+    """What all-vs-all top-k lists alone say of the evaluator's figures (`list_bounds`).
+
+    lower: the true matches beyond each list counted as never retrieved, so AP is AP@k.
+    upper: those matches ranked right after the list (k + 1, k + 2, ...), the best they can be.
+    Both equal `evaluate`'s figures for a query whose matches are all listed (`complete`), and
+    CMC rank-r is exact in both for r <= k; mINP is not bounded (the last match's rank is unknown)."""
+
+    lower: RetrievalMetrics
+    upper: RetrievalMetrics
+    complete: np.ndarray  # (N,) bool: every true match of the query is in its list
+    top_k: int
+
+
+def list_bounds(ranked: ArrayLike, labels: ArrayLike) -> ListBounds:
+    """`ListBounds` of all-vs-all lists (N x k gallery indices, each item's best other items, best
+    first, the item itself not among them) of items with these labels (N,): O(N * k + true matches),
+    for a ranking whose scores are not at hand (e.g. `jaguar rank`'s file in the report). Raises
+    MetricsError on lists of the wrong shape or holding the query itself, or when no query has a
+    true match."""
+    q_label = _vector("labels", labels, len(labels))
+    lists = _checked_lists(ranked, q_label.numel(), all_vs_all=True)
+    n, top_k = lists.shape
+    list_query, list_rank = (q_label[lists] == q_label[:, None]).nonzero(as_tuple=True)
+    _, label_index, label_count = torch.unique(q_label, return_inverse=True, return_counts=True)
+    missing = label_count[label_index] - 1 - torch.bincount(list_query, minlength=n)
+    beyond_query = torch.repeat_interleave(torch.arange(n), missing)
+    nth = torch.arange(beyond_query.numel()) - (torch.cumsum(missing, 0) - missing)[beyond_query]  # 0, 1, ...
+    queries, listed = torch.cat([list_query, beyond_query]), list_rank + 1
+    message = _no_match_message(True, False, 0, 0)
+    lower = _figures(queries, torch.cat([listed, torch.full_like(nth, _NEVER_RETRIEVED)]), q_label, None, message)
+    upper = _figures(queries, torch.cat([listed, top_k + 1 + nth]), q_label, None, message)
+    return ListBounds(lower, upper, (missing == 0).numpy(), top_k)
+
+
+def _checked_lists(ranked: ArrayLike, n_query: int, all_vs_all: bool) -> torch.Tensor:
+    """Q x M int64 lists, checked: one row a query, and no query listing itself in all-vs-all."""
+    lists = torch.as_tensor(np.asarray(ranked) if not isinstance(ranked, torch.Tensor) else ranked).long()
+    if lists.ndim != 2 or lists.shape[0] != n_query:
+        raise MetricsError(f"ranked lists must be Q x M with Q = {n_query} queries, got {tuple(lists.shape)}")
+    if all_vs_all and bool((lists == torch.arange(n_query)[:, None]).any()):
+        raise MetricsError("all-vs-all ranked lists hold the query itself; search with the query excluded")
+    return lists
 
 
 class RankedEvaluator:
@@ -219,12 +274,7 @@ class RankedEvaluator:
         self.beyond_query, self.beyond_gallery, self.beyond_rank = beyond_query, beyond_gallery, beyond_rank
 
     def _lists(self, ranked: ArrayLike, n_query: int) -> torch.Tensor:
-        lists = torch.as_tensor(np.asarray(ranked) if not isinstance(ranked, torch.Tensor) else ranked).long()
-        if lists.ndim != 2 or lists.shape[0] != n_query:
-            raise MetricsError(f"ranked lists must be Q x M with Q = {n_query} queries, got {tuple(lists.shape)}")
-        if self.all_vs_all and bool((lists == torch.arange(n_query)[:, None]).any()):
-            raise MetricsError("all-vs-all ranked lists hold the query itself; search with the query excluded")
-        return lists
+        return _checked_lists(ranked, n_query, self.all_vs_all)
 
     def evaluate(self, ranked: ArrayLike, reordered: bool = False) -> RetrievalMetrics:
         """The figures of these lists in this order; reordered=True when re-ordered within the top
