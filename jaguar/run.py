@@ -60,7 +60,7 @@ _FEATURE_PART = "{split}-{start:07d}-{end:07d}-{key}"  # + _FEATURE_SUFFIX: rows
 _FEATURE_SUFFIX = ".safetensors"
 _POST = "post.json"
 _SUBMISSION = "submission.csv"
-_RANKS = "ranks_{split}.parquet"
+_RANKS = "ranks_{split}.{fmt}"
 _SCORE = "score.json"
 _SCORE_TABLE = "score_table.json"
 _ENSEMBLE = "ensemble.json"
@@ -120,11 +120,12 @@ class RunDir:
             raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return self.features_dir / f"{split}{_FEATURE_SUFFIX}"
 
-    def ranks_path(self, split: str) -> Path:
-        """`jaguar rank`'s default output for a split: each query's top-k list."""
+    def ranks_path(self, split: str, fmt: str = "parquet") -> Path:
+        """`jaguar rank`'s default output for a split: each query's top-k list, in that file format
+        ("parquet", the one the report reads, or "csv")."""
         if split not in SPLITS:
             raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        return self.path / _RANKS.format(split=split)
+        return self.path / _RANKS.format(split=split, fmt=fmt)
 
     # ------------------------------------------------------------------ config and split
 
@@ -192,7 +193,7 @@ class RunDir:
         if not path.is_file():
             raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract {self.path} "
                                     f"--split {split}` first")
-        return FeatureSet.load(path)
+        return FeatureSet.load(path, f"run `jaguar extract {self.path} --split {split} --force`")
 
     def save_features(self, split: str, features: FeatureSet) -> None:
         features.save(self.features_path(split))
@@ -267,11 +268,7 @@ class RunDir:
         if not self.has_enrolled():
             raise MissingInputError(f"{self.enrolled_path} does not exist; enrol with "
                                     f"`jaguar enroll {self.path} --name NAME PHOTO...`")
-        try:
-            return FeatureSet.load(self.enrolled_path)
-        except (OSError, ValueError, KeyError) as err:
-            raise RunDirError(f"{self.enrolled_path} could not be read ({err}); restore it or remove it "
-                              f"and enrol again") from None
+        return FeatureSet.load(self.enrolled_path, "restore it, or remove it and enrol again")
 
     def save_enrolled(self, features: FeatureSet) -> None:
         features.save(self.enrolled_path)

@@ -70,6 +70,37 @@ def test_rank_csv_uses_the_chosen_post_processing(tmp_path):
     assert first == [features.names[j] for j in _expected(features, PostConfig(), len(features) - 1)[0][0]]
 
 
+def test_rank_format_picks_the_default_name_and_never_contradicts_the_output_name(tmp_path, capsys):
+    run, features = _run(tmp_path)
+    assert main(["rank", str(run.path), "--split", "test", "--top-k", "3"]) == 0
+    parquet = run.ranks_path("test").read_bytes()
+    # --format csv alone writes ranks_test.csv beside the Parquet file, which stays as it was
+    assert main(["rank", str(run.path), "--split", "test", "--top-k", "3", "--format", "csv"]) == 0
+    assert run.ranks_path("test", "csv").name == "ranks_test.csv"
+    with open(run.ranks_path("test", "csv"), newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(features) * 3
+    assert run.ranks_path("test").read_bytes() == parquet
+    # an output name that says one format and --format the other: refused, nothing written
+    capsys.readouterr()
+    wrong = tmp_path / "lists.parquet"
+    assert main(["rank", str(run.path), "--split", "test", "-o", str(wrong), "--format", "csv"]) == 2
+    err = capsys.readouterr().err
+    assert str(wrong) in err and "--format is csv" in err
+    assert not wrong.exists()
+    assert main(["rank", str(run.path), "--split", "test", "-o", str(tmp_path / "lists.PARQUET")]) == 0
+    assert pq.read_table(tmp_path / "lists.PARQUET").num_rows == len(features) * min(100, len(features) - 1)
+
+
+def test_a_truncated_feature_file_is_named_with_the_command_that_remakes_it(tmp_path, capsys):
+    run, _ = _run(tmp_path)
+    path = run.features_path("test")
+    path.write_bytes(path.read_bytes()[:100])
+    assert main(["rank", str(run.path), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and f"jaguar extract {run.path} --split test --force" in err
+    assert not run.ranks_path("test").exists()
+
+
 def test_rank_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     run, features = _run(tmp_path)
     old = b"previous ranks"

@@ -16,11 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("rank", help="write each image's top-k list (Parquet or CSV), any gallery size")
     parser.add_argument("run_dir", help=f"run folder holding {_RUN.features_path('test')} (and {_RUN.post_path})")
     parser.add_argument("--split", required=True, choices=("test", "val"), help="the images to rank")
-    parser.add_argument("--top-k", type=int, default=100, help="gallery images listed a query (default 100)")
+    parser.add_argument("--top-k", type=int, default=100, help="gallery images listed per query (default 100)")
     parser.add_argument("-o", "--output", default=None,
-                        help=f"output file (default: {_RUN.ranks_path('test')} for --split test)")
+                        help=f"output file (default: {_RUN.ranks_path('test')} for --split test, "
+                             f"{_RUN.ranks_path('test', 'csv')} with --format csv)")
     parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="parquet (default) or csv; a .csv output name means csv")
+                        help="parquet (default) or csv; an output name ending in .csv or .parquet sets it")
     parser.set_defaults(func=run)
 
 

@@ -28,7 +28,7 @@ from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
 from jaguar.models import build_model
 from jaguar.progress import progress_bar
-from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.features import FeatureFileError, FeatureSet
 from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
 from jaguar.train.accel import build_accelerator
@@ -234,7 +234,7 @@ def _finished_part(path: Path, names: list[str], key: str) -> bool:
         return False
     try:
         part = FeatureSet.load(path)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as err:
+    except FeatureFileError as err:
         log.warning("feature part %s is unreadable (%s); recomputing it", path, err)
         return False
     if part.names != names or part.meta.get("key") != key:

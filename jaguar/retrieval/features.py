@@ -10,10 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save as save_bytes
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaguar.io import atomic_write_bytes
-from jaguar.errors import MissingInputError
+from jaguar.errors import JaguarError, MissingInputError
+
+
+class FeatureFileError(JaguarError, ValueError):
+    """A feature file that exists but cannot be read as one; the message names it and what to do."""
 
 
 @dataclass
@@ -83,20 +87,29 @@ class FeatureSet:
         atomic_write_bytes(Path(path), save_bytes(tensors, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureSet":
+    def load(cls, path: str | Path, how_to_make: str = "re-run the command that wrote it") -> "FeatureSet":
+        """The feature set saved at `path` by `save`. Raises MissingInputError when there is no file,
+        FeatureFileError (naming it and `how_to_make` it again) when it is truncated or not a jaguar
+        feature file."""
         path = Path(path)
         if not path.is_file():
             raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract` first")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-        return cls(
-            names=json.loads(metadata["names"]),
-            embeddings=tensors["embeddings"],
-            labels=tensors["labels"],
-            label_names={int(k): v for k, v in json.loads(metadata.get("label_names", "{}")).items()},
-            meta=json.loads(metadata.get("meta", "{}")),
-        )
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+            features = cls(
+                names=json.loads(metadata["names"]),
+                embeddings=tensors["embeddings"],
+                labels=tensors["labels"],
+                label_names={int(k): v for k, v in json.loads(metadata.get("label_names", "{}")).items()},
+                meta=json.loads(metadata.get("meta", "{}")),
+            )
+        # safetensors raises its own error type (a truncated or foreign file), json and the keys the rest
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
+            raise FeatureFileError(f"feature file {path} could not be read ({type(err).__name__}: {err}); it is "
+                                   f"truncated or not written by jaguar: {how_to_make}") from err
+        return features
 
     def numpy(self) -> np.ndarray:
         return self.embeddings.numpy()

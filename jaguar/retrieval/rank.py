@@ -99,11 +99,16 @@ def write_ranks(path: str | Path, names: list[str], index: torch.Tensor, distanc
 
 def rank_run(run: RunDir, split: str, top_k: int = 100, output: str | Path | None = None,
              fmt: Optional[str] = None) -> RankResult:
-    """Write the top-k lists of the run's `split` features (default: run.ranks_path(split), Parquet;
-    fmt None takes CSV for a .csv output). Raises RankError for k < 1 or fewer than two images."""
+    """Write the top-k lists of the run's `split` features to `output` (default: run.ranks_path(split,
+    fmt)). fmt None takes the format the output's suffix names (.csv, .parquet), else Parquet.
+    Raises RankError for k < 1, fewer than two images, or a --format the output's suffix contradicts."""
     run.require()
-    output = Path(output) if output else run.ranks_path(split)
-    fmt = fmt or ("csv" if output.suffix.lower() == ".csv" else "parquet")
+    named = {f".{name}": name for name in FORMATS}.get(Path(output).suffix.lower()) if output else None
+    if fmt and named and fmt != named:
+        raise RankError(f"output {output} names the {named} format but --format is {fmt}; give a file name "
+                        f"ending in .{fmt}, or leave --format out")
+    fmt = fmt or named or "parquet"
+    output = Path(output) if output else run.ranks_path(split, fmt)
     features = run.load_features(split)
     if top_k < 1:
         raise RankError(f"--top-k must be >= 1, got {top_k}")
