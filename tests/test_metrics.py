@@ -165,6 +165,10 @@ def _labelled_set(seed: int = 0) -> FeatureSet:
     return FeatureSet(names, embeddings, labels, {i: f"id{i}" for i in range(5)})
 
 
+def _forbidden(*args, **kwargs):
+    raise AssertionError("an N x N distance matrix was built")
+
+
 def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch):
     """Training validation, tune-post, the report, `jaguar score` and its test-side stage table give
     the evaluator's figures."""
@@ -172,6 +176,7 @@ def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch
     from jaguar.formats import write_labels, write_pairs, write_submission
     from jaguar.report.evaluation import evaluate as report_evaluate
     from jaguar.retrieval.postprocess import PostConfig, tune_post
+    from jaguar.retrieval import stages
     from jaguar.retrieval.stages import score_submission, stage_table_on
     from jaguar.retrieval.submission import pair_similarities
     from jaguar.run import StageRow
@@ -200,6 +205,14 @@ def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch
     np.testing.assert_allclose(report.query_ap, expected.query_ap)
     raw_row = stage_table_on(features, [StageRow("raw", PostConfig(), 0.0)])[0]
     assert {k: getattr(raw_row, k) for k in figures} == pytest.approx({k: expected.summary()[k] for k in figures})
+    rows = [StageRow("raw", PostConfig(), 0.0), StageRow("+QE", PostConfig(qe_k=2), 0.0)]
+    dense_rows = stage_table_on(features, rows, RetrievalConfig(mode="dense"))
+    monkeypatch.setattr(stages, "final_distance", _forbidden)  # the top-M form never builds N x N
+    topm_rows = stage_table_on(features, rows, RetrievalConfig(mode="topm", top_m=4))
+    monkeypatch.undo()
+    for dense_row, topm_row in zip(dense_rows, topm_rows):  # exact figures: the same in both forms
+        assert {k: getattr(topm_row, k) for k in figures} == pytest.approx(
+            {k: getattr(dense_row, k) for k in figures}, abs=1e-9)
 
     pairs = [(f"r{q}_{g}", q_name, g_name) for q, q_name in enumerate(features.names)
              for g, g_name in enumerate(features.names) if q != g]

@@ -76,12 +76,19 @@ def _from_lists(split: str, features: FeatureSet, lists: np.ndarray, scored_with
     lower, upper, top_k = bounds.lower, bounds.upper, bounds.top_k
     valid = ~np.isnan(lower.query_ap)
     cmc = ", ".join(f"rank-{r} {getattr(lower, f'rank{r}'):.4f}" for r in CMC_RANKS if r <= top_k)
+    complete = float(bounds.complete[valid].mean())
+    if complete == 1.0:
+        coverage = (f"Every true match of every query is within its top-{top_k} list, so these figures are "
+                    f"exact for this ranking. ")
+    else:
+        coverage = (f"Every true match is within the top-{top_k} list for {complete:.1%} of the queries (their "
+                    f"AP is exact); the others' matches beyond it bound their AP between not retrieved and "
+                    f"ranked right after the list (AP@{top_k} is shown per query and identity). ")
     text = (f"identity-balanced mAP {_between(lower.mAP_balanced, upper.mAP_balanced)}, "
-            f"mAP {_between(lower.mAP, upper.mAP)}, {cmc}. "
-            f"Every true match is within the top-{top_k} list for {bounds.complete[valid].mean():.1%} of the "
-            f"queries (their AP is exact); the others' matches beyond it bound their AP between not "
-            f"retrieved and ranked right after the list (AP@{top_k} is shown per query and identity). "
-            f"The exact figures of the whole ranking are tune-post's (validation) and score's (test) tables.")
+            f"mAP {_between(lower.mAP, upper.mAP)}, {cmc}. {coverage}"
+            f"tune-post's (validation) and score's (test) tables hold the evaluator's exact figures of the "
+            f"whole ranking; with re-ranking on, theirs re-rank the top retrieval.top_m of each list, so lists "
+            f"of another length can differ slightly.")
 
     def by_name(per_identity: dict[int, float]) -> dict[str, float]:
         return {features.label_names.get(label, str(label)): value for label, value in per_identity.items()}

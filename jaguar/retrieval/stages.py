@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from jaguar.config import Config, PostConfig
+from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.errors import JaguarError
 from jaguar.retrieval.features import FeatureSet
 from jaguar.formats import check_rows, examples, read_labels, read_pairs, read_submission, write_submission
-from jaguar.retrieval.metrics import MetricsError, evaluate
+from jaguar.retrieval.metrics import MetricsError, RetrievalMetrics, evaluate
 from jaguar.retrieval.postprocess import final_distance, tune_post
-from jaguar.retrieval.topm import tune_post_topm, use_topm
+from jaguar.retrieval.topm import TopMSpace, tune_post_topm, use_topm
 from jaguar.retrieval.submission import SubmissionError, pair_similarities, pair_similarity_matrix
 from jaguar.run import PostResult, RunDir, Score, ScoreTable, StageRow
 
@@ -161,14 +161,22 @@ def labelled_test_features(run: RunDir, labels_csv: str | Path | None) -> Option
     return labelled if len(labelled) >= 2 else None
 
 
-def stage_table_on(features: FeatureSet, table: list[StageRow]) -> list[StageRow]:
+def stage_table_on(features: FeatureSet, table: list[StageRow],
+                   retrieval: Optional[RetrievalConfig] = None) -> list[StageRow]:
     """Each row's post-processing re-scored on another labelled set (e.g. the test images), with
-    the evaluator's all-vs-all figures; the stage decisions stay with the validation table."""
-    rows = []
-    for row in table:
-        scores = evaluate(final_distance(features, row.config), features.labels, kind="distance").summary()
-        rows.append(StageRow(row.name, row.config, **_scores(scores)))
-    return rows
+    the evaluator's all-vs-all figures; the stage decisions stay with the validation table. With
+    `retrieval` (the run's settings) calling for the top-M form, as tune-post does, each row is
+    scored on its top-M lists (TopMSpace, O(N * M) memory), never an N x N matrix."""
+    retrieval = retrieval or RetrievalConfig()
+    if use_topm(retrieval, len(features)):
+        space = TopMSpace(features, features.labels, int(retrieval.top_m))
+
+        def figures(post: PostConfig) -> RetrievalMetrics:
+            return space.metrics(space.final(post))
+    else:
+        def figures(post: PostConfig) -> RetrievalMetrics:
+            return evaluate(final_distance(features, post), features.labels, kind="distance")
+    return [StageRow(row.name, row.config, **_scores(figures(row.config).summary())) for row in table]
 
 
 def score_run(run: RunDir, test_csv: str | Path, labels_csv: str | Path,
@@ -182,6 +190,8 @@ def score_run(run: RunDir, test_csv: str | Path, labels_csv: str | Path,
     if run.has_post() and run.has_features("test"):
         labelled = labelled_test_features(run, labels_csv)
         if labelled is not None:
-            table = ScoreTable(labels=str(labels_csv), table=stage_table_on(labelled, run.load_post().table))
+            retrieval = run.load_config().retrieval if run.has_config() else None
+            table = ScoreTable(labels=str(labels_csv),
+                               table=stage_table_on(labelled, run.load_post().table, retrieval))
             run.save_score_table(table)
     return score, table
