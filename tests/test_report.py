@@ -3,6 +3,7 @@ still gives a page that says what is missing and how to produce it."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -175,6 +176,14 @@ def test_malformed_artifact_is_a_note_not_a_crash(tmp_path):
     run.post_path.write_text('{"chosen": {"qe_kk": 1}, "table": [], "val_size": 1, "searched": true}')
     text = build_report(run).read_text()
     assert "qe_kk" in text and str(run.post_path) in text
+    # a config with a wrong value is to be corrected, not re-made by training; the shards stay unknown
+    run.config_path.write_text("retrieval:\n  mode: topM\n")
+    labels = torch.arange(4).repeat_interleave(3)
+    run.save_features("val", FeatureSet([f"v{i}.png" for i in range(12)], torch.randn(12, 8), labels))
+    text = html.unescape(build_report(run).read_text())
+    assert "topM" in text and f"correct it in <code>{run.config_path}</code>" in text
+    assert "No resolved config" not in text
+    assert "config.yaml could not be read, so its shards folder (data.shards) is unknown" in text
 
 
 def test_bare_run_says_what_is_missing(tmp_path):

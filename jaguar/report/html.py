@@ -155,9 +155,12 @@ _CONFIG_KEYS = (
 
 def _config_section(page: _Page, config: Optional[Config], problem: str) -> str:
     parts = ["<h2>Configuration</h2>"]
+    if problem:  # the file is there but wrong: it is fixed, not re-made by training
+        parts.append(f'<div class="missing">{_esc(problem)} — correct it in <code>{_esc(page.run.config_path)}'
+                     f'</code>; meanwhile this page uses the default retrieval settings.</div>')
+        return "\n".join(parts)
     if config is None:
-        parts.append(_missing(problem or f"No resolved config ({page.run.config_path})",
-                              f"jaguar train RECIPE run.dir={page.run}"))
+        parts.append(_missing(f"No resolved config ({page.run.config_path})", f"jaguar train RECIPE run.dir={page.run}"))
         return "\n".join(parts)
     rows = "".join(f"<tr><th>{_esc(label)}</th><td><code>{_esc(get_value(config, key))}</code></td></tr>"
                    for label, key in _CONFIG_KEYS)
@@ -251,7 +254,14 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
     ensemble, _ = _read(run.load_ensemble, run.is_ensemble())
     chosen = post.chosen if post is not None else None
     retrieval = config.retrieval if config is not None else None
-    shards, shards_problem = find_shards(run.path, config.data.shards if config is not None else "")
+    for problem in (config_problem, post_problem):
+        if problem:  # the page shows it too; a redirected log should not hide it
+            logger.warning("%s", problem)
+    if config_problem:
+        shards, shards_problem = None, (f"{run.config_path.name} could not be read, so its shards folder "
+                                        f"(data.shards) is unknown and no pictures can be shown")
+    else:
+        shards, shards_problem = find_shards(run.path, config.data.shards if config is not None else "")
 
     evaluations: list[tuple[Evaluation, list[str]]] = []
     eval_notes: list[str] = []
