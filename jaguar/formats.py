@@ -65,13 +65,30 @@ class Table:
         return [row[position] for row in self.rows]
 
 
-def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
-    """Read a challenge CSV by the rules of this module; the key is the first of `columns`."""
-    path = Path(path)
+def _require_file(path: Path, columns: Sequence[str], what: str) -> None:
     if path.is_dir():  # it exists: "does not exist" would blame the wrong thing
         raise FormatError(f"{what} {path} is a folder; give the CSV file (header {','.join(columns)}) inside it")
     if not path.is_file():
         raise MissingInputError(f"{what} {path} does not exist (expected a CSV with header {','.join(columns)})")
+
+
+def count_pair_rows(path: PathLike) -> int:
+    """Lines after the header of a pair list, counted in 1 MB blocks (O(1) memory, nothing parsed):
+    its size before reading it. Raises MissingInputError/FormatError as `read_pairs` does for a
+    missing file or a folder."""
+    path = Path(path)
+    _require_file(path, PAIR_COLUMNS, "pair list")
+    lines, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+    return max(lines + (last != b"\n") - 1, 0)
+
+
+def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
+    """Read a challenge CSV by the rules of this module; the key is the first of `columns`."""
+    path = Path(path)
+    _require_file(path, columns, what)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             records = list(enumerate(csv.reader(handle), start=1))

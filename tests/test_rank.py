@@ -12,6 +12,7 @@ import yaml
 
 from jaguar.cli.main import main
 from jaguar.config import PostConfig
+from jaguar.errors import MissingInputError
 from jaguar.retrieval import rank as rank_module
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.postprocess import final_distance
@@ -142,3 +143,6 @@ def test_submit_refuses_a_pair_list_above_the_limit(tmp_path):
         submit_run(run, tmp_path / "test.csv", max_rows=89)
     assert not run.submission_path.exists()
     assert submit_run(run, tmp_path / "test.csv", max_rows=90).rows == 90
+    # the size check reads the file first: a missing pair list is named as the reader names it
+    with pytest.raises(MissingInputError, match=r"pair list .*nope\.csv does not exist .*row_id,query_image"):
+        submit_run(run, tmp_path / "nope.csv")

@@ -160,7 +160,8 @@ def _config_section(page: _Page, config: Optional[Config], problem: str) -> str:
                      f'</code>; meanwhile this page uses the default retrieval settings.</div>')
         return "\n".join(parts)
     if config is None:
-        parts.append(_missing(f"No resolved config ({page.run.config_path})", f"jaguar train RECIPE run.dir={page.run}"))
+        parts.append(_missing(f"No resolved config ({page.run.config_path})",
+                              f"jaguar train RECIPE run.dir={page.run}"))
         return "\n".join(parts)
     rows = "".join(f"<tr><th>{_esc(label)}</th><td><code>{_esc(get_value(config, key))}</code></td></tr>"
                    for label, key in _CONFIG_KEYS)

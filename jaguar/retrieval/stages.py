@@ -15,7 +15,8 @@ from typing import Any, Optional
 from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.errors import JaguarError
 from jaguar.retrieval.features import FeatureSet
-from jaguar.formats import check_rows, examples, read_labels, read_pairs, read_submission, write_submission
+from jaguar.formats import (check_rows, count_pair_rows, examples, read_labels, read_pairs, read_submission,
+                            write_submission)
 from jaguar.retrieval.metrics import MetricsError, RetrievalMetrics, evaluate
 from jaguar.retrieval.postprocess import final_distance, tune_post
 from jaguar.retrieval.topm import TopMSpace, tune_post_topm, use_topm
@@ -86,15 +87,6 @@ class SubmitResult:
 MAX_SUBMISSION_ROWS = 10**8  # an all-pairs file past this (~10,000 images) is the wrong tool: `jaguar rank`
 
 
-def _count_rows(path: Path) -> int:
-    """Data rows of a text file (lines after the header), counted in 1 MB blocks: O(1) memory."""
-    lines, last = 0, b"\n"
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            lines, last = lines + block.count(b"\n"), block[-1:]
-    return max(lines + (last != b"\n") - 1, 0)
-
-
 def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = None,
                max_rows: int = MAX_SUBMISSION_ROWS) -> SubmitResult:
     """Score every pair of `test_csv` with the run's test features and chosen post-processing (raw
@@ -102,7 +94,7 @@ def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = No
     A pair list of more than `max_rows` rows is refused (SubmissionError) before it is read: the
     all-pairs file is for the challenge; large galleries take `jaguar rank`'s top-k lists."""
     output = Path(output) if output else run.submission_path
-    rows = _count_rows(Path(test_csv))
+    rows = count_pair_rows(test_csv)
     if rows > max_rows:
         raise SubmissionError(f"{test_csv} has {rows:,} pair rows, more than an all-pairs submission should hold "
                               f"({max_rows:,}); write each image's top-k list instead: "
