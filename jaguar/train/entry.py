@@ -21,6 +21,7 @@ def setup_logging() -> None:
 
 
 def run_training(cfg: Config) -> int:
+    setup_logging()  # `jaguar train` too: one line a checkpoint, not accelerate's one a file
     from jaguar.train.trainer import TrainingStopped, train
 
     try:
@@ -28,6 +29,10 @@ def run_training(cfg: Config) -> int:
     except TrainingStopped as err:
         logging.getLogger("jaguar.train").error("%s", err)
         return 3
+    run = cfg.run.dir
+    logging.getLogger("jaguar.train").info(  # rank 0 only (setup_logging)
+        "training finished in %s; next: `jaguar extract %s --split val` and `--split test`, "
+        "`jaguar tune-post %s`, `jaguar report %s`", run, run, run, run)
     return 0
 
 
