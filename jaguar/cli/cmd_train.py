@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jaguar.config import load_config
-from jaguar.train.entry import run_training
+from jaguar.train.entry import run_training, setup_logging
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,4 +19,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    setup_logging()  # as for a recipe run: accelerate's per-file checkpoint lines off
     return run_training(load_config(args.recipe, args.overrides))

@@ -12,8 +12,13 @@ from jaguar.config import Config, load_config
 from jaguar.errors import JaguarError
 
 
+def _launch_rank() -> int:
+    """This process's rank as the launcher (torchrun, accelerate, srun via torchrun) set it; 0 alone."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
 def setup_logging() -> None:
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    rank = _launch_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # accelerate logs every file of every checkpoint at INFO; its warnings still show.
@@ -21,7 +26,6 @@ def setup_logging() -> None:
 
 
 def run_training(cfg: Config) -> int:
-    setup_logging()  # `jaguar train` too: one line a checkpoint, not accelerate's one a file
     from jaguar.train.trainer import TrainingStopped, train
 
     try:
@@ -29,10 +33,11 @@ def run_training(cfg: Config) -> int:
     except TrainingStopped as err:
         logging.getLogger("jaguar.train").error("%s", err)
         return 3
-    run = cfg.run.dir
-    logging.getLogger("jaguar.train").info(  # rank 0 only (setup_logging)
-        "training finished in %s; next: `jaguar extract %s --split val` and `--split test`, "
-        "`jaguar tune-post %s`, `jaguar report %s`", run, run, run, run)
+    if _launch_rank() == 0:
+        run = cfg.run.dir
+        logging.getLogger("jaguar.train").info(
+            "training finished in %s; next: `jaguar extract %s --split val` and `--split test`, "
+            "`jaguar tune-post %s`, `jaguar report %s`", run, run, run, run)
     return 0
 
 
