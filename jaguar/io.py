@@ -57,8 +57,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(path: Path, obj: object, allow_nan: bool = True) -> None:
+    """Write `obj` as JSON; allow_nan=False raises ValueError (nothing written) for a NaN or
+    infinity, which strict JSON readers reject."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=allow_nan) + "\n")
 
 
 def replace_directory(complete: Path, final: Path) -> None:

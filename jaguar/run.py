@@ -3,9 +3,13 @@ module spells a run-folder file name; every stage (train, extract, tune-post, su
 report, ensemble, pseudo-label) takes a `RunDir`.
 
     RUN/config.yaml               resolved config              load_config / save_config
+    RUN/config_history/step-N.yaml  the config in force up to  config_history_path
+                                  step N, before a resume
+                                  changed its schedule
     RUN/split.json                train/val file names and     load_split / save_split (SplitRecord)
                                   the head's class map
-    RUN/checkpoints/              step-NNNNNN/, best/          checkpoints_dir, default_checkpoint
+    RUN/checkpoints/              step-NNNNNN/, best/          checkpoints_dir, default_checkpoint,
+                                                               extraction_weights (None: zero-shot)
     RUN/tb/                       TensorBoard event files      tb_dir
     RUN/metrics.json              training metrics             load_metrics / save_metrics (TrainingMetrics)
     RUN/features/<split>.safetensors  embeddings per split     load_features / save_features (FeatureSet)
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from jaguar.config import Config, load_config, save_config
 from jaguar.errors import MissingInputError
@@ -50,6 +54,7 @@ __all__ = ["SPLITS", "RunDir", "RunDirError", "EnsembleRecord", "OpenSetCalibrat
 SPLITS = ("train", "val", "test")
 
 _CONFIG = "config.yaml"
+_CONFIG_HISTORY = "config_history"
 _SPLIT = "split.json"
 _CHECKPOINTS = "checkpoints"
 _TB = "tb"
@@ -80,6 +85,7 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.config_path = self.path / _CONFIG
+        self.config_history_dir = self.path / _CONFIG_HISTORY
         self.split_path = self.path / _SPLIT
         self.checkpoints_dir = self.path / _CHECKPOINTS
         self.tb_dir = self.path / _TB
@@ -141,6 +147,11 @@ class RunDir:
     def save_config(self, cfg: Config) -> None:
         save_config(cfg, self.config_path)
 
+    def config_history_path(self, step: int) -> Path:
+        """The config a resumed run was trained with up to optimizer step `step`, kept when a resume
+        applied a changed schedule (jaguar.train.resume)."""
+        return self.config_history_dir / f"step-{int(step):06d}.yaml"
+
     def load_split(self) -> SplitRecord:
         raw = self._read_json(self.split_path, "the train/validation split is written by `jaguar train`")
         record = build_record(SplitRecord, raw, str(self.split_path))
@@ -166,6 +177,21 @@ class RunDir:
             raise MissingInputError(f"no complete checkpoint in {self.checkpoints_dir}; train first "
                                     f"(`jaguar train RECIPE run.dir={self.path}`) or pass --checkpoint")
         return found
+
+    def extraction_weights(self) -> Optional[Path]:
+        """The weights extraction, calibration and identification use: the default checkpoint of a
+        trained run; None for a zero-shot run (made by `jaguar extract --config RECIPE` with
+        pretrained weights, never trained: no checkpoints folder), whose model is the pretrained
+        backbone as built from its config. Raises MissingInputError for a run with neither."""
+        if self.checkpoints_dir.exists() or not self.has_config():
+            return self.default_checkpoint()
+        model = self.load_config().model
+        if not (model.pretrained_file or model.pretrained):
+            raise MissingInputError(f"{self.path} has no checkpoint and its config names no pretrained weights "
+                                    f"(model.pretrained_file / model.pretrained): its model would be random. "
+                                    f"Train it (`jaguar train RECIPE run.dir={self.path}`), or make a zero-shot run "
+                                    f"with `jaguar extract --config RECIPE model.pretrained_file=WEIGHTS run.dir=...`")
+        return None
 
     # ------------------------------------------------------------------ metrics
 
@@ -287,7 +313,8 @@ class RunDir:
         return build_record(OpenSetCalibration, raw, str(self.calibration_path))
 
     def save_calibration(self, calibration: OpenSetCalibration) -> None:
-        atomic_write_json(self.calibration_path, record_to_json(calibration))
+        # strict JSON: a NaN figure is an error here, never a bare NaN in the file
+        atomic_write_json(self.calibration_path, record_to_json(calibration), allow_nan=False)
 
     # ------------------------------------------------------------------ ensembles
 

@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"{_RUN.checkpoints_dir})")
     parser.add_argument("--config", default=None,
                         help="extract with this recipe/YAML and no trained checkpoint (a pretrained backbone as is)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for --config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides: any key with --config; for a run folder its search "
+                             "settings only (retrieval.*, data.batch_size, data.num_workers)")
     parser.add_argument("--force", action="store_true", help="recompute even if the features or parts exist")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="images a saved block holds, rounded up to whole batches (default "

@@ -23,7 +23,8 @@ from jaguar.config.schema import (Config, DataConfig, LossConfig, ModelConfig, O
 from jaguar.io import atomic_write_text
 
 __all__ = ["Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "PostConfig",
-           "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides", "from_dict",
+           "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides", "deepspeed_zero_stage",
+           "from_dict", "refuse_ema_under_zero3",
            "get_value", "load_config", "save_config", "set_value", "to_dict", "to_yaml", "validate"]
 
 
@@ -146,6 +147,7 @@ def validate(cfg: Config) -> None:
     _check_model(cfg.model)
     _check_loss(cfg)
     _check_optim(cfg.optim)
+    _check_deepspeed(cfg)
     if not cfg.retrieval.scales:
         raise ConfigError("config key 'retrieval.scales' is empty; give at least one scale, e.g. [1.0]")
 
@@ -174,6 +176,34 @@ def _check_loss(cfg: Config) -> None:
     if loss.ce_weight == 0 and cfg.data.mixup_prob > 0 and cfg.data.mixup_alpha > 0:
         raise ConfigError("mixup (data.mixup_prob > 0) trains only the cross-entropy term, but "
                           "loss.ce_weight is 0; set loss.ce_weight > 0 or data.mixup_prob=0")
+
+
+def deepspeed_zero_stage(config_file: str | Path) -> Optional[int]:
+    """The ZeRO stage a DeepSpeed JSON asks for (zero_optimization.stage); None when the file is
+    missing, unreadable or leaves the stage to DeepSpeed ("auto")."""
+    import json
+
+    try:
+        stage = json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) else None
+
+
+def refuse_ema_under_zero3(cfg: Config, stage: Optional[int], where: str) -> None:
+    """optim.ema under ZeRO-3 cannot work: the EMA copy would be made of the partitioned parameters,
+    each rank holding a zero-size piece (DeepSpeed#6987), and averaging full weights on every step
+    would gather the whole model each update, which ZeRO-3 exists to avoid."""
+    if cfg.optim.ema and stage == 3:
+        raise ConfigError(f"optim.ema=true cannot be used with DeepSpeed ZeRO-3 ({where}): ZeRO-3 partitions "
+                          f"the parameters, so an EMA copy would hold each rank's empty piece; set "
+                          f"optim.ema=false, or use ZeRO-2 (launch/deepspeed/zero2.json) or DDP")
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    if cfg.train.deepspeed_config:
+        stage = deepspeed_zero_stage(cfg.train.deepspeed_config)
+        refuse_ema_under_zero3(cfg, stage, f"train.deepspeed_config={cfg.train.deepspeed_config}")
 
 
 def _check_optim(optim: OptimConfig) -> None:

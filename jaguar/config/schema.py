@@ -137,7 +137,8 @@ class TrainConfig(Group):
     grad_accum: int = ranged(1, _COUNT)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_every: int = ranged(1, _OFF_OR_COUNT)  # epochs; 0 disables validation
-    checkpoint_every: int = ranged(0, _OFF_OR_COUNT)  # optimizer steps; 0 = only at epoch ends and the end
+    # optimizer steps; 0 = at the end, and at an epoch's end once 100 steps have passed since the last one
+    checkpoint_every: int = ranged(0, _OFF_OR_COUNT)
     keep_last: int = ranged(2, _OFF_OR_COUNT)  # step checkpoints kept; 0 keeps all
     resume: str = "auto"  # auto | none | a checkpoint folder
     max_bad_steps: int = ranged(20, _NON_NEGATIVE)  # stop after more skipped non-finite updates in a row

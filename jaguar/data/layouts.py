@@ -4,6 +4,7 @@ at the first."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,6 +13,11 @@ from pathlib import Path
 from jaguar.data.image_forms import IMAGE_SUFFIXES
 from jaguar.formats import LABEL_COLUMNS, FormatError, examples, read_label_table, read_pairs
 from jaguar.names import UnsafeNameError, check_name, resolve_inside
+
+
+# Bytes of a sample key: with the longest member suffix (".mask.png") a member name stays within the
+# 100 bytes of a ustar header's name field, the only one wids' shard reader reads.
+MAX_KEY_BYTES = 90
 
 
 @dataclass
@@ -26,7 +32,15 @@ class SourceImage:
     @property
     def key(self) -> str:
         # webdataset splits a member name at the first dot of its base name, so the key must have none
-        return re.sub(r"\.", "_", self.filename.rsplit(".", 1)[0])
+        key = re.sub(r"\.", "_", self.filename.rsplit(".", 1)[0])
+        if len(key.encode("utf-8")) <= MAX_KEY_BYTES:
+            return key
+        # A ustar member name holds 100 bytes (and wids' reader reads no longer form), while camera-trap
+        # software writes names up to the file system's 255 bytes: a long name gets a short key (its
+        # start and a hash of the whole name); the name itself is kept whole in the sample's json.
+        digest = hashlib.sha256(self.filename.encode("utf-8")).hexdigest()[:16]
+        head = key.encode("utf-8")[:MAX_KEY_BYTES - len(digest) - 1].decode("utf-8", errors="ignore")
+        return f"{head}~{digest}"
 
 
 @dataclass

@@ -77,13 +77,15 @@ def _hub_offline_mode(offline: bool) -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
-def _create_timm_model(name: str, model_cfg: ModelConfig, **kwargs) -> nn.Module:
-    """timm.create_model, passing img_size/dynamic_img_size only to models that accept them."""
+def _create_timm_model(name: str, model_cfg: ModelConfig, **kwargs) -> tuple[nn.Module, bool]:
+    """timm.create_model, passing img_size/dynamic_img_size only to models that accept them; returns
+    (model, whether it takes any input size: a CNN, or a token model with dynamic_img_size)."""
     size_kwargs = [dict(img_size=tuple(model_cfg.img_size), dynamic_img_size=True),
                    dict(img_size=tuple(model_cfg.img_size)), {}]
     for extra in size_kwargs:
         try:
-            return timm.create_model(name, num_classes=0, **extra, **kwargs)
+            net = timm.create_model(name, num_classes=0, **extra, **kwargs)
+            return net, extra.get("dynamic_img_size", not extra)
         except TypeError as err:
             # CNNs reject these keywords in __init__, before any weights are allocated or downloaded.
             if "unexpected keyword" not in str(err) or not any(k in str(err) for k in extra):
@@ -110,12 +112,23 @@ def _set_last_stride_one(net: nn.Module, name: str) -> None:
 
 
 class Backbone(nn.Module):
-    """A timm model without classifier; forward returns BackboneFeatures."""
+    """A timm model without classifier; forward returns BackboneFeatures.
 
-    def __init__(self, net: nn.Module, name: str) -> None:
+    `any_size`: whether the network takes inputs of other sizes than model.img_size (CNNs; ViTs built
+    with timm's dynamic_img_size, whose position embeddings are interpolated); relative-position ViTs
+    (BEiT, vit_relpos) do not. `size_multiple`: the patch size of token models (1 for CNNs), which
+    an input side must be a multiple of. `dropped`: the timm layers forward_features never reaches
+    (e.g. MobileNetV3's conv_head, used only by its classifier path), removed so that every parameter
+    left is trained (DDP expects a gradient for each; timm#1406)."""
+
+    def __init__(self, net: nn.Module, name: str, any_size: bool = True,
+                 probe_size: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
         self.net = net
         self.name = name
+        self.any_size = any_size
+        patch_size = getattr(getattr(net, "patch_embed", None), "patch_size", None)
+        self.size_multiple = int(max(patch_size)) if patch_size else 1
         self.num_features = int(net.num_features)
         self.num_prefix_tokens = int(getattr(net, "num_prefix_tokens", 0))
         self.output_fmt = str(getattr(net, "output_fmt", "NCHW"))
@@ -125,6 +138,40 @@ class Backbone(nn.Module):
         self.token_norm = fc_norm if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity) else None
         head_norm = getattr(getattr(net, "head", None), "norm", None)
         self.grid_norm = head_norm if isinstance(head_norm, timm.layers.LayerNorm2d) else None
+        self.dropped: list[str] = self._drop_unreached(probe_size) if probe_size else []
+
+    def _drop_unreached(self, size: tuple[int, int]) -> list[str]:
+        """Replace by nn.Identity each timm layer none of whose parameters gets a gradient from one
+        forward of a 1-image batch of `size` (eval mode); returns their names in `net`. Found by
+        autograd, not by call hooks: some timm blocks read a child's weight without calling it."""
+        was_training = self.training
+        saved = {name: param.grad for name, param in self.net.named_parameters()}
+        try:
+            self.eval()
+            with torch.enable_grad():
+                for param in self.net.parameters():
+                    param.grad = None
+                out = self.forward(torch.zeros(1, 3, *size))
+                total = out.grid.float().sum() + (out.cls_token.float().sum() if out.cls_token is not None else 0)
+                total.backward()
+            used = {name for name, param in self.net.named_parameters() if param.grad is not None}
+        finally:
+            for name, param in self.net.named_parameters():
+                param.grad = saved[name]
+            self.train(was_training)
+        dropped: list[str] = []
+        for name, module in self.net.named_modules():
+            if not name or any(name.startswith(d + ".") for d in dropped):
+                continue
+            params = [f"{name}.{sub}" for sub, param in module.named_parameters() if param.requires_grad]
+            if params and not any(p in used for p in params):
+                dropped.append(name)
+        for name in dropped:
+            self.net.set_submodule(name, nn.Identity())
+        if dropped:
+            logger.info("backbone %s: dropped %s (not reached by forward_features; no use without "
+                        "timm's classifier)", self.name, ", ".join(dropped))
+        return dropped
 
     def data_config(self) -> dict:
         return timm.data.resolve_model_data_config(self.net)
@@ -161,14 +208,18 @@ class Backbone(nn.Module):
         return BackboneFeatures(grid=out, cls_token=None)
 
 
-def build_backbone(model_cfg: ModelConfig) -> Backbone:
-    """Create `model.backbone` from timm, loading pretrained weights from the hub or a local file."""
+def build_backbone(model_cfg: ModelConfig, load_pretrained: bool = True) -> Backbone:
+    """Create `model.backbone` from timm, loading pretrained weights from the hub or a local file
+    (not with load_pretrained=False: the weights will come from a checkpoint, so the original
+    pretrained file need not exist any more)."""
     name = model_cfg.backbone
     if not timm.models.is_model(name):
         raise ConfigError(f"model.backbone={name} is not a timm model; see `timm.list_models('*pattern*')`")
     kwargs: dict = {}
     offline = False
-    if model_cfg.pretrained_file:
+    if not load_pretrained:
+        pass
+    elif model_cfg.pretrained_file:
         path = Path(model_cfg.pretrained_file).expanduser()
         if not path.is_file():
             raise ConfigError(f"model.pretrained_file={path} does not exist; give the path of a weights "
@@ -184,7 +235,7 @@ def build_backbone(model_cfg: ModelConfig) -> Backbone:
         kwargs = dict(pretrained=True)
     try:
         with _hub_offline_mode(offline):
-            net = _create_timm_model(name, model_cfg, **kwargs)
+            net, any_size = _create_timm_model(name, model_cfg, **kwargs)
     except ConfigError:
         raise
     except Exception as err:  # timm/hub/torch raise many types; the user needs one actionable line
@@ -203,4 +254,4 @@ def build_backbone(model_cfg: ModelConfig) -> Backbone:
         _set_last_stride_one(net, name)
     if model_cfg.grad_checkpointing:
         net.set_grad_checkpointing(True)
-    return Backbone(net, name)
+    return Backbone(net, name, any_size, probe_size=tuple(model_cfg.img_size))

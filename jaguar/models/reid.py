@@ -58,15 +58,30 @@ class ReIDModel(nn.Module):
         """The current GeM exponent (for TensorBoard), or None when pooling is not GeM."""
         return self.pooling.gem_p()
 
+    def dropped_weight_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the backbone layers dropped as unreached (Backbone.dropped): a
+        checkpoint saved before they were dropped still holds them, unused."""
+        return tuple(f"backbone.net.{name}." for name in self.backbone.dropped)
+
     def head_modules(self) -> nn.ModuleList:
         """Everything trained from scratch (pooling, neck, head): the optimizer's head-LR groups."""
         return nn.ModuleList([self.pooling, self.neck, self.head])
 
 
-def build_model(cfg: Config, num_classes: int) -> ReIDModel:
-    """Build the ReID model described by `cfg.model` for `num_classes` training identities."""
-    backbone = build_backbone(cfg.model)
+def build_model(cfg: Config, num_classes: int, load_pretrained: bool = True) -> ReIDModel:
+    """Build the ReID model described by `cfg.model` for `num_classes` training identities
+    (load_pretrained=False: without the pretrained weights, for a model whose checkpoint is loaded next).
+
+    Every parameter left trainable gets a gradient from the configured losses, as DDP requires of
+    the module it wraps without find_unused_parameters: backbone layers forward_features never
+    reaches are dropped (Backbone.dropped), and with loss.ce_weight=0 the head and the BNNeck's
+    scale, which only the cross-entropy trains, are frozen (the BNNeck still normalises the
+    embedding with its running statistics)."""
+    backbone = build_backbone(cfg.model, load_pretrained=load_pretrained)
     pooling = build_pooling(cfg.model)
     neck = build_neck(cfg.model, backbone.num_features)
     head = build_head(cfg.model, neck.out_dim, num_classes)
+    if cfg.loss.ce_weight == 0:
+        head.requires_grad_(False)
+        neck.bnneck.requires_grad_(False)
     return ReIDModel(backbone, pooling, neck, head, num_classes)

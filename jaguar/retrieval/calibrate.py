@@ -117,6 +117,13 @@ def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequ
     if len(queries) == 0:
         raise CalibrationError("the validation features hold no labelled image; train with data.val_fraction > 0 "
                                "and extract the val split")
+    shared = sorted(set(queries.names) & set(train.labelled().names))
+    if shared:
+        # each such query would find itself in the gallery: a known individual at similarity 1
+        raise CalibrationError(f"{len(shared)} validation images are also in the training features "
+                               f"(e.g. {', '.join(shared[:3])}), so they would match themselves; extract the train "
+                               f"split with the run's split (`jaguar extract RUN --split train --force`, which "
+                               f"leaves out the validation images of the run's split)")
     names_of = {n: train.label_names.get(label, str(label)) for n, label in zip(train.names, train.labels.tolist())}
     names_of.update({n: val.label_names.get(label, str(label)) for n, label in zip(val.names, val.labels.tolist())})
     blocks = identity_blocks(train, groups, names_of)
@@ -135,7 +142,9 @@ def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequ
         sweep = open_set_sweep(scores, right, known)
         threshold = choose_threshold(sweep, scores)
         figures = open_set_figures(scores, right, known, threshold)
-        fold_balanced = [open_set_figures(*fold, threshold).balanced_accuracy for fold in per_fold]
+        # a fold without known or without unknown queries has no balanced accuracy (it would be NaN)
+        fold_balanced = [open_set_figures(*fold, threshold).balanced_accuracy for fold in per_fold
+                         if fold[2].any() and not fold[2].all()]
         tried[aggregate] = {"figures": figures, "sweep": sweep, "fold_balanced": fold_balanced}
         log.info("aggregate %s: threshold %.4f, balanced accuracy %.4f", aggregate, threshold, figures.balanced_accuracy)
     chosen = max(aggregates, key=lambda a: (round(tried[a]["figures"].balanced_accuracy, 12),
@@ -164,12 +173,13 @@ def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS) -> OpenSetCalibration
 
     require_trained_run(run)
     cfg = run.load_config()
-    train = training_features(run)
     if not run.has_features("val"):
         from jaguar.retrieval.extract import extract_split
 
-        extract_split(run, "val", cfg, run.default_checkpoint())
+        # first: a zero-shot run records its split here, so the training features leave these images out
+        extract_split(run, "val", cfg, run.extraction_weights())
     val = run.load_features("val")
+    train = training_features(run)
     groups = run.load_split().groups if run.split_path.is_file() else []
     calibration = calibrate_features(train, val, groups, folds, cfg.run.seed)
     run.save_calibration(calibration)

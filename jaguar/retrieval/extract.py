@@ -44,17 +44,28 @@ def contiguous_slice(count: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def scaled_size(height: int, width: int, scale: float, multiple: int = 1) -> tuple[int, int]:
+    """The input size of a TTA scale: each side times `scale`, rounded to the nearest multiple of
+    `multiple` (a ViT's patch size; at least one multiple), so a token model sees whole patches
+    (timm#1863)."""
+    def side(length: int) -> int:
+        return max(multiple, int(round(length * scale / multiple)) * multiple)
+    return side(height), side(width)
+
+
 @torch.no_grad()
 def embed_batch(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
                 flip_tta: bool = True, scales: Sequence[float] = (1.0,),
-                autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                autocast_dtype: Optional[torch.dtype] = None, size_multiple: int = 1) -> torch.Tensor:
     """B x D L2-normalised float32 embeddings (on the CPU) of a B x 3 x H x W batch. Flip TTA
-    averages the image and its mirror; several scales average the embeddings of resized inputs."""
+    averages the image and its mirror; several scales average the embeddings of inputs resized to
+    `scaled_size` (sides rounded to `size_multiple`, the backbone's Backbone.size_multiple)."""
     images = images.to(device, non_blocking=True)
     total = None
     for scale in scales:
-        scaled = images if scale == 1.0 else F.interpolate(
-            images, scale_factor=scale, mode="bilinear", align_corners=False)
+        size = scaled_size(images.shape[-2], images.shape[-1], scale, size_multiple)
+        scaled = images if size == tuple(images.shape[-2:]) else F.interpolate(
+            images, size=size, mode="bilinear", align_corners=False)
         views = [scaled, torch.flip(scaled, dims=[3])] if flip_tta else [scaled]
         for view in views:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -68,12 +79,12 @@ def embed_batch(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
 def embed_batches(embed: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
                   flip_tta: bool = True, scales: Sequence[float] = (1.0,),
                   autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
-                  desc: str = "extract") -> tuple[torch.Tensor, torch.Tensor]:
+                  desc: str = "extract", size_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every batch of `loader` (yielding (images, positions)) with `embed_batch`; returns
     (positions, embeddings) with embeddings L2-normalised float32."""
     all_positions, all_embeddings = [], []
     for images, positions in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
-        all_embeddings.append(embed_batch(embed, images, device, flip_tta, scales, autocast_dtype))
+        all_embeddings.append(embed_batch(embed, images, device, flip_tta, scales, autocast_dtype, size_multiple))
         all_positions.append(torch.as_tensor(positions).cpu())
     if not all_embeddings:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
@@ -125,8 +136,9 @@ def merge_parts(part_files: list[Path], expected_names: list[str], label_names: 
 
 def resolve_source(run: Optional[RunDir], recipe: str | Path | None = None, overrides: Sequence[str] = (),
                    checkpoint: str | Path | None = None) -> tuple[RunDir, Config, Optional[Path]]:
-    """(run, config, weights) of an extraction: a trained run's own config and its checkpoint
-    (`checkpoint`, else best, else the newest); or, with `recipe`, that recipe with `overrides`
+    """(run, config, weights) of an extraction: a run's own config (with `overrides` of its search
+    settings, apply_run_overrides) and its checkpoint (`checkpoint`, else best, else the newest;
+    None for a zero-shot run, RunDir.extraction_weights); or, with `recipe`, that recipe with `overrides`
     and `checkpoint` if given, else the backbone as built (pretrained weights when the recipe asks
     for them). With a recipe the run folder may be None: it is then the config's run.dir."""
     if recipe:
@@ -136,11 +148,31 @@ def resolve_source(run: Optional[RunDir], recipe: str | Path | None = None, over
         return run, cfg, Path(checkpoint) if checkpoint else None
     if run is None:
         raise JaguarError("give a run folder, or a recipe (--config RECIPE) whose run.dir is the run folder")
-    if overrides:
-        raise ConfigError(f"key=value overrides ({' '.join(overrides)}) need --config RECIPE; a trained run "
-                          f"uses its own {run.config_path}")
     cfg = run.load_config()
-    return run, cfg, Path(checkpoint) if checkpoint else run.default_checkpoint()
+    apply_run_overrides(cfg, run, overrides)
+    return run, cfg, Path(checkpoint) if checkpoint else run.extraction_weights()
+
+
+# What a trained (or zero-shot) run's own config may be overridden with: settings of the search and
+# of the reader, not of the model its weights belong to or the data they were trained on.
+RUN_OVERRIDABLE = ("retrieval.", "data.batch_size", "data.num_workers")
+
+
+def apply_run_overrides(cfg: Config, run: RunDir, overrides: Sequence[str]) -> Config:
+    """Apply `key=value` overrides to a run's own config (checked as the config checks them); a key
+    outside RUN_OVERRIDABLE would contradict the run's weights or shards and is refused by name."""
+    from jaguar.config import apply_overrides, validate
+
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+                   for allowed in RUN_OVERRIDABLE):
+            raise ConfigError(f"override {item!r}: {key} is fixed by the run's weights and data ({run.config_path}); "
+                              f"a run takes only retrieval.*, data.batch_size and data.num_workers overrides. "
+                              f"For another model or data, extract with --config RECIPE into another run.dir")
+    apply_overrides(cfg, list(overrides))
+    validate(cfg)
+    return cfg
 
 
 def split_positions(cfg: Config, run: RunDir, split_name: str) -> tuple[object, list[int]]:
@@ -169,6 +201,26 @@ def split_positions(cfg: Config, run: RunDir, split_name: str) -> tuple[object, 
         raise ConfigError(f"{len(unknown)} images of the run's {split_name} split are not in data.shards="
                           f"{cfg.data.shards} (e.g. {unknown[:3]}); was the data re-prepared?")
     return split, [position[n] for n in names]
+
+
+def build_extraction_model(cfg: Config, checkpoint: Optional[Path]):
+    """(ReIDModel, the source of its weights) for extraction and photo embedding: the run's model
+    with `checkpoint`'s weights (the pretrained file is not read: the checkpoint holds the weights),
+    or without a checkpoint the backbone as built (pretrained weights, and random layers drawn from
+    run.seed so every process and re-run draws the same). Raises ConfigError for multi-scale TTA
+    (retrieval.scales) on a backbone that takes only model.img_size."""
+    num_classes = ckpt.read_state(checkpoint)["num_classes"] if checkpoint is not None and checkpoint.is_dir() else 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg, num_classes, load_pretrained=checkpoint is None)
+    if list(cfg.retrieval.scales) != [1.0] and not model.backbone.any_size:
+        raise ConfigError(f"retrieval.scales={cfg.retrieval.scales}: model.backbone={cfg.model.backbone} takes only "
+                          f"its model.img_size inputs (relative position embeddings cannot be resized); "
+                          f"set retrieval.scales=[1.0]")
+    if checkpoint is not None:
+        return model, str(ckpt.load_weights(model, checkpoint, prefer_ema=cfg.optim.ema))
+    weights = f", {Path(cfg.model.pretrained_file).name}" if cfg.model.pretrained_file else ""
+    return model, f"{cfg.model.backbone} (as built{weights})"
 
 
 @dataclass
@@ -256,7 +308,7 @@ def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, position
     filled = 0
     for images, _ in loader:
         pieces.append(embed_batch(model.embed, images, device, cfg.retrieval.flip_tta, cfg.retrieval.scales,
-                                  autocast))
+                                  autocast, model.backbone.size_multiple))
         filled += len(images)
         bar.update(len(images))
         if filled > end - start:
@@ -284,6 +336,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     out = run.features_path(split_name)
     split, positions = split_positions(cfg, run, split_name)
     names = [split.filenames[p] for p in positions]
+    record_split = split_name == "val" and not run.split_path.is_file()
     cfg.train.precision = "fp32"  # extraction chooses its own autocast below
     accelerator = build_accelerator(cfg)
     autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -294,14 +347,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
             run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up
         return Extraction(out, len(names), reused=True)
 
-    num_classes = ckpt.read_state(checkpoint)["num_classes"] if checkpoint is not None and checkpoint.is_dir() else 1
-    with torch.random.fork_rng(devices=[]):
-        # Without a checkpoint the randomly initialised layers ARE the model: every process and every
-        # re-run must draw the same ones (run.seed), or the processes' parts would not match.
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg, num_classes)
-    source = (str(ckpt.load_weights(model, checkpoint, prefer_ema=cfg.optim.ema)) if checkpoint
-              else f"{cfg.model.backbone} (as built)")
+    model, source = build_extraction_model(cfg, checkpoint)
     model.to(accelerator.device).eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     blocks = block_grid(len(positions), world, block_size, cfg.data.batch_size)
@@ -330,6 +376,10 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
         run.remove_feature_parts(split_name)
         if not run.has_config():
             run.save_config(cfg)
+        if record_split:
+            # A run never trained (zero-shot) now holds these validation images: its training
+            # images (the gallery of calibrate and identify) are from here on the rest, never them.
+            run.save_split(build_run_split(cfg, split).to_record(split))
         log.info("wrote %s: %d images x %d dims from %s", out, len(features), features.embeddings.shape[1], source)
     accelerator.wait_for_everyone()
     return Extraction(out, len(names), reused=False, source=source)

@@ -102,7 +102,7 @@ def training_features(run: RunDir) -> FeatureSet:
         from jaguar.retrieval.extract import extract_split
 
         log.info("no %s yet: extracting the training images (the gallery)", run.features_path("train"))
-        extract_split(run, "train", run.load_config(), run.default_checkpoint())
+        extract_split(run, "train", run.load_config(), run.extraction_weights())
     return run.load_features("train")
 
 

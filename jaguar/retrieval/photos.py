@@ -26,10 +26,8 @@ from jaguar.data.prep import convert_image
 from jaguar.data.shards import decode_rgba, load_manifest
 from jaguar.data.transforms import build_eval_transform
 from jaguar.errors import JaguarError, MissingInputError
-from jaguar.models import build_model
-from jaguar.retrieval.extract import embed_batches
+from jaguar.retrieval.extract import build_extraction_model, embed_batches
 from jaguar.run import RunDir
-from jaguar.train import checkpoint as ckpt
 
 THUMBNAIL_SIDE = 192  # pixels, long side of the thumbnails kept for review pages
 
@@ -83,15 +81,14 @@ def _thumbnail(rgba) -> bytes:
 
 
 class PhotoEmbedder:
-    """The run's model (its extraction checkpoint: best, else the newest; or `checkpoint`) on CPU
+    """The run's model (its extraction checkpoint: best, else the newest; or `checkpoint`; the
+    pretrained backbone of a zero-shot run) on CPU
     or the first GPU, with the prep settings of the run's shards."""
 
     def __init__(self, run: RunDir, checkpoint: str | Path | None = None, batch_size: int = 16) -> None:
         self.cfg: Config = run.load_config()
-        weights = Path(checkpoint) if checkpoint else run.default_checkpoint()
-        num_classes = ckpt.read_state(weights)["num_classes"] if weights.is_dir() else 1
-        self.model = build_model(self.cfg, num_classes)
-        self.source = str(ckpt.load_weights(self.model, weights, prefer_ema=self.cfg.optim.ema))
+        weights = Path(checkpoint) if checkpoint else run.extraction_weights()
+        self.model, self.source = build_extraction_model(self.cfg, weights)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.transform = build_eval_transform(self.cfg, tuple(self.model.mean), tuple(self.model.std))
@@ -131,7 +128,8 @@ class PhotoEmbedder:
         # the autocast extraction uses (extract_split): bf16 on a GPU that has it, else fp32
         autocast = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
         _, embeddings = embed_batches(self.model.embed, batches, self.device, self.cfg.retrieval.flip_tta,
-                                      self.cfg.retrieval.scales, autocast, desc="embed photos")
+                                      self.cfg.retrieval.scales, autocast, desc="embed photos",
+                                      size_multiple=self.model.backbone.size_multiple)
         if embeddings.numel() == 0:
             embeddings = torch.zeros(0, self.model.embed_dim)
         return EmbeddedPhotos(kept, embeddings, thumbs, hashes, problems)

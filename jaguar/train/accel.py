@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-from jaguar.config import Config, ConfigError
+from jaguar.config import Config, ConfigError, deepspeed_zero_stage, refuse_ema_under_zero3
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,35 @@ _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def launcher_zero_stage() -> Optional[int]:
+    """The ZeRO stage `accelerate launch` asks for through its environment (a DeepSpeed config file,
+    or the stage of an accelerate config without one); None when not launched with DeepSpeed."""
+    if not launched_with_deepspeed():
+        return None
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if config_file and config_file != "none":
+        return deepspeed_zero_stage(config_file)
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    return int(stage) if stage.isdigit() else None
+
+
+def refuse_settings_deepspeed_cannot_train(cfg: Config) -> None:
+    """Raise ConfigError for settings the DeepSpeed launch of this process cannot train (EMA under
+    ZeRO-3); the train.deepspeed_config route is refused when the config is loaded."""
+    refuse_ema_under_zero3(cfg, launcher_zero_stage(), "the DeepSpeed config of `accelerate launch`")
+
+
+def follow_grad_clip(deepspeed_config: dict, grad_clip: float) -> None:
+    """Make DeepSpeed clip as optim.grad_clip says (0 disables): an "auto" value would otherwise be
+    filled with 1.0 by Accelerate, and a number in the JSON would silently win over the run's config
+    (accelerate#2791)."""
+    stated = deepspeed_config.get("gradient_clipping", "auto")
+    if stated not in ("auto", None) and float(stated) != float(grad_clip):
+        log.warning("the DeepSpeed config's gradient_clipping=%s is replaced by optim.grad_clip=%s",
+                    stated, grad_clip)
+    deepspeed_config["gradient_clipping"] = float(grad_clip)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -44,9 +74,6 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if precision == "fp16" and not on_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU; use train.precision=bf16 or fp32 on CPU")
     deepspeed_run = deepspeed_plugin is not None or launched_with_deepspeed()
-    if deepspeed_run:
-        # An unfilled "auto" gradient_clipping would become 1.0; 0 turns clipping off.
-        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(cfg.optim.grad_clip)
     accelerator = Accelerator(
         # Accelerate drops a yaml's use_cpu on the way to the workers, so ask for CPU here; but
         # cpu=True silently disables DeepSpeed, which picks its own CPU accelerator anyway.
@@ -57,6 +84,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
         kwargs_handlers=kwargs_handlers,
         step_scheduler_with_optimizer=False,
     )
+    if deepspeed_run:
+        follow_grad_clip(accelerator.state.deepspeed_plugin.deepspeed_config, cfg.optim.grad_clip)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes != world:
         raise RuntimeError(f"launched as {world} processes (WORLD_SIZE) but Accelerate set up "

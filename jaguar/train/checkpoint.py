@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"  # consolidated model weights (fp32 masters under DeepSpeed), for extraction
 EMA_WEIGHTS_FILE = "weights_ema.safetensors"
+# With train.checkpoint_every=0, an epoch's end saves a step checkpoint only this many updates after the
+# last one: a few steps per epoch would otherwise write the whole training state every few steps.
+EPOCH_MIN_STEPS = 100
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -154,6 +157,8 @@ def load_weights(model: torch.nn.Module, checkpoint: Path, prefer_ema: bool = Fa
         model.load_state_dict(compatible, strict=False)
         log.info("initialised %d/%d tensors from %s", len(compatible), len(own), weights)
         return weights
+    dropped = tuple(model.dropped_weight_prefixes()) if hasattr(model, "dropped_weight_prefixes") else ()
+    state = {name: value for name, value in state.items() if not name.startswith(dropped)} if dropped else state
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("head.")]:
         backbone = getattr(getattr(model, "backbone", None), "name", "?")

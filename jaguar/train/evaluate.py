@@ -17,17 +17,27 @@ from jaguar.train.tb import TensorBoardLogger, retrieval_grid
 
 def embed_positions(model, split, positions, cfg: Config, accelerator: Accelerator, mean, std,
                     flip_tta: bool) -> torch.Tensor:
-    """L2-normalised embeddings of split[positions], in that order, on every rank."""
-    start, end = contiguous_slice(len(positions), accelerator.process_index, accelerator.num_processes)
+    """L2-normalised embeddings of split[positions], in that order, on every rank.
+
+    Every rank embeds the same number of images in the same number of batches: a share shorter
+    than the longest (uneven splits, or fewer images than ranks) is padded by repeating an image
+    and the padded rows are dropped. Under ZeRO-3 each forward gathers the partitioned parameters
+    from every rank, so a rank with one batch fewer would leave the others waiting in a collective
+    of another size (DeepSpeed#860)."""
+    world = accelerator.num_processes
+    start, end = contiguous_slice(len(positions), accelerator.process_index, world)
     mine = list(positions[start:end])
-    loader = build_eval_loader(cfg, split, mine, mean, std, cfg.data.batch_size)
+    longest = -(-len(positions) // world)
+    padded = mine + [mine[-1] if mine else positions[0]] * (longest - len(mine))
+    loader = build_eval_loader(cfg, split, padded, mean, std, cfg.data.batch_size)
     was_training = model.training
     model.eval()
     _, embeddings = embed_batches(model.embed, loader, accelerator.device, flip_tta=flip_tta)
     model.train(was_training)
-    if accelerator.num_processes == 1:
+    embeddings = embeddings[:len(mine)]
+    if world == 1:
         return embeddings
-    gathered = [None] * accelerator.num_processes
+    gathered = [None] * world
     dist.all_gather_object(gathered, embeddings)
     return torch.cat([part for part in gathered if part.numel() > 0])
 

@@ -43,6 +43,28 @@ class TrainedModules(nn.Module):
         return self.model(images)
 
 
+def parameters_without_gradient(module: nn.Module) -> list[str]:
+    """Names of the trainable parameters of `module` that the last backward gave no gradient. DDP
+    (without find_unused_parameters) fails at the next step over any such parameter; build_model
+    leaves none for the configurations the config accepts."""
+    return [name for name, param in module.named_parameters() if param.requires_grad and param.grad is None]
+
+
+def check_every_parameter_trained(module: nn.Module, num_processes: int, cfg: Config) -> None:
+    """After the first backward: a trainable parameter without a gradient is dead weight on one
+    process (a warning) and, under DDP, an error at the next step ("Expected to have finished
+    reduction in the prior iteration"; raised here instead, naming the parameters)."""
+    unused = parameters_without_gradient(module)
+    if not unused:
+        return
+    message = (f"{len(unused)} trainable parameters got no gradient from the loss (e.g. {', '.join(unused[:5])}): "
+               f"model.backbone={cfg.model.backbone} with loss.ce_weight={cfg.loss.ce_weight}, "
+               f"loss.triplet_weight={cfg.loss.triplet_weight} leaves them unused")
+    if num_processes > 1:
+        raise RuntimeError(message + "; DDP cannot average them. Please report this configuration")
+    logger.warning("%s; they stay as initialised", message)
+
+
 def _no_weight_decay_names(net: nn.Module) -> set[str]:
     names = net.no_weight_decay() if hasattr(net, "no_weight_decay") else set()
     return set(names)

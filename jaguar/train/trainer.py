@@ -25,14 +25,16 @@ from jaguar.models import build_model
 from jaguar.models.losses import ReIDCriterion
 from jaguar.progress import progress_bar
 from jaguar.train import checkpoint as ckpt
-from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, set_deepspeed_micro_batch,
-                                uses_deepspeed)
+from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, refuse_settings_deepspeed_cannot_train,
+                                set_deepspeed_micro_batch, uses_deepspeed)
 from jaguar.run import RunDir, TrainingMetrics
 from jaguar.train.data import RunSplit, build_run_split, open_train_split
 from jaguar.train.evaluate import validate
 from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
 from jaguar.train.optim import (TrainedModules, build_center_optimizer, build_ema, build_optimizer, build_scheduler,
-                                refuse_centres_under_deepspeed, total_updates)
+                                check_every_parameter_trained, refuse_centres_under_deepspeed, total_updates)
+from jaguar.train.resume import record_config
+from jaguar.train.seeding import seed_rank_streams
 from jaguar.train.tb import TensorBoardLogger
 
 log = logging.getLogger("jaguar.train")
@@ -61,6 +63,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         refuse_centres_under_deepspeed(cfg)
+        refuse_settings_deepspeed_cannot_train(cfg)
         self.accelerator = build_accelerator(cfg)
         acc = self.accelerator
         set_seed(cfg.run.seed)
@@ -69,15 +72,14 @@ class Trainer:
         self.checkpoint_dir = self.run.checkpoints_dir
         # The shards are opened (and checked) before the run folder is made: bad input leaves no folder behind.
         self.split = open_train_split(cfg)
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.run.save_config(cfg)
         self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_dir, cfg.train.resume)
+        self.schedule_changes = record_config(self.run, cfg, acc, self.resume_from)
         self.run_split = self._training_data()
         self.num_classes = self.run_split.num_classes
 
-        model = build_model(cfg, self.num_classes)
-        if cfg.train.init_from:
+        # a resumed run's weights are in its checkpoint: the original pretrained file need not exist
+        model = build_model(cfg, self.num_classes, load_pretrained=self.resume_from is None)
+        if cfg.train.init_from and self.resume_from is None:
             ckpt.load_weights(model, Path(cfg.train.init_from), partial=True)
         self.mean, self.std = tuple(model.mean), tuple(model.std)
         self.criterion = ReIDCriterion(cfg, self.num_classes, model.embed_dim)
@@ -87,6 +89,8 @@ class Trainer:
         # issue #439; torch's AMP notes: update() once, after every optimizer). Its gradients are
         # unscaled with the model's, and the one update() comes with the model's step (_apply_update).
         self.center_optimizer = build_center_optimizer(cfg, self.criterion)
+        # The replicas are built alike (run.seed above); from here on each rank draws its own dropout.
+        seed_rank_streams(cfg.run.seed, acc.process_index)
 
         self.loader = build_train_loader(cfg, self.split, self.run_split.train_indices, acc.process_index,
                                          acc.num_processes, self.mean, self.std,
@@ -111,6 +115,7 @@ class Trainer:
         self.step = 0  # optimizer-step slots consumed (data position); skipped steps count too
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps, cfg.train.precision, uses_deepspeed(acc))
         self.best: dict = {}
+        self.last_step_save = 0  # the step of the newest step checkpoint (of this process's run)
         self.history: list[dict] = []
         self.preempt = _PreemptFlag()
 
@@ -158,8 +163,15 @@ class Trainer:
             raise ConfigError(f"checkpoint {source} was made with {state['steps_per_epoch']} steps per epoch, "
                               f"this run has {self.steps_per_epoch} (batch size, world size or data changed); "
                               f"resume with the same settings or start a new run.dir")
+        fresh_schedule = self.scheduler.state_dict()  # built from this config
         self.accelerator.load_state(str(source))
-        self.step = state["step"]
+        self.step = self.last_step_save = state["step"]
+        if self.schedule_changes:
+            # the checkpoint's scheduler follows the recorded schedule; continue on the new one
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.cfg.optim.lr
+            self.scheduler.load_state_dict(fresh_schedule)
+            self.scheduler.step_update(self.step)
         self.guard.load_state_dict(state)
         self.best, self.history = state["best"], state["history"]
         self.accelerator.step = self.step * self.cfg.train.grad_accum
@@ -291,6 +303,8 @@ class Trainer:
         # of both optimizers and notes any inf of each.
         optimizers = [self.optimizer] + ([self.center_optimizer] if self.center_optimizer is not None else [])
         acc.unscale_gradients(optimizers)
+        if self.step == 0:
+            check_every_parameter_trained(acc.unwrap_model(self.model), acc.num_processes, cfg)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         norm = total_grad_norm(parameters)
         applied = all_ranks_finite(acc, norm)
@@ -349,12 +363,14 @@ class Trainer:
             if not self.best or result["mAP_balanced"] > self.best["mAP_balanced"]:
                 self.best = entry
                 self._save("best")
-        if not cfg.train.checkpoint_every and not last:
+        if not cfg.train.checkpoint_every and not last and self.step - self.last_step_save >= ckpt.EPOCH_MIN_STEPS:
             self._save("step")
         self.tb.flush()
 
     def _save(self, kind: str) -> None:
         name = "best" if kind == "best" else f"step-{self.step:06d}"
+        if kind == "step":
+            self.last_step_save = self.step
         ckpt.save_checkpoint(self.accelerator, self.model, self.ema, self.checkpoint_dir, name,
                              self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX)
 
