@@ -78,6 +78,8 @@ def test_triplet_only_freezes_the_head_and_bnneck_scale_and_trains_the_rest():
                              "loss.triplet_weight=1"])
     model = build_model(cfg, 3)
     assert not model.head.weight.requires_grad and not model.neck.bnneck.weight.requires_grad
+    # the ViT's own tokens are read by forward_features, which is no module forward (ZeRO-3 must know)
+    assert ("", "net.pos_embed") in model.backbone.external_params
     criterion = ReIDCriterion(cfg, 3, model.embed_dim)
     criterion(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 0, 1, 1]))["loss"].backward()
     assert parameters_without_gradient(model) == []
@@ -116,13 +118,13 @@ def test_two_process_ddp_with_triplet_only_trains_and_draws_dropout_per_rank(sha
     run = tmp_path / "run"
     result = _accelerate("cpu_2proc.yaml", str(script), str(shards_dir), str(run), str(out),
                          *_vit(shards_dir, run, "loss.ce_weight=0", "loss.triplet_weight=1", "model.dropout=0.5",
-                               "train.max_steps=2", "train.epochs=1", "train.eval_every=1", "data.batch_size=1"))
+                               "train.epochs=1", "train.eval_every=1", "data.batch_size=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
     # the replicas are initialised alike (before DDP's broadcast), stay in step over both updates
     assert reports[0]["init"] == reports[1]["init"]
     checksums = reports[0]["metrics"]["param_checksums"]
-    assert reports[0]["metrics"]["steps"] == 2 and checksums[0] == checksums[1]
+    assert reports[0]["metrics"]["steps"] >= 2 and checksums[0] == checksums[1]
     assert reports[0]["metrics"]["history"], "validation did not run"
     # ...and draw their own dropout masks: independent masks agree on about half the positions
     agreement = np.mean(np.array(reports[0]["mask"]) == np.array(reports[1]["mask"]))
@@ -229,7 +231,7 @@ def test_resume_applies_a_changed_schedule_knowingly_and_refuses_a_changed_model
     # a changed schedule is applied from the resumed step on, and the config that ran is kept
     second = _train(TINY, *base, "optim.lr=1e-2", "train.epochs=3")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "changed schedule (train.epochs: 2 -> 3, optim.lr: 0.001 -> 0.01)" in second.stderr
+    assert "changed schedule (optim.lr: 0.001 -> 0.01, train.epochs: 2 -> 3)" in second.stderr
     assert load_config(run.config_history_path(step)).optim.lr == 1e-3
     assert run.load_config().optim.lr == 1e-2 and run.load_config().train.epochs == 3
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -138,14 +138,21 @@ class Backbone(nn.Module):
         self.token_norm = fc_norm if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity) else None
         head_norm = getattr(getattr(net, "head", None), "norm", None)
         self.grid_norm = head_norm if isinstance(head_norm, timm.layers.LayerNorm2d) else None
+        # (the module whose forward runs, the parameter it reads of a module whose forward does not):
+        # e.g. the ViT's own pos_embed (forward_features is no forward) or EVA's qkv.weight
+        self.external_params: list[tuple[str, str]] = []
         self.dropped: list[str] = self._drop_unreached(probe_size) if probe_size else []
 
     def _drop_unreached(self, size: tuple[int, int]) -> list[str]:
         """Replace by nn.Identity each timm layer none of whose parameters gets a gradient from one
         forward of a 1-image batch of `size` (eval mode); returns their names in `net`. Found by
-        autograd, not by call hooks: some timm blocks read a child's weight without calling it."""
+        autograd, not by call hooks: some timm blocks read a child's weight without calling it
+        (those reads are noted in `external_params`, for DeepSpeed ZeRO-3)."""
         was_training = self.training
         saved = {name: param.grad for name, param in self.net.named_parameters()}
+        called: set[int] = set()
+        hooks = [module.register_forward_pre_hook(lambda module, args: called.add(id(module)))
+                 for module in self.modules()]
         try:
             self.eval()
             with torch.enable_grad():
@@ -156,9 +163,20 @@ class Backbone(nn.Module):
                 total.backward()
             used = {name for name, param in self.net.named_parameters() if param.grad is not None}
         finally:
+            for hook in hooks:
+                hook.remove()
             for name, param in self.net.named_parameters():
                 param.grad = saved[name]
             self.train(was_training)
+        modules = dict(self.named_modules())
+        for name in sorted(used):
+            owner = "net." + name.rsplit(".", 1)[0] if "." in name else "net"
+            if id(modules[owner]) in called:
+                continue
+            runner = owner
+            while runner and id(modules[runner]) not in called:
+                runner = runner.rsplit(".", 1)[0] if "." in runner else ""
+            self.external_params.append((runner, "net." + name))
         dropped: list[str] = []
         for name, module in self.net.named_modules():
             if not name or any(name.startswith(d + ".") for d in dropped):

@@ -107,7 +107,18 @@ def uses_deepspeed(accelerator: Accelerator) -> bool:
 
 def prepare_model_for_deepspeed(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
     """DeepSpeed bf16 casts parameters but not buffers; EVA-02's rope/k_bias buffers stay fp32 and break
-    attention ('Float and BFloat16'). Casting the whole module first keeps every tensor in one dtype."""
+    attention ('Float and BFloat16'). Casting the whole module first keeps every tensor in one dtype.
+
+    ZeRO-3 gathers a module's parameters when its forward runs; the parameters the backbone reads
+    of a module whose forward does not run (Backbone.external_params) are registered with the module
+    that reads them, or they would stay partitioned (zero-size) there."""
+    if uses_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        from deepspeed.zero import register_external_parameter
+
+        backbone = model.backbone
+        for runner, name in backbone.external_params:
+            register_external_parameter(backbone.get_submodule(runner) if runner else backbone,
+                                        backbone.get_parameter(name))
     if uses_deepspeed(accelerator) and accelerator.mixed_precision == "bf16":
         return model.to(torch.bfloat16)
     return model
