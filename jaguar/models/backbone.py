@@ -9,9 +9,8 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 from urllib.parse import urlparse
 
 import timm
@@ -25,8 +24,9 @@ logger = logging.getLogger(__name__)
 _HUB_TIMEOUT_S = 2.0
 
 
-@dataclass
-class BackboneFeatures:
+class BackboneFeatures(NamedTuple):
+    # a named tuple, not a dataclass: DeepSpeed ZeRO-3 hooks a module's backward through the tensors of
+    # its output, which it finds in tuples, lists and dicts only
     grid: torch.Tensor  # B x C x h x w (patch tokens reshaped to their grid for token models)
     cls_token: Optional[torch.Tensor]  # B x C, the first prefix token of token models, else None
 

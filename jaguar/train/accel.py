@@ -113,7 +113,7 @@ def prepare_model_for_deepspeed(model: torch.nn.Module, accelerator: Accelerator
     of a module whose forward does not run (Backbone.external_params) are registered with the module
     that reads them, or they would stay partitioned (zero-size) there."""
     if uses_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero import register_external_parameter
 
         backbone = model.backbone
         for runner, name in backbone.external_params:
