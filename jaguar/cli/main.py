@@ -21,6 +21,7 @@ import traceback
 
 from jaguar import __version__
 from jaguar.errors import Interrupted, JaguarError
+from jaguar.folders import check_folder_arguments
 
 # In pipeline order, as --help lists them. Each module defines `register(subparsers)`, which adds
 # its parser and sets `func(args) -> int` and, optionally, `kept(args) -> str`: what an interrupted
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if previous[signal.SIGTERM] is signal.SIG_DFL:  # a command may install its own (training)
         signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
+        check_folder_arguments(args)
         return int(args.func(args) or 0)
     except (JaguarError, FileNotFoundError, FileExistsError) as err:
         # JaguarError: every user-facing failure; the OS errors: a file or folder the user named
