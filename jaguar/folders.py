@@ -20,6 +20,7 @@ from jaguar.errors import JaguarError
 from jaguar.run import RunDir
 
 RUN, SHARDS, CHALLENGE, IDENTITIES = "run", "shards", "challenge", "identities"
+_RUN = RunDir("RUN")  # a run's file names, as RunDir spells them
 RAW = (CHALLENGE, IDENTITIES)
 CONFIG = "config"  # not a folder kind: what a recipe argument wants (a .py or .yaml file)
 
@@ -32,7 +33,7 @@ DESCRIPTION = {
 }
 # What a command's argument wants, when it is not what was given.
 WANTED = {
-    RUN: "a run folder (config.yaml, checkpoints/; made by jaguar train)",
+    RUN: f"a run folder ({_RUN.config_path.name}, {_RUN.checkpoints_dir.name}/; made by jaguar train)",
     SHARDS: f"a shards folder (with {MANIFEST_NAME}; made by jaguar prep)",
     "raw": "a raw data set (train.csv + train/, or one folder per identity)",
     CONFIG: "a recipe is a .py or .yaml config file (recipes/*.py)",

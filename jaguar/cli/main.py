@@ -103,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parse_args(parser, argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # jaguar's own INFO lines; other libraries' only from WARNING up (their INFO chatter, e.g.
+    # tensorboard's "No path found", is not the user's business), everything with --verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("jaguar").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
