@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from itertools import islice
 from pathlib import Path
 from typing import Optional
 
@@ -68,13 +69,20 @@ def folder_kind(path: str | Path) -> Optional[str]:
 
 def raw_layout(path: Path) -> Optional[str]:
     """CHALLENGE, IDENTITIES or None: the layout `jaguar prep` would read (jaguar.data.layouts,
-    imported only here: it brings Pillow and numpy)."""
+    imported only here: it brings Pillow and numpy). A folder is taken for one folder per identity
+    only when one of its first sub-folders holds a photo: any folder has sub-folders."""
+    from jaguar.data.image_forms import IMAGE_SUFFIXES
     from jaguar.data.layouts import detect_layout
 
     try:
-        return CHALLENGE if detect_layout(path) == "challenge" else IDENTITIES
+        if detect_layout(path) == "challenge":
+            return CHALLENGE
+        folders = islice((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), 50)
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for folder in folders for f in islice(folder.iterdir(), 200)):
+            return IDENTITIES
     except (ValueError, OSError):
-        return None
+        pass
+    return None
 
 
 def _run_shards(path: Path) -> Optional[str]:

@@ -42,6 +42,7 @@ def _error(capsys, *argv: str) -> str:
 
 def test_each_kind_is_recognised(tmp_path):
     (tmp_path / "ids" / "Abril").mkdir(parents=True)
+    (tmp_path / "ids" / "Abril" / "001.png").write_bytes(b"")
     assert folder_kind(_run_folder(tmp_path)) == RUN
     assert folder_kind(_shards_folder(tmp_path)) == SHARDS
     assert folder_kind(_challenge_folder(tmp_path)) == CHALLENGE
@@ -49,6 +50,8 @@ def test_each_kind_is_recognised(tmp_path):
     assert folder_kind(tmp_path / "absent") is None
     (tmp_path / "empty").mkdir()
     assert folder_kind(tmp_path / "empty") is None
+    (tmp_path / "other" / "notes").mkdir(parents=True)  # sub-folders without photos: not a data set
+    assert folder_kind(tmp_path / "other") is None
 
 
 def test_train_given_a_run_folder_says_how_to_continue_it(tmp_path, capsys):
