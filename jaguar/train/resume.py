@@ -97,3 +97,12 @@ def record_config(run: RunDir, cfg: Config, accelerator, resume_from: Optional[P
         run.save_config(cfg)
     accelerator.wait_for_everyone()
     return changes.schedule if changes is not None else []
+
+
+def apply_new_schedule(scheduler, optimizer, fresh_state: dict, lr: float, step: int) -> None:
+    """After loading a checkpoint made under another schedule: continue at `step` on the schedule of
+    the new config, whose scheduler state (made before the checkpoint was loaded) is `fresh_state`."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    scheduler.load_state_dict(fresh_state)
+    scheduler.step_update(step)

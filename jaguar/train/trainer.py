@@ -33,7 +33,7 @@ from jaguar.train.evaluate import validate
 from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
 from jaguar.train.optim import (TrainedModules, build_center_optimizer, build_ema, build_optimizer, build_scheduler,
                                 check_every_parameter_trained, refuse_centres_under_deepspeed, total_updates)
-from jaguar.train.resume import record_config
+from jaguar.train.resume import apply_new_schedule, record_config
 from jaguar.train.seeding import seed_rank_streams
 from jaguar.train.tb import TensorBoardLogger
 
@@ -49,6 +49,7 @@ class _PreemptFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self.signum: Optional[int] = None  # which signal (None: the run folder's PREEMPT file)
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 signal.signal(signum, self._handle)
@@ -57,6 +58,7 @@ class _PreemptFlag:
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
+        self.signum = signum
 
 
 class Trainer:
@@ -166,12 +168,8 @@ class Trainer:
         fresh_schedule = self.scheduler.state_dict()  # built from this config
         self.accelerator.load_state(str(source))
         self.step = self.last_step_save = state["step"]
-        if self.schedule_changes:
-            # the checkpoint's scheduler follows the recorded schedule; continue on the new one
-            for group in self.optimizer.param_groups:
-                group["initial_lr"] = self.cfg.optim.lr
-            self.scheduler.load_state_dict(fresh_schedule)
-            self.scheduler.step_update(self.step)
+        if self.schedule_changes:  # the checkpoint's scheduler follows the recorded schedule
+            apply_new_schedule(self.scheduler, self.optimizer, fresh_schedule, self.cfg.optim.lr, self.step)
         self.guard.load_state_dict(state)
         self.best, self.history = state["best"], state["history"]
         self.accelerator.step = self.step * self.cfg.train.grad_accum
@@ -229,7 +227,7 @@ class Trainer:
                         self.run.preempt_flag.unlink(missing_ok=True)
                     log.warning("preempted at step %d: checkpoint saved, exiting", self.step)
                     bar.close()
-                    return {"preempted": True, "step": self.step}
+                    return {"preempted": True, "step": self.step, "signal": self.preempt.signum}
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self._save("step")
             if position == self.steps_per_epoch:
@@ -358,9 +356,10 @@ class Trainer:
                               self.mean, self.std, self.tb, self.step)
             entry = {"epoch": epoch + 1, "step": self.step, **result}
             self.history.append(entry)
-            log.info("epoch %d: validation identity-balanced mAP %.4f, rank-1 %.4f", epoch + 1,
-                     result["mAP_balanced"], result["rank1"])
-            if not self.best or result["mAP_balanced"] > self.best["mAP_balanced"]:
+            improved = not self.best or result["mAP_balanced"] > self.best["mAP_balanced"]
+            log.info("epoch %d: validation identity-balanced mAP %.4f, rank-1 %.4f%s", epoch + 1, result["mAP_balanced"],
+                     result["rank1"], " (best so far: kept as the best checkpoint)" if improved else "")
+            if improved:
                 self.best = entry
                 self._save("best")
         if not cfg.train.checkpoint_every and not last and self.step - self.last_step_save >= ckpt.EPOCH_MIN_STEPS:
