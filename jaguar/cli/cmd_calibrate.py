@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
-    calibration = calibrate_run(run_dir, args.folds)
+    with run_dir.writer_lock("jaguar calibrate"):
+        calibration = calibrate_run(run_dir, args.folds)
     print(describe(calibration))
     print(f"wrote {run_dir.calibration_path}")
     return 0

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
-    done = enroll(run_dir, args.name, args.photos, args.checkpoint)
+    with run_dir.gallery_lock("jaguar enroll"):
+        done = enroll(run_dir, args.name, args.photos, args.checkpoint)
     print(f"enrolled {done.name!r} from {len(done.photos)} photo(s) into {run_dir.enrolled_path}")
     return 0

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
-    index = build_report(run_dir, test_labels=args.test_labels, out_dir=args.out)
+    with run_dir.writer_lock("jaguar report"):
+        index = build_report(run_dir, test_labels=args.test_labels, out_dir=args.out)
     print_stage_summary(run_dir)
     print(f"report: {index}")
     return 0

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
-    post = tune_post_run(run_dir)
+    with run_dir.writer_lock("jaguar tune-post"):
+        post = tune_post_run(run_dir)
     how = "searched" if post.searched else "taken from retrieval.post (retrieval.tune is false)"
     print(f"post-processing on {post.val_size} validation images ({how}):")
     print(format_stage_table(post.table))

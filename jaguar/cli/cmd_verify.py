@@ -1,27 +1,51 @@
-"""`jaguar verify SHARDS`: check a shards folder against its manifest: every split's wids index and
-sample counts, every shard's presence, byte size and sha256 (reads every shard)."""
+"""`jaguar verify SHARDS|RUN`: check a shards folder against its manifest (every split's wids index
+and sample counts, every shard's presence, byte size and sha256), or a run folder's checkpoints,
+features and gallery against the checksums recorded when they were written. Reads every file."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from jaguar.data.manifest import Manifest, ShardsError
+from jaguar.errors import JaguarError
+from jaguar.formats import capped_listing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("verify", help="check a shards folder's files against the sha256 in its manifest")
-    parser.add_argument("shards", help="a `jaguar prep` (or pseudo-label) output folder")
+    parser = subparsers.add_parser("verify", help="check a shards folder (manifest sha256) or a run folder "
+                                                  "(checkpoints, features, gallery) for corruption")
+    parser.add_argument("shards", metavar="SHARDS|RUN",
+                        help="a `jaguar prep` (or pseudo-label) output folder, or a run folder")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not Manifest.exists(args.shards) and Path(args.shards).is_dir():
+        return _verify_run(args.shards)
     manifest = Manifest.load(args.shards)
     problems = manifest.verify(args.shards)
     if problems:
-        raise ShardsError(f"{len(problems)} problem(s) in {args.shards}:\n  " + "\n  ".join(problems)
+        raise ShardsError(f"{len(problems)} problem(s) in {args.shards}:\n  " + capped_listing(problems)
                           + "\nre-run `jaguar prep` (or copy the folder again)")
     shards = sum(len(entry.shards) for entry in manifest.splits.values())
     samples = sum(entry.num_samples for entry in manifest.splits.values())
     print(f"{args.shards}: ok ({shards} shard(s), {samples} samples in split(s) "
           f"{', '.join(manifest.splits)}; sizes and sha256 match {Manifest.path(args.shards).name})")
+    return 0
+
+
+def _verify_run(folder: str) -> int:
+    from jaguar.run import RunDir
+    from jaguar.verify import verify_run
+
+    found = verify_run(RunDir(folder))
+    if found.problems:
+        raise JaguarError(f"{len(found.problems)} problem(s) in run {folder}:\n  " + capped_listing(found.problems)
+                          + "\nre-make what is named: `jaguar extract RUN --split S --force` for features, "
+                            "another checkpoint (or train again) for a checkpoint")
+    if not found.checked:
+        raise JaguarError(f"{folder} holds neither a manifest.json nor a run's checkpoints, features or "
+                          f"gallery: nothing to verify")
+    print(f"{folder}: ok ({'; '.join(found.checked)}: every file matches its recorded checksum)")
     return 0
