@@ -172,9 +172,11 @@ def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
     return table
 
 
-def _write(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+def _write(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[object]], quote_all: bool = False) -> None:
+    """Write a CSV atomically; quote_all quotes every cell (csv quotes a cell holding a bare CR only
+    then, since the line end is "\n": a file of user names needs it to keep its rows)."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL)
     writer.writerow(columns)
     writer.writerows(rows)
     atomic_write_text(Path(path), buffer.getvalue())
@@ -305,7 +307,7 @@ def write_identify(path: PathLike, rows: Iterable[tuple[str, int, str, float, st
     (`spreadsheet_cell`); `read_identify` gives the rows back as they were."""
     _write(path, IDENTIFY_COLUMNS, ((spreadsheet_cell(photo), int(rank), spreadsheet_cell(individual),
                                      f"{float(score):.6f}", spreadsheet_cell(decision))
-                                    for photo, rank, individual, score, decision in rows))
+                                    for photo, rank, individual, score, decision in rows), quote_all=True)
 
 
 def read_identify(path: PathLike) -> list[tuple[str, int, str, float, str]]:
