@@ -106,7 +106,10 @@ class FeatureSet:
             if recorded is not None and _content_sha256(tensors, metadata) != recorded:
                 raise FeatureFileError(f"feature file {path} does not match the checksum recorded when it was "
                                        f"written (corrupt or changed since): {how_to_make}")
-            bad_rows = torch.nonzero(~torch.isfinite(tensors["embeddings"]).all(dim=1)).flatten().tolist()
+            embeddings = tensors["embeddings"]
+            # one reduction first: a NaN or an infinity anywhere makes the sum non-finite (rows looked at only then)
+            bad_rows = ([] if bool(torch.isfinite(embeddings.sum())) else
+                        torch.nonzero(~torch.isfinite(embeddings).all(dim=1)).flatten().tolist())
             if bad_rows:
                 names = json.loads(metadata["names"])
                 raise FeatureFileError(f"feature file {path} has non-finite embeddings in {len(bad_rows)} row(s), "

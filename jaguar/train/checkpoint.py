@@ -180,7 +180,9 @@ def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, 
     final = checkpoint_dir / name
     tmp = checkpoint_dir / f".{name}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # this process holds the run's writer lock: any hidden .partial here is a killed save's leftover
+        for leftover in checkpoint_dir.glob(".*.partial") if checkpoint_dir.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
