@@ -172,11 +172,12 @@ def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
     return table
 
 
-def _write(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[object]], quote_all: bool = False) -> None:
-    """Write a CSV atomically; quote_all quotes every cell (csv quotes a cell holding a bare CR only
-    then, since the line end is "\n": a file of user names needs it to keep its rows)."""
+def _write(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[object]], line_end: str = "\n") -> None:
+    """Write a CSV atomically. csv quotes a cell only for the characters of its line end: a file of
+    users' names takes "\r\n" (RFC 4180's, what spreadsheets write), so a cell holding a bare CR is
+    quoted and stays one cell."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL)
+    writer = csv.writer(buffer, lineterminator=line_end)
     writer.writerow(columns)
     writer.writerows(rows)
     atomic_write_text(Path(path), buffer.getvalue())
@@ -303,11 +304,11 @@ def write_submission(path: PathLike, row_ids: Sequence[str], similarities: Seque
 def write_identify(path: PathLike, rows: Iterable[tuple[str, int, str, float, str]]) -> None:
     """One row per photo and candidate: the photo as given, the candidate's rank (1 = best), the
     individual, its score (cosine similarity, 6 decimals) and the photo's decision ("known: NAME"
-    or "new individual"); written atomically, its text cells made inert for spreadsheets
-    (`spreadsheet_cell`); `read_identify` gives the rows back as they were."""
+    or "new individual"); written atomically with CRLF line ends, its text cells made inert for
+    spreadsheets (`spreadsheet_cell`); `read_identify` gives the rows back as they were."""
     _write(path, IDENTIFY_COLUMNS, ((spreadsheet_cell(photo), int(rank), spreadsheet_cell(individual),
                                      f"{float(score):.6f}", spreadsheet_cell(decision))
-                                    for photo, rank, individual, score, decision in rows), quote_all=True)
+                                    for photo, rank, individual, score, decision in rows), line_end="\r\n")
 
 
 def read_identify(path: PathLike) -> list[tuple[str, int, str, float, str]]:

@@ -133,14 +133,14 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ShardsError(f"{path} is unreadable ({err}); re-run `jaguar prep`") from None
         manifest = cls.from_dict(data, str(path))
-        if manifest.content_sha256 and content_digest(data) != manifest.content_sha256:
-            raise ShardsError(f"{path} was changed since `jaguar prep` wrote it (its content no longer matches "
-                              f"its content_sha256): labels or sample hashes edited by hand are not used; "
-                              f"re-run `jaguar prep` (fix the source labels there)")
         for split, entry in manifest.splits.items():  # names the readers join to the folder: untrusted
             resolve_inside(shards_dir, entry.index, f"{path} split {split!r} index")
             for number, shard in enumerate(entry.shards):
                 resolve_inside(shards_dir, shard.url, f"{path} split {split!r} shard {number}")
+        if manifest.content_sha256 and content_digest(data) != manifest.content_sha256:
+            raise ShardsError(f"{path} was changed since `jaguar prep` wrote it (its content no longer matches "
+                              f"its content_sha256): labels or sample hashes edited by hand are not used; "
+                              f"re-run `jaguar prep` (fix the source labels there)")
         return manifest
 
     def save(self, shards_dir: str | Path) -> Path:
