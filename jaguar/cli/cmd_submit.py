@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.formats import examples
-from jaguar.retrieval.stages import submit_run
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -22,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.formats import examples
+    from jaguar.retrieval.stages import submit_run
+
     run_dir = RunDir(args.run_dir)
     with run_dir.writer_lock("jaguar submit"):
         result = submit_run(run_dir, args.test_csv, args.output)

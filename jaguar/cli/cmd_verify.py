@@ -9,7 +9,6 @@ from pathlib import Path
 
 from jaguar.data.manifest import Manifest, ShardsError
 from jaguar.errors import JaguarError
-from jaguar.formats import capped_listing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.formats import capped_listing
+
     if not Manifest.exists(args.shards) and Path(args.shards).is_dir():
         return _verify_run(args.shards)
     manifest = Manifest.load(args.shards)
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _verify_run(folder: str) -> int:
+    from jaguar.formats import capped_listing
     from jaguar.run import RunDir
     from jaguar.verify import verify_run
 
