@@ -71,8 +71,7 @@ class Trainer:
         self.checkpoint_dir = self.run.checkpoints_dir
         # The shards are opened (and checked) before the run folder is made: bad input leaves no folder behind.
         self.split = open_train_split(cfg)
-        # One writer a run folder: the launcher's rank 0 holds its lock until train() ends.
-        self.lock = self.run.writer_lock("jaguar train", create=True).acquire()
+        self.lock = self.run.writer_lock("jaguar train", create=True).acquire()  # rank 0's, until train() ends
         if acc.is_main_process:
             self.run.save_config(cfg)
         self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_dir, cfg.train.resume)
