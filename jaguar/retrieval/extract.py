@@ -245,6 +245,17 @@ def _stored_key(path: Path) -> Optional[str]:
         return None
 
 
+def _passes_check(path: Path) -> bool:
+    """Whether a features file reads back whole (its content checksum and finite rows, see
+    FeatureSet.load); one that fails is logged and recomputed."""
+    try:
+        FeatureSet.load(path)
+    except FeatureFileError as err:
+        log.warning("%s fails its check (%s); recomputing it", path, err)
+        return False
+    return True
+
+
 def _finished_part(path: Path, names: list[str], key: str) -> bool:
     """Whether `path` is a complete part of these images made under `key` (an unreadable or
     mismatched one is logged and recomputed)."""
@@ -307,7 +318,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     accelerator = build_accelerator(cfg)
     autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast)
-    if out.is_file() and not force and _stored_key(out) == key:
+    if out.is_file() and not force and _stored_key(out) == key and _passes_check(out):
         if accelerator.is_main_process:
             log.info("%s is up to date; nothing to do (--force recomputes)", out)
             run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up
@@ -357,4 +368,5 @@ def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | Non
     """`jaguar extract`: resolve the config and weights (resolve_source; with a recipe the run may
     be None and is then its run.dir), then extract the split (extract_split)."""
     run, cfg, weights = resolve_source(run, recipe, overrides, checkpoint)
-    return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size)
+    with run.writer_lock("jaguar extract"):  # the launcher's rank 0 holds it for every process
+        return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size)

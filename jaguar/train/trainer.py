@@ -9,7 +9,6 @@ its buckets with the model's (no all-reduce of our own). They keep BoT's own SGD
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,7 @@ from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, 
 from jaguar.run import RunDir, TrainingMetrics
 from jaguar.train.data import RunSplit, build_run_split, open_train_split
 from jaguar.train.evaluate import validate
-from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
+from jaguar.train.guard import NonFiniteGuard, PreemptFlag, TrainingStopped, all_ranks_finite, total_grad_norm
 from jaguar.train.optim import (TrainedModules, build_center_optimizer, build_ema, build_optimizer, build_scheduler,
                                 check_every_parameter_trained, refuse_centres_under_deepspeed, total_updates)
 from jaguar.train.resume import apply_new_schedule, record_config
@@ -42,23 +41,6 @@ log = logging.getLogger("jaguar.train")
 
 # Checkpoints hold the TrainedModules (model and centres); earlier ones held the model alone.
 _STATE_LAYOUT = "model+criterion"
-
-
-class _PreemptFlag:
-    """Set by SIGUSR1/SIGTERM; the loop checkpoints and exits at the next optimizer-step boundary."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.signum: Optional[int] = None  # which signal (None: the run folder's PREEMPT file)
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (e.g. under some test runners)
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-        self.signum = signum
 
 
 class Trainer:
@@ -74,6 +56,7 @@ class Trainer:
         self.checkpoint_dir = self.run.checkpoints_dir
         # The shards are opened (and checked) before the run folder is made: bad input leaves no folder behind.
         self.split = open_train_split(cfg)
+        self.lock = self.run.writer_lock("jaguar train", create=True).acquire()  # rank 0's, until train() ends
         self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_dir, cfg.train.resume)
         self.schedule_changes = record_config(self.run, cfg, acc, self.resume_from)
         self.run_split = self._training_data()
@@ -107,11 +90,12 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(TrainedModules(model, self.criterion), optimizer)
         self.input_dtype = next(self.model.parameters()).dtype
         self.ema = build_ema(cfg, self.reid_model)
-        acc.register_for_checkpointing(self.scheduler)
+        # saved to jaguar_state.pt (weights_only=True), not as accelerate's custom pickles (weights_only=False)
+        self.extra_state = {"scheduler": self.scheduler}
         if self.center_optimizer is not None:
-            acc.register_for_checkpointing(self.center_optimizer)
+            self.extra_state["center_optimizer"] = self.center_optimizer
         if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+            self.extra_state["ema"] = self.ema
 
         self.tb = TensorBoardLogger(self.run.tb_dir, enabled=acc.is_main_process)
         self.step = 0  # optimizer-step slots consumed (data position); skipped steps count too
@@ -119,7 +103,7 @@ class Trainer:
         self.best: dict = {}
         self.last_step_save = 0  # the step of the newest step checkpoint (of this process's run)
         self.history: list[dict] = []
-        self.preempt = _PreemptFlag()
+        self.preempt = PreemptFlag()
 
     @property
     def reid_model(self) -> nn.Module:
@@ -165,8 +149,14 @@ class Trainer:
             raise ConfigError(f"checkpoint {source} was made with {state['steps_per_epoch']} steps per epoch, "
                               f"this run has {self.steps_per_epoch} (batch size, world size or data changed); "
                               f"resume with the same settings or start a new run.dir")
+        ckpt.check_resumable(source, uses_deepspeed(self.accelerator))
         fresh_schedule = self.scheduler.state_dict()  # built from this config
-        self.accelerator.load_state(str(source))
+        try:
+            self.accelerator.load_state(str(source))
+        except Exception as err:  # a file torch or DeepSpeed cannot read: each raises its own types
+            raise ckpt.CheckpointError(f"checkpoint {source} could not be loaded ({type(err).__name__}: "
+                                       f"{str(err)[:300]}); resume from another checkpoint") from err
+        ckpt.load_extra_state(source, self.extra_state)
         self.step = self.last_step_save = state["step"]
         if self.schedule_changes:  # the checkpoint's scheduler follows the recorded schedule
             apply_new_schedule(self.scheduler, self.optimizer, fresh_schedule, self.cfg.optim.lr, self.step)
@@ -191,6 +181,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> dict:
         self._resume()
         self._log_start()
         acc, cfg = self.accelerator, self.cfg
@@ -371,7 +367,8 @@ class Trainer:
         if kind == "step":
             self.last_step_save = self.step
         ckpt.save_checkpoint(self.accelerator, self.model, self.ema, self.checkpoint_dir, name,
-                             self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX)
+                             self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX,
+                             self.extra_state)
 
     def _param_checksums(self) -> list[float]:
         """A checksum of this rank's trained parameters (the model's and the centres'), gathered from
