@@ -23,6 +23,8 @@ report, ensemble, pseudo-label) takes a `RunDir`.
     RUN/gallery/thumbnails/       their photos, small          thumbnail_path
     RUN/calibration.json          open-set threshold chosen    load_calibration / save_calibration
                                   on validation                (OpenSetCalibration)
+    RUN/diagnose_<split>.json     shortcut diagnostics         load_diagnosis / save_diagnosis (Diagnosis)
+                                  (`jaguar diagnose`)
     RUN/report/                   the HTML report              report_dir
     RUN/pseudo/                   pseudo-label shards          pseudo_dir
 
@@ -41,11 +43,11 @@ from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
 from jaguar.retrieval.features import FeatureSet
 # The records are importable from here too: callers take a RunDir and the types it returns together.
-from jaguar.run_records import (EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score, ScoreTable,
-                                SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
+from jaguar.run_records import (Diagnosis, EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score,
+                                ScoreTable, SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
 
-__all__ = ["SPLITS", "RunDir", "RunDirError", "EnsembleRecord", "OpenSetCalibration", "PostResult", "Score",
-           "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
+__all__ = ["SPLITS", "RunDir", "RunDirError", "Diagnosis", "EnsembleRecord", "OpenSetCalibration", "PostResult",
+           "Score", "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
 
 SPLITS = ("train", "val", "test")
 
@@ -69,6 +71,7 @@ _GALLERY = "gallery"
 _ENROLLED = "enrolled.safetensors"
 _THUMBNAILS = "thumbnails"
 _CALIBRATION = "calibration.json"
+_DIAGNOSIS = "diagnose_{split}.json"
 _PSEUDO = "pseudo"
 _PREEMPT = "PREEMPT"
 
@@ -288,6 +291,24 @@ class RunDir:
 
     def save_calibration(self, calibration: OpenSetCalibration) -> None:
         atomic_write_json(self.calibration_path, record_to_json(calibration))
+
+    # ------------------------------------------------------------------ shortcut diagnostics
+
+    def diagnosis_path(self, split: str) -> Path:
+        """`jaguar diagnose`'s result for a split (val or test)."""
+        self.features_path(split)  # checks the split name
+        return self.path / _DIAGNOSIS.format(split=split)
+
+    def has_diagnosis(self, split: str) -> bool:
+        return self.diagnosis_path(split).is_file()
+
+    def load_diagnosis(self, split: str) -> Diagnosis:
+        path = self.diagnosis_path(split)
+        raw = self._read_json(path, f"run `jaguar diagnose {self.path} --split {split}`")
+        return build_record(Diagnosis, raw, str(path))
+
+    def save_diagnosis(self, diagnosis: Diagnosis) -> None:
+        atomic_write_json(self.diagnosis_path(diagnosis.split), record_to_json(diagnosis))
 
     # ------------------------------------------------------------------ ensembles
 

@@ -263,3 +263,25 @@ def test_validation_with_non_finite_embeddings_blames_the_model(monkeypatch):
                                 SimpleNamespace(is_main_process=False), None, None,
                                 SimpleNamespace(scalars=None, image=None), 7)
     assert "val_fraction" not in str(caught.value)
+
+
+def test_chance_is_the_mean_of_the_evaluator_over_every_ranking():
+    import itertools
+
+    from jaguar.retrieval.metrics import chance_map_balanced, evaluate
+
+    labels = [0, 0, 1, 1, 1, 2]
+    candidates = np.ones((6, 6), dtype=bool)
+    candidates[0, 1] = False  # query 0 loses its only match: skipped, as the evaluator skips it
+    candidates[2, 5] = False
+    total, count = 0.0, 0
+    for ranks in itertools.permutations(range(5)):  # every ordering of each query's 5 others, jointly
+        scores = np.zeros((6, 6))
+        for query in range(6):
+            others = [g for g in range(6) if g != query]
+            scores[query, others] = [-r for r in np.roll(ranks, query)]
+        total += evaluate(scores, labels, kind="similarity", candidates=candidates).mAP_balanced
+        count += 1
+    assert chance_map_balanced(labels, candidates) == pytest.approx(total / count, abs=1e-12)
+    # one match among 3 candidates: E[1 / rank] = H_3 / 3
+    assert chance_map_balanced([0, 0, 1, 1]) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3, abs=1e-12)

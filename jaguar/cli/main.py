@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "jaguar.cli.cmd_identify",
     "jaguar.cli.cmd_enroll",
     "jaguar.cli.cmd_gallery",
+    "jaguar.cli.cmd_diagnose",
     "jaguar.cli.cmd_report",
     "jaguar.cli.cmd_ensemble",
     "jaguar.cli.cmd_pseudo",

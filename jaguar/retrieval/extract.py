@@ -26,6 +26,7 @@ from jaguar.data.loader import build_eval_loader
 from jaguar.data.manifest import file_sha256
 from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
+from jaguar.formats import UNKNOWN_VIEWPOINT
 from jaguar.models import build_model
 from jaguar.progress import progress_bar
 from jaguar.retrieval.features import FeatureFileError, FeatureSet
@@ -108,8 +109,9 @@ def rank_blocks(blocks: list[tuple[int, int]], rank: int, world_size: int) -> li
 
 
 def merge_parts(part_files: list[Path], expected_names: list[str], label_names: dict[int, str],
-                meta: dict) -> FeatureSet:
-    """Join parts in order and check the union is exactly the split: no image missing or repeated."""
+                meta: dict, viewpoints: Optional[list[str]] = None) -> FeatureSet:
+    """Join parts in order and check the union is exactly the split: no image missing or repeated.
+    `viewpoints` (one per expected name, or None) is carried into the features."""
     parts = [FeatureSet.load(path) for path in part_files]
     names = [name for part in parts for name in part.names]
     if names != list(expected_names):
@@ -120,7 +122,17 @@ def merge_parts(part_files: list[Path], expected_names: list[str], label_names: 
                            f"{len(names)} rows for {len(expected_names)} images")
     embeddings = torch.cat([part.embeddings for part in parts]) if parts else torch.zeros(0, 0)
     labels = torch.cat([part.labels for part in parts]) if parts else torch.zeros(0, dtype=torch.long)
-    return FeatureSet(names, embeddings, labels, dict(label_names), dict(meta))
+    return FeatureSet(names, embeddings, labels, dict(label_names), dict(meta), viewpoints)
+
+
+def split_viewpoints(split, positions: Sequence[int]) -> Optional[list[str]]:
+    """The viewpoint of each image at `positions` of a shard split (a ShardSplit, or a ConcatSplit of
+    several), None when no part of it has a viewpoint column; an image without one is unknown."""
+    parts = getattr(split, "splits", [split])
+    if all(getattr(part, "viewpoints", None) is None for part in parts):
+        return None
+    flat = [view for part in parts for view in (part.viewpoints or [None] * len(part))]
+    return [flat[p] or UNKNOWN_VIEWPOINT for p in positions]
 
 
 def resolve_source(run: Optional[RunDir], recipe: str | Path | None = None, overrides: Sequence[str] = (),
@@ -210,7 +222,9 @@ def extraction_key(cfg: Config, split_name: str, split, positions: Sequence[int]
     and content), the weights (content), the model and eval-transform settings, flip TTA and scales,
     the batch size and the autocast type. A part or features file made under another key is stale."""
     digests = _image_digests(split)
-    images = fingerprint([[split.filenames[p], digests[p]] for p in positions])
+    views = split_viewpoints(split, positions)
+    images = fingerprint([[split.filenames[p], digests[p]] for p in positions]
+                         + ([["viewpoints", views]] if views is not None else []))
     data = {k: v for k, v in asdict(cfg.data).items() if k not in _TRAINING_ONLY_DATA}
     return fingerprint({"format": 2, "split": split_name, "images": images, "weights": weights_digest(checkpoint, cfg),
                         "prefer_ema": cfg.optim.ema, "model": asdict(cfg.model), "data": data,
@@ -270,6 +284,27 @@ def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, position
             start, end = next(pending, (0, 0))
 
 
+def load_model(cfg: Config, checkpoint: Optional[Path], device: torch.device) -> tuple[torch.nn.Module, str]:
+    """(model in eval mode on `device`, where its weights came from): the run's model with the
+    weights of `checkpoint` (a checkpoint folder or weights file; the EMA weights when optim.ema),
+    or as built when None (random layers drawn from run.seed, so every process and re-run gets the
+    same ones)."""
+    num_classes = ckpt.read_state(checkpoint)["num_classes"] if checkpoint is not None and checkpoint.is_dir() else 1
+    with torch.random.fork_rng(devices=[]):
+        # Without a checkpoint the randomly initialised layers ARE the model: every process and every
+        # re-run must draw the same ones (run.seed), or the processes' parts would not match.
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg, num_classes)
+    source = (str(ckpt.load_weights(model, checkpoint, prefer_ema=cfg.optim.ema)) if checkpoint
+              else f"{cfg.model.backbone} (as built)")
+    return model.to(device).eval(), source
+
+
+def autocast_for(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast type extraction uses on `device`: bf16 on a GPU that has it, else none."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
 def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optional[Path],
                   force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Extraction:
     """Embed `split_name`'s images into the run's features of that split, each process of the
@@ -286,7 +321,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     names = [split.filenames[p] for p in positions]
     cfg.train.precision = "fp32"  # extraction chooses its own autocast below
     accelerator = build_accelerator(cfg)
-    autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    autocast = autocast_for(accelerator.device)
     key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast)
     if out.is_file() and not force and _stored_key(out) == key:
         if accelerator.is_main_process:
@@ -294,15 +329,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
             run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up
         return Extraction(out, len(names), reused=True)
 
-    num_classes = ckpt.read_state(checkpoint)["num_classes"] if checkpoint is not None and checkpoint.is_dir() else 1
-    with torch.random.fork_rng(devices=[]):
-        # Without a checkpoint the randomly initialised layers ARE the model: every process and every
-        # re-run must draw the same ones (run.seed), or the processes' parts would not match.
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg, num_classes)
-    source = (str(ckpt.load_weights(model, checkpoint, prefer_ema=cfg.optim.ema)) if checkpoint
-              else f"{cfg.model.backbone} (as built)")
-    model.to(accelerator.device).eval()
+    model, source = load_model(cfg, checkpoint, accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
     blocks = block_grid(len(positions), world, block_size, cfg.data.batch_size)
     mine = rank_blocks(blocks, rank, world)
@@ -323,7 +350,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
         meta = {"split": split_name, "source": source, "key": key, "flip_tta": cfg.retrieval.flip_tta,
                 "scales": cfg.retrieval.scales, "world_size": world, "block_size": blocks[0][1] if blocks else 0}
         part_files = [run.feature_part_path(split_name, start, end, key) for start, end in blocks]
-        features = merge_parts(part_files, names, split.label_names, meta)
+        features = merge_parts(part_files, names, split.label_names, meta, split_viewpoints(split, positions))
         if len(features) == 0:
             features.embeddings = torch.zeros(0, model.embed_dim)
         run.save_features(split_name, features)  # atomic: the old file or the new one, never half of one

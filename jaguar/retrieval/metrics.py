@@ -214,6 +214,38 @@ def identity_balanced_map(similarity: ArrayLike, labels: ArrayLike,
     return evaluate(similarity, labels, kind="similarity", candidates=candidates).mAP_balanced
 
 
+def chance_map_balanced(labels: ArrayLike, candidates: Optional[ArrayLike] = None) -> float:
+    """The identity-balanced mAP a random ranking scores in expectation on one set searched against
+    itself (as `identity_balanced_map`, with the same candidate mask): each query's expected AP with
+    m true matches among its n candidates is (m - 1) / (n - 1) + (n - m) H_n / (n (n - 1)) (H_n the
+    n-th harmonic number; 1 when n = m = 1), averaged as the evaluator averages APs: over the
+    queries of an identity that have a match, then over identities. Raises MetricsError when no
+    query has a match."""
+    q_label = _vector("labels", labels, len(np.asarray(labels)))
+    n = q_label.numel()
+    valid = ~torch.eye(n, dtype=torch.bool)
+    if candidates is not None:
+        mask = torch.as_tensor(np.asarray(candidates) if not isinstance(candidates, torch.Tensor) else candidates)
+        if tuple(mask.shape) != (n, n):
+            raise MetricsError(f"candidates has shape {tuple(mask.shape)}, expected {(n, n)}")
+        valid &= mask.bool()
+    count = valid.sum(dim=1).double()
+    matches = ((q_label[:, None] == q_label[None, :]) & valid).sum(dim=1).double()
+    has = matches > 0
+    if not bool(has.any()):
+        raise MetricsError("no query has a true match among its candidates; chance mAP is undefined")
+    harmonic = torch.cumsum(1.0 / torch.arange(1, n + 1, dtype=torch.float64), 0)
+    count_h, match_h = count[has], matches[has]
+    many = count_h > 1
+    expected = torch.ones_like(count_h)
+    c, m = count_h[many], match_h[many]
+    expected[many] = (m - 1) / (c - 1) + (c - m) * harmonic[(c - 1).long()] / (c * (c - 1))
+    identities, inverse = torch.unique(q_label[has], return_inverse=True)
+    sums = torch.zeros(len(identities), dtype=torch.float64).index_add_(0, inverse, expected)
+    counts = torch.bincount(inverse, minlength=len(identities)).double()
+    return float((sums / counts).mean())
+
+
 @dataclass(frozen=True)
 class OpenSetFigures:
     """Open-set identification at one threshold (AnimalCLEF 2025): each query is decided "known"
