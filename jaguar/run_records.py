@@ -181,6 +181,7 @@ class Diagnosis:
     mirror: MirrorSimilarity
     flanks: list[DiagnosisRow] = field(default_factory=list)  # empty without a viewpoint column
     viewpoint_counts: dict[str, int] = field(default_factory=dict)
+    key: str = ""  # the extraction key of the features diagnosed: a re-run with the same key is a no-op
 
 
 T = TypeVar("T")

@@ -29,6 +29,9 @@ def test_demo_fast_runs_every_stage_and_skips_them_when_rerun(tmp_path):
     for stage in ("raw", "+QE", "+re-ranking"):
         assert stage in result.stdout, f"the demo does not print the {stage} score"
     assert "tensorboard --logdir" in result.stdout
+    for words in ("background only", "chance", "mirror self-similarity", "cross flank"):
+        assert words in result.stdout, f"the demo does not print the diagnostics' {words}"
+    assert (run / "diagnose_test.json").is_file()
 
     again = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh"), "--fast", "--dir", str(demo)],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="val (default) or test (needs test labels in the shards)")
     parser.add_argument("--checkpoint", default=None,
                         help="the checkpoint the split's features were extracted with (default: best, else newest)")
+    parser.add_argument("--force", action="store_true", help="recompute even if the diagnosis is up to date")
     parser.set_defaults(func=_run)
 
 
@@ -36,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging()
     run = RunDir(args.run_dir)
-    diagnosis = diagnose_run(run, args.split, args.checkpoint, progress=True)
+    diagnosis = diagnose_run(run, args.split, args.checkpoint, progress=True, force=args.force)
     print("\n".join(summary_lines(diagnosis)))
     print(f"wrote {run.diagnosis_path(args.split)}; `jaguar report {run}` shows it")
     return 0

@@ -104,9 +104,10 @@ def context_ratios(rows: list[DiagnosisRow]) -> tuple[Optional[float], Optional[
 
 
 def diagnose_run(run: RunDir, split_name: str = "val", checkpoint: str | Path | None = None,
-                 progress: bool = False) -> Diagnosis:
+                 progress: bool = False, force: bool = False) -> Diagnosis:
     """Diagnose `split_name` (val or test) of a trained run with its checkpoint (`checkpoint`, else
     best, else the newest), write the Diagnosis into the run (RunDir.save_diagnosis) and return it.
+    A diagnosis of the same features (same extraction key) is returned as it is, unless `force`.
     Raises DiagnoseError when the split's features are missing or stale (extracted with other
     weights or settings) or its images have no identities; MissingInputError for a missing run,
     config or checkpoint."""
@@ -124,6 +125,11 @@ def diagnose_run(run: RunDir, split_name: str = "val", checkpoint: str | Path | 
         raise DiagnoseError(f"{run.features_path(split_name)} was extracted with other weights, images or settings "
                             f"than {weights} and {run.config_path.name}; run `jaguar extract {run} --split "
                             f"{split_name}` (with the same --checkpoint) first")
+    if not force and run.has_diagnosis(split_name):
+        done = run.load_diagnosis(split_name)
+        if done.key == key:
+            log.info("%s is up to date; nothing to do (--force recomputes)", run.diagnosis_path(split_name))
+            return done
     labels = features.labels
     if bool((labels < 0).any()):
         raise DiagnoseError(f"{int((labels < 0).sum())} {split_name} image(s) have no identity (label -1): "
@@ -150,7 +156,7 @@ def diagnose_run(run: RunDir, split_name: str = "val", checkpoint: str | Path | 
         flip_tta=retrieval.flip_tta, context=context, context_ratio=ratio, context_ratio_above_chance=above_chance,
         mirror=mirror_similarity(plain, mirror, labels),
         flanks=flank_rows(features.embeddings, labels, viewpoints) if viewpoints is not None else [],
-        viewpoint_counts=dict(sorted(Counter(viewpoints).items())) if viewpoints is not None else {})
+        viewpoint_counts=dict(sorted(Counter(viewpoints).items())) if viewpoints is not None else {}, key=key)
     run.save_diagnosis(diagnosis)
     log.info("wrote %s", run.diagnosis_path(split_name))
     return diagnosis
