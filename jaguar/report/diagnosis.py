@@ -27,10 +27,12 @@ def _cell(value: Optional[float]) -> str:
 
 
 def _rows_table(rows: list[DiagnosisRow]) -> str:
+    notes = any(row.note for row in rows)
     body = "".join(f"<tr><td>{html.escape(row.name)}</td>{_cell(row.mAP_balanced)}{_cell(row.chance)}"
-                   f"<td class='num'>{row.num_queries}</td><td>{html.escape(row.note)}</td></tr>" for row in rows)
-    return ("<table><tr><th>images</th><th>mAP (balanced)</th><th>chance</th><th>queries</th><th></th></tr>"
-            f"{body}</table>")
+                   f"<td class='num'>{row.num_queries}</td>"
+                   + (f"<td>{html.escape(row.note)}</td>" if notes else "") + "</tr>" for row in rows)
+    return ("<table><tr><th>images</th><th>mAP (balanced)</th><th>chance</th><th>queries</th>"
+            + ("<th>note</th>" if notes else "") + f"</tr>{body}</table>")
 
 
 def _split_part(diagnosis: Diagnosis, figure: Callable[[str], Path], img: Callable[[Path, str], str]) -> str:
@@ -56,7 +58,9 @@ def _split_part(diagnosis: Diagnosis, figure: Callable[[str], Path], img: Callab
         counts = ", ".join(f"{html.escape(view)} {count}" for view, count in diagnosis.viewpoint_counts.items())
         parts.append(f"<p>Flank retrieval ({counts}): each query of known flank searches only the images of "
                      "the same flank, then only those of the other flank. Left and right flanks carry "
-                     "different rosettes, so cross-flank retrieval from the coat alone is near chance.</p>")
+                     "different rosettes: the rosettes find same-flank matches; cross-flank matches well above "
+                     "chance come from something else (body, head, site, a flank seen on both sides in "
+                     "training).</p>")
         parts.append(_rows_table(diagnosis.flanks))
     else:
         parts.append("<p class='sub'>No viewpoint column in the data: same- vs cross-flank retrieval not "
