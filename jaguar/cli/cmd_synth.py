@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("synth", help="generate a synthetic data set in the challenge layout")
     parser.add_argument("out", help="output folder (must not exist unless --overwrite)")
