@@ -66,7 +66,7 @@ def _train(args: argparse.Namespace, shards: Path, name: str, overrides: list[st
 def _diagnose(run: RunDir) -> None:
     for split in ("val", "test"):
         _jaguar("extract", str(run), "--split", split)
-    _jaguar("diagnose", str(run), "--split", "test")
+    _jaguar("diagnose", str(run), "--split", "test", "--force")
 
 
 def _row(label: str, run: RunDir, seconds: float) -> str:

@@ -39,14 +39,14 @@ def test_background_only_images_contain_no_animal_pixel():
     assert _reddish(rgba[..., :3]).sum() > animal.sum()  # the rim bleeds past the mask
     out, meta = background_only(rgba, {"alpha_bbox": [1, 2, 3, 4]}, fill=(124, 116, 104))
     assert out.shape == rgba.shape and out.dtype == np.uint8
-    assert (out[..., 3] == 255).all()  # opaque: no hole outlines the silhouette
+    assert (out[..., 3] == 0).all()  # an empty mask: no animal, and no hole outlines the silhouette
     assert not _reddish(out[..., :3]).any()  # no animal pixel, not even of its blurred rim
     far = ~cv2.dilate(animal.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
     assert np.array_equal(out[far, :3], rgba[far, :3])  # the background itself is untouched
     assert meta == {"alpha_bbox": [1, 2, 3, 4]}
     assert hole_margin(96, 96) == 2 and hole_margin(1000, 400) == 10
     everything = rgba.copy()
-    everything[..., 3] = 255  # an opaque photo: no background to inpaint from, a flat fill
+    everything[..., 3] = 255  # all animal: no background to inpaint from, a flat fill
     assert (background_only(everything, {}, fill=(1, 2, 3))[0][..., :3] == (1, 2, 3)).all()
 
 

@@ -4,8 +4,10 @@ run's own eval transform sees them as it sees its photos (`jaguar diagnose`):
 - foreground only: the background replaced by a flat fill (what the animal alone tells);
 - background only: the animal removed by its mask, the hole (grown by a few pixels, so the blurred
   rim of the coat goes too) filled by OpenCV's inpainting (Telea, "An Image Inpainting Technique
-  Based on the Fast Marching Method", 2004), and the whole image opaque: no animal pixel is left,
-  and no hole outlines the silhouette;
+  Based on the Fast Marching Method", 2004), and an empty mask: a photo of the scene with no animal
+  in it, which the run's alpha handling treats as it would treat one (`keep` shows the scene, `black`
+  or `random` hide all of it, `blur` shows it blurred), so the figure measures the background the
+  run's pipeline lets through;
 - silhouette only: the animal flat-filled on a flat background (what the outline alone tells);
 - mirrored: the photo flipped left-right (for mirror self-similarity).
 
@@ -52,8 +54,9 @@ def silhouette_only(rgba: np.ndarray, meta: Meta, fill: Sequence[int]) -> tuple[
 
 
 def background_only(rgba: np.ndarray, meta: Meta, fill: Sequence[int]) -> tuple[np.ndarray, Meta]:
-    """The photo with the animal inpainted away, fully opaque (the mask no longer marks an animal).
-    A photo that is all animal (no background to inpaint from) becomes flat `fill`."""
+    """The photo with the animal inpainted away and an empty mask (no animal). A photo that is all
+    animal (no background to inpaint from) becomes flat `fill`. The sample's `alpha_bbox` is kept,
+    so a run that crops to the mask's box frames the scene where the animal was."""
     height, width = rgba.shape[:2]
     hole = (rgba[:, :, 3] > 0).astype(np.uint8)
     if hole.any():
@@ -64,7 +67,7 @@ def background_only(rgba: np.ndarray, meta: Meta, fill: Sequence[int]) -> tuple[
         rgb[:] = np.asarray(fill, dtype=np.uint8)
     else:
         rgb = cv2.inpaint(np.ascontiguousarray(rgba[:, :, :3]), hole, INPAINT_RADIUS, cv2.INPAINT_TELEA)
-    return np.dstack([rgb, np.full((height, width), 255, dtype=np.uint8)]), meta
+    return np.dstack([rgb, np.zeros((height, width), dtype=np.uint8)]), meta
 
 
 def mirrored(rgba: np.ndarray, meta: Meta, fill: Sequence[int] = ()) -> tuple[np.ndarray, Meta]:

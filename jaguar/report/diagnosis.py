@@ -16,7 +16,8 @@ from jaguar.run_records import DiagnosisRow
 _EXPLAIN = ("Identity-balanced mAP of the split searched against itself (raw cosine, no QE or re-ranking), "
             "with the expected score of a random ranking beside it. <b>Foreground only</b>: the background "
             "replaced by a flat fill; <b>background only</b>: the animal removed by its mask and inpainted "
-            "(OpenCV), no animal pixel left; <b>silhouette only</b>: the mask filled flat. A model that "
+            "(OpenCV), no animal pixel left, an empty mask (the run's alpha handling then shows or hides the "
+            "scene as it would for a photo without an animal); <b>silhouette only</b>: the mask filled flat. A model that "
             "recognises the coat scores near its original figure on foreground only and near chance on "
             "background and silhouette only; a high background-only figure is a background shortcut "
             "(the animals' camera sites), which will not carry over to a new site.")
