@@ -101,7 +101,9 @@ def flip_experiment(args: argparse.Namespace) -> None:
     shards = _dataset(args, sites=0)
     print(HEADER)
     for hflip in ("0.5", "0"):
-        run, seconds = _train(args, shards, f"run-hflip{hflip}", [f"data.hflip={hflip}", *args.overrides])
+        # trained (and validated) as with flip TTA; the copy below extracts the same weights without
+        run, seconds = _train(args, shards, f"run-hflip{hflip}",
+                              [f"data.hflip={hflip}", "retrieval.flip_tta=true", *args.overrides])
         for tta in (True, False):
             target = run if tta else RunDir(f"{run.path}-notta")
             if not tta and not target.path.is_dir():  # the same weights, extracted without flip TTA
