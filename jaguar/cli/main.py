@@ -21,6 +21,7 @@ import traceback
 
 from jaguar import __version__
 from jaguar.errors import Interrupted, JaguarError
+from jaguar.folders import check_folder_arguments
 
 # In pipeline order, as --help lists them. Each module defines `register(subparsers)`, which adds
 # its parser and sets `func(args) -> int` and, optionally, `kept(args) -> str`: what an interrupted
@@ -83,6 +84,13 @@ def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+def _set_handler(signum: int, handler) -> None:
+    try:
+        signal.signal(signum, handler)
+    except ValueError:  # main() called from another thread (an embedding program): signals stay as they are
+        pass
+
+
 def interruption_line(args: argparse.Namespace, argv: list[str], err: KeyboardInterrupt) -> str:
     """The one line an interrupted command prints: the signal, what was kept, the resume command."""
     signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
@@ -103,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parse_args(parser, argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # jaguar's own INFO lines; other libraries' only from WARNING up (their INFO chatter, e.g.
+    # tensorboard's "No path found", is not the user's business), everything with --verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("jaguar").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     if previous[signal.SIGTERM] is signal.SIG_DFL:  # a command may install its own (training)
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        _set_handler(signal.SIGTERM, _raise_interrupted)
     try:
+        check_folder_arguments(args)
         return int(args.func(args) or 0)
     except (JaguarError, FileNotFoundError, FileExistsError) as err:
         # JaguarError: every user-facing failure; the OS errors: a file or folder the user named
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:
         for signum in previous:  # a second Ctrl-C must not cut the line short
-            signal.signal(signum, signal.SIG_IGN)
+            _set_handler(signum, signal.SIG_IGN)
         if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exc()
         if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, one line for all processes
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             if handler is not None:
-                signal.signal(signum, handler)
+                _set_handler(signum, handler)
 
 if __name__ == "__main__":
     sys.exit(main())
