@@ -111,6 +111,9 @@ class EnsembleRecord:
     config_from: Optional[str] = None
 
 
+DEFAULT_CALIBRATION_FOLDS = 5  # identity hold-out folds of `jaguar calibrate` (OpenSetCalibration.folds)
+
+
 @dataclass
 class OpenSetCalibration:
     """The open-set calibration (RunDir.load_calibration): the new-individual decision chosen on validation (`jaguar calibrate`).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.report import build_report
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -21,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.report import build_report
+
     run_dir = RunDir(args.run_dir)
     index = build_report(run_dir, test_labels=args.test_labels, out_dir=args.out)
     print_stage_summary(run_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.retrieval.stages import submit_run
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -21,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.retrieval.stages import submit_run
+
     run_dir = RunDir(args.run_dir)
     result = submit_run(run_dir, args.test_csv, args.output)
     if result.post is None:

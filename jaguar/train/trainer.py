@@ -48,6 +48,7 @@ class _PreemptFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self.signum: Optional[int] = None  # which signal (None: the run folder's PREEMPT file)
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 signal.signal(signum, self._handle)
@@ -56,6 +57,7 @@ class _PreemptFlag:
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
+        self.signum = signum
 
 
 class Trainer:
@@ -220,7 +222,7 @@ class Trainer:
                         self.run.preempt_flag.unlink(missing_ok=True)
                     log.warning("preempted at step %d: checkpoint saved, exiting", self.step)
                     bar.close()
-                    return {"preempted": True, "step": self.step}
+                    return {"preempted": True, "step": self.step, "signal": self.preempt.signum}
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self._save("step")
             if position == self.steps_per_epoch:
