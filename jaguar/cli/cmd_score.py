@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name}: {ap:.6f}")
     if table is not None:
         print(f"post-processing stages on {args.labels}: " + ", ".join(
-            f"{row.name} {row.mAP_balanced:.4f}" for row in table.table))
+            f"{row.label()} {row.mAP_balanced:.4f}" for row in table.table))
     if args.json_out:
         atomic_write_json(Path(args.json_out), dataclasses.asdict(score))
     return 0

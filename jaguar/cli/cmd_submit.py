@@ -27,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
     if result.post is None:
         print(f"note: {run_dir.post_path} not found; using raw cosine similarity (run `jaguar tune-post` to tune)")
     else:
-        print(f"post-processing from {run_dir.post_path}: {result.post.to_dict()}")
+        print(f"post-processing from {run_dir.post_path}: {result.post.describe()}")
     print(f"wrote {result.path} ({result.rows} rows)")
     return 0

@@ -21,6 +21,7 @@ import traceback
 
 from jaguar import __version__
 from jaguar.errors import Interrupted, JaguarError
+from jaguar.folders import check_folder_arguments
 
 # In pipeline order, as --help lists them. Each module defines `register(subparsers)`, which adds
 # its parser and sets `func(args) -> int` and, optionally, `kept(args) -> str`: what an interrupted
@@ -103,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parse_args(parser, argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # jaguar's own INFO lines; other libraries' only from WARNING up (their INFO chatter, e.g.
+    # tensorboard's "No path found", is not the user's business), everything with --verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("jaguar").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if previous[signal.SIGTERM] is signal.SIG_DFL:  # a command may install its own (training)
         signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
+        check_folder_arguments(args)
         return int(args.func(args) or 0)
     except (JaguarError, FileNotFoundError, FileExistsError) as err:
         # JaguarError: every user-facing failure; the OS errors: a file or folder the user named

@@ -18,9 +18,16 @@ def _launch_rank() -> int:
 
 
 def setup_logging() -> None:
+    """jaguar's INFO lines on the launcher's rank 0 only; other libraries' from WARNING up (as the
+    CLI sets it; this also serves a recipe run as a script)."""
     rank = _launch_rank()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    own = logging.getLogger("jaguar")
+    if rank != 0:
+        own.setLevel(logging.WARNING)
+    elif own.level == logging.NOTSET:
+        own.setLevel(logging.INFO)
     # accelerate logs every file of every checkpoint at INFO; its warnings still show.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 

@@ -350,9 +350,10 @@ class Trainer:
                               self.mean, self.std, self.tb, self.step)
             entry = {"epoch": epoch + 1, "step": self.step, **result}
             self.history.append(entry)
-            log.info("epoch %d: validation identity-balanced mAP %.4f, rank-1 %.4f", epoch + 1,
-                     result["mAP_balanced"], result["rank1"])
-            if not self.best or result["mAP_balanced"] > self.best["mAP_balanced"]:
+            improved = not self.best or result["mAP_balanced"] > self.best["mAP_balanced"]
+            log.info("epoch %d: validation identity-balanced mAP %.4f, rank-1 %.4f%s", epoch + 1, result["mAP_balanced"],
+                     result["rank1"], " (best so far: kept as the best checkpoint)" if improved else "")
+            if improved:
                 self.best = entry
                 self._save("best")
         if not cfg.train.checkpoint_every and not last:
