@@ -99,7 +99,8 @@ def main() -> None:
     run = RunDir(args.run)
     cfg = run.load_config()
     identity_by_name = read_labels(args.test_labels)
-    header = ["| model | runtime | img/s batch 1 | img/s batch 32 | max cos dist | mean cos dist | test mAP (id-bal.) |",
+    header = ["| model | runtime | img/s batch 1 | img/s batch 32 | max cos dist | mean cos dist "
+              "| test mAP (id-bal.) |",
               "|---|---|---:|---:|---:|---:|---:|"]
     print("\n".join(header), flush=True)
     with tempfile.TemporaryDirectory() as scratch:

@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="static: int8 weights and activations, ranges calibrated on validation images "
                              "(faster on CPUs, the default); dynamic: int8 weights, activations quantised at run time")
     parser.add_argument("--checkpoint", default=None,
-                        help=f"checkpoint folder or weights file (default: best, else the newest in {_RUN.checkpoints_dir}; "
-                             "none: the model as built)")
+                        help="checkpoint folder or weights file (default: best, else the newest in "
+                             f"{_RUN.checkpoints_dir}; none: the model as built)")
     parser.add_argument("--tolerance", type=float, default=_TOLERANCE,
                         help=f"largest cosine distance accepted between ONNX fp32 and PyTorch (default {_TOLERANCE:g})")
     parser.add_argument("--check-images", type=int, default=_CHECK_IMAGES,

@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="review page folder (default: the CSV's name with _review, beside it)")
     parser.add_argument("--checkpoint", default=None, help="weights to use (default: the run's best, else newest)")
     parser.add_argument("--model", default=None, metavar="MODEL.onnx",
-                        help="embed the photos with this exported model (`jaguar export`; needs onnxruntime) instead of "
-                             "the run's checkpoint")
+                        help="embed the photos with this exported model (`jaguar export`; needs onnxruntime) "
+                             "instead of the run's checkpoint")
     parser.set_defaults(func=run)
 
 

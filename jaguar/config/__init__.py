@@ -22,8 +22,8 @@ from jaguar.config.schema import (Config, DataConfig, DistillConfig, LossConfig,
                                   PostConfig, RetrievalConfig, RunConfig, TrainConfig)
 from jaguar.io import atomic_write_text
 
-__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "LossConfig", "ModelConfig", "OptimConfig", "PostConfig",
-           "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides", "from_dict",
+__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "LossConfig", "ModelConfig", "OptimConfig",
+           "PostConfig", "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides", "from_dict",
            "get_value", "load_config", "save_config", "set_value", "to_dict", "to_yaml", "validate"]
 
 

@@ -52,7 +52,8 @@ def similarity_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -
     the teacher's similarities. Similarity-preserving KD (Tung & Mori, ICCV 2019) on cosine
     similarities, as relational KD's (Park et al., CVPR 2019) pairwise term."""
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"student and teacher embeddings of different batches: {student.shape[0]} vs {teacher.shape[0]}")
+        raise ValueError(f"student and teacher embeddings of different batches: {student.shape[0]} vs "
+                         f"{teacher.shape[0]}")
     batch = student.shape[0]
     if batch < 2:
         return student.float().sum() * 0.0
