@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from jaguar.cli.main import main
+from jaguar.data.shards import load_manifest
 from jaguar.retrieval import export as export_module
 from jaguar.retrieval.embedder import load_embedder
 from jaguar.retrieval.extract import embed_batch
@@ -50,6 +51,8 @@ def test_exported_model_embeds_as_pytorch_and_describes_its_preprocessing(run):
     assert model.meta["model.img_size"] == [32, 48] and model.meta["data.alpha_mode"] == cfg.data.alpha_mode
     assert model.meta["data.crop_to_alpha"] is cfg.data.crop_to_alpha and model.meta["flip_tta"] is True
     assert model.source == torch_model.source and model.precision == "fp32"
+    prep = load_manifest(cfg.data.shards).options  # photos are converted as the shards were, also without them
+    assert model.meta["prep"] == {"max_side": prep["max_side"], "encoding": prep["encoding"]}
     images = torch.randn(5, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     expected = embed_batch(torch_model.embed, images, torch.device("cpu"), True, (1.0,))
     for batch in (images[:1], images):  # the batch dimension is dynamic

@@ -33,6 +33,7 @@ from torch import nn
 
 from jaguar.config import Config
 from jaguar.data.loader import build_eval_loader
+from jaguar.data.shards import load_manifest
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_file
 from jaguar.retrieval.extract import embed_batch, split_positions
@@ -253,7 +254,8 @@ def export_run(run: RunDir, output: str | Path | None = None, int8: bool = False
     path = Path(output) if output else run.export_path()
     if path.suffix != ".onnx":
         raise ExportError(f"output {path} must end in .onnx")
-    metadata = preprocessing_metadata(cfg, model.mean, model.std, model.embed_dim, source)
+    metadata = preprocessing_metadata(cfg, model.mean, model.std, model.embed_dim, source,
+                                      prep=load_manifest(cfg.data.shards).options)
     with atomic_file(path) as tmp:
         export_onnx(graph, batches[0][:2], tmp, metadata)
         fp32 = compare(reference, _onnx_embeddings(tmp, batches))

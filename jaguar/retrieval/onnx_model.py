@@ -47,14 +47,17 @@ def require_onnxruntime():
 
 
 def preprocessing_metadata(cfg: Config, mean: tuple[float, ...], std: tuple[float, ...], embed_dim: int,
-                           source: str, precision: str = "fp32") -> dict[str, str]:
+                           source: str, precision: str = "fp32", prep: dict | None = None) -> dict[str, str]:
     """The metadata_props an exported file carries (values JSON-encoded): preprocessing, width,
-    the weights exported (`source`), the folded test-time augmentation and the precision."""
+    the weights exported (`source`), the folded test-time augmentation, the precision and `prep`,
+    the long-side limit and encoding the run's shards were prepared with (`jaguar prep`'s options,
+    which `jaguar identify --model` applies to photos when the shards are not at hand)."""
     flat = to_dict(cfg)
     values: dict[str, Any] = {"format": FORMAT, "mean": list(mean), "std": list(std), "embed_dim": int(embed_dim),
                               "source": source, "precision": precision, "backbone": cfg.model.backbone,
                               "flip_tta": cfg.retrieval.flip_tta, "scales": list(cfg.retrieval.scales),
-                              "normalised_output": True}
+                              "normalised_output": True,
+                              "prep": {k: v for k, v in (prep or {}).items() if k in ("max_side", "encoding")}}
     for key in PREPROCESSING_KEYS:
         group, name = key.split(".")
         values[key] = flat[group][name]

@@ -109,6 +109,8 @@ class PhotoEmbedder:
         except (OSError, JaguarError, ValueError):
             manifest = None
         options = manifest.options if manifest is not None else {}
+        if not options and onnx_model is not None:  # no shards (a laptop): the prep settings of the export
+            options = dict(onnx_model.meta.get("prep", {}))
         # prep's defaults when the shards are gone: the values `jaguar prep` uses unless told otherwise
         self.max_side = int(options.get("max_side", 1024))
         self.encoding = str(options.get("encoding", "png"))
