@@ -36,8 +36,9 @@ def commands(entry: str) -> list[list[str]]:
     return runs
 
 
-def one_run(entry: str, args: list[str]) -> tuple[float, float, str, int]:
-    """(wall s, peak RSS MB, heavy modules imported, exit status) of one fresh process."""
+def one_run(entry: str, args: list[str]) -> tuple[float, float, str, int, float]:
+    """(wall s, peak RSS MB, heavy modules imported, exit status, CPU s) of one fresh process. CPU
+    time (user + system) depends far less than wall time on other jobs sharing the machine."""
     code = PROBE + f"import runpy, sys; sys.argv = ['jaguar', *{args!r}]; runpy.run_module({entry!r}, run_name='__main__')"
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -47,7 +48,7 @@ def one_run(entry: str, args: list[str]) -> tuple[float, float, str, int]:
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     heavy = next((line[6:] for line in stderr.splitlines() if line.startswith("HEAVY=")), "?")
-    return wall, usage.ru_maxrss / 1024, heavy or "-", process.returncode
+    return wall, usage.ru_maxrss / 1024, heavy or "-", process.returncode, usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -60,14 +61,15 @@ def main() -> int:
     print(f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}; "
           f"entry python -m {options.entry}, {options.repeats} runs each")
-    print(f"{'command':<28} {'wall s median (min-max)':>26} {'peak RSS MB median (min-max)':>30}  exit  heavy imports")
+    print(f"{'command':<28} {'wall s median (min-max)':>26} {'CPU s median':>13} {'peak RSS MB median (min-max)':>30}  "
+          "exit  heavy imports")
     for args in commands(options.entry):
         if options.only is not None and args[0] not in options.only and args[0].startswith("-") is False:
             continue
         runs = [one_run(options.entry, args) for _ in range(options.repeats)]
         walls, rss = [r[0] for r in runs], [r[1] for r in runs]
         print(f"{'jaguar ' + ' '.join(args):<28} {statistics.median(walls):9.2f} ({min(walls):.2f}-{max(walls):.2f})"
-              f"{'':>6} {statistics.median(rss):11.0f} ({min(rss):.0f}-{max(rss):.0f}){'':>9}  {runs[-1][3]:>4}  "
+              f"{'':>6} {statistics.median(r[4] for r in runs):13.2f} {statistics.median(rss):11.0f} ({min(rss):.0f}-{max(rss):.0f}){'':>9}  {runs[-1][3]:>4}  "
               f"{runs[-1][2]}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0

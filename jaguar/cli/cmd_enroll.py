@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from jaguar.retrieval.identify import enroll
 
     run_dir = RunDir(args.run_dir)
-    done = enroll(run_dir, args.name, args.photos, args.checkpoint, args.model)
+    with run_dir.gallery_lock("jaguar enroll"):
+        done = enroll(run_dir, args.name, args.photos, args.checkpoint, args.model)
     print(f"enrolled {done.name!r} from {len(done.photos)} photo(s) into {run_dir.enrolled_path}")
     return 0

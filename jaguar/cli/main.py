@@ -84,6 +84,13 @@ def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+def _set_handler(signum: int, handler) -> None:
+    try:
+        signal.signal(signum, handler)
+    except ValueError:  # main() called from another thread (an embedding program): signals stay as they are
+        pass
+
+
 def interruption_line(args: argparse.Namespace, argv: list[str], err: KeyboardInterrupt) -> str:
     """The one line an interrupted command prints: the signal, what was kept, the resume command."""
     signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     if previous[signal.SIGTERM] is signal.SIG_DFL:  # a command may install its own (training)
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        _set_handler(signal.SIGTERM, _raise_interrupted)
     try:
         check_folder_arguments(args)
         return int(args.func(args) or 0)
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:
         for signum in previous:  # a second Ctrl-C must not cut the line short
-            signal.signal(signum, signal.SIG_IGN)
+            _set_handler(signum, signal.SIG_IGN)
         if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exc()
         if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, one line for all processes
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             if handler is not None:
-                signal.signal(signum, handler)
+                _set_handler(signum, handler)
 
 if __name__ == "__main__":
     sys.exit(main())

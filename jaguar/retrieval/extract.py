@@ -204,6 +204,17 @@ def _stored_key(path: Path) -> Optional[str]:
         return None
 
 
+def _passes_check(path: Path) -> bool:
+    """Whether a features file reads back whole (its content checksum and finite rows, see
+    FeatureSet.load); one that fails is logged and recomputed."""
+    try:
+        FeatureSet.load(path)
+    except FeatureFileError as err:
+        log.warning("%s fails its check (%s); recomputing it", path, err)
+        return False
+    return True
+
+
 def _finished_part(path: Path, names: list[str], key: str) -> bool:
     """Whether `path` is a complete part of these images made under `key` (an unreadable or
     mismatched one is logged and recomputed)."""
@@ -270,7 +281,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     accelerator = build_accelerator(cfg)
     autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast, onnx_model)
-    if out.is_file() and not force and _stored_key(out) == key:
+    if out.is_file() and not force and _stored_key(out) == key and _passes_check(out):
         if accelerator.is_main_process:
             log.info("%s is up to date; nothing to do (--force recomputes)", out)
             run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up
@@ -314,17 +325,14 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     return Extraction(out, len(names), reused=False, source=source)
 
 
-def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | None = None,
-                overrides: Sequence[str] = (), checkpoint: str | Path | None = None,
-                force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
-                onnx_path: str | Path | None = None) -> Extraction:
-    """`jaguar extract`: resolve the config and weights (resolve_source; with a recipe the run may
-    be None and is then its run.dir), then extract the split (extract_split). With `onnx_path` an
-    exported model embeds the images and no checkpoint is looked for (a run without checkpoints,
-    e.g. copied to a laptop with its config and the ONNX file, extracts too)."""
+def resolve_extraction(run: Optional[RunDir], recipe: str | Path | None = None, overrides: Sequence[str] = (),
+                       checkpoint: str | Path | None = None, onnx_path: str | Path | None = None
+                       ) -> tuple[RunDir, Config, Optional[Path], Optional[OnnxEmbedding]]:
+    """(run, config, weights, exported model) of an extraction: resolve_source's, or with
+    `onnx_path` the run's config (or the recipe's) and that exported model, with no checkpoint
+    looked for (a run copied to a laptop with its config and the ONNX file extracts too)."""
     if onnx_path is None:
-        run, cfg, weights = resolve_source(run, recipe, overrides, checkpoint)
-        return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size)
+        return (*resolve_source(run, recipe, overrides, checkpoint), None)
     if checkpoint:
         raise JaguarError("--checkpoint and --model both name the weights; give one of them")
     from jaguar.retrieval.onnx_model import OnnxEmbedding
@@ -333,5 +341,17 @@ def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | Non
         run, cfg, _ = resolve_source(run, recipe, overrides, None)
     else:
         run, cfg = _run_config(run, overrides)
-    return extract_split(run, split_name, cfg, None, force=force, block_size=block_size,
-                         onnx_model=OnnxEmbedding.load(onnx_path))
+    return run, cfg, None, OnnxEmbedding.load(onnx_path)
+
+
+def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | None = None,
+                overrides: Sequence[str] = (), checkpoint: str | Path | None = None,
+                force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
+                onnx_path: str | Path | None = None) -> Extraction:
+    """`jaguar extract`: resolve the config and weights (resolve_extraction; with a recipe the run
+    may be None and is then its run.dir; with `onnx_path` an exported model embeds), then extract
+    the split (extract_split) holding the run's writer lock."""
+    run, cfg, weights, onnx_model = resolve_extraction(run, recipe, overrides, checkpoint, onnx_path)
+    with run.writer_lock("jaguar extract"):  # the launcher's rank 0 holds it for every process
+        return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size,
+                             onnx_model=onnx_model)

@@ -100,10 +100,11 @@ def training_features(run: RunDir, onnx_path: str | Path | None = None) -> Featu
     """The run's training-image features, extracted when missing with the run's checkpoint (or the
     exported model `onnx_path`)."""
     if not run.has_features("train"):
-        from jaguar.retrieval.extract import extract_run
+        from jaguar.retrieval.extract import extract_split, resolve_extraction
 
         log.info("no %s yet: extracting the training images (the gallery)", run.features_path("train"))
-        extract_run(run, "train", onnx_path=onnx_path)
+        run, cfg, weights, onnx_model = resolve_extraction(run, onnx_path=onnx_path)
+        extract_split(run, "train", cfg, weights, onnx_model=onnx_model)
     return run.load_features("train")
 
 

@@ -72,8 +72,8 @@ class Trainer:
         self.checkpoint_dir = self.run.checkpoints_dir
         # The shards are opened (and checked) before the run folder is made: bad input leaves no folder behind.
         self.split = open_train_split(cfg)
+        self.lock = self.run.writer_lock("jaguar train", create=True).acquire()  # rank 0's, until train() ends
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.run.save_config(cfg)
         self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_dir, cfg.train.resume)
         self.run_split = self._training_data()
@@ -106,11 +106,12 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(TrainedModules(model, self.criterion), optimizer)
         self.input_dtype = next(self.model.parameters()).dtype
         self.ema = build_ema(cfg, self.reid_model)
-        acc.register_for_checkpointing(self.scheduler)
+        # saved to jaguar_state.pt (weights_only=True), not as accelerate's custom pickles (weights_only=False)
+        self.extra_state = {"scheduler": self.scheduler}
         if self.center_optimizer is not None:
-            acc.register_for_checkpointing(self.center_optimizer)
+            self.extra_state["center_optimizer"] = self.center_optimizer
         if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+            self.extra_state["ema"] = self.ema
 
         self.tb = TensorBoardLogger(self.run.tb_dir, enabled=acc.is_main_process)
         self.step = 0  # optimizer-step slots consumed (data position); skipped steps count too
@@ -163,7 +164,13 @@ class Trainer:
             raise ConfigError(f"checkpoint {source} was made with {state['steps_per_epoch']} steps per epoch, "
                               f"this run has {self.steps_per_epoch} (batch size, world size or data changed); "
                               f"resume with the same settings or start a new run.dir")
-        self.accelerator.load_state(str(source))
+        ckpt.check_resumable(source, uses_deepspeed(self.accelerator))
+        try:
+            self.accelerator.load_state(str(source))
+        except Exception as err:  # a file torch or DeepSpeed cannot read: each raises its own types
+            raise ckpt.CheckpointError(f"checkpoint {source} could not be loaded ({type(err).__name__}: "
+                                       f"{str(err)[:300]}); resume from another checkpoint") from err
+        ckpt.load_extra_state(source, self.extra_state)
         self.step = state["step"]
         self.guard.load_state_dict(state)
         self.best, self.history = state["best"], state["history"]
@@ -186,6 +193,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> dict:
         self._resume()
         self._log_start()
         acc, cfg = self.accelerator, self.cfg
@@ -363,7 +376,8 @@ class Trainer:
     def _save(self, kind: str) -> None:
         name = "best" if kind == "best" else f"step-{self.step:06d}"
         ckpt.save_checkpoint(self.accelerator, self.model, self.ema, self.checkpoint_dir, name,
-                             self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX)
+                             self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX,
+                             self.extra_state)
 
     def _param_checksums(self) -> list[float]:
         """A checksum of this rank's trained parameters (the model's and the centres'), gathered from
