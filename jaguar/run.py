@@ -24,6 +24,8 @@ report, ensemble, pseudo-label) takes a `RunDir`.
     RUN/calibration.json          open-set threshold chosen    load_calibration / save_calibration
                                   on validation                (OpenSetCalibration)
     RUN/report/                   the HTML report              report_dir
+    RUN/export/model.onnx         the exported embedding       export_path (`jaguar export`;
+    RUN/export/model-int8.onnx    model, fp32 and int8         jaguar.retrieval.onnx_model)
     RUN/pseudo/                   pseudo-label shards          pseudo_dir
     RUN/.lock                     the run's writer lock        writer_lock (jaguar.lock)
     RUN/gallery/.lock             the gallery's writer lock    gallery_lock
@@ -77,6 +79,8 @@ _ENROLLED = "enrolled.safetensors"
 _THUMBNAILS = "thumbnails"
 _CALIBRATION = "calibration.json"
 _PSEUDO = "pseudo"
+_EXPORT = "export"
+_EXPORT_MODEL = "model{suffix}.onnx"
 _PREEMPT = "PREEMPT"
 _LOCK = ".lock"
 
@@ -106,6 +110,7 @@ class RunDir:
         self.thumbnails_dir = self.gallery_dir / _THUMBNAILS
         self.calibration_path = self.path / _CALIBRATION
         self.pseudo_dir = self.path / _PSEUDO
+        self.export_dir = self.path / _EXPORT
         # touching this file asks a running training to checkpoint and exit (as SIGUSR1 does)
         self.preempt_flag = self.path / _PREEMPT
         self.lock_path = self.path / _LOCK
@@ -152,6 +157,10 @@ class RunDir:
         if split not in SPLITS:
             raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return self.path / _RANKS.format(split=split, fmt=fmt)
+
+    def export_path(self, int8: bool = False) -> Path:
+        """`jaguar export`'s default output: the embedding model as ONNX, fp32 or int8-quantised."""
+        return self.export_dir / _EXPORT_MODEL.format(suffix="-int8" if int8 else "")
 
     # ------------------------------------------------------------------ config and split
 
