@@ -29,7 +29,8 @@ from jaguar.data.loader import build_eval_loader
 from jaguar.data.variants import VariantSplit, variant_maker
 from jaguar.errors import JaguarError
 from jaguar.formats import UNKNOWN_VIEWPOINT
-from jaguar.retrieval.extract import autocast_for, embed_batches, extraction_key, load_model, split_positions
+from jaguar.retrieval.embedder import load_embedder
+from jaguar.retrieval.extract import autocast_for, embed_batches, extraction_key, split_positions
 from jaguar.retrieval.metrics import MetricsError, chance_map_balanced, evaluate
 from jaguar.run import Diagnosis, RunDir
 from jaguar.run_records import DiagnosisRow, MirrorSimilarity
@@ -135,7 +136,8 @@ def diagnose_run(run: RunDir, split_name: str = "val", checkpoint: str | Path | 
         raise DiagnoseError(f"{int((labels < 0).sum())} {split_name} image(s) have no identity (label -1): "
                             f"diagnose needs labelled images (the test split is labelled when prep read "
                             f"a test_labels.csv); use --split val")
-    model, source = load_model(cfg, weights, device)
+    model = load_embedder(cfg, weights, None, device)
+    source = model.source
     fill = tuple(int(round(255 * float(v))) for v in model.mean)  # the fill Normalize maps to zero
     retrieval = cfg.retrieval
 
