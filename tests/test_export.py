@@ -26,7 +26,8 @@ from jaguar.run import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny_cpu.py")
 SMALL = ["model.backbone=test_resnet", "model.img_size=[32,48]", "data.p_identities=2", "data.k_images=4",
-         "data.val_fraction=0.25", "data.num_workers=0", "data.batch_size=7", "train.epochs=1", "train.eval_every=1"]
+         "data.val_fraction=0.25", "data.num_workers=0", "data.batch_size=7", "train.epochs=1", "train.eval_every=1",
+         "retrieval.flip_tta=true"]  # the export folds flip TTA into the graph (tiny_cpu's default is off)
 
 
 @pytest.fixture(scope="module")
