@@ -111,24 +111,56 @@ def load_gallery(run: RunDir) -> Gallery:
     return gallery_from_features(training_features(run), run.load_enrolled() if run.has_enrolled() else None)
 
 
+def aggregate_top_n(aggregate: str) -> int:
+    """How many best images an aggregate averages: "max" 1, "mean_top<n>" n; IdentifyError otherwise."""
+    if aggregate == "max":
+        return 1
+    if aggregate.startswith("mean_top") and aggregate[len("mean_top"):].isdigit() and int(aggregate[8:]) >= 1:
+        return int(aggregate[len("mean_top"):])
+    raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
+
+
+_CHUNK_BYTES = 256 << 20  # a chunk of queries' similarity rows and their working copies
+
+
 def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -> torch.Tensor:
     """Q x I scores of Q L2-normalised query embeddings against the gallery's I individuals:
     `aggregate` ("max" or "mean_top<n>") of each query's cosine similarities to the individual's
-    images. Raises IdentifyError for an unknown aggregate."""
-    if aggregate == "max":
-        top_n = 1
-    elif aggregate.startswith("mean_top") and aggregate[len("mean_top"):].isdigit():
-        top_n = int(aggregate[len("mean_top"):])
-    else:
-        raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
-    similarity = queries.float() @ gallery.embeddings.float().T  # Q x N
-    scores = torch.full((queries.shape[0], len(gallery.individuals)), float("-inf"))
-    for index in range(len(gallery.individuals)):
-        columns = torch.nonzero(gallery.individual == index).flatten()
-        if columns.numel() == 0:
+    images (all of them when it has fewer than n); -inf for an individual without images.
+
+    One vectorised pass over the gallery per chunk of queries, no loop over individuals: each
+    similarity row is reduced by individual with a scatter max (`Tensor.scatter_reduce_`); for
+    the mean of the n best, n rounds each take the individuals' current best value (as many
+    copies as tie at it, up to what is still needed) and retire it. Memory O(chunk x N + Q x I),
+    time O(Q x N x (D + n)). Raises IdentifyError for an unknown aggregate."""
+    top_n = aggregate_top_n(aggregate)
+    n_individuals = len(gallery.individuals)
+    embeddings = gallery.embeddings.float()
+    individual = gallery.individual.long()
+    wanted = torch.bincount(individual, minlength=n_individuals).clamp(max=top_n)  # (I,)
+    scores = torch.full((queries.shape[0], n_individuals), float("-inf"))
+    step = max(1, _CHUNK_BYTES // (16 * max(embeddings.shape[0], 1)))
+    for start in range(0, queries.shape[0], step):
+        similarity = queries[start:start + step].float() @ embeddings.T  # B x N
+        index = individual.expand_as(similarity)
+        best = torch.full((similarity.shape[0], n_individuals), float("-inf"))
+        best.scatter_reduce_(1, index, similarity, reduce="amax")
+        if top_n == 1:
+            scores[start:start + step] = best
             continue
-        best = similarity[:, columns].topk(min(top_n, columns.numel()), dim=1).values
-        scores[:, index] = best.mean(dim=1)
+        total = torch.zeros_like(best)
+        needed = wanted.expand_as(best).clone()
+        for round_ in range(top_n):
+            at_best = similarity == best.gather(1, index)
+            ties = torch.zeros_like(needed).scatter_add_(1, index, at_best.long())
+            taken = torch.minimum(ties, needed)
+            total += torch.where(taken > 0, taken * best, 0.0)
+            needed -= taken
+            if round_ == top_n - 1 or not bool((needed > 0).any()):
+                break
+            similarity = similarity.masked_fill(at_best, float("-inf"))
+            best = torch.full_like(best, float("-inf")).scatter_reduce_(1, index, similarity, reduce="amax")
+        scores[start:start + step] = torch.where(wanted > 0, total / wanted.clamp(min=1), float("-inf"))
     return scores
 
 
