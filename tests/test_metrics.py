@@ -76,7 +76,7 @@ def _reference(scores, q_label, g_label, valid):
 def test_chunked_counting_equals_the_plain_tie_rule_on_random_ties(seed, monkeypatch):
     import jaguar.retrieval.metrics as metrics
 
-    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 40 * 60 * 7)  # 7 query rows a chunk: several chunks
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 16 * 60 * 7)  # 7 query rows a chunk: several chunks
     rng = np.random.default_rng(seed)
     n_query, n_gallery = 30, 60
     scores = rng.integers(0, 4, (n_query, n_gallery)).astype(np.float32)  # many exact ties
@@ -107,7 +107,7 @@ def test_embeddings_are_evaluated_chunk_by_chunk_as_their_score_matrix(monkeypat
     from jaguar.retrieval.metrics import evaluate_embeddings
     from tests.test_knn import clustered
 
-    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 40 * 240 * 13)
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 16 * 240 * 13)
     features, labels = clustered(dim=8, duplicates=40)  # duplicate rows: exact ties
     expected = evaluate(features @ features.T, labels, kind="similarity")
     result = evaluate_embeddings(features, labels)

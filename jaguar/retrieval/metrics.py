@@ -105,20 +105,33 @@ def _matrix(name: str, value: ArrayLike) -> torch.Tensor:
     return matrix
 
 
-def _rows(name: str, matrix: torch.Tensor, start: int, stop: int, negate: bool) -> torch.Tensor:
+def _rows(name: str, matrix: torch.Tensor, start: int, stop: int, negate: bool) -> np.ndarray:
     """Rows start:stop of the scores as float32/float64 (exact: other types go to float64),
     negated for distances so that higher always ranks first; MetricsError naming a NaN's place."""
     block = matrix[start:stop]
     if block.dtype not in (torch.float32, torch.float64):
         block = block.double()
-    nan = torch.isnan(block)
-    if bool(nan.any()):
-        where = (torch.nonzero(nan)[:5] + torch.tensor([start, 0])).tolist()
+    values = block.numpy()
+    if bool(np.isnan(values).any()):
+        where = (np.argwhere(np.isnan(values))[:5] + [start, 0]).tolist()
         raise MetricsError(f"{name} contains NaN at {where}; every pair needs a score")
-    return -block if negate else block
+    return np.negative(values) if negate else values
 
 
-_CHUNK_BYTES = 256 << 20  # working memory of a chunk of query rows: ~40 bytes a (query, candidate) pair
+def _block_ranks(block: np.ndarray, start: int, q_label: np.ndarray, g_label: np.ndarray, all_vs_all: bool,
+                 valid: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, rank) of the true matches of query rows start, start + 1, ... (B x G `block`,
+    higher first) among their candidates (`valid`, B x G bool; None: all; all-vs-all: self out)."""
+    if valid is None:
+        valid = np.ones(block.shape, dtype=bool)
+    if all_vs_all:
+        valid[np.arange(block.shape[0]), np.arange(start, start + block.shape[0])] = False
+    match = q_label[start:start + block.shape[0], None] == g_label[None, :]
+    rows, ranks = match_ranks(block, match & valid, valid & ~match)
+    return rows + start, ranks
+
+
+_CHUNK_BYTES = 32 << 20  # working memory of a chunk of query rows: ~16 bytes a (query, candidate) pair
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -126,7 +139,7 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _chunk_rows(n_columns: int) -> int:
-    return max(1, _CHUNK_BYTES // (40 * max(n_columns, 1)))
+    return max(1, _CHUNK_BYTES // (16 * max(n_columns, 1)))
 
 
 def _vector(name: str, value: ArrayLike, length: int) -> torch.Tensor:
@@ -187,22 +200,23 @@ def evaluate(scores: ArrayLike, query_labels: ArrayLike, gallery_labels: Optiona
     if query_cams is not None:
         q_cam = _vector("query_cams", query_cams, n_query)
         g_cam = _vector("gallery_cams", gallery_cams, n_gallery)
+    q_np, g_np = q_label.numpy(), g_label.numpy()
     query_ids, ranks, camera_removed, queries_with_any = [], [], 0, 0
     step = _chunk_rows(n_gallery)
     for start in range(0, n_query, step):
         stop = min(start + step, n_query)
         block = _rows("scores", matrix, start, stop, negate=(kind == "distance"))
-        valid = torch.ones(block.shape, dtype=torch.bool) if mask is None else mask[start:stop].clone()
-        if all_vs_all:
-            valid[torch.arange(stop - start), torch.arange(start, stop)] = False
-        match = q_label[start:stop, None] == g_label[None, :]
+        valid = np.ones(block.shape, dtype=bool) if mask is None else mask[start:stop].numpy().copy()
         if q_cam is not None:
-            same_camera_match = match & valid & (q_cam[start:stop, None] == g_cam[None, :])
+            if all_vs_all:
+                valid[np.arange(stop - start), np.arange(start, stop)] = False
+            match = q_np[start:stop, None] == g_np[None, :]
+            same_camera_match = match & valid & (q_cam[start:stop, None] == g_cam[None, :]).numpy()
             camera_removed += int(same_camera_match.sum())
-            queries_with_any += int((match & valid).any(dim=1).sum())
+            queries_with_any += int((match & valid).any(axis=1).sum())
             valid &= ~same_camera_match
-        block_ids, block_ranks = match_ranks(block, match & valid, valid & ~match)
-        query_ids.append(block_ids + start)
+        block_ids, block_ranks = _block_ranks(block, start, q_np, g_np, all_vs_all, valid)
+        query_ids.append(block_ids)
         ranks.append(block_ranks)
     message = _no_match_message(all_vs_all, candidates is not None, camera_removed, queries_with_any)
     figures = _figures(_cat(query_ids), _cat(ranks), q_label, None, message)
@@ -228,14 +242,9 @@ def evaluate_embeddings(query_features: ArrayLike, query_labels: ArrayLike, gall
     query_ids, ranks = [], []
     step = _chunk_rows(gallery.shape[0])
     for start in range(0, query.shape[0], step):
-        stop = min(start + step, query.shape[0])
-        block = query[start:stop] @ gallery.T
-        match = q_label[start:stop, None] == g_label[None, :]
-        valid = torch.ones(block.shape, dtype=torch.bool)
-        if all_vs_all:
-            valid[torch.arange(stop - start), torch.arange(start, stop)] = False
-        block_ids, block_ranks = match_ranks(block, match & valid, valid & ~match)
-        query_ids.append(block_ids + start)
+        block = (query[start:start + step] @ gallery.T).numpy()
+        block_ids, block_ranks = _block_ranks(block, start, q_label.numpy(), g_label.numpy(), all_vs_all)
+        query_ids.append(block_ids)
         ranks.append(block_ranks)
     return _figures(_cat(query_ids), _cat(ranks), q_label, None,
                     _no_match_message(all_vs_all, False, 0, 0))

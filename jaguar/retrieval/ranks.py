@@ -6,13 +6,16 @@ before every true match. The k-th true match of a query (by score, best first) t
 (non-matches scoring at least as high) + k, a figure that depends on the scores alone, never on
 the order of the rows, columns or files (see `jaguar.retrieval.metrics` for why this rule).
 
-One row costs O(G log T) (T = the row's true matches): each column is placed among the row's
-sorted match scores by binary search, the placements are histogrammed and suffix-summed; no row
-is sorted whole. Own code because no library call counts a row against many per-row thresholds
-in one pass."""
+Two routes to the same counts: `ranked_matches` places each column among the row's sorted
+true-match scores by binary search and histograms the places, O(G log T) a row (T = the row's
+true matches); `match_ranks` sorts the row's non-match scores (numpy's vectorised sort) and
+places the T match scores among them (numpy arrays in, B x G), O(G log G) but several times faster on CPU rows of up to
+tens of thousands. Own code because no library call counts a row against many per-row
+thresholds in one pass."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -36,7 +39,7 @@ def ranked_matches(scores: torch.Tensor, match: torch.Tensor,
     matches of equal score take consecutive ranks in column order. Returns (row, column, rank,
     non-matches scoring at least as high) of every true match (row-major order), int64 vectors."""
     rows, columns = match.nonzero(as_tuple=True)
-    count = match.sum(dim=1)
+    count = torch.bincount(rows, minlength=match.shape[0])
     slot = torch.arange(rows.numel()) - (torch.cumsum(count, 0) - count)[rows]
     width = max(int(count.max()) if count.numel() else 0, 1)
     table = torch.full((scores.shape[0], width), float("inf"), dtype=scores.dtype)
@@ -50,7 +53,24 @@ def ranked_matches(scores: torch.Tensor, match: torch.Tensor,
     return rows, columns, non_match_above + count[rows] - sorted_slot, non_match_above
 
 
-def match_ranks(scores: torch.Tensor, match: torch.Tensor, non_match: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ranked_matches` without the columns: (row, rank) of every true match."""
-    rows, _, ranks, _ = ranked_matches(scores, match, non_match)
-    return rows, ranks
+def match_ranks(scores: np.ndarray, match: np.ndarray, non_match: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ranked_matches`' ranks by another route, faster on full rows: each row's non-match scores
+    sorted (numpy's vectorised sort, several times torch's on CPU), the row's true-match scores
+    placed among them by binary search. Returns (row, rank) of every true match, int64 vectors
+    ordered by row, then best first."""
+    values, match_np, non_match_np = scores, match, non_match
+    non_match_sorted = np.where(non_match_np, values, -np.inf).astype(values.dtype, copy=False)
+    non_match_sorted.sort(axis=1)  # ascending; the other columns (-inf) first
+    rows, columns = np.nonzero(match_np)
+    hit_scores = values[rows, columns]
+    order = np.lexsort((-hit_scores, rows))  # by row, then best first
+    rows, hit_scores = rows[order], hit_scores[order]
+    count = np.bincount(rows, minlength=values.shape[0])
+    place = np.arange(rows.size) - (np.cumsum(count) - count)[rows]  # 0 = the row's best match
+    table = np.full((values.shape[0], max(int(count.max()) if count.size else 0, 1)), np.inf, dtype=values.dtype)
+    table[rows, place] = hit_scores
+    below = torch.searchsorted(torch.from_numpy(non_match_sorted), torch.from_numpy(table)).numpy()
+    at_or_above = values.shape[1] - below[rows, place]
+    # A true match scoring -inf ranks after every non-match, -inf ones included.
+    at_or_above = np.where(hit_scores == -np.inf, non_match_np.sum(axis=1)[rows], at_or_above)
+    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy((at_or_above + place + 1).astype(np.int64))
