@@ -241,8 +241,10 @@ def evaluate_embeddings(query_features: ArrayLike, query_labels: ArrayLike, gall
     g_label = q_label if all_vs_all else _vector("gallery labels", gallery_labels, gallery.shape[0])
     query_ids, ranks = [], []
     step = _chunk_rows(gallery.shape[0])
+    buffer = torch.empty((min(step, query.shape[0]), gallery.shape[0]), dtype=torch.float32)  # reused: no churn
     for start in range(0, query.shape[0], step):
-        block = (query[start:start + step] @ gallery.T).numpy()
+        rows = query[start:start + step]
+        block = torch.matmul(rows, gallery.T, out=buffer[:rows.shape[0]]).numpy()
         block_ids, block_ranks = _block_ranks(block, start, q_label.numpy(), g_label.numpy(), all_vs_all)
         query_ids.append(block_ids)
         ranks.append(block_ranks)
