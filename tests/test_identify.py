@@ -69,7 +69,7 @@ def _loop_scores(queries, gallery, top_n):
 def test_vectorised_individual_scores_equal_the_per_individual_loop_with_ties(aggregate, top_n, monkeypatch):
     import jaguar.retrieval.identify as identify
 
-    monkeypatch.setattr(identify, "_CHUNK_BYTES", 16 * 90 * 7)  # 7 queries a chunk: several chunks
+    monkeypatch.setattr(identify, "_CHUNK_BYTES", 8 * 90 * 7)  # 7 queries a chunk: several chunks
     generator = torch.Generator().manual_seed(top_n)
     # Coarse features: many exact ties, within an individual and across individuals.
     embeddings = torch.randint(0, 3, (90, 4), generator=generator).float()
@@ -85,7 +85,7 @@ def test_vectorised_individual_scores_equal_the_per_individual_loop_with_ties(ag
     monkeypatch.setattr(identify, "individual_scores", lambda q, g, a: _loop_scores(q, g, top_n))
     reference = rank_individuals(queries, gallery, calibration, top_k=4)
     monkeypatch.undo()
-    monkeypatch.setattr(identify, "_CHUNK_BYTES", 16 * 90 * 7)
+    monkeypatch.setattr(identify, "_CHUNK_BYTES", 8 * 90 * 7)
     decided = rank_individuals(queries, gallery, calibration, top_k=4)
     assert [[name for name, _ in c] for c, _ in decided] == [[name for name, _ in c] for c, _ in reference]
     assert [known for _, known in decided] == [known for _, known in reference]

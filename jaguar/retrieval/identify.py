@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from jaguar.errors import JaguarError
@@ -120,7 +121,7 @@ def aggregate_top_n(aggregate: str) -> int:
     raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
 
 
-_CHUNK_BYTES = 256 << 20  # a chunk of queries' similarity rows and their working copies
+_CHUNK_BYTES = 64 << 20  # a chunk of queries' similarity rows and their working copies
 
 
 def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -> torch.Tensor:
@@ -128,40 +129,53 @@ def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -
     `aggregate` ("max" or "mean_top<n>") of each query's cosine similarities to the individual's
     images (all of them when it has fewer than n); -inf for an individual without images.
 
-    One vectorised pass over the gallery per chunk of queries, no loop over individuals: each
-    similarity row is reduced by individual with a scatter max (`Tensor.scatter_reduce_`); for
-    the mean of the n best, n rounds each take the individuals' current best value (as many
-    copies as tie at it, up to what is still needed) and retire it. Memory O(chunk x N + Q x I),
-    time O(Q x N x (D + n)). Raises IdentifyError for an unknown aggregate."""
+    No loop over individuals: the gallery's columns are grouped by individual once, and each
+    chunk of similarity rows is reduced segment by segment in one vectorised pass
+    (`numpy.maximum.reduceat`); for the mean of the n best, n such rounds each take every
+    individual's current best value (as many copies as tie at it, up to what is still needed) and
+    retire it. Memory O(chunk x N + Q x I), time O(Q x N x (D + n)). Raises IdentifyError for an
+    unknown aggregate."""
     top_n = aggregate_top_n(aggregate)
-    n_individuals = len(gallery.individuals)
-    embeddings = gallery.embeddings.float()
-    individual = gallery.individual.long()
-    wanted = torch.bincount(individual, minlength=n_individuals).clamp(max=top_n)  # (I,)
-    scores = torch.full((queries.shape[0], n_individuals), float("-inf"))
-    step = max(1, _CHUNK_BYTES // (16 * max(embeddings.shape[0], 1)))
+    individual = gallery.individual.long().numpy()
+    counts = np.bincount(individual, minlength=len(gallery.individuals))
+    present = np.nonzero(counts)[0]
+    starts = (np.cumsum(counts) - counts)[present]
+    wanted = np.minimum(counts[present], top_n)
+    grouped = gallery.embeddings.float()[torch.from_numpy(np.argsort(individual, kind="stable"))]
+    segment = np.repeat(np.arange(present.size), counts[present])  # grouped column -> its individual
+    scores = np.full((queries.shape[0], len(gallery.individuals)), -np.inf, dtype=np.float32)
+    step = max(1, _CHUNK_BYTES // (8 * max(grouped.shape[0], 1)))
+    buffer = torch.empty((min(step, queries.shape[0]), grouped.shape[0]), dtype=torch.float32)
     for start in range(0, queries.shape[0], step):
-        similarity = queries[start:start + step].float() @ embeddings.T  # B x N
-        index = individual.expand_as(similarity)
-        best = torch.full((similarity.shape[0], n_individuals), float("-inf"))
-        best.scatter_reduce_(1, index, similarity, reduce="amax")
+        rows = queries[start:start + step].float()
+        similarity = torch.matmul(rows, grouped.T, out=buffer[:rows.shape[0]]).numpy()
+        best = np.maximum.reduceat(similarity, starts, axis=1)
         if top_n == 1:
-            scores[start:start + step] = best
+            scores[start:start + step, present] = best
             continue
-        total = torch.zeros_like(best)
-        needed = wanted.expand_as(best).clone()
+        total = np.zeros_like(best)
+        needed = np.broadcast_to(wanted, best.shape).copy()
         for round_ in range(top_n):
-            at_best = similarity == best.gather(1, index)
-            ties = torch.zeros_like(needed).scatter_add_(1, index, at_best.long())
-            taken = torch.minimum(ties, needed)
-            total += torch.where(taken > 0, taken * best, 0.0)
+            at_best = similarity == best[:, segment]
+            taken = np.minimum(np.add.reduceat(at_best, starts, axis=1, dtype=np.int64), needed)
+            total += np.where(taken > 0, best, 0.0).astype(np.float32) * taken
             needed -= taken
-            if round_ == top_n - 1 or not bool((needed > 0).any()):
+            if round_ == top_n - 1 or not needed.any():
                 break
-            similarity = similarity.masked_fill(at_best, float("-inf"))
-            best = torch.full_like(best, float("-inf")).scatter_reduce_(1, index, similarity, reduce="amax")
-        scores[start:start + step] = torch.where(wanted > 0, total / wanted.clamp(min=1), float("-inf"))
-    return scores
+            similarity[at_best] = -np.inf  # the buffer's rows: refilled by the next chunk
+            best = np.maximum.reduceat(similarity, starts, axis=1)
+        scores[start:start + step, present] = total / wanted.astype(np.float32)
+    return torch.from_numpy(scores)
+
+
+def _best_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Q x k column indices of each row's k highest scores, best first, equal scores in column
+    order (what a stable descending sort gives), by `torch.topk` on int64 keys: the float32
+    score's bits made monotonic, then the column reversed, so no two keys of a row tie."""
+    bits = (scores.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 and 0.0 tie, as they compare
+    monotonic = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    columns = torch.arange(scores.shape[1], dtype=torch.long)
+    return (monotonic * (1 << 32) + ((1 << 32) - 1 - columns)).topk(k, dim=1).indices
 
 
 @dataclass
@@ -182,9 +196,7 @@ def rank_individuals(queries: torch.Tensor, gallery: Gallery, calibration: OpenS
     """For each query: its top_k (individual, score), best first (ties: gallery order), and whether
     the best score reaches the calibrated threshold (known)."""
     scores = individual_scores(queries, gallery, calibration.aggregate)
-    k = min(top_k, len(gallery.individuals))
-    # a stable descending sort: equal scores keep the gallery's individual order
-    order = torch.argsort(-scores, dim=1, stable=True)[:, :k]
+    order = _best_first(scores, min(top_k, len(gallery.individuals)))
     results = []
     for row in range(scores.shape[0]):
         candidates = [(gallery.individuals[i], float(scores[row, i])) for i in order[row].tolist()]
