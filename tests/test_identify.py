@@ -89,6 +89,8 @@ def test_vectorised_individual_scores_equal_the_per_individual_loop_with_ties(ag
     decided = rank_individuals(queries, gallery, calibration, top_k=4)
     assert [[name for name, _ in c] for c, _ in decided] == [[name for name, _ in c] for c, _ in reference]
     assert [known for _, known in decided] == [known for _, known in reference]
+    stable_order = torch.argsort(-expected, dim=1, stable=True)[:, :4]  # ties: the gallery's order
+    assert [[name for name, _ in c] for c, _ in decided] == [[f"id{i}" for i in row] for row in stable_order.tolist()]
 
 
 def test_rank_individuals_orders_candidates_and_decides_by_the_threshold():

@@ -28,6 +28,7 @@ import torch
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_bytes
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.knn import stable_top
 from jaguar.run import OpenSetCalibration, RunDir
 
 log = logging.getLogger(__name__)
@@ -168,16 +169,6 @@ def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -
     return torch.from_numpy(scores)
 
 
-def _best_first(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Q x k column indices of each row's k highest scores, best first, equal scores in column
-    order (what a stable descending sort gives), by `torch.topk` on int64 keys: the float32
-    score's bits made monotonic, then the column reversed, so no two keys of a row tie."""
-    bits = (scores.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 and 0.0 tie, as they compare
-    monotonic = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    columns = torch.arange(scores.shape[1], dtype=torch.long)
-    return (monotonic * (1 << 32) + ((1 << 32) - 1 - columns)).topk(k, dim=1).indices
-
-
 @dataclass
 class PhotoResult:
     """One identified photo: its candidates (individual, score), best first, and the decision."""
@@ -196,7 +187,8 @@ def rank_individuals(queries: torch.Tensor, gallery: Gallery, calibration: OpenS
     """For each query: its top_k (individual, score), best first (ties: gallery order), and whether
     the best score reaches the calibrated threshold (known)."""
     scores = individual_scores(queries, gallery, calibration.aggregate)
-    order = _best_first(scores, min(top_k, len(gallery.individuals)))
+    # ties: the gallery's individual order, as a stable descending sort gives (knn.stable_top)
+    _, order = stable_top(scores, min(top_k, len(gallery.individuals)))
     results = []
     for row in range(scores.shape[0]):
         candidates = [(gallery.individuals[i], float(scores[row, i])) for i in order[row].tolist()]
