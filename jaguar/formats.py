@@ -6,11 +6,13 @@ Every reader follows the same rules:
 
 - UTF-8 text, with or without a byte-order mark (spreadsheet programs write one). Writers write
   UTF-8 without one, "\\n" line ends, quoting only where a cell needs it, atomically (jaguar.io).
-- The first non-blank line is the header: exactly the file's columns, in any order; spaces around
-  names are ignored. A missing or an unknown column is an error naming both lists.
+- The first non-blank line is the header: the file's columns, in any order; spaces around names
+  are ignored. A missing or repeated column is an error naming both lists. Other columns (e.g. the
+  `Usage` column of a Kaggle solution file) are read past: named in a warning and in
+  `Table.ignored`, their cells may be empty.
 - Blank lines (no cells, or only empty ones) are skipped wherever they are.
 - Cells are stripped of surrounding spaces. A row with another number of cells than the header, or
-  with an empty cell, is an error.
+  with an empty cell in one of the file's columns, is an error.
 - Duplicate keys (the filename of a label file, the row_id of a pair list or submission): a row that
   repeats an earlier one exactly is read once, and its line is listed in `repeated` so a caller can
   warn; the same key with different values is an error naming the key and both lines.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,8 @@ import numpy as np
 
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 LABEL_COLUMNS = ("filename", "ground_truth")
@@ -59,6 +64,7 @@ class Table:
     rows: list[tuple[str, ...]] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)  # the file line of each row (1 = header)
     repeated: list[int] = field(default_factory=list)  # lines that repeat an earlier row exactly (read once)
+    ignored: tuple[str, ...] = ()  # header columns that are not the file's, read past
 
     def column(self, name: str) -> list[str]:
         position = self.columns.index(name)
@@ -104,17 +110,19 @@ def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
     missing = [c for c in columns if c not in header]
     unknown = [c for c in header if c not in columns]
     repeated = sorted({c for c in header if header.count(c) > 1})
-    if missing or unknown or repeated:
+    if missing or repeated:
         raise FormatError(f"{path} line {header_line}: wrong header '{','.join(header)}': expected "
                           f"'{expected}' (any order)" + (f"; missing {', '.join(missing)}" if missing else "")
                           + (f"; unknown {', '.join(unknown)}" if unknown else "")
                           + (f"; repeated {', '.join(repeated)}" if repeated else ""))
+    if unknown:
+        log.warning("%s: column(s) %s ignored (read: %s)", path, ", ".join(unknown), expected)
     order = [header.index(c) for c in columns]
-    table = Table(path, tuple(columns))
+    table = Table(path, tuple(columns), ignored=tuple(unknown))
     first: dict[str, int] = {}  # key -> index in table.rows
     bad: list[str] = []
     for line, cells in records[1:]:
-        if len(cells) != len(header) or any(not c for c in cells):
+        if len(cells) != len(header) or any(not cells[i] for i in order):
             bad.append(f"line {line} has {len(cells)} cell(s) {cells!r}; expected {len(header)} non-empty "
                        f"cells ({','.join(header)})")
             continue

@@ -159,11 +159,16 @@ def fine_tune_command(run_dir: str | Path | RunDir, pseudo_dir: str | Path, epoc
 
 
 def _labelled_features(run: RunDir) -> FeatureSet:
-    sets = [run.load_features(split) for split in ("train", "val") if run.has_features(split)]
-    if not sets:
-        raise MissingInputError(f"run {run} has neither {run.features_path('train')} nor "
-                                f"{run.features_path('val')}; run `jaguar extract {run} --split train` first")
-    return concat_feature_sets(sets)
+    """The train features and, when extracted, the validation ones. Train features are required:
+    with validation alone the centroids would rest on a few images an identity (and on none for an
+    identity without validation images), so every test image would be judged against a fraction of
+    the labelled set."""
+    if not run.has_features("train"):
+        have = f" (only {run.features_path('val')} is there)" if run.has_features("val") else ""
+        raise MissingInputError(f"run {run} has no {run.features_path('train')}{have}: pseudo-labelling compares "
+                                f"test images with the labelled training images; run `jaguar extract {run} "
+                                f"--split train` first")
+    return concat_feature_sets([run.load_features(split) for split in ("train", "val") if run.has_features(split)])
 
 
 def _truth(candidates: FeatureSet, test_labels: str | Path | None) -> dict[str, str]:

@@ -34,20 +34,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaguar.config import Config, load_config, save_config
 from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
-from jaguar.retrieval.features import FeatureSet
 # The records are importable from here too: callers take a RunDir and the types it returns together.
 from jaguar.run_records import (EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score, ScoreTable,
                                 SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
 
-__all__ = ["SPLITS", "RunDir", "RunDirError", "EnsembleRecord", "OpenSetCalibration", "PostResult", "Score",
+if TYPE_CHECKING:  # torch-backed: imported where features are read, so `jaguar --help` stays light
+    from jaguar.retrieval.features import FeatureSet
+
+__all__ = ["SPLITS", "RANK_FORMATS", "RunDir", "RunDirError", "EnsembleRecord", "OpenSetCalibration", "PostResult", "Score",
            "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
 
 SPLITS = ("train", "val", "test")
+RANK_FORMATS = ("parquet", "csv")  # `jaguar rank`'s file formats, named by their extension
 
 _CONFIG = "config.yaml"
 _SPLIT = "split.json"
@@ -193,6 +196,8 @@ class RunDir:
         if not path.is_file():
             raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract {self.path} "
                                     f"--split {split}` first")
+        from jaguar.retrieval.features import FeatureSet
+
         return FeatureSet.load(path, f"run `jaguar extract {self.path} --split {split} --force`")
 
     def save_features(self, split: str, features: FeatureSet) -> None:
@@ -268,6 +273,8 @@ class RunDir:
         if not self.has_enrolled():
             raise MissingInputError(f"{self.enrolled_path} does not exist; enrol with "
                                     f"`jaguar enroll {self.path} --name NAME PHOTO...`")
+        from jaguar.retrieval.features import FeatureSet
+
         return FeatureSet.load(self.enrolled_path, "restore it, or remove it and enrol again")
 
     def save_enrolled(self, features: FeatureSet) -> None:

@@ -61,6 +61,22 @@ class StageRow:
     def is_chosen(self) -> bool:
         return "chosen" in self.name
 
+    def label(self) -> str:
+        """The row named by what it does: "raw (cosine)", "QE", "DBA" or "QE+DBA" for the
+        expansion stage (by its settings; "QE/DBA: none better" when the search kept none),
+        "re-ranking" (after the expansion it builds on), "chosen: <settings>"."""
+        if self.name == "raw":
+            return "raw (cosine)"
+        if self.is_chosen:
+            return f"chosen: {self.config.describe()}"
+        active = self.config.active()
+        expansion = "+".join(name for name, key in (("QE", "qe_k"), ("DBA", "dba_k")) if key in active)
+        if self.config.rerank:
+            return f"{expansion} + re-ranking" if expansion else "re-ranking"
+        if self.name == "+re-ranking":  # tune-post could not re-rank (too few validation images)
+            return "re-ranking: not run"
+        return expansion or ("QE/DBA: none better" if self.name == "+QE" else self.name)
+
     def decision_text(self) -> str:
         """The stage decision, e.g. "no, +0.0188 +- 0.0451"; "" for rows without one."""
         if self.adopted is None:
@@ -109,6 +125,9 @@ class EnsembleRecord:
     mode: str
     splits: dict[str, dict[str, Any]]
     config_from: Optional[str] = None
+
+
+DEFAULT_CALIBRATION_FOLDS = 5  # identity hold-out folds of `jaguar calibrate` (OpenSetCalibration.folds)
 
 
 @dataclass

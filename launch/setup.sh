@@ -19,6 +19,10 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
   echo "$WANT" > "$STAMP"
 fi
-# DeepSpeed JIT-compiles ops on first use: keep them in a persistent cache.
+# DeepSpeed JIT-compiles ops on first use (2-3 minutes on 2 cores): one persistent cache for the tests,
+# the demo and every shell that activates the venv, so an op the tests built is not built again.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
+if ! grep -q "TORCH_EXTENSIONS_DIR" "$VENV/bin/activate"; then
+  printf '\n# added by jaguar launch/setup.sh: DeepSpeed ops built once, kept across shells\nexport TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"\n' >> "$VENV/bin/activate"
+fi
 export PATH="$VENV/bin:$PATH"

@@ -141,6 +141,8 @@ if [ "$preempted" -eq 1 ]; then
   fi
 elif [ "$status" -eq 0 ]; then
   log "training finished"
+elif [ "$status" -eq 143 ]; then
+  log "training stopped by SIGTERM after saving a checkpoint; submit the job again to resume it"
 else
   log "training failed with status $status"
 fi

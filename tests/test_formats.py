@@ -24,7 +24,6 @@ MALFORMED = [
     (read_labels, b"name,identity\na.png,x\n", "line 1: wrong header 'name,identity': expected "
                                                "'filename,ground_truth' (any order); missing filename, "
                                                "ground_truth; unknown name, identity"),
-    (read_labels, b"filename,ground_truth,extra\na.png,x,1\n", "unknown extra"),
     (read_labels, b"filename,filename\na.png,x\n", "missing ground_truth; repeated filename"),
     (read_labels, (LABELS + "a.png,x\nb.png\n").encode(), "line 3 has 1 cell(s) ['b.png']"),
     (read_labels, (LABELS + "a.png,x,y\n").encode(), "line 2 has 3 cell(s)"),
@@ -137,3 +136,22 @@ def test_prep_reads_train_csv_by_the_same_rules(synth_dir: Path, tmp_path: Path)
         with pytest.raises(PrepError, match=f"line 7 gives filename '{name}' other values than line 2"):
             prepare(src, tmp_path / "again", workers=1, skip_bad=skip_bad)
     assert not (tmp_path / "again").exists()
+
+
+def test_an_extra_column_is_named_and_read_past(tmp_path: Path, caplog):
+    path = tmp_path / "solution.csv"
+    path.write_text("filename,Usage,ground_truth\na.png,Public,x\nb.png,,y\n")  # Kaggle's Usage column
+    with caplog.at_level("WARNING", logger="jaguar.formats"):
+        assert read_labels(path) == {"a.png": "x", "b.png": "y"}
+    assert f"{path}: column(s) Usage ignored" in caplog.text
+    assert read_label_table(path).ignored == ("Usage",)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("row_id,query_image,gallery_image,Usage\n0,a.png,b.png,Private\n")
+    assert read_pairs(pairs).query_images == ["a.png"]
+    submission = tmp_path / "submission.csv"
+    submission.write_text("row_id,similarity,note\n0,0.5,\n")
+    assert list(read_submission(submission).row_ids) == ["0"]
+    path.write_text("filename,Usage,ground_truth\na.png,Public,\n")  # an empty cell of the file's own column
+    with pytest.raises(FormatError, match="line 2 has 3 cell"):
+        read_labels(path)
+

@@ -107,7 +107,8 @@ def test_tune_post_cli_and_submit_cli(tmp_path, capsys):
     assert post["val_size"] == 40 and post["searched"] is False
     assert post["chosen"] == PostConfig(qe_k=2, rerank=True, k1=4, k2=2, blend=0.5).to_dict()
     assert [row["name"] for row in post["table"]] == ["raw", "+QE", "+re-ranking", "blend (chosen)"]
-    assert "blend (chosen)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chosen: QE (k 2) + re-ranking (k1 4, k2 2, lambda 0.3, blend 0.5)" in out
 
     names = test.names
     rows = [f"p{q}_{g},{names[q]},{names[g]}" for q in range(len(names)) for g in range(len(names)) if q != g]

@@ -167,3 +167,16 @@ def test_pseudo_shards_read_back_with_the_predicted_labels(tmp_path, tiny_shards
     assert f"data.extra_shards=[{out}]" in command and "optim.lr=0.0001" in command
     with pytest.raises(FileExistsError):
         pseudo_label_run(run, threshold=0.9, k=3)
+
+
+def test_without_train_features_it_stops_and_names_the_command(tmp_path, tiny_shards):
+    from jaguar.errors import MissingInputError
+    from jaguar.pseudo import pseudo_label_run
+
+    run = tmp_path / "run"
+    _run_with_features(run, tiny_shards)
+    (run / "features" / "train.safetensors").rename(run / "features" / "val.safetensors")  # validation only
+    with pytest.raises(MissingInputError, match=r"has no .*train\.safetensors \(only .*val\.safetensors is "
+                                                r"there\).*jaguar extract .* --split train"):
+        pseudo_label_run(run, threshold=0.9, k=3)
+    assert not (run / "pseudo").exists()  # nothing written

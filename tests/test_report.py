@@ -145,7 +145,12 @@ def test_full_report_has_every_section_and_only_existing_images(full_run, test_l
             assert f"{heading} — {split}" in text, (heading, split)
     for heading in ("Results", "Configuration", "Training curves", "Open-set identification"):
         assert heading in text, heading
-    assert f"{score.mAP_balanced:.4f}" in text and "blend (chosen)" in text and "resnet18" in text
+    assert f"{score.mAP_balanced:.4f}" in text and "resnet18" in text
+    # rows named by what they do; settings only those that act; each figure says how it was computed
+    assert "<td>QE</td>" in text and "chosen: QE (k 2)" in text and "+QE" not in text
+    assert 'Chosen settings: QE (k 2) <code>{&quot;qe_k&quot;: 2}</code>' in text and "k1" not in text
+    assert "validation during training, best epoch (3)" in text and "no post-processing" in text
+    assert "extracted features (features/, flip TTA)" in text
     assert "score_table.json" in text and f"{table.table[0].mAP_balanced:.4f}" in text
     assert "yes, +0.0200 +- 0.0100" in text  # the stage decision of post.json's +QE row
     sources = _image_sources(index)

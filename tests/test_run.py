@@ -151,3 +151,18 @@ def test_no_other_module_spells_a_run_file_name():
                 offenders += [f"{path.relative_to(package)}:{node.lineno} {name}" for name in names
                               if name in node.value]
     assert offenders == []
+
+
+def test_stage_rows_are_named_by_what_they_do_and_settings_list_only_what_acts():
+    assert PostConfig().active() == {} and PostConfig().describe() == "cosine similarity"
+    dba = PostConfig(qe_k=0, dba_k=3, k1=30)
+    assert dba.active() == {"dba_k": 3}  # k1 belongs to re-ranking, which is off
+    assert StageRow("+QE", dba, 0.5).label() == "DBA"
+    both = PostConfig(qe_k=2, dba_k=3, qe_alpha=3.0, rerank=True, k1=20, k2=6, lambda_value=0.3, blend=0.5)
+    assert both.describe() == "QE+DBA (k 2 / 3, alpha 3) + re-ranking (k1 20, k2 6, lambda 0.3, blend 0.5)"
+    assert StageRow("+QE", PostConfig(qe_k=2), 0.5).label() == "QE"
+    assert StageRow("+QE", PostConfig(), 0.5).label() == "QE/DBA: none better"
+    assert StageRow("+re-ranking", both, 0.5).label() == "QE+DBA + re-ranking"
+    assert StageRow("+re-ranking", PostConfig(qe_k=2), 0.5).label() == "re-ranking: not run"
+    assert StageRow("blend (chosen)", dba, 0.5).label() == "chosen: DBA (k 3)"
+    assert StageRow("raw", PostConfig(), 0.5).label() == "raw (cosine)"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.retrieval.calibrate import DEFAULT_FOLDS, calibrate_run, describe
 from jaguar.run import RunDir
+from jaguar.run_records import DEFAULT_CALIBRATION_FOLDS as DEFAULT_FOLDS
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
 
@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.retrieval.calibrate import calibrate_run, describe
+
     run_dir = RunDir(args.run_dir)
     calibration = calibrate_run(run_dir, args.folds)
     print(describe(calibration))

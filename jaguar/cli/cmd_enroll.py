@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.retrieval.identify import enroll
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -21,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.retrieval.identify import enroll
+
     run_dir = RunDir(args.run_dir)
     done = enroll(run_dir, args.name, args.photos, args.checkpoint)
     print(f"enrolled {done.name!r} from {len(done.photos)} photo(s) into {run_dir.enrolled_path}")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.ensemble import ensemble_run
-from jaguar.retrieval.stages import format_stage_table
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -32,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.ensemble import ensemble_run
+    from jaguar.retrieval.stages import format_stage_table
+
     out = RunDir(args.out)
     outcome = ensemble_run(args.runs, out, weights=args.weights, mode=args.mode, test_csv=args.test_csv,
                            test_labels=args.test_labels, features_only=args.features_only)

@@ -8,9 +8,8 @@ import argparse
 
 from jaguar.errors import JaguarError
 from jaguar.progress import LOG_INTERVAL_S
-from jaguar.retrieval.extract import DEFAULT_BLOCK_SIZE, extract_run
+from jaguar.retrieval.blocks import DEFAULT_BLOCK_SIZE
 from jaguar.run import RunDir
-from jaguar.train.entry import setup_logging
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
 
@@ -40,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="images a saved block holds, rounded up to whole batches (default "
                              f"{DEFAULT_BLOCK_SIZE}): at most this much work is lost to an interruption")
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=_run, kept=_kept)
 
 
 def run_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -62,8 +61,26 @@ def run_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from jaguar.retrieval.extract import extract_run
+    from jaguar.train.entry import setup_logging
+
     setup_logging()
     run_dir, overrides = run_and_overrides(args)
     extract_run(RunDir(run_dir) if run_dir else None, args.split, args.config, overrides, args.checkpoint,
                 force=args.force, block_size=args.block_size)
     return 0
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted extraction leaves for the re-run: the finished blocks of the split."""
+    try:
+        run_dir, _ = run_and_overrides(args)
+    except JaguarError:
+        run_dir = None
+    if run_dir is None:
+        return "the finished blocks under run.dir's features/parts/ (the same command reuses them)"
+    run = RunDir(run_dir)
+    blocks = sum(not path.name.startswith(".") for path in run.feature_part_files(args.split))
+    return (f"{blocks} finished block(s) of {args.split} in {run.feature_parts_dir} "
+            "(the same command reuses them and computes the rest)")
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.retrieval.identify import gallery_listing
 from jaguar.run import RunDir
 
 
@@ -16,6 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.retrieval.identify import gallery_listing
+
     rows = gallery_listing(RunDir(args.run_dir))
     width = max(len("individual"), *(len(name) for name, _, _ in rows))
     print(f"{'individual':<{width}}  images  source")

@@ -8,9 +8,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaguar.formats import write_identify
-from jaguar.retrieval.calibrate import uninformative
-from jaguar.retrieval.identify import identify_photos
 from jaguar.run import RunDir
 
 
@@ -27,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.formats import write_identify
+    from jaguar.retrieval.calibrate import uninformative
+    from jaguar.retrieval.identify import identify_photos
     from jaguar.report.review import write_review_page
 
     run_dir = RunDir(args.run_dir)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.data.prep import prepare, summary
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("prep", help="convert images into WebDataset shards + manifest.json")
@@ -24,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from jaguar.data.prep import prepare, summary
+
     manifest = prepare(args.src, args.out, max_side=args.max_side, shard_size=args.shard_size,
                        workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite,
                        progress=True, encoding=args.encoding)

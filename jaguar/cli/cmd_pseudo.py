@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.pseudo import fine_tune_command, pseudo_label_run
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -27,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.pseudo import fine_tune_command, pseudo_label_run
+
     summary = pseudo_label_run(args.run_dir, args.threshold, out_dir=args.out, k=args.k,
                                confidence=args.confidence, test_labels=args.test_labels,
                                overwrite=args.overwrite)

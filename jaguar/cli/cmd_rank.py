@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.retrieval.rank import FORMATS, rank_run
-from jaguar.run import RunDir
+from jaguar.run import RANK_FORMATS, RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
 
@@ -20,12 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", default=None,
                         help=f"output file (default: {_RUN.ranks_path('test')} for --split test, "
                              f"{_RUN.ranks_path('test', 'csv')} with --format csv)")
-    parser.add_argument("--format", choices=FORMATS, default=None,
+    parser.add_argument("--format", choices=RANK_FORMATS, default=None,
                         help="parquet (default) or csv; an output name ending in .csv or .parquet sets it")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.retrieval.rank import rank_run
+
     run_dir = RunDir(args.run_dir)
     result = rank_run(run_dir, args.split, args.top_k, args.output, args.format)
     if result.post is None:

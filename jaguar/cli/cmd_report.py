@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.report import build_report
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -21,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.report import build_report
+
     run_dir = RunDir(args.run_dir)
     index = build_report(run_dir, test_labels=args.test_labels, out_dir=args.out)
     print_stage_summary(run_dir)
@@ -30,16 +31,19 @@ def run(args: argparse.Namespace) -> int:
 
 def print_stage_summary(run_dir: RunDir) -> None:
     """Identity-balanced mAP per post-processing stage: validation (tune-post), test (score table)."""
-    columns = {}
-    if run_dir.has_post():
-        columns["validation"] = {row.name: row.mAP_balanced for row in run_dir.load_post().table}
-    if run_dir.has_score_table():
-        columns["test"] = {row.name: row.mAP_balanced for row in run_dir.load_score_table().table}
+    columns, labels = {}, {}
+    for column, has, load in (("validation", run_dir.has_post, run_dir.load_post),
+                              ("test", run_dir.has_score_table, run_dir.load_score_table)):
+        if has():
+            rows = load().table
+            columns[column] = {row.name: row.mAP_balanced for row in rows}
+            labels.update({row.name: row.label() for row in rows if row.name not in labels})
     if not columns:
         return
-    names = list(dict.fromkeys(name for column in columns.values() for name in column))
-    print("identity-balanced mAP  " + "  ".join(f"{label:>10}" for label in columns))
-    for name in names:
-        cells = "  ".join(f"{columns[label][name]:10.4f}" if name in columns[label] else f"{'':>10}"
-                          for label in columns)
-        print(f"  {name:<20} {cells}")
+    width = max(24, *(len(label) for label in labels.values()))
+    print("identity-balanced mAP (extracted features, per post-processing stage)")
+    print(f"  {'':<{width}} " + "  ".join(f"{column:>10}" for column in columns))
+    for name, label in labels.items():
+        cells = "  ".join(f"{columns[column][name]:10.4f}" if name in columns[column] else f"{'':>10}"
+                          for column in columns)
+        print(f"  {label:<{width}} {cells}")

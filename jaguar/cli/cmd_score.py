@@ -9,8 +9,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from jaguar.io import atomic_write_json
-from jaguar.retrieval.stages import score_run, score_submission
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -28,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.io import atomic_write_json
+    from jaguar.retrieval.stages import score_run, score_submission
+
     table = None
     if Path(args.submission).is_dir():
         score, table = score_run(RunDir(args.submission), args.test_csv, args.labels)
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name}: {ap:.6f}")
     if table is not None:
         print(f"post-processing stages on {args.labels}: " + ", ".join(
-            f"{row.name} {row.mAP_balanced:.4f}" for row in table.table))
+            f"{row.label()} {row.mAP_balanced:.4f}" for row in table.table))
     if args.json_out:
         atomic_write_json(Path(args.json_out), dataclasses.asdict(score))
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.retrieval.stages import submit_run
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -21,11 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.retrieval.stages import submit_run
+
     run_dir = RunDir(args.run_dir)
     result = submit_run(run_dir, args.test_csv, args.output)
     if result.post is None:
         print(f"note: {run_dir.post_path} not found; using raw cosine similarity (run `jaguar tune-post` to tune)")
     else:
-        print(f"post-processing from {run_dir.post_path}: {result.post.to_dict()}")
+        print(f"post-processing from {run_dir.post_path}: {result.post.describe()}")
     print(f"wrote {result.path} ({result.rows} rows)")
     return 0

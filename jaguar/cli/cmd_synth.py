@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.data.synth import make_synthetic
-from jaguar.formats import read_labels
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("synth", help="generate a synthetic data set in the challenge layout")
@@ -26,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from jaguar.data.synth import make_synthetic
+    from jaguar.formats import read_labels
+
     out = make_synthetic(args.out, identities=args.identities, train_images=args.train_images,
                          test_images=args.test_images, size=args.size, seed=args.seed,
                          workers=args.workers, overwrite=args.overwrite, progress=True,

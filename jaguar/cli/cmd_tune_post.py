@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from jaguar.retrieval.stages import format_stage_table, tune_post_run
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it
@@ -18,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.retrieval.stages import format_stage_table, tune_post_run
+
     run_dir = RunDir(args.run_dir)
     post = tune_post_run(run_dir)
     how = "searched" if post.searched else "taken from retrieval.post (retrieval.tune is false)"

@@ -164,6 +164,36 @@ class PostConfig(Group):
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def active(self) -> dict[str, Any]:
+        """Only the settings that act: QE / DBA with a k above 1 (k = 1 averages an image with
+        itself), their alpha when either acts, re-ranking's k1, k2, lambda and blend when it is
+        on. {} is plain cosine similarity."""
+        settings: dict[str, Any] = {}
+        if self.qe_k > 1:
+            settings["qe_k"] = self.qe_k
+        if self.dba_k > 1:
+            settings["dba_k"] = self.dba_k
+        if settings and self.qe_alpha:
+            settings["qe_alpha"] = self.qe_alpha
+        if self.rerank:
+            settings.update(rerank=True, k1=self.k1, k2=self.k2, lambda_value=self.lambda_value, blend=self.blend)
+        return settings
+
+    def describe(self) -> str:
+        """The steps that act, named as the field names them, e.g. "QE+DBA (k 2 / 3, alpha 3) +
+        re-ranking (k1 20, k2 6, lambda 0.3, blend 0.5)"; "cosine similarity" when none does."""
+        active = self.active()
+        expansions = [name for name, key in (("QE", "qe_k"), ("DBA", "dba_k")) if key in active]
+        steps = []
+        if expansions:
+            ks = " / ".join(str(active[key]) for key in ("qe_k", "dba_k") if key in active)
+            alpha = f", alpha {active['qe_alpha']:g}" if "qe_alpha" in active else ""
+            steps.append(f"{'+'.join(expansions)} (k {ks}{alpha})")
+        if self.rerank:
+            steps.append(f"re-ranking (k1 {self.k1}, k2 {self.k2}, lambda {self.lambda_value:g}, "
+                         f"blend {self.blend:g})")
+        return " + ".join(steps) or "cosine similarity"
+
     @classmethod
     def from_dict(cls, mapping: dict[str, Any], where: str = "") -> "PostConfig":
         """Settings from a mapping (e.g. tune-post's saved "chosen"), checked as the config checks them;

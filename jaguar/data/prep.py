@@ -238,7 +238,7 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
             groups={"phash": groups.to_json()},
         )
         manifest.save(tmp)
-    log.info("prepared %s from %s", out, src)
+    log.debug("prepared %s from %s", out, src)
     return manifest
 
 

@@ -169,7 +169,7 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-    log.info("wrote %d train + %d test synthetic images of %d identities to %s",
+    log.debug("wrote %d train + %d test synthetic images of %d identities to %s",
              len(train_files), len(test_files), len(weights), out)
     return out
 

@@ -37,7 +37,8 @@ def similarity_scores(embeddings: torch.Tensor, chosen: Optional[PostConfig]) ->
     """N×N scores, higher = more alike: the chosen post-processing's negated distance, or cosine."""
     if chosen is not None:
         distance = final_distance(embeddings, chosen)
-        return -torch.as_tensor(distance).double().numpy(), "the chosen post-processing (tune-post)"
+        return (-torch.as_tensor(distance).double().numpy(),
+                f"the chosen post-processing (tune-post): {chosen.describe()}")
     return (embeddings @ embeddings.T).double().numpy(), "raw cosine similarity (no tune-post result)"
 
 

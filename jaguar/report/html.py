@@ -88,18 +88,35 @@ class _Page:
         return f'<img src="{_esc(Path(path).relative_to(self.out_dir).as_posix())}" alt="{_esc(alt)}">'
 
 
+def _extraction_text(retrieval: Optional[RetrievalConfig]) -> str:
+    """How the run's features were embedded, as the config says (flip TTA, scales)."""
+    if retrieval is None:
+        return "the run's extraction settings (config unreadable)"
+    flip = "flip TTA" if retrieval.flip_tta else "no flip TTA"
+    scales = list(retrieval.scales)
+    return flip + ("" if scales == [1.0] else f", scales {', '.join(f'{scale:g}' for scale in scales)}")
+
+
 def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
                      metrics: Optional[TrainingMetrics], score: Optional[Score],
-                     score_table: Optional[ScoreTable], is_ensemble: bool) -> str:
+                     score_table: Optional[ScoreTable], is_ensemble: bool,
+                     retrieval: Optional[RetrievalConfig]) -> str:
     run = page.run
+    extraction = _extraction_text(retrieval)
     parts = ["<h2>Results</h2>", '<div class="cards">']
     if metrics is not None and metrics.best:
         best = metrics.best
+        flip = "" if retrieval is None else (", flip TTA" if retrieval.flip_tta else ", no flip TTA")
         parts.append(f'<div class="card"><div class="v">{_fmt(best.get("mAP_balanced"))}</div>'
-                     f'<div class="k">best validation mAP (epoch {_esc(best.get("epoch"))})</div></div>')
+                     f'<div class="k">validation during training, best epoch ({_esc(best.get("epoch"))}):<br>'
+                     f'identity-balanced mAP, cosine{flip}, no post-processing ({_esc(run.metrics_path.name)})'
+                     '</div></div>')
     if score is not None:
+        scored = score_table.table[-1].config.describe() if score_table is not None and score_table.table else None
+        how = f"the submission ({scored})" if scored else "the submission"
         parts.append(f'<div class="card"><div class="v">{_fmt(score.mAP_balanced)}</div>'
-                     f'<div class="k">local test score ({_esc(run.score_path.name)})</div></div>')
+                     f'<div class="k">test, identity-balanced mAP of {_esc(how)}<br>'
+                     f'extracted features, {_esc(extraction)} ({_esc(run.score_path.name)})</div></div>')
     parts.append("</div>")
     if metrics is None and not is_ensemble:
         parts.append(_missing(f"No training metrics ({run.metrics_path})", f"jaguar train RECIPE run.dir={run}"))
@@ -121,7 +138,7 @@ def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
         rows = [header + "</tr>"]
         for row in post.table:
             css = ' class="chosen"' if row.is_chosen else ""
-            cells = f"<td>{_esc(row.name)}</td>" + "".join(
+            cells = f"<td>{_esc(row.label())}</td>" + "".join(
                 f"<td class='num'>{_fmt(value)}</td>" for value in (row.mAP_balanced, row.mAP, row.rank1, row.rank5,
                                                                      row.mINP))
             if decided:
@@ -130,8 +147,16 @@ def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
                 test_row = test_by_name.get(row.name)
                 cells += f"<td class='num'>{_fmt(test_row.mAP_balanced if test_row else None)}</td>"
             rows.append(f"<tr{css}>{cells}</tr>")
-        parts.append(f"<p class='sub'>Validation: {_esc(post.val_size)} images. "
-                     f"Chosen settings: <code>{_esc(json.dumps(post.chosen.to_dict()))}</code></p>")
+        active = post.chosen.active()
+        settings = f" <code>{_esc(json.dumps(active))}</code>" if active else ""
+        parts.append(f"<p class='sub'>Each row: identity-balanced mAP and the other figures of the extracted "
+                     f"features ({_esc(run.features_dir.name)}/, {_esc(extraction)}) after that row's "
+                     f"post-processing, on the {_esc(post.val_size)} validation images"
+                     + (" and on the labelled test images" if test_rows is not None else "")
+                     + ". The raw row comes from the extracted features, an embedding pass of its own, not "
+                     "from the validation training ran at each epoch (the card above); where the two differ, the "
+                     "extracted features are what tune-post, submit and identify use. "
+                     f"Chosen settings: {_esc(post.chosen.describe())}{settings}</p>")
         parts.append("<table>" + "".join(rows) + "</table>")
     else:
         parts.append(_missing(post_problem or f"No post-processing table ({run.post_path})",
@@ -189,10 +214,11 @@ def _curves_section(page: _Page, is_ensemble: bool) -> str:
 
 
 def _evaluation_sections(page: _Page, evaluation: Evaluation, shards: Any, shards_problem: str,
-                         notes: list[str]) -> str:
+                         notes: list[str], extraction: str) -> str:
     split = evaluation.split
     parts = [f"<h2>Per-identity AP — {_esc(split)}</h2>",
-             f"<p class='sub'>{len(evaluation.features):,} images, scored with {_esc(evaluation.scored_with)}; "
+             f"<p class='sub'>{len(evaluation.features):,} images, extracted features ({_esc(extraction)}), "
+             f"scored with {_esc(evaluation.scored_with)}; "
              f"{_esc(evaluation.figures_text)}</p>"]
     parts.extend(_missing(note, f"jaguar rank {page.run} --split {split}") for note in notes)
     chart = plots.plot_per_identity_ap(evaluation.ap_by_identity, page.figure(f"per_identity_ap_{split}.png"),
@@ -292,13 +318,14 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
     if ensemble is not None:
         page.sections.append(_ensemble_section(ensemble))
     page.sections.append(_summary_section(page, post, post_problem, metrics, score, score_table,
-                                          ensemble is not None))
+                                          ensemble is not None, retrieval))
     page.sections.append(_config_section(page, config, config_problem))
     page.sections.append(open_set_section(run, page.figure, page.img))
     page.sections.append(_curves_section(page, ensemble is not None))
     page.sections.extend(eval_notes)
     for evaluation, notes in evaluations:
-        page.sections.append(_evaluation_sections(page, evaluation, shards, shards_problem, notes))
+        page.sections.append(_evaluation_sections(page, evaluation, shards, shards_problem, notes,
+                                                  _extraction_text(retrieval)))
 
     name = run.path.resolve().name
     title = name if ensemble is not None or config is None else (config.run.name or name)

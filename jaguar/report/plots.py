@@ -24,7 +24,7 @@ NEUTRAL_BACKGROUND = (150, 150, 150)
 CURVE_PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Training loss", "loss", ("train/loss",)),
     ("Learning rate", "lr", ("train/lr/",)),
-    ("Validation", "score", ("val/mAP_balanced", "val/rank1")),
+    ("Validation during training", "score", ("val/mAP_balanced", "val/rank1")),
     ("Throughput", "images / s", ("train/images_per_sec",)),
     ("Gradient norm", "norm", ("train/grad_norm",)),
     ("GeM exponent p", "p", ("model/gem_p",)),

@@ -29,10 +29,10 @@ from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.identify import AGGREGATES, gallery_from_features, individual_scores, training_features
 from jaguar.retrieval.metrics import OpenSetFigures, open_set_figures, open_set_sweep
 from jaguar.run import OpenSetCalibration, RunDir
+from jaguar.run_records import DEFAULT_CALIBRATION_FOLDS as DEFAULT_FOLDS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FOLDS = 5
 CURVE_POINTS = 200
 
 

@@ -10,7 +10,6 @@ and `split_positions` the images of a split."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
 from jaguar.models import build_model
 from jaguar.progress import progress_bar
+from jaguar.retrieval.blocks import DEFAULT_BLOCK_SIZE, block_grid, contiguous_slice, fingerprint, rank_blocks
 from jaguar.retrieval.features import FeatureFileError, FeatureSet
 from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
@@ -35,13 +35,6 @@ from jaguar.train.accel import build_accelerator
 from jaguar.train.data import build_run_split, open_train_split
 
 log = logging.getLogger(__name__)
-
-
-def contiguous_slice(count: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of `rank`'s share of `count` items: sizes differ by at most one, no padding."""
-    base, extra = divmod(count, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 @torch.no_grad()
@@ -78,33 +71,6 @@ def embed_batches(embed: Callable[[torch.Tensor], torch.Tensor], loader, device:
     if not all_embeddings:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
     return torch.cat(all_positions), torch.cat(all_embeddings)
-
-
-def fingerprint(obj: object) -> str:
-    """A short stable hash of what determines a part's content (weights, images, settings)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-DEFAULT_BLOCK_SIZE = 1024  # images a part holds: at most this much work is lost when a process is killed
-
-
-def block_grid(count: int, world_size: int, block_size: int, batch_size: int) -> list[tuple[int, int]]:
-    """The blocks [start, end) of a split of `count` images. A block is `block_size` images rounded
-    up to whole batches (so the eval loader's batches never straddle two blocks), or fewer when the
-    split is too small to give every process one: then ceil(count / world_size), also in whole
-    batches. Above world_size x block_size images the grid does not depend on the world size, so
-    parts are reused when a re-run has another number of processes."""
-    if count == 0:
-        return []
-    size = min(block_size, -(-count // world_size))
-    size = max(batch_size, -(-size // batch_size) * batch_size)
-    return [(start, min(start + size, count)) for start in range(0, count, size)]
-
-
-def rank_blocks(blocks: list[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
-    """`rank`'s contiguous run of blocks (contiguous_slice over the block list)."""
-    first, last = contiguous_slice(len(blocks), rank, world_size)
-    return blocks[first:last]
 
 
 def merge_parts(part_files: list[Path], expected_names: list[str], label_names: dict[int, str],

@@ -22,9 +22,8 @@ from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.metrics import ranked_basis
 from jaguar.retrieval.postprocess import final_distance
 from jaguar.retrieval.topm import final_topm, use_topm
-from jaguar.run import RunDir
+from jaguar.run import RANK_FORMATS as FORMATS, RunDir
 
-FORMATS = ("parquet", "csv")
 COLUMNS = ("query", "rank", "gallery", "similarity")
 QUERIES_PER_CHUNK = 4096  # queries a written row group holds: O(chunk * k) memory for the writer
 

@@ -59,16 +59,15 @@ def tune_post_run(run: RunDir) -> PostResult:
 
 
 def format_stage_table(table: list[StageRow]) -> str:
-    """The stage table as aligned text: scores, the stage decision and the settings that matter."""
-    lines = [f"{'stage':<16} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8} {'rank5':>8} {'mINP':>8}  "
-             f"{'adopted, gain +- SE':<22}  config"]
+    """The stage table as aligned text: each row named by what it does, its scores, the stage
+    decision and the settings that act."""
+    width = max(24, *(len(row.label()) for row in table))
+    lines = [f"{'stage':<{width}} {'mAP_balanced':>12} {'mAP':>8} {'rank1':>8} {'rank5':>8} {'mINP':>8}  "
+             f"{'adopted, gain +- SE':<22}  settings"]
     for row in table:
-        config = row.config.to_dict()
-        summary = ", ".join(f"{k}={v}" for k, v in config.items()
-                            if k in ("qe_k", "qe_alpha", "dba_k") or row.config.rerank)
-        lines.append(f"{row.name:<16} {row.mAP_balanced:>12.4f} {row.mAP or 0.0:>8.4f} {row.rank1 or 0.0:>8.4f} "
-                     f"{row.rank5 or 0.0:>8.4f} {row.mINP or 0.0:>8.4f}  "
-                     f"{row.decision_text():<22}  {summary}")
+        lines.append(f"{row.label():<{width}} {row.mAP_balanced:>12.4f} {row.mAP or 0.0:>8.4f} "
+                     f"{row.rank1 or 0.0:>8.4f} {row.rank5 or 0.0:>8.4f} {row.mINP or 0.0:>8.4f}  "
+                     f"{row.decision_text():<22}  {row.config.describe()}")
     return "\n".join(lines)
 
 

@@ -116,7 +116,7 @@ def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, 
         if _STEP_DIR.match(name) and keep_last > 0:
             for stale in list_checkpoints(checkpoint_dir)[:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
-        log.info("checkpoint saved: %s", final)
+        log.debug("checkpoint saved: %s", final)  # one a epoch: the epoch and closing lines say enough
     accelerator.wait_for_everyone()
     return final
 

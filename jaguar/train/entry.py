@@ -18,26 +18,51 @@ def _launch_rank() -> int:
 
 
 def setup_logging() -> None:
+    """jaguar's INFO lines on the launcher's rank 0 only; other libraries' from WARNING up (as the
+    CLI sets it; this also serves a recipe run as a script)."""
     rank = _launch_rank()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    own = logging.getLogger("jaguar")
+    if rank != 0:
+        own.setLevel(logging.WARNING)
+    elif own.level == logging.NOTSET:
+        own.setLevel(logging.INFO)
     # accelerate logs every file of every checkpoint at INFO; its warnings still show.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
 def run_training(cfg: Config) -> int:
+    """Train; 0 when training finished or was preempted through the run's PREEMPT file or SIGUSR1
+    (Slurm requeues the job, which resumes), 3 when it stopped on a non-finite guard. Stopped by
+    SIGTERM it raises `Interrupted` (reported by the CLI, exit 143) after the checkpoint is saved."""
+    import signal
+
+    from jaguar.errors import Interrupted
     from jaguar.train.trainer import TrainingStopped, train
 
+    log = logging.getLogger("jaguar.train")
     try:
-        train(cfg)
+        result = train(cfg)
     except TrainingStopped as err:
-        logging.getLogger("jaguar.train").error("%s", err)
+        log.error("%s", err)
         return 3
+    run = cfg.run.dir
+    if result.get("preempted"):
+        from jaguar.run import RunDir
+        from jaguar.train.checkpoint import list_checkpoints
+
+        saved = list_checkpoints(RunDir(run).checkpoints_dir)[-1]
+        kept = f"the checkpoint of step {result['step']}, {saved}"
+        if result.get("signal") == signal.SIGTERM:
+            raise Interrupted(signal.SIGTERM, kept=kept)
+        if _launch_rank() == 0:
+            log.warning("preempted at step %d: kept %s; the same command resumes from it "
+                        "(train.resume=auto)", result["step"], kept)
+        return 0
     if _launch_rank() == 0:
-        run = cfg.run.dir
-        logging.getLogger("jaguar.train").info(
-            "training finished in %s; next: `jaguar extract %s --split val` and `--split test`, "
-            "`jaguar tune-post %s`, `jaguar report %s`", run, run, run, run)
+        log.info("training finished in %s; next: `jaguar extract %s --split val` and `--split test`, "
+                 "`jaguar tune-post %s`, `jaguar report %s`", run, run, run, run)
     return 0
 
 
@@ -54,4 +79,11 @@ def run_recipe(recipe_file: str, argv: list[str] | None = None) -> None:
     except (JaguarError, FileNotFoundError) as err:  # reported as `jaguar train` reports it
         print(f"{recipe_file}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as err:  # as `jaguar train` reports it (jaguar.cli.main), without its parser
+        signum = getattr(err, "signum", 2)
+        if _launch_rank() == 0:
+            kept = getattr(err, "kept", None) or "the checkpoints already saved in the run folder"
+            print(f"{recipe_file}: interrupted by signal {signum}; kept: {kept}; resume with the same "
+                  f"command (train.resume=auto)", file=sys.stderr)
+        sys.exit(128 + signum)
     sys.exit(code)

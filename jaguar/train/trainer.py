@@ -47,6 +47,7 @@ class _PreemptFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self.signum: Optional[int] = None  # which signal (None: the run folder's PREEMPT file)
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 signal.signal(signum, self._handle)
@@ -55,6 +56,7 @@ class _PreemptFlag:
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
+        self.signum = signum
 
 
 class Trainer:
@@ -217,7 +219,7 @@ class Trainer:
                         self.run.preempt_flag.unlink(missing_ok=True)
                     log.warning("preempted at step %d: checkpoint saved, exiting", self.step)
                     bar.close()
-                    return {"preempted": True, "step": self.step}
+                    return {"preempted": True, "step": self.step, "signal": self.preempt.signum}
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self._save("step")
             if position == self.steps_per_epoch:
@@ -344,9 +346,10 @@ class Trainer:
                               self.mean, self.std, self.tb, self.step)
             entry = {"epoch": epoch + 1, "step": self.step, **result}
             self.history.append(entry)
-            log.info("epoch %d: validation identity-balanced mAP %.4f, rank-1 %.4f", epoch + 1,
-                     result["mAP_balanced"], result["rank1"])
-            if not self.best or result["mAP_balanced"] > self.best["mAP_balanced"]:
+            improved = not self.best or result["mAP_balanced"] > self.best["mAP_balanced"]
+            log.info("epoch %d: validation identity-balanced mAP %.4f, rank-1 %.4f%s", epoch + 1, result["mAP_balanced"],
+                     result["rank1"], " (best so far: kept as the best checkpoint)" if improved else "")
+            if improved:
                 self.best = entry
                 self._save("best")
         if not cfg.train.checkpoint_every and not last:
