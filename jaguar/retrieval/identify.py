@@ -122,7 +122,7 @@ def aggregate_top_n(aggregate: str) -> int:
     raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
 
 
-_CHUNK_BYTES = 64 << 20  # a chunk of queries' similarity rows and their working copies
+_CHUNK_BYTES = 256 << 20  # a chunk of queries' similarity rows (fewer, larger matrix products)
 
 
 def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -> torch.Tensor:
