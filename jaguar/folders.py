@@ -85,7 +85,7 @@ def raw_layout(path: Path) -> Optional[str]:
     return None
 
 
-def _run_shards(path: Path) -> Optional[str]:
+def run_shards(path: Path) -> Optional[str]:
     """The data.shards a run folder's config.yaml names (read as plain YAML), or None."""
     import yaml
 
@@ -129,7 +129,7 @@ def wrong_folder_message(path: str | Path, wanted: str, command: str) -> Optiona
     elif wanted == CONFIG and kind == SHARDS:
         hint = f"give it as data.shards: `jaguar {command} recipes/tiny_cpu.py data.shards={quoted}`"
     elif wanted == SHARDS and kind == RUN:
-        shards = _run_shards(path)
+        shards = run_shards(path)
         hint = (f"the run was trained on data.shards={shards}: `jaguar {command} {shlex.quote(shards)}`" if shards
                 else f"its shards are the data.shards of {RunDir(path).config_path}")
     elif wanted == RUN and kind == SHARDS:

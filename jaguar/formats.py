@@ -18,6 +18,12 @@ Every reader follows the same rules:
   warn; the same key with different values is an error naming the key and both lines.
 - Errors (FormatError) name the file and every bad line (the first 10 of them and how many more),
   never only the first; a header without rows is an error too.
+- CSVs written for people (`identify.csv`, `jaguar rank --format csv`) hold names from users (identity
+  names, photo file names): a text cell starting with `=`, `+`, `-`, `@`, a tab or a carriage return
+  (OWASP's CSV-injection rule), or with `'`, is written with one `'` in front, so a spreadsheet shows
+  it as text instead of running it as a formula (`spreadsheet_cell`); every reader here takes that
+  `'` off again (`from_spreadsheet_cell`), so jaguar reads back exactly what it wrote. The challenge's
+  own files (labels, pair list, submission) are written as they are.
 """
 
 from __future__ import annotations
@@ -47,6 +53,33 @@ _SHOWN = 10
 
 class FormatError(JaguarError, ValueError):
     """A challenge file that breaks its format; the message names the file and the lines at fault."""
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(text: str) -> str:
+    """`text` made inert for spreadsheets: a leading formula character (or `'`) gets a `'` in front."""
+    return "'" + text if text.startswith(_FORMULA_START + ("'",)) else text
+
+
+def from_spreadsheet_cell(text: str) -> str:
+    """The text `spreadsheet_cell` was given (a cell without its escape is returned as it is)."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START + ("'",)) else text
+
+
+def capped_listing(lines: Sequence[str], limit: int = 20, full_list: Path | None = None) -> str:
+    """The first `limit` of `lines`, one an indented line, then how many more; with `full_list`,
+    every line is also written to that file (when there are more than `limit`) and named, so a
+    million-line problem list stays a screenful."""
+    shown = "\n  ".join(str(line) for line in lines[:limit])
+    if len(lines) <= limit:
+        return shown
+    more = f"\n  ... and {len(lines) - limit} more"
+    if full_list is not None:
+        atomic_write_text(Path(full_list), "".join(f"{line}\n" for line in lines))
+        more += f" (all {len(lines)} in {full_list})"
+    return shown + more
 
 
 def examples(items: Sequence, limit: int = 5) -> str:
@@ -102,7 +135,8 @@ def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
         raise FormatError(f"{path}: cannot read CSV: not UTF-8 text ({err}); save it as UTF-8") from None
     except csv.Error as err:
         raise FormatError(f"{path}: cannot read CSV ({err})") from None
-    records = [(line, [cell.strip() for cell in cells]) for line, cells in records if any(c.strip() for c in cells)]
+    records = [(line, [from_spreadsheet_cell(cell.strip()) for cell in cells]) for line, cells in records
+               if any(c.strip() for c in cells)]
     expected = ",".join(columns)
     if not records:
         raise FormatError(f"{path} is empty; expected '{expected}' and rows")
@@ -146,9 +180,12 @@ def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
     return table
 
 
-def _write(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+def _write(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[object]], line_end: str = "\n") -> None:
+    """Write a CSV atomically. csv quotes a cell only for the characters of its line end: a file of
+    users' names takes "\r\n" (RFC 4180's, what spreadsheets write), so a cell holding a bare CR is
+    quoted and stays one cell."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator=line_end)
     writer.writerow(columns)
     writer.writerows(rows)
     atomic_write_text(Path(path), buffer.getvalue())
@@ -275,7 +312,25 @@ def write_submission(path: PathLike, row_ids: Sequence[str], similarities: Seque
 def write_identify(path: PathLike, rows: Iterable[tuple[str, int, str, float, str]]) -> None:
     """One row per photo and candidate: the photo as given, the candidate's rank (1 = best), the
     individual, its score (cosine similarity, 6 decimals) and the photo's decision ("known: NAME"
-    or "new individual"); written atomically."""
-    _write(path, IDENTIFY_COLUMNS, ((photo, int(rank), individual, f"{float(score):.6f}", decision)
-                                    for photo, rank, individual, score, decision in rows))
+    or "new individual"); written atomically with CRLF line ends, its text cells made inert for
+    spreadsheets (`spreadsheet_cell`); `read_identify` gives the rows back as they were."""
+    _write(path, IDENTIFY_COLUMNS, ((spreadsheet_cell(photo), int(rank), spreadsheet_cell(individual),
+                                     f"{float(score):.6f}", spreadsheet_cell(decision))
+                                    for photo, rank, individual, score, decision in rows), line_end="\r\n")
+
+
+def read_identify(path: PathLike) -> list[tuple[str, int, str, float, str]]:
+    """The (photo, rank, individual, score, decision) rows of a `write_identify` file, in file order
+    (a photo has one row per candidate, so rows are not keyed as in `read_table`)."""
+    path = Path(path)
+    _require_file(path, IDENTIFY_COLUMNS, "identification file")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        records = [cells for cells in csv.reader(handle) if any(c.strip() for c in cells)]
+    if not records or tuple(c.strip() for c in records[0]) != IDENTIFY_COLUMNS:
+        raise FormatError(f"{path}: expected the header '{','.join(IDENTIFY_COLUMNS)}' of `jaguar identify`")
+    try:
+        return [(from_spreadsheet_cell(photo), int(rank), from_spreadsheet_cell(individual), float(score),
+                 from_spreadsheet_cell(decision)) for photo, rank, individual, score, decision in records[1:]]
+    except ValueError as err:
+        raise FormatError(f"{path}: not a `jaguar identify` file ({err})") from None
 

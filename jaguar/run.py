@@ -24,9 +24,14 @@ report, ensemble, pseudo-label) takes a `RunDir`.
     RUN/calibration.json          open-set threshold chosen    load_calibration / save_calibration
                                   on validation                (OpenSetCalibration)
     RUN/report/                   the HTML report              report_dir
+    RUN/export/model.onnx         the exported embedding       export_path (`jaguar export`;
+    RUN/export/model-int8.onnx    model, fp32 and int8         jaguar.retrieval.onnx_model)
     RUN/pseudo/                   pseudo-label shards          pseudo_dir
+    RUN/.lock                     the run's writer lock        writer_lock (jaguar.lock)
+    RUN/gallery/.lock             the gallery's writer lock    gallery_lock
 
-Every write is atomic (jaguar.io). A missing artifact is a `MissingInputError` naming the file and
+Every write is atomic (jaguar.io); one writer at a time holds the run's (or the gallery's) lock,
+readers take none. A missing artifact is a `MissingInputError` naming the file and
 the command that writes it; a malformed one is a `RunDirError` naming the file and what is wrong.
 """
 
@@ -39,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from jaguar.config import Config, load_config, save_config
 from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
+from jaguar.lock import NoLock, WriterLock, launch_rank
 # The records are importable from here too: callers take a RunDir and the types it returns together.
 from jaguar.run_records import (EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score, ScoreTable,
                                 SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
@@ -73,7 +79,10 @@ _ENROLLED = "enrolled.safetensors"
 _THUMBNAILS = "thumbnails"
 _CALIBRATION = "calibration.json"
 _PSEUDO = "pseudo"
+_EXPORT = "export"
+_EXPORT_MODEL = "model{suffix}.onnx"
 _PREEMPT = "PREEMPT"
+_LOCK = ".lock"
 
 
 class RunDir:
@@ -101,8 +110,11 @@ class RunDir:
         self.thumbnails_dir = self.gallery_dir / _THUMBNAILS
         self.calibration_path = self.path / _CALIBRATION
         self.pseudo_dir = self.path / _PSEUDO
+        self.export_dir = self.path / _EXPORT
         # touching this file asks a running training to checkpoint and exit (as SIGUSR1 does)
         self.preempt_flag = self.path / _PREEMPT
+        self.lock_path = self.path / _LOCK
+        self.gallery_lock_path = self.gallery_dir / _LOCK
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -115,6 +127,22 @@ class RunDir:
         if not self.path.is_dir():
             raise MissingInputError(f"run folder {self.path} does not exist; give a `jaguar train` run.dir")
         return self
+
+    # ------------------------------------------------------------------ writer locks
+
+    def writer_lock(self, command: str, create: bool = False) -> WriterLock | NoLock:
+        """The lock a writer of this run holds while it writes (`with run.writer_lock("jaguar rank"):`);
+        a second writer gets a LockError naming the holder (jaguar.lock). Taken by the launcher's rank
+        0 only; with create=False a run folder that does not exist is left for the command to report."""
+        if launch_rank() != 0 or (not create and not self.path.is_dir()):
+            return NoLock()
+        return WriterLock(self.lock_path, f"run folder {self.path}", command)
+
+    def gallery_lock(self, command: str) -> WriterLock | NoLock:
+        """The lock an enrolment holds while it reads, extends and writes the gallery."""
+        if launch_rank() != 0 or not self.path.is_dir():
+            return NoLock()
+        return WriterLock(self.gallery_lock_path, f"gallery {self.gallery_dir}", command)
 
     # ------------------------------------------------------------------ paths
 
@@ -129,6 +157,10 @@ class RunDir:
         if split not in SPLITS:
             raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return self.path / _RANKS.format(split=split, fmt=fmt)
+
+    def export_path(self, int8: bool = False) -> Path:
+        """`jaguar export`'s default output: the embedding model as ONNX, fp32 or int8-quantised."""
+        return self.export_dir / _EXPORT_MODEL.format(suffix="-int8" if int8 else "")
 
     # ------------------------------------------------------------------ config and split
 

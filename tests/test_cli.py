@@ -156,3 +156,16 @@ def test_debug_prints_the_traceback_of_an_interruption(monkeypatch, capsys, how)
     assert main(["--debug", "config", "show"] if how == "--debug" else ["config", "show"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" in err and "jaguar config: interrupted by Ctrl-C (SIGINT)" in err
+
+
+def test_other_libraries_info_lines_stay_out_and_jaguars_own_stay_in():
+    result = _python("import logging\nimport jaguar.cli.cmd_config as command\nshow = command._show\n"
+                     "def chatty(args):\n"
+                     "    logging.getLogger('tensorboard').info('No path found after tb/events')\n"
+                     "    logging.getLogger('tensorboard').warning('a real problem')\n"
+                     "    logging.getLogger('jaguar.report').info('report written')\n"
+                     "    return show(args)\n"
+                     "command._show = chatty\nfrom jaguar.cli.main import main\nmain(['config', 'show'])\n")
+    assert result.returncode == 0, result.stderr
+    assert "No path found" not in result.stderr
+    assert "WARNING tensorboard: a real problem" in result.stderr and "INFO jaguar.report: report written" in result.stderr

@@ -90,9 +90,9 @@ def test_commands_taking_a_run_name_a_raw_data_set(tmp_path, capsys, command):
 
 
 def test_verify_given_a_run_points_at_its_shards(tmp_path, capsys):
-    run = _run_folder(tmp_path)
+    run = _run_folder(tmp_path)  # `jaguar verify RUN` checks a run's own files; this one has none yet
     err = _error(capsys, "verify", str(run))
-    assert f"{run} is a run folder (made by jaguar train), not a shards folder" in err
+    assert f"{run} holds neither a manifest.json nor a run's checkpoints, features or gallery" in err
     assert "jaguar verify demo/shards" in err
 
 

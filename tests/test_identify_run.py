@@ -162,3 +162,30 @@ def test_unknown_run_and_no_photos_are_clear_errors(field, tmp_path, capsys):
     assert f"{empty}: folder holds no photos" in capsys.readouterr().err
     assert main(["gallery", str(tmp_path)]) == 2
     assert "not a trained run folder" in capsys.readouterr().err
+
+
+def test_two_enrolments_into_one_gallery_lose_no_individual(field, tmp_path):
+    """Two `jaguar enroll` at once: the second waits for the gallery's lock (JAGUAR_LOCK_WAIT) and
+    reads the gallery the first wrote, so both individuals are in it; without waiting it refuses,
+    naming the holder, and the gallery is unchanged."""
+    run, root = field["run"], field["root"]
+    oxum = sorted((root / "unseen" / "Oxum").iterdir())
+    before = set(run.load_enrolled().label_names.values()) if run.has_enrolled() else set()
+    env = {**__import__("os").environ, "JAGUAR_LOCK_WAIT": "300", "PYTHONPATH": str(ROOT)}
+    names = ["=HYPERLINK(\"http://x\")", "Second"]
+    processes = [subprocess.Popen([sys.executable, "-m", "jaguar.cli.main", "enroll", str(run.path), "--name", name,
+                                   str(photo)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for name, photo in zip(names, oxum)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert set(run.load_enrolled().label_names.values()) == before | set(names)
+
+    gallery = run.enrolled_path.read_bytes()
+    with run.gallery_lock("jaguar enroll"):
+        assert main(["enroll", str(run.path), "--name", "Third", str(oxum[2])]) == 2
+    assert run.enrolled_path.read_bytes() == gallery
+    # the formula-like name is listed as text in identify.csv
+    out = tmp_path / "formula.csv"
+    assert main(["identify", str(run.path), str(oxum[0]), "-o", str(out), "--top-k", "3"]) == 0
+    cells = [row["individual"] for row in _rows(out)]
+    assert "'" + names[0] in cells and names[0] not in cells

@@ -54,6 +54,7 @@ def test_a_resumed_run_trains_on_its_saved_split_not_a_rebuilt_one(shards_dir, t
     trainer = Trainer(cfg)
     assert np.array_equal(trainer.run_split.val_indices, saved.val_indices)
     assert moved not in set(trainer.loader.dataset.indices.tolist())
+    trainer.lock.release()  # one writer a run folder: the first trainer gives it up for the next
     # without a checkpoint to resume, the split is built from the config again and saved
     fresh = Trainer(_cfg(shards_dir, run.path, "train.resume=none"))
     assert moved in set(fresh.run_split.train_indices.tolist())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -288,6 +289,26 @@ def test_preempt_file_checkpoints_and_exits(shards_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
     assert ckpt.read_state(ckpt.list_checkpoints(run / "checkpoints")[-1])["step"] == 3
+
+
+def test_a_pickle_payload_in_a_handed_checkpoint_never_runs_and_resume_refuses_it(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    result = _jaguar("train", TINY, *_small(shards_dir, run, "train.max_steps=1", "train.eval_every=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))  # jaguar's own state is not pickled objects
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    # accelerate would unpickle this with weights_only=False on resume
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload()))
+    result = _jaguar("train", TINY, *_small(shards_dir, run, "train.max_steps=2", "train.eval_every=0"))
+    assert result.returncode == 2 and not marker.exists()
+    assert f"checkpoint {checkpoint} is refused" in result.stderr
+    assert "custom_checkpoint_0.pkl: not written by jaguar" in result.stderr
 
 
 def test_a_checkpoint_of_the_model_alone_is_not_resumed(shards_dir, tmp_path):

@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from jaguar.retrieval.calibrate import calibrate_run, describe
 
     run_dir = RunDir(args.run_dir)
-    calibration = calibrate_run(run_dir, args.folds)
+    with run_dir.writer_lock("jaguar calibrate"):
+        calibration = calibrate_run(run_dir, args.folds)
     print(describe(calibration))
     print(f"wrote {run_dir.calibration_path}")
     return 0

@@ -34,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from jaguar.retrieval.stages import format_stage_table
 
     out = RunDir(args.out)
-    outcome = ensemble_run(args.runs, out, weights=args.weights, mode=args.mode, test_csv=args.test_csv,
-                           test_labels=args.test_labels, features_only=args.features_only)
+    with out.writer_lock("jaguar ensemble"):
+        outcome = ensemble_run(args.runs, out, weights=args.weights, mode=args.mode, test_csv=args.test_csv,
+                               test_labels=args.test_labels, features_only=args.features_only)
     print(f"ensemble features ({', '.join(outcome.splits)}) written to {out.features_dir}")
     if outcome.post is not None:
         print(format_stage_table(outcome.post.table))

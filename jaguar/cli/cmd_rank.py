@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from jaguar.retrieval.rank import rank_run
 
     run_dir = RunDir(args.run_dir)
-    result = rank_run(run_dir, args.split, args.top_k, args.output, args.format)
+    with run_dir.writer_lock("jaguar rank"):
+        result = rank_run(run_dir, args.split, args.top_k, args.output, args.format)
     if result.post is None:
         print(f"note: {run_dir.post_path} not found; ranking by raw cosine similarity")
     print(f"{result.mode} search of {result.queries} images; order {result.basis}")

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from jaguar.report import build_report
 
     run_dir = RunDir(args.run_dir)
-    index = build_report(run_dir, test_labels=args.test_labels, out_dir=args.out)
+    with run_dir.writer_lock("jaguar report"):
+        index = build_report(run_dir, test_labels=args.test_labels, out_dir=args.out)
     print_stage_summary(run_dir)
     print(f"report: {index}")
     return 0

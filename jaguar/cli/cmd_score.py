@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     table = None
     if Path(args.submission).is_dir():
-        score, table = score_run(RunDir(args.submission), args.test_csv, args.labels)
+        with RunDir(args.submission).writer_lock("jaguar score"):
+            score, table = score_run(RunDir(args.submission), args.test_csv, args.labels)
     else:
         score = score_submission(args.submission, args.test_csv, args.labels)
     print(f"identity-balanced mAP: {score.mAP_balanced:.6f} "

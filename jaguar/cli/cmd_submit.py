@@ -20,13 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaguar.formats import examples
     from jaguar.retrieval.stages import submit_run
 
     run_dir = RunDir(args.run_dir)
-    result = submit_run(run_dir, args.test_csv, args.output)
+    with run_dir.writer_lock("jaguar submit"):
+        result = submit_run(run_dir, args.test_csv, args.output)
     if result.post is None:
         print(f"note: {run_dir.post_path} not found; using raw cosine similarity (run `jaguar tune-post` to tune)")
     else:
         print(f"post-processing from {run_dir.post_path}: {result.post.describe()}")
+    if result.repeated:
+        print(f"note: {len(result.repeated)} row(s) of {args.test_csv} repeat an earlier row exactly and were read "
+              f"once: line(s) {examples(result.repeated)}")
     print(f"wrote {result.path} ({result.rows} rows)")
     return 0

@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     from jaguar.retrieval.stages import format_stage_table, tune_post_run
 
     run_dir = RunDir(args.run_dir)
-    post = tune_post_run(run_dir)
+    with run_dir.writer_lock("jaguar tune-post"):
+        post = tune_post_run(run_dir)
     how = "searched" if post.searched else "taken from retrieval.post (retrieval.tune is false)"
     print(f"post-processing on {post.val_size} validation images ({how}):")
     print(format_stage_table(post.table))

@@ -18,12 +18,12 @@ from typing import Any, Literal, Optional
 import yaml
 
 from jaguar.config.fields import ConfigError, apply_mapping, field_of, leaf_keys, set_value
-from jaguar.config.schema import (Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PostConfig,
-                                  RetrievalConfig, RunConfig, TrainConfig)
+from jaguar.config.schema import (Config, DataConfig, DistillConfig, LossConfig, ModelConfig, OptimConfig,
+                                  PostConfig, RetrievalConfig, RunConfig, TrainConfig)
 from jaguar.io import atomic_write_text
 
-__all__ = ["Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "PostConfig",
-           "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides", "from_dict",
+__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "LossConfig", "ModelConfig", "OptimConfig",
+           "PostConfig", "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides", "from_dict",
            "get_value", "load_config", "save_config", "set_value", "to_dict", "to_yaml", "validate"]
 
 
@@ -167,10 +167,14 @@ def _check_model(model: ModelConfig) -> None:
 
 
 def _check_loss(cfg: Config) -> None:
-    loss = cfg.loss
-    if loss.ce_weight == loss.triplet_weight == loss.center_weight == 0:
+    loss, distill = cfg.loss, cfg.distill
+    distilling = bool(distill.teacher) and distill.weight > 0
+    if loss.ce_weight == loss.triplet_weight == loss.center_weight == 0 and not distilling:
         raise ConfigError("loss.ce_weight, loss.triplet_weight and loss.center_weight are all 0; "
-                          "enable at least one term")
+                          "enable at least one term (or distill from a teacher: distill.teacher=RUN)")
+    if distill.teacher and distill.weight == 0:
+        raise ConfigError(f"distill.teacher={distill.teacher} is set but distill.weight is 0, so nothing would be "
+                          f"distilled; set distill.weight > 0 or distill.teacher=''")
     if loss.ce_weight == 0 and cfg.data.mixup_prob > 0 and cfg.data.mixup_alpha > 0:
         raise ConfigError("mixup (data.mixup_prob > 0) trains only the cross-entropy term, but "
                           "loss.ce_weight is 0; set loss.ce_weight > 0 or data.mixup_prob=0")

@@ -6,7 +6,9 @@ map, the options used, the files skipped, warnings and near-duplicate groups.
 Checks: `Manifest.check_sizes` compares each shard's byte size with the manifest (a stat, no read;
 the reader runs it on open, so a truncated or partly copied shard is named before training reads
 it); `Manifest.verify` also recomputes every shard's sha256 (`jaguar verify SHARDS`), which finds a
-shard changed in place at the same size."""
+shard changed in place at the same size. The manifest's own content (labels, identity map,
+sample hashes) carries its sha256 (`content_sha256`), checked on every load: an edited label is
+named, not trained on."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from jaguar.checksums import file_sha256  # noqa: F401 (importable from here, as before)
 from jaguar.config import ConfigError
 from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
@@ -66,6 +69,7 @@ class Manifest:
     # Near-duplicate groups by method ("phash", "embedding"): JSON objects owned by jaguar.data.dedup.
     groups: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
+    content_sha256: str = field(default="", compare=False)  # of every other field (`content_digest`); set by save, checked by load
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -77,6 +81,8 @@ class Manifest:
         data = {"format": data.pop("format"), **data}
         if not self.groups:
             data.pop("groups")
+        data.pop("content_sha256")
+        data["content_sha256"] = content_digest(data)
         return data
 
     @classmethod
@@ -131,6 +137,10 @@ class Manifest:
             resolve_inside(shards_dir, entry.index, f"{path} split {split!r} index")
             for number, shard in enumerate(entry.shards):
                 resolve_inside(shards_dir, shard.url, f"{path} split {split!r} shard {number}")
+        if manifest.content_sha256 and content_digest(data) != manifest.content_sha256:
+            raise ShardsError(f"{path} was changed since `jaguar prep` wrote it (its content no longer matches "
+                              f"its content_sha256): labels or sample hashes edited by hand are not used; "
+                              f"re-run `jaguar prep` (fix the source labels there)")
         return manifest
 
     def save(self, shards_dir: str | Path) -> Path:
@@ -187,10 +197,7 @@ class Manifest:
         return problems
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def content_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's JSON object without its content_sha256 (keys sorted, compact)."""
+    rest = {key: value for key, value in data.items() if key != "content_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -11,6 +11,7 @@ import logging
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 from PIL import Image
 
@@ -19,6 +20,7 @@ from jaguar.data.image_forms import ImageFormError, read_rgba
 from jaguar.data.layouts import Listing, Problem, SourceImage, read_listing
 from jaguar.data.manifest import Manifest, SampleEntry, ShardEntry, SplitEntry, file_sha256
 from jaguar.errors import JaguarError, MissingInputError
+from jaguar.formats import capped_listing
 from jaguar.io import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,10 @@ def _convert_task(task: tuple[str, bool, int, str]) -> dict:
     return result
 
 
-def _format_problems(src: Path, problems: list[Problem], skip_hint: bool) -> str:
-    lines = [f"{len(problems)} problem(s) in {src}:"] + [f"  {p.file}: {p.reason}" for p in problems]
+def _format_problems(src: Path, problems: list[Problem], skip_hint: bool, full_list: Optional[Path] = None) -> str:
+    """The problems, the first 20 listed (all of them written to `full_list` when there are more)."""
+    lines = [f"{len(problems)} problem(s) in {src}:",
+             "  " + capped_listing([f"{p.file}: {p.reason}" for p in problems], full_list=full_list)]
     if skip_hint:
         lines.append("fix or remove these files, or pass --skip-bad to leave them out (they are then listed "
                      "in manifest.json)")
@@ -200,12 +204,13 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
         spool = tmp / ".spool"
         converted, bad_images = _convert_all(listing, max_side, encoding, max(1, workers), spool, progress)
         problems = listing.problems + bad_images
+        full_list = out.with_name(f"{out.name}.problems.txt")  # beside OUT, which is not made
         if fatal:
-            raise PrepError(_format_problems(src, fatal, skip_hint=False)
+            raise PrepError(_format_problems(src, fatal, skip_hint=False, full_list=full_list)
                             + ("\n" + _format_problems(src, [p for p in problems if not p.fatal], True)
                                if len(problems) > len(fatal) else ""))
         if problems and not skip_bad:
-            raise PrepError(_format_problems(src, problems, skip_hint=True))
+            raise PrepError(_format_problems(src, problems, skip_hint=True, full_list=full_list))
         if not converted:
             raise PrepError(f"no usable images in {src}; nothing to prepare")
 
@@ -265,8 +270,10 @@ def summary(manifest: Manifest, out: str | Path) -> str:
     for split, entry in manifest.splits.items():
         lines.append(f"  {split}: {entry.num_samples} samples in {len(entry.shards)} shard(s), index {entry.index}")
     if manifest.skipped:
-        lines.append(f"  skipped {len(manifest.skipped)} bad file(s):")
-        lines += [f"    {item['file']}: {item['reason']}" for item in manifest.skipped]
+        lines.append(f"  skipped {len(manifest.skipped)} bad file(s) (all listed in manifest.json):")
+        lines += [f"    {item['file']}: {item['reason']}" for item in manifest.skipped[:20]]
+        if len(manifest.skipped) > 20:
+            lines.append(f"    ... and {len(manifest.skipped) - 20} more")
     lines += summary_lines(manifest.groups)
     lines += [f"  warning: {w}" for w in manifest.warnings]
     return "\n".join(lines)

@@ -55,8 +55,12 @@ def decode_rgba(sample: dict, where: str) -> np.ndarray:
         if image is not None and image.ndim == 3 and image.shape[2] == 4 and image.dtype == np.uint8:
             return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
         # not 8-bit RGBA (prep always writes that; a hand-made shard may not): let PIL convert it
-        with Image.open(io.BytesIO(_as_bytes(sample[".png"]))) as opened:
-            return np.asarray(opened.convert("RGBA"))
+        try:
+            with Image.open(io.BytesIO(_as_bytes(sample[".png"]))) as opened:
+                return np.asarray(opened.convert("RGBA"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ShardsError(f"{where}: its .png member cannot be decoded ({type(err).__name__}; corrupt "
+                              f"shard?); run `jaguar verify` on the shards folder and re-run `jaguar prep`") from None
     if ".jpg" in sample and ".mask.png" in sample:
         colour = _decode(_as_bytes(sample[".jpg"]), cv2.IMREAD_COLOR)
         mask = _decode(_as_bytes(sample[".mask.png"]), cv2.IMREAD_GRAYSCALE)
@@ -112,6 +116,8 @@ class ShardSplit:
         self.labels: np.ndarray = np.array([s.label for s in entry.samples], dtype=np.int64)
         self.label_names: dict[int, str] = self.manifest.label_names
         self.identities: list[str | None] = [self.label_names.get(int(label)) for label in self.labels]
+        self._shard_ends = np.cumsum([shard.nsamples for shard in entry.shards])  # to name a sample's shard
+        self._shard_urls = [shard.url for shard in entry.shards]
         self._dataset = None
         self._pid = None
 
@@ -151,7 +157,9 @@ class ShardSplit:
         if meta["filename"] != self.filenames[i]:
             raise ShardsError(f"sample {i} of {self.split!r} in {self.shards_dir} is {meta['filename']}, the "
                               f"manifest says {self.filenames[i]}; the shards were changed, re-run `jaguar prep`")
-        return decode_rgba(sample, f"sample {i} ({meta['filename']}) of {self.split!r} in {self.shards_dir}"), meta
+        shard = self._shard_urls[min(int(np.searchsorted(self._shard_ends, i, side="right")), len(self._shard_urls) - 1)]
+        return decode_rgba(sample, f"sample {i} ({meta['filename']}) of {self.split!r} in shard "
+                                   f"{self.shards_dir / shard}"), meta
 
     def label_counts(self) -> dict[int, int]:
         """Images per label (unknown = -1), e.g. for a PK sampler."""

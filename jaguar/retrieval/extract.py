@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,6 @@ from jaguar.data.loader import build_eval_loader
 from jaguar.data.manifest import file_sha256
 from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
-from jaguar.models import build_model
 from jaguar.progress import progress_bar
 from jaguar.retrieval.blocks import DEFAULT_BLOCK_SIZE, block_grid, contiguous_slice, fingerprint, rank_blocks
 from jaguar.retrieval.features import FeatureFileError, FeatureSet
@@ -33,6 +32,11 @@ from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
 from jaguar.train.accel import build_accelerator
 from jaguar.train.data import build_run_split, open_train_split
+
+from jaguar.retrieval.embedder import Embedder, load_embedder
+
+if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
+    from jaguar.retrieval.onnx_model import OnnxEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +104,18 @@ def resolve_source(run: Optional[RunDir], recipe: str | Path | None = None, over
         run = run if run is not None else RunDir(cfg.run.dir)
         cfg.run.dir = str(run.path)
         return run, cfg, Path(checkpoint) if checkpoint else None
+    run, cfg = _run_config(run, overrides)
+    return run, cfg, Path(checkpoint) if checkpoint else run.default_checkpoint()
+
+
+def _run_config(run: Optional[RunDir], overrides: Sequence[str]) -> tuple[RunDir, Config]:
+    """A trained (or zero-shot) run's own config; key=value overrides are refused (they need a recipe)."""
     if run is None:
         raise JaguarError("give a run folder, or a recipe (--config RECIPE) whose run.dir is the run folder")
     if overrides:
         raise ConfigError(f"key=value overrides ({' '.join(overrides)}) need --config RECIPE; a trained run "
                           f"uses its own {run.config_path}")
-    cfg = run.load_config()
-    return run, cfg, Path(checkpoint) if checkpoint else run.default_checkpoint()
+    return run, run.load_config()
 
 
 def split_positions(cfg: Config, run: RunDir, split_name: str) -> tuple[object, list[int]]:
@@ -171,14 +180,16 @@ def _image_digests(split) -> list[str]:
 
 
 def extraction_key(cfg: Config, split_name: str, split, positions: Sequence[int], checkpoint: Optional[Path],
-                   autocast: Optional[torch.dtype]) -> str:
+                   autocast: Optional[torch.dtype], onnx_model: Optional[OnnxEmbedding] = None) -> str:
     """The fingerprint of everything an extracted embedding depends on: the images in order (names
-    and content), the weights (content), the model and eval-transform settings, flip TTA and scales,
-    the batch size and the autocast type. A part or features file made under another key is stale."""
+    and content), the weights (content; an exported model's file), the model and eval-transform
+    settings, flip TTA and scales, the batch size and the autocast type. A part or features file
+    made under another key is stale."""
     digests = _image_digests(split)
     images = fingerprint([[split.filenames[p], digests[p]] for p in positions])
     data = {k: v for k, v in asdict(cfg.data).items() if k not in _TRAINING_ONLY_DATA}
-    return fingerprint({"format": 2, "split": split_name, "images": images, "weights": weights_digest(checkpoint, cfg),
+    weights = f"onnx:{onnx_model.digest}" if onnx_model is not None else weights_digest(checkpoint, cfg)
+    return fingerprint({"format": 2, "split": split_name, "images": images, "weights": weights,
                         "prefer_ema": cfg.optim.ema, "model": asdict(cfg.model), "data": data,
                         "flip_tta": cfg.retrieval.flip_tta, "scales": list(cfg.retrieval.scales),
                         "autocast": str(autocast)})
@@ -191,6 +202,17 @@ def _stored_key(path: Path) -> Optional[str]:
             return json.loads((handle.metadata() or {}).get("meta", "{}")).get("key")
     except (OSError, ValueError, json.JSONDecodeError, SafetensorError):
         return None
+
+
+def _passes_check(path: Path) -> bool:
+    """Whether a features file reads back whole (its content checksum and finite rows, see
+    FeatureSet.load); one that fails is logged and recomputed."""
+    try:
+        FeatureSet.load(path)
+    except FeatureFileError as err:
+        log.warning("%s fails its check (%s); recomputing it", path, err)
+        return False
+    return True
 
 
 def _finished_part(path: Path, names: list[str], key: str) -> bool:
@@ -209,11 +231,11 @@ def _finished_part(path: Path, names: list[str], key: str) -> bool:
     return True
 
 
-def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, positions: Sequence[int],
+def _embed_blocks(run: RunDir, split_name: str, key: str, model: Embedder, split, positions: Sequence[int],
                   names: list[str], blocks: list[tuple[int, int]], cfg: Config, device: torch.device,
                   autocast: Optional[torch.dtype], bar) -> None:
     """Embed `blocks` (one loader over their images; batches never straddle a block, see
-    block_grid) and save each block as its part file as soon as it is complete."""
+    block_grid) with `model` and save each block as its part file as soon as it is complete."""
     flat = [p for start, end in blocks for p in positions[start:end]]
     loader = build_eval_loader(cfg, split, flat, tuple(model.mean), tuple(model.std), cfg.data.batch_size)
     pending = iter(blocks)
@@ -221,8 +243,7 @@ def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, position
     pieces: list[torch.Tensor] = []
     filled = 0
     for images, _ in loader:
-        pieces.append(embed_batch(model.embed, images, device, cfg.retrieval.flip_tta, cfg.retrieval.scales,
-                                  autocast))
+        pieces.append(embed_batch(model.embed, images, device, model.flip_tta, model.scales, autocast))
         filled += len(images)
         bar.update(len(images))
         if filled > end - start:
@@ -237,38 +258,37 @@ def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, position
 
 
 def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optional[Path],
-                  force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Extraction:
+                  force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
+                  onnx_model: Optional[OnnxEmbedding] = None) -> Extraction:
     """Embed `split_name`'s images into the run's features of that split, each process of the
     launch (accelerate / torchrun / srun, or one process) its contiguous run of `block_size`-image
     blocks (block_grid), each block saved as a part when done. Parts finished by an earlier,
     interrupted attempt with the same images, weights and settings are reused; an up-to-date
     features file is left as it is (unless `force`, which recomputes every block). With
-    `checkpoint` None the model is used as built. The run's config is written if it has none.
-    Raises JaguarError (ConfigError, MissingInputError) for a bad split, config or checkpoint."""
+    `checkpoint` None the model is used as built. With `onnx_model` (an exported model, see
+    jaguar.retrieval.onnx_model) that model embeds the images, prepared as its metadata says, and
+    `checkpoint` is not read; the features record it as "model" and its source weights as "source".
+    The run's config is written if it has none. Raises JaguarError (ConfigError, MissingInputError)
+    for a bad split, config or checkpoint."""
     if block_size < 1:
         raise ConfigError(f"the extraction block size must be >= 1 image, got {block_size}")
     out = run.features_path(split_name)
+    if onnx_model is not None:
+        cfg = onnx_model.eval_config(cfg)
     split, positions = split_positions(cfg, run, split_name)
     names = [split.filenames[p] for p in positions]
     cfg.train.precision = "fp32"  # extraction chooses its own autocast below
     accelerator = build_accelerator(cfg)
     autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast)
-    if out.is_file() and not force and _stored_key(out) == key:
+    key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast, onnx_model)
+    if out.is_file() and not force and _stored_key(out) == key and _passes_check(out):
         if accelerator.is_main_process:
             log.info("%s is up to date; nothing to do (--force recomputes)", out)
             run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up
         return Extraction(out, len(names), reused=True)
 
-    num_classes = ckpt.read_state(checkpoint)["num_classes"] if checkpoint is not None and checkpoint.is_dir() else 1
-    with torch.random.fork_rng(devices=[]):
-        # Without a checkpoint the randomly initialised layers ARE the model: every process and every
-        # re-run must draw the same ones (run.seed), or the processes' parts would not match.
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg, num_classes)
-    source = (str(ckpt.load_weights(model, checkpoint, prefer_ema=cfg.optim.ema)) if checkpoint
-              else f"{cfg.model.backbone} (as built)")
-    model.to(accelerator.device).eval()
+    model = load_embedder(cfg, checkpoint, onnx_model, accelerator.device)
+    source = model.source
     rank, world = accelerator.process_index, accelerator.num_processes
     blocks = block_grid(len(positions), world, block_size, cfg.data.batch_size)
     mine = rank_blocks(blocks, rank, world)
@@ -288,6 +308,9 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     if accelerator.is_main_process:
         meta = {"split": split_name, "source": source, "key": key, "flip_tta": cfg.retrieval.flip_tta,
                 "scales": cfg.retrieval.scales, "world_size": world, "block_size": blocks[0][1] if blocks else 0}
+        if onnx_model is not None:
+            meta.update(model=str(onnx_model.path), precision=onnx_model.precision,
+                        flip_tta=onnx_model.meta.get("flip_tta"), scales=onnx_model.meta.get("scales"))
         part_files = [run.feature_part_path(split_name, start, end, key) for start, end in blocks]
         features = merge_parts(part_files, names, split.label_names, meta)
         if len(features) == 0:
@@ -296,15 +319,39 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
         run.remove_feature_parts(split_name)
         if not run.has_config():
             run.save_config(cfg)
-        log.info("wrote %s: %d images x %d dims from %s", out, len(features), features.embeddings.shape[1], source)
+        log.info("wrote %s: %d images x %d dims from %s", out, len(features), features.embeddings.shape[1],
+                 onnx_model.describe() if onnx_model is not None else source)
     accelerator.wait_for_everyone()
     return Extraction(out, len(names), reused=False, source=source)
 
 
+def resolve_extraction(run: Optional[RunDir], recipe: str | Path | None = None, overrides: Sequence[str] = (),
+                       checkpoint: str | Path | None = None, onnx_path: str | Path | None = None
+                       ) -> tuple[RunDir, Config, Optional[Path], Optional[OnnxEmbedding]]:
+    """(run, config, weights, exported model) of an extraction: resolve_source's, or with
+    `onnx_path` the run's config (or the recipe's) and that exported model, with no checkpoint
+    looked for (a run copied to a laptop with its config and the ONNX file extracts too)."""
+    if onnx_path is None:
+        return (*resolve_source(run, recipe, overrides, checkpoint), None)
+    if checkpoint:
+        raise JaguarError("--checkpoint and --model both name the weights; give one of them")
+    from jaguar.retrieval.onnx_model import OnnxEmbedding
+
+    if recipe:
+        run, cfg, _ = resolve_source(run, recipe, overrides, None)
+    else:
+        run, cfg = _run_config(run, overrides)
+    return run, cfg, None, OnnxEmbedding.load(onnx_path)
+
+
 def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | None = None,
                 overrides: Sequence[str] = (), checkpoint: str | Path | None = None,
-                force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Extraction:
-    """`jaguar extract`: resolve the config and weights (resolve_source; with a recipe the run may
-    be None and is then its run.dir), then extract the split (extract_split)."""
-    run, cfg, weights = resolve_source(run, recipe, overrides, checkpoint)
-    return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size)
+                force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
+                onnx_path: str | Path | None = None) -> Extraction:
+    """`jaguar extract`: resolve the config and weights (resolve_extraction; with a recipe the run
+    may be None and is then its run.dir; with `onnx_path` an exported model embeds), then extract
+    the split (extract_split) holding the run's writer lock."""
+    run, cfg, weights, onnx_model = resolve_extraction(run, recipe, overrides, checkpoint, onnx_path)
+    with run.writer_lock("jaguar extract"):  # the launcher's rank 0 holds it for every process
+        return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size,
+                             onnx_model=onnx_model)

@@ -1,8 +1,11 @@
 """A feature set: L2-normalised embeddings that carry their image names and labels with them,
-so nothing downstream is matched by position by accident. Stored as safetensors."""
+so nothing downstream is matched by position by accident. Stored as safetensors, with the sha256 of
+its content (tensors, names, labels' names, provenance) in its metadata: loading checks it and
+refuses non-finite embeddings, so a bit flip or an edited file is named instead of used."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +87,7 @@ class FeatureSet:
             "meta": json.dumps(self.meta),
         }
         tensors = {"embeddings": self.embeddings.contiguous(), "labels": self.labels.contiguous()}
+        metadata["sha256"] = _content_sha256(tensors, metadata)
         atomic_write_bytes(Path(path), save_bytes(tensors, metadata=metadata))
 
     @classmethod
@@ -98,6 +102,18 @@ class FeatureSet:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path))
+            recorded = metadata.pop("sha256", None)  # absent in files of earlier versions
+            if recorded is not None and _content_sha256(tensors, metadata) != recorded:
+                raise FeatureFileError(f"feature file {path} does not match the checksum recorded when it was "
+                                       f"written (corrupt or changed since): {how_to_make}")
+            embeddings = tensors["embeddings"]
+            # one reduction first: a NaN or an infinity anywhere makes the sum non-finite (rows looked at only then)
+            bad_rows = ([] if bool(torch.isfinite(embeddings.sum())) else
+                        torch.nonzero(~torch.isfinite(embeddings).all(dim=1)).flatten().tolist())
+            if bad_rows:
+                names = json.loads(metadata["names"])
+                raise FeatureFileError(f"feature file {path} has non-finite embeddings in {len(bad_rows)} row(s), "
+                                       f"e.g. {[names[i] for i in bad_rows[:5]]}: {how_to_make}")
             features = cls(
                 names=json.loads(metadata["names"]),
                 embeddings=tensors["embeddings"],
@@ -105,6 +121,8 @@ class FeatureSet:
                 label_names={int(k): v for k, v in json.loads(metadata.get("label_names", "{}")).items()},
                 meta=json.loads(metadata.get("meta", "{}")),
             )
+        except FeatureFileError:
+            raise
         # safetensors raises its own error type (a truncated or foreign file), json and the keys the rest
         except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
             raise FeatureFileError(f"feature file {path} could not be read ({type(err).__name__}: {err}); it is "
@@ -113,3 +131,16 @@ class FeatureSet:
 
     def numpy(self) -> np.ndarray:
         return self.embeddings.numpy()
+
+
+def _content_sha256(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of a feature file's content: each tensor's name, dtype, shape and bytes, and each
+    metadata entry, in sorted order (independent of how safetensors lays the file out)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().reshape(-1).view(np.uint8))
+    for key in sorted(metadata):
+        digest.update(f"{key}={metadata[key]}|".encode())
+    return digest.hexdigest()

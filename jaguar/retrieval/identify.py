@@ -98,19 +98,22 @@ def gallery_from_features(train: FeatureSet, enrolled: Optional[FeatureSet] = No
                    enrolled_names, str(train.meta.get("source", "")))
 
 
-def training_features(run: RunDir) -> FeatureSet:
-    """The run's training-image features, extracted with the run's checkpoint when missing."""
+def training_features(run: RunDir, onnx_path: str | Path | None = None) -> FeatureSet:
+    """The run's training-image features, extracted when missing with the run's checkpoint (or the
+    exported model `onnx_path`)."""
     if not run.has_features("train"):
-        from jaguar.retrieval.extract import extract_split
+        from jaguar.retrieval.extract import extract_split, resolve_extraction
 
         log.info("no %s yet: extracting the training images (the gallery)", run.features_path("train"))
-        extract_split(run, "train", run.load_config(), run.default_checkpoint())
+        run, cfg, weights, onnx_model = resolve_extraction(run, onnx_path=onnx_path)
+        extract_split(run, "train", cfg, weights, onnx_model=onnx_model)
     return run.load_features("train")
 
 
-def load_gallery(run: RunDir) -> Gallery:
+def load_gallery(run: RunDir, onnx_path: str | Path | None = None) -> Gallery:
     """The run's gallery: training features plus enrolled individuals."""
-    return gallery_from_features(training_features(run), run.load_enrolled() if run.has_enrolled() else None)
+    return gallery_from_features(training_features(run, onnx_path),
+                                 run.load_enrolled() if run.has_enrolled() else None)
 
 
 def aggregate_top_n(aggregate: str) -> int:
@@ -205,10 +208,11 @@ class Identification:
 
 
 def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
-                    checkpoint: str | Path | None = None) -> Identification:
-    """`jaguar identify`: embed the photos / folders `items` (jaguar.retrieval.photos), score them
-    against the run's gallery and decide each with the run's calibration. Unreadable photos are
-    returned as problems; raises when none is readable, the run is not trained or not calibrated."""
+                    checkpoint: str | Path | None = None, onnx_path: str | Path | None = None) -> Identification:
+    """`jaguar identify`: embed the photos / folders `items` (jaguar.retrieval.photos) with the run's
+    model (or the exported model `onnx_path`, see jaguar.retrieval.onnx_model), score them against
+    the run's gallery and decide each with the run's calibration. Unreadable photos are returned as
+    problems; raises when none is readable, the run is not trained or not calibrated."""
     from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos, require_trained_run
 
     require_trained_run(run)
@@ -216,8 +220,8 @@ def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
         raise IdentifyError(f"--top-k must be at least 1, got {top_k}")
     calibration = run.load_calibration()
     photos, problems = require_photos(items)
-    gallery = load_gallery(run)
-    embedder = PhotoEmbedder(run, checkpoint)
+    gallery = load_gallery(run, onnx_path)
+    embedder = PhotoEmbedder(run, checkpoint, onnx_path=onnx_path)
     check_same_weights(gallery, embedder.source, run)
     embedded = embedder.embed(photos)
     problems = problems + embedded.problems
@@ -232,7 +236,8 @@ def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
 def check_same_weights(gallery: Gallery, source: str, run: RunDir) -> None:
     """Photos must be embedded by the weights the gallery was extracted with (compared by the
     weights file's last three path parts, e.g. checkpoints/best/model.safetensors, so a run folder
-    reached by another path or moved still matches)."""
+    reached by another path or moved still matches). An exported model counts as the weights it
+    was exported from (its parity with them is checked by `jaguar export`)."""
     if gallery.source and source and Path(gallery.source).parts[-3:] != Path(source).parts[-3:]:
         raise IdentifyError(f"{run.features_path('train')} was extracted with {gallery.source} but photos would "
                             f"be embedded with {source}; re-extract (`jaguar extract {run.path} --split train "
@@ -265,7 +270,8 @@ class Enrolment:
     gallery_images: int  # the individual's images now in the gallery
 
 
-def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str | Path | None = None) -> Enrolment:
+def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str | Path | None = None,
+           onnx_path: str | Path | None = None) -> Enrolment:
     """`jaguar enroll`: add individual `name` to the run's gallery from the photos `items`, without
     retraining. All or nothing: any unreadable photo, a photo already in the gallery or a taken name
     raises IdentifyError/PhotoError naming it, and the gallery is left as it was; the new
@@ -274,9 +280,9 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
 
     require_trained_run(run)
     photos, problems = require_photos(items)
-    gallery = load_gallery(run)
+    gallery = load_gallery(run, onnx_path)
     name = check_individual_name(name, gallery)
-    embedder = PhotoEmbedder(run, checkpoint)
+    embedder = PhotoEmbedder(run, checkpoint, onnx_path=onnx_path)
     check_same_weights(gallery, embedder.source, run)
     embedded = embedder.embed(photos)
     problems += embedded.problems

@@ -17,6 +17,7 @@ import torch
 
 from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.errors import JaguarError
+from jaguar.formats import spreadsheet_cell
 from jaguar.io import atomic_file
 from jaguar.retrieval.features import FeatureSet
 from jaguar.retrieval.metrics import ranked_basis
@@ -67,7 +68,9 @@ def write_ranks(path: str | Path, names: list[str], index: torch.Tensor, distanc
                 fmt: str = "parquet", queries_per_chunk: Optional[int] = None) -> int:
     """Write rows (query, rank 1..k, gallery, similarity = 1 - final distance) for each query i =
     names[i] and its list index[i] (N x k), in query order then rank order, one chunk of queries at
-    a time into a temporary file renamed to `path` when complete. Returns the row count."""
+    a time into a temporary file renamed to `path` when complete (a killed writer's temporary is
+    removed by the next one). In a CSV, names starting with a formula character get a `'` in front
+    (`jaguar.formats.spreadsheet_cell`). Returns the row count."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
@@ -75,7 +78,8 @@ def write_ranks(path: str | Path, names: list[str], index: torch.Tensor, distanc
     if fmt not in FORMATS:
         raise RankError(f"output format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     queries_per_chunk = max(1, int(queries_per_chunk or QUERIES_PER_CHUNK))
-    name_array = pa.array(names, pa.string())
+    # a CSV is opened in spreadsheets: names made inert there (jaguar.formats' rule); Parquet keeps them
+    name_array = pa.array([spreadsheet_cell(n) for n in names] if fmt == "csv" else names, pa.string())
     n_query, top_k = index.shape
     ranks = pa.array(torch.arange(1, top_k + 1, dtype=torch.int32).numpy())
     with atomic_file(Path(path)) as tmp:

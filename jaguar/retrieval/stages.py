@@ -81,6 +81,7 @@ class SubmitResult:
     path: Path
     rows: int
     post: Optional[PostConfig]  # None: raw cosine, tune-post has not run
+    repeated: list[int] = dataclasses.field(default_factory=list)  # pair-list lines repeating a row exactly (read once)
 
 
 MAX_SUBMISSION_ROWS = 10**8  # an all-pairs file past this (~10,000 images) is the wrong tool: `jaguar rank`
@@ -104,7 +105,7 @@ def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = No
     similarity = pair_similarities(features, pairs.row_ids, pairs.query_images, pairs.gallery_images,
                                    post or PostConfig())
     write_submission(output, pairs.row_ids, similarity, expected_row_ids=pairs.row_ids)
-    return SubmitResult(output, len(pairs), post)
+    return SubmitResult(output, len(pairs), post, list(pairs.repeated))
 
 
 def score_submission(submission: str | Path, test_csv: str | Path, labels_csv: str | Path) -> Score:

@@ -4,6 +4,8 @@ jaguar.formats; scoring a submission is jaguar.retrieval.stages.score_submission
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
@@ -58,7 +60,8 @@ def pair_similarities(features: "FeatureSet", row_ids: Sequence[str], query_name
                       gallery_names: Sequence[str], post: "PostConfig") -> np.ndarray:
     """Similarity in [0, 1] for every pair row: the post-processed all-vs-all distance over the
     images of the pair list (in feature-file order), mapped by similarity_from_distance over the
-    requested pairs. Images without features are an error naming the rows."""
+    requested pairs. Images without features are an error naming the rows. Where re-ranking cannot
+    run (a pair list of 2-3 images) the pairs are scored without it, and a warning says so."""
     from jaguar.retrieval.postprocess import final_distance
 
     known = set(features.names)
@@ -69,7 +72,15 @@ def pair_similarities(features: "FeatureSet", row_ids: Sequence[str], query_name
     wanted = set(query_names) | set(gallery_names)
     subset = features.select([name for name in features.names if name in wanted])
     position = {name: i for i, name in enumerate(subset.names)}
-    distance = final_distance(subset, post)
+    try:
+        distance = final_distance(subset, post)
+    except ValueError as err:  # k-reciprocal re-ranking of a handful of images: nothing to re-rank
+        if not post.rerank:
+            raise
+        logging.getLogger(__name__).warning(
+            "re-ranking cannot run on the pair list's %d image(s) (%s); these pairs are scored without it "
+            "(with the chosen query expansion / DBA)", len(subset), err)
+        distance = final_distance(subset, dataclasses.replace(post, rerank=False))
     q = torch.tensor([position[name] for name in query_names])
     g = torch.tensor([position[name] for name in gallery_names])
     return similarity_from_distance(distance[q, g])

@@ -29,6 +29,7 @@ from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, 
                                 uses_deepspeed)
 from jaguar.run import RunDir, TrainingMetrics
 from jaguar.train.data import RunSplit, build_run_split, open_train_split
+from jaguar.train.distill import load_teacher
 from jaguar.train.evaluate import validate
 from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
 from jaguar.train.optim import (TrainedModules, build_center_optimizer, build_ema, build_optimizer, build_scheduler,
@@ -71,8 +72,8 @@ class Trainer:
         self.checkpoint_dir = self.run.checkpoints_dir
         # The shards are opened (and checked) before the run folder is made: bad input leaves no folder behind.
         self.split = open_train_split(cfg)
+        self.lock = self.run.writer_lock("jaguar train", create=True).acquire()  # rank 0's, until train() ends
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.run.save_config(cfg)
         self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_dir, cfg.train.resume)
         self.run_split = self._training_data()
@@ -83,6 +84,8 @@ class Trainer:
             ckpt.load_weights(model, Path(cfg.train.init_from), partial=True)
         self.mean, self.std = tuple(model.mean), tuple(model.std)
         self.criterion = ReIDCriterion(cfg, self.num_classes, model.embed_dim)
+        self.teacher = (load_teacher(cfg, self.split.filenames, self.run_split.train_indices, model.embed_dim)
+                        if cfg.distill.teacher else None)
         optimizer = build_optimizer(cfg, model)
         # Not prepared: a prepared optimizer's step() runs the fp16 scaler's step and update(); a second
         # one would then unscale its gradients again and update the scale twice a step (accelerate
@@ -103,11 +106,12 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(TrainedModules(model, self.criterion), optimizer)
         self.input_dtype = next(self.model.parameters()).dtype
         self.ema = build_ema(cfg, self.reid_model)
-        acc.register_for_checkpointing(self.scheduler)
+        # saved to jaguar_state.pt (weights_only=True), not as accelerate's custom pickles (weights_only=False)
+        self.extra_state = {"scheduler": self.scheduler}
         if self.center_optimizer is not None:
-            acc.register_for_checkpointing(self.center_optimizer)
+            self.extra_state["center_optimizer"] = self.center_optimizer
         if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+            self.extra_state["ema"] = self.ema
 
         self.tb = TensorBoardLogger(self.run.tb_dir, enabled=acc.is_main_process)
         self.step = 0  # optimizer-step slots consumed (data position); skipped steps count too
@@ -160,7 +164,13 @@ class Trainer:
             raise ConfigError(f"checkpoint {source} was made with {state['steps_per_epoch']} steps per epoch, "
                               f"this run has {self.steps_per_epoch} (batch size, world size or data changed); "
                               f"resume with the same settings or start a new run.dir")
-        self.accelerator.load_state(str(source))
+        ckpt.check_resumable(source, uses_deepspeed(self.accelerator))
+        try:
+            self.accelerator.load_state(str(source))
+        except Exception as err:  # a file torch or DeepSpeed cannot read: each raises its own types
+            raise ckpt.CheckpointError(f"checkpoint {source} could not be loaded ({type(err).__name__}: "
+                                       f"{str(err)[:300]}); resume from another checkpoint") from err
+        ckpt.load_extra_state(source, self.extra_state)
         self.step = state["step"]
         self.guard.load_state_dict(state)
         self.best, self.history = state["best"], state["history"]
@@ -183,6 +193,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> dict:
         self._resume()
         self._log_start()
         acc, cfg = self.accelerator, self.cfg
@@ -241,7 +257,7 @@ class Trainer:
         # of a bad batch may have written NaN into them).
         buffers = [(buffer, buffer.detach().clone()) for buffer in self.model.buffers()]
         for micro in range(cfg.train.grad_accum):
-            images, labels, _ = next(batches)
+            images, labels, positions = next(batches)
             # Under DeepSpeed bf16 the weights themselves are bf16, and so must the inputs be.
             images, labels = images.to(acc.device, self.input_dtype), labels.to(acc.device)
             count += images.shape[0]
@@ -253,8 +269,9 @@ class Trainer:
                 if mixed is not None:
                     images, labels_a, labels_b, lam = mixed
                     mix = (labels_b, lam)
+            teacher = self.teacher.lookup(positions).to(acc.device) if self.teacher is not None else None
             with acc.accumulate(self.model):
-                terms = self.criterion(self.model(images), labels, mix=mix)
+                terms = self.criterion(self.model(images), labels, mix=mix, teacher=teacher)
                 loss_finite = loss_finite and bool(torch.isfinite(terms["loss"].detach()))
                 skipped_before = getattr(self.model, "skipped_steps", 0)
                 acc.backward(terms["loss"])
@@ -359,7 +376,8 @@ class Trainer:
     def _save(self, kind: str) -> None:
         name = "best" if kind == "best" else f"step-{self.step:06d}"
         ckpt.save_checkpoint(self.accelerator, self.model, self.ema, self.checkpoint_dir, name,
-                             self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX)
+                             self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX,
+                             self.extra_state)
 
     def _param_checksums(self) -> list[float]:
         """A checksum of this rank's trained parameters (the model's and the centres'), gathered from
