@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_bytes
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.knn import stable_top
 from jaguar.run import OpenSetCalibration, RunDir
 
 log = logging.getLogger(__name__)
@@ -114,25 +116,60 @@ def load_gallery(run: RunDir, onnx_path: str | Path | None = None) -> Gallery:
                                  run.load_enrolled() if run.has_enrolled() else None)
 
 
+def aggregate_top_n(aggregate: str) -> int:
+    """How many best images an aggregate averages: "max" 1, "mean_top<n>" n; IdentifyError otherwise."""
+    if aggregate == "max":
+        return 1
+    if aggregate.startswith("mean_top") and aggregate[len("mean_top"):].isdigit() and int(aggregate[8:]) >= 1:
+        return int(aggregate[len("mean_top"):])
+    raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
+
+
+_CHUNK_BYTES = 256 << 20  # a chunk of queries' similarity rows (fewer, larger matrix products)
+
+
 def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -> torch.Tensor:
     """Q x I scores of Q L2-normalised query embeddings against the gallery's I individuals:
     `aggregate` ("max" or "mean_top<n>") of each query's cosine similarities to the individual's
-    images. Raises IdentifyError for an unknown aggregate."""
-    if aggregate == "max":
-        top_n = 1
-    elif aggregate.startswith("mean_top") and aggregate[len("mean_top"):].isdigit():
-        top_n = int(aggregate[len("mean_top"):])
-    else:
-        raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
-    similarity = queries.float() @ gallery.embeddings.float().T  # Q x N
-    scores = torch.full((queries.shape[0], len(gallery.individuals)), float("-inf"))
-    for index in range(len(gallery.individuals)):
-        columns = torch.nonzero(gallery.individual == index).flatten()
-        if columns.numel() == 0:
+    images (all of them when it has fewer than n); -inf for an individual without images.
+
+    No loop over individuals: the gallery's columns are grouped by individual once, and each
+    chunk of similarity rows is reduced segment by segment in one vectorised pass
+    (`numpy.maximum.reduceat`); for the mean of the n best, n such rounds each take every
+    individual's current best value (as many copies as tie at it, up to what is still needed) and
+    retire it. Memory O(chunk x N + Q x I), time O(Q x N x (D + n)). Raises IdentifyError for an
+    unknown aggregate."""
+    top_n = aggregate_top_n(aggregate)
+    individual = gallery.individual.long().numpy()
+    counts = np.bincount(individual, minlength=len(gallery.individuals))
+    present = np.nonzero(counts)[0]
+    starts = (np.cumsum(counts) - counts)[present]
+    wanted = np.minimum(counts[present], top_n)
+    grouped = gallery.embeddings.float()[torch.from_numpy(np.argsort(individual, kind="stable"))]
+    segment = np.repeat(np.arange(present.size), counts[present])  # grouped column -> its individual
+    scores = np.full((queries.shape[0], len(gallery.individuals)), -np.inf, dtype=np.float32)
+    step = max(1, _CHUNK_BYTES // (8 * max(grouped.shape[0], 1)))
+    buffer = torch.empty((min(step, queries.shape[0]), grouped.shape[0]), dtype=torch.float32)
+    for start in range(0, queries.shape[0], step):
+        rows = queries[start:start + step].float()
+        similarity = torch.matmul(rows, grouped.T, out=buffer[:rows.shape[0]]).numpy()
+        best = np.maximum.reduceat(similarity, starts, axis=1)
+        if top_n == 1:
+            scores[start:start + step, present] = best
             continue
-        best = similarity[:, columns].topk(min(top_n, columns.numel()), dim=1).values
-        scores[:, index] = best.mean(dim=1)
-    return scores
+        total = np.zeros_like(best)
+        needed = np.broadcast_to(wanted, best.shape).copy()
+        for round_ in range(top_n):
+            at_best = similarity == best[:, segment]
+            taken = np.minimum(np.add.reduceat(at_best, starts, axis=1, dtype=np.int64), needed)
+            total += np.where(taken > 0, best, 0.0).astype(np.float32) * taken
+            needed -= taken
+            if round_ == top_n - 1 or not needed.any():
+                break
+            similarity[at_best] = -np.inf  # the buffer's rows: refilled by the next chunk
+            best = np.maximum.reduceat(similarity, starts, axis=1)
+        scores[start:start + step, present] = total / wanted.astype(np.float32)
+    return torch.from_numpy(scores)
 
 
 @dataclass
@@ -153,9 +190,8 @@ def rank_individuals(queries: torch.Tensor, gallery: Gallery, calibration: OpenS
     """For each query: its top_k (individual, score), best first (ties: gallery order), and whether
     the best score reaches the calibrated threshold (known)."""
     scores = individual_scores(queries, gallery, calibration.aggregate)
-    k = min(top_k, len(gallery.individuals))
-    # a stable descending sort: equal scores keep the gallery's individual order
-    order = torch.argsort(-scores, dim=1, stable=True)[:, :k]
+    # ties: the gallery's individual order, as a stable descending sort gives (knn.stable_top)
+    _, order = stable_top(scores, min(top_k, len(gallery.individuals)))
     results = []
     for row in range(scores.shape[0]):
         candidates = [(gallery.individuals[i], float(scores[row, i])) for i in order[row].tolist()]

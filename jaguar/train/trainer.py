@@ -9,7 +9,6 @@ its buckets with the model's (no all-reduce of our own). They keep BoT's own SGD
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -34,6 +33,7 @@ from jaguar.train.evaluate import validate
 from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
 from jaguar.train.optim import (TrainedModules, build_center_optimizer, build_ema, build_optimizer, build_scheduler,
                                 refuse_centres_under_deepspeed, total_updates)
+from jaguar.train.preempt import PreemptFlag
 from jaguar.train.tb import TensorBoardLogger
 
 log = logging.getLogger("jaguar.train")
@@ -41,23 +41,6 @@ log = logging.getLogger("jaguar.train")
 
 # Checkpoints hold the TrainedModules (model and centres); earlier ones held the model alone.
 _STATE_LAYOUT = "model+criterion"
-
-
-class _PreemptFlag:
-    """Set by SIGUSR1/SIGTERM; the loop checkpoints and exits at the next optimizer-step boundary."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.signum: Optional[int] = None  # which signal (None: the run folder's PREEMPT file)
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (e.g. under some test runners)
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-        self.signum = signum
 
 
 class Trainer:
@@ -118,7 +101,7 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps, cfg.train.precision, uses_deepspeed(acc))
         self.best: dict = {}
         self.history: list[dict] = []
-        self.preempt = _PreemptFlag()
+        self.preempt = PreemptFlag()
 
     @property
     def reid_model(self) -> nn.Module:
