@@ -3,12 +3,19 @@ DataLoader, with the full augmentation of the seed recipes at 448 px. Prints fig
 
     python benchmarks/reader_throughput.py [--cache /tmp/jaguar-bench-shards] [--images 300]
         [--source-size 1024] [--max-side 1024] [--size 448] [--workers 0 2] [--batches 8]
-        [--profile-samples 64]
+        [--profile-samples 64] [--imagefolder]
 
 Synthetic photos of --source-size px are prepared into shards once and cached under --cache.
 The data settings are recipes/resnet152_alpha_mixup.py's (random background, crop to alpha, flip,
 affine, colour jitter, random erasing) at model.img_size=[size, size], plus data.pad (BoT pad +
 random crop, which that recipe leaves at 0) so that every transform is exercised.
+
+--imagefolder adds torchvision's ImageFolder beside it, interleaved run by run at the same size,
+workers, batch size and torch threads: the shards' own JPEG colour members written out unchanged
+(one folder an identity, made once under --cache; needs --encoding jpeg), read by its PIL loader
+with the BoT training transform (Resize, RandomHorizontalFlip, Pad + RandomCrop, ToTensor,
+Normalize, RandomErasing). jaguar's reader does more a sample (the mask, alpha composite on a
+random background, affine, colour jitter), so at equal images/s it is ahead per unit of work.
 """
 
 from __future__ import annotations
@@ -114,6 +121,56 @@ def measure_loader(shards: Path, size: int, workers: int, pad: int, batches: int
             "images_per_cpu_s": total_images / cpu_total, "first_batch_s": first_at - wall_start}
 
 
+def imagefolder_tree(shards: Path) -> Path:
+    """The shards' JPEG colour members as an ImageFolder tree beside them (made once): the same
+    bytes jaguar's reader decodes, one folder an identity."""
+    root = shards.parent / "imagefolder"
+    if (root / ".done").is_file():
+        return root
+    split = ShardSplit(shards, "train")
+    dataset = split._open()
+    for i in range(len(split)):
+        sample = dataset[i]
+        if ".jpg" not in sample:
+            raise SystemExit("--imagefolder needs shards prepared with --encoding jpeg")
+        folder = root / f"id{int(split.labels[i]):04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = sample[".jpg"]
+        (folder / f"{i:06d}.jpg").write_bytes(data if isinstance(data, bytes) else data.read())
+    (root / ".done").write_text("")
+    return root
+
+
+def measure_imagefolder(root: Path, size: int, workers: int, pad: int, batches: int) -> dict:
+    """torchvision's ImageFolder with the BoT training transform through a plain DataLoader
+    (shuffled batches of 32), timed as `measure_loader` times jaguar's."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([
+        transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.Pad(pad),
+        transforms.RandomCrop((size, size)), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD), transforms.RandomErasing(p=0.3)])
+    dataset = datasets.ImageFolder(str(root), transform=transform)
+    loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=False)
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+    iterator = iter(loader)
+    first = next(iterator)
+    first_at = time.perf_counter()
+    images = 0
+    for batch_index, (images_batch, _) in enumerate(iterator, start=1):
+        images += images_batch.shape[0]
+        if batch_index >= batches - 1:
+            break
+    wall_end = time.perf_counter()
+    del iterator
+    cpu_total = cpu_seconds() - cpu_start
+    total_images = images + first[0].shape[0]
+    return {"workers": workers, "steady_images_per_s": images / (wall_end - first_at),
+            "images_per_cpu_s": total_images / cpu_total, "first_batch_s": first_at - wall_start}
+
+
 def profile_transform(shards: Path, size: int, pad: int, samples: int) -> None:
     """cProfile the dataset item (read, decode, every transform) in this process on one thread."""
     cfg = build_config(shards, size, 0, pad)
@@ -160,6 +217,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per num_workers setting (median reported)")
     parser.add_argument("--batches", type=int, default=8, help="PK batches (8 x 4 = 32 images) per run")
     parser.add_argument("--profile-samples", type=int, default=64, help="0 skips the cProfile breakdown")
+    parser.add_argument("--imagefolder", action="store_true",
+                        help="torchvision ImageFolder on the same JPEGs beside it (needs --encoding jpeg)")
     args = parser.parse_args()
 
     shards = cached_shards(args.cache, args.images, args.source_size, args.max_side, args.identities,
@@ -172,17 +231,30 @@ def main() -> int:
     print("| num_workers | cores used | images/s (steady) | images/s per core | images per CPU-second "
           "| first batch | load avg (1 min) |")
     print("|--:|--:|--:|--:|--:|--:|--:|")
+    folder = imagefolder_tree(shards) if args.imagefolder else None
     for workers in args.workers:
         # One core means one core: torch's intra-op threads would otherwise help the main process.
         torch.set_num_threads(1)
-        runs = [measure_loader(shards, args.size, workers, args.pad, args.batches) for _ in range(args.repeats)]
+        runs, peer_runs = [], []
+        for _ in range(args.repeats):  # interleaved: a drifting machine load falls on both alike
+            runs.append(measure_loader(shards, args.size, workers, args.pad, args.batches))
+            if folder is not None:
+                peer_runs.append(measure_imagefolder(folder, args.size, workers, args.pad, args.batches))
         used = max(1, min(workers, cores))
-        steady = sorted(run["steady_images_per_s"] for run in runs)
-        per_cpu = sorted(run["images_per_cpu_s"] for run in runs)
-        median = steady[len(steady) // 2]
-        print(f"| {workers} | {used} | {median:.1f} ({steady[0]:.1f}-{steady[-1]:.1f}) | {median / used:.1f} | "
-              f"{per_cpu[len(per_cpu) // 2]:.1f} | {runs[0]['first_batch_s']:.2f} s | "
-              f"{os.getloadavg()[0]:.2f} |", flush=True)
+        for name, measured in (("jaguar", runs), ("ImageFolder", peer_runs)):
+            if not measured:
+                continue
+            steady = sorted(run["steady_images_per_s"] for run in measured)
+            per_cpu = sorted(run["images_per_cpu_s"] for run in measured)
+            median = steady[len(steady) // 2]
+            label = f"{workers}" if folder is None else f"{workers} {name}"
+            print(f"| {label} | {used} | {median:.1f} ({steady[0]:.1f}-{steady[-1]:.1f}) | {median / used:.1f} | "
+                  f"{per_cpu[len(per_cpu) // 2]:.1f} | {measured[0]['first_batch_s']:.2f} s | "
+                  f"{os.getloadavg()[0]:.2f} |", flush=True)
+        if peer_runs:
+            ratios = sorted(a["steady_images_per_s"] / b["steady_images_per_s"] for a, b in zip(runs, peer_runs))
+            print(f"|   jaguar / ImageFolder, run by run: median {ratios[len(ratios) // 2]:.2f} "
+                  f"({ratios[0]:.2f}-{ratios[-1]:.2f}) |", flush=True)
     print(f"goal: >= {GOAL_PER_CORE:.0f} images/s per core")
     if args.profile_samples > 0:
         torch.set_num_threads(1)

@@ -95,7 +95,8 @@ def combine_features(feature_sets: Sequence[FeatureSet], weights: Sequence[float
     meta = {"ensemble": {"mode": chosen, "weights": normalised_weights,
                          "members": [fs.meta for fs in feature_sets]},
             "split": first.meta.get("split")}
-    return FeatureSet(names, embedding, aligned[0].labels.clone(), dict(first.label_names), meta)
+    return FeatureSet(names, embedding, aligned[0].labels.clone(), dict(first.label_names), meta,
+                      aligned[0].viewpoints)
 
 
 def ensemble_runs(run_dirs: Sequence[str | Path | RunDir], out_dir: str | Path | RunDir,

@@ -1,6 +1,7 @@
 """The challenge's file formats, read and written in one place: label files (`train.csv`, the hidden
-`test_labels.csv`, any `filename,ground_truth` file), the pair list (`test.csv`:
-`row_id,query_image,gallery_image`) and the submission (`row_id,similarity`).
+`test_labels.csv`, any `filename,ground_truth` file, with an optional `viewpoint` column: left, right or
+unknown, the flank a photo shows), the pair list (`test.csv`: `row_id,query_image,gallery_image`)
+and the submission (`row_id,similarity`).
 
 Every reader follows the same rules:
 
@@ -12,7 +13,8 @@ Every reader follows the same rules:
   `Table.ignored`, their cells may be empty.
 - Blank lines (no cells, or only empty ones) are skipped wherever they are.
 - Cells are stripped of surrounding spaces. A row with another number of cells than the header, or
-  with an empty cell in one of the file's columns, is an error.
+  with an empty cell in one of the file's columns (other than an optional one, where empty means
+  not given), is an error.
 - Duplicate keys (the filename of a label file, the row_id of a pair list or submission): a row that
   repeats an earlier one exactly is read once, and its line is listed in `repeated` so a caller can
   warn; the same key with different values is an error naming the key and both lines.
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 LABEL_COLUMNS = ("filename", "ground_truth")
+VIEWPOINT_COLUMN = "viewpoint"  # optional in label files: the flank a photo shows
+VIEWPOINTS = ("left", "right", "unknown")
+UNKNOWN_VIEWPOINT = "unknown"
 PAIR_COLUMNS = ("row_id", "query_image", "gallery_image")
 SUBMISSION_COLUMNS = ("row_id", "similarity")
 IDENTIFY_COLUMNS = ("photo", "rank", "individual", "score", "decision")
@@ -90,7 +95,8 @@ def examples(items: Sequence, limit: int = 5) -> str:
 
 @dataclass
 class Table:
-    """Rows of one challenge file, each key once: `rows[i]` holds the cells of `columns` in order."""
+    """Rows of one challenge file, each key once: `rows[i]` holds the cells of `columns` in order
+    (the required columns, then the optional ones the file has; an optional cell may be "")."""
 
     path: Path
     columns: tuple[str, ...]
@@ -102,6 +108,9 @@ class Table:
     def column(self, name: str) -> list[str]:
         position = self.columns.index(name)
         return [row[position] for row in self.rows]
+
+    def has(self, name: str) -> bool:
+        return name in self.columns
 
 
 def _require_file(path: Path, columns: Sequence[str], what: str) -> None:
@@ -124,8 +133,9 @@ def count_pair_rows(path: PathLike) -> int:
     return max(lines + (last != b"\n") - 1, 0)
 
 
-def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
-    """Read a challenge CSV by the rules of this module; the key is the first of `columns`."""
+def read_table(path: PathLike, columns: Sequence[str], what: str, optional: Sequence[str] = ()) -> Table:
+    """Read a challenge CSV by the rules of this module; the key is the first of `columns`.
+    `optional` columns may be absent from the header, and their cells may be empty."""
     path = Path(path)
     _require_file(path, columns, what)
     try:
@@ -142,21 +152,24 @@ def read_table(path: PathLike, columns: Sequence[str], what: str) -> Table:
         raise FormatError(f"{path} is empty; expected '{expected}' and rows")
     header_line, header = records[0]
     missing = [c for c in columns if c not in header]
-    unknown = [c for c in header if c not in columns]
+    unknown = [c for c in header if c not in columns and c not in optional]
     repeated = sorted({c for c in header if header.count(c) > 1})
     if missing or repeated:
         raise FormatError(f"{path} line {header_line}: wrong header '{','.join(header)}': expected "
-                          f"'{expected}' (any order)" + (f"; missing {', '.join(missing)}" if missing else "")
+                          f"'{expected}' (any order{'; optional: ' + ','.join(optional) if optional else ''})"
+                          + (f"; missing {', '.join(missing)}" if missing else "")
                           + (f"; unknown {', '.join(unknown)}" if unknown else "")
                           + (f"; repeated {', '.join(repeated)}" if repeated else ""))
     if unknown:
         log.warning("%s: column(s) %s ignored (read: %s)", path, ", ".join(unknown), expected)
+    columns = tuple(columns) + tuple(c for c in optional if c in header)
+    required = [header.index(c) for c in columns if c not in optional]
     order = [header.index(c) for c in columns]
-    table = Table(path, tuple(columns), ignored=tuple(unknown))
+    table = Table(path, columns, ignored=tuple(unknown))
     first: dict[str, int] = {}  # key -> index in table.rows
     bad: list[str] = []
     for line, cells in records[1:]:
-        if len(cells) != len(header) or any(not cells[i] for i in order):
+        if len(cells) != len(header) or any(not cells[i] for i in required):
             bad.append(f"line {line} has {len(cells)} cell(s) {cells!r}; expected {len(header)} non-empty "
                        f"cells ({','.join(header)})")
             continue
@@ -195,18 +208,47 @@ def _write(path: PathLike, columns: Sequence[str], rows: Iterable[Sequence[objec
 
 
 def read_labels(path: PathLike) -> dict[str, str]:
-    """{filename: identity} of a `filename,ground_truth` file, in file order."""
-    return dict(read_label_table(path).rows)
+    """{filename: identity} of a `filename,ground_truth[,viewpoint]` file, in file order."""
+    table = read_label_table(path)
+    return dict(zip(table.column("filename"), table.column("ground_truth")))
 
 
 def read_label_table(path: PathLike) -> Table:
-    """A `filename,ground_truth` file with the line of each row (for messages) and repeated lines."""
-    return read_table(path, LABEL_COLUMNS, "label file")
+    """A `filename,ground_truth[,viewpoint]` file with the line of each row (for messages) and
+    repeated lines. The viewpoint column is optional; `viewpoints` reads it."""
+    return read_table(path, LABEL_COLUMNS, "label file", optional=(VIEWPOINT_COLUMN,))
 
 
-def write_labels(path: PathLike, rows: Iterable[tuple[str, str]]) -> None:
-    """Write (filename, identity) rows as a `filename,ground_truth` file, atomically."""
-    _write(path, LABEL_COLUMNS, rows)
+def viewpoints(table: Table) -> dict[str, str]:
+    """{filename: viewpoint} of a label table, each one of VIEWPOINTS (lower case; an empty cell is
+    unknown); {} when the file has no viewpoint column. A value outside VIEWPOINTS is a FormatError
+    naming the file and every line at fault."""
+    if not table.has(VIEWPOINT_COLUMN):
+        return {}
+    found, bad = {}, []
+    for line, name, value in zip(table.lines, table.column("filename"), table.column(VIEWPOINT_COLUMN)):
+        value = value.lower() or UNKNOWN_VIEWPOINT
+        if value not in VIEWPOINTS:
+            bad.append(f"line {line}: {VIEWPOINT_COLUMN} {value!r}")
+        found[name] = value
+    if bad:
+        raise FormatError(f"{table.path}: {len(bad)} bad {VIEWPOINT_COLUMN}(s), expected one of "
+                          f"{', '.join(VIEWPOINTS)} (or empty for unknown): {examples(bad, _SHOWN)}")
+    return found
+
+
+def write_labels(path: PathLike, rows: Iterable[Sequence[str]]) -> None:
+    """Write (filename, identity) or (filename, identity, viewpoint) rows as a label file
+    (`filename,ground_truth[,viewpoint]`), atomically; every row the same width."""
+    rows = [tuple(row) for row in rows]
+    widths = {len(row) for row in rows}
+    if not widths <= {2} and not widths <= {3}:
+        raise FormatError(f"{path}: label rows must all be (filename, identity) or all (filename, identity, "
+                          f"viewpoint), got widths {sorted(widths)}")
+    bad = [row for row in rows if len(row) == 3 and row[2] not in VIEWPOINTS]
+    if bad:
+        raise FormatError(f"{path}: viewpoint(s) outside {', '.join(VIEWPOINTS)}: {examples(bad)}")
+    _write(path, LABEL_COLUMNS + ((VIEWPOINT_COLUMN,) if widths == {3} else ()), rows)
 
 
 # Pair list: row_id,query_image,gallery_image

@@ -50,15 +50,18 @@ def _free_space(path: Path) -> Optional[int]:
 def write_failed(path: Path, err: BaseException, kept: str, remove: Optional[Path] = None) -> NoReturn:
     """Raise the WriteError for `err` raised while writing `path` (`kept`: what is left as it was),
     after removing the half-written `remove` (file or folder); re-raise `err` when it is neither a
-    full disk nor a refused write. torch reports a full disk as a RuntimeError ("unexpected pos",
-    "file write failed"): one with under 1 MB left is taken as one."""
+    full disk nor a refused write. Libraries report a full disk in their own types: safetensors as
+    a SafetensorError saying "No space left on device (os error 28)", torch as a RuntimeError
+    ("unexpected pos", "file write failed"), taken as one when under 1 MB is left."""
     path = Path(path)
     if remove is not None:
         shutil.rmtree(remove, ignore_errors=True) if Path(remove).is_dir() else Path(remove).unlink(missing_ok=True)
     code = getattr(err, "errno", None)
     free = _free_space(path.parent)
     free_text = f"{_size_text(free)} free" if free is not None else "free space unknown"
-    if code in _DISK_FULL or (isinstance(err, RuntimeError) and free is not None and free < (1 << 20)):
+    text = str(err)
+    said_full = "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text
+    if code in _DISK_FULL or said_full or (isinstance(err, RuntimeError) and free is not None and free < (1 << 20)):
         raise WriteError(f"could not write {path}: disk full on {path.parent} ({free_text}); {kept}. Free some "
                          f"space (or point the output elsewhere) and run the command again") from err
     if code in _FORBIDDEN:
@@ -147,7 +150,7 @@ def _body_failed(final: Path, err: OSError, tmp: Path) -> NoReturn:
 
 
 def _kept(path: Path) -> str:
-    return f"the earlier {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
+    return f"the earlier {path.name} is kept as it was" if path.exists() else f"{path.name} was not written"
 
 
 @contextmanager

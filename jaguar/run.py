@@ -27,7 +27,11 @@ report, ensemble, pseudo-label) takes a `RunDir`.
     RUN/gallery/thumbnails/       their photos, small          thumbnail_path
     RUN/calibration.json          open-set threshold chosen    load_calibration / save_calibration
                                   on validation                (OpenSetCalibration)
+    RUN/diagnose_<split>.json     shortcut diagnostics         load_diagnosis / save_diagnosis (Diagnosis)
+                                  (`jaguar diagnose`)
     RUN/report/                   the HTML report              report_dir
+    RUN/export/model.onnx         the exported embedding       export_path (`jaguar export`;
+    RUN/export/model-int8.onnx    model, fp32 and int8         jaguar.retrieval.onnx_model)
     RUN/pseudo/                   pseudo-label shards          pseudo_dir
     RUN/.lock                     the run's writer lock        writer_lock (jaguar.lock)
     RUN/gallery/.lock             the gallery's writer lock    gallery_lock
@@ -48,14 +52,14 @@ from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
 from jaguar.lock import NoLock, WriterLock, launch_rank
 # The records are importable from here too: callers take a RunDir and the types it returns together.
-from jaguar.run_records import (EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score, ScoreTable,
-                                SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
+from jaguar.run_records import (Diagnosis, EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score,
+                                ScoreTable, SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
 
 if TYPE_CHECKING:  # torch-backed: imported where features are read, so `jaguar --help` stays light
     from jaguar.retrieval.features import FeatureSet
 
-__all__ = ["SPLITS", "RANK_FORMATS", "RunDir", "RunDirError", "EnsembleRecord", "OpenSetCalibration", "PostResult", "Score",
-           "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
+__all__ = ["SPLITS", "RANK_FORMATS", "RunDir", "RunDirError", "Diagnosis", "EnsembleRecord", "OpenSetCalibration",
+           "PostResult", "Score", "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
 
 SPLITS = ("train", "val", "test")
 RANK_FORMATS = ("parquet", "csv")  # `jaguar rank`'s file formats, named by their extension
@@ -81,7 +85,10 @@ _GALLERY = "gallery"
 _ENROLLED = "enrolled.safetensors"
 _THUMBNAILS = "thumbnails"
 _CALIBRATION = "calibration.json"
+_DIAGNOSIS = "diagnose_{split}.json"
 _PSEUDO = "pseudo"
+_EXPORT = "export"
+_EXPORT_MODEL = "model{suffix}.onnx"
 _PREEMPT = "PREEMPT"
 _LOCK = ".lock"
 
@@ -112,6 +119,7 @@ class RunDir:
         self.thumbnails_dir = self.gallery_dir / _THUMBNAILS
         self.calibration_path = self.path / _CALIBRATION
         self.pseudo_dir = self.path / _PSEUDO
+        self.export_dir = self.path / _EXPORT
         # touching this file asks a running training to checkpoint and exit (as SIGUSR1 does)
         self.preempt_flag = self.path / _PREEMPT
         self.lock_path = self.path / _LOCK
@@ -158,6 +166,10 @@ class RunDir:
         if split not in SPLITS:
             raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return self.path / _RANKS.format(split=split, fmt=fmt)
+
+    def export_path(self, int8: bool = False) -> Path:
+        """`jaguar export`'s default output: the embedding model as ONNX, fp32 or int8-quantised."""
+        return self.export_dir / _EXPORT_MODEL.format(suffix="-int8" if int8 else "")
 
     # ------------------------------------------------------------------ config and split
 
@@ -345,6 +357,24 @@ class RunDir:
     def save_calibration(self, calibration: OpenSetCalibration) -> None:
         # strict JSON: a NaN figure is an error here, never a bare NaN in the file
         atomic_write_json(self.calibration_path, record_to_json(calibration), allow_nan=False)
+
+    # ------------------------------------------------------------------ shortcut diagnostics
+
+    def diagnosis_path(self, split: str) -> Path:
+        """`jaguar diagnose`'s result for a split (val or test)."""
+        self.features_path(split)  # checks the split name
+        return self.path / _DIAGNOSIS.format(split=split)
+
+    def has_diagnosis(self, split: str) -> bool:
+        return self.diagnosis_path(split).is_file()
+
+    def load_diagnosis(self, split: str) -> Diagnosis:
+        path = self.diagnosis_path(split)
+        raw = self._read_json(path, f"run `jaguar diagnose {self.path} --split {split}`")
+        return build_record(Diagnosis, raw, str(path))
+
+    def save_diagnosis(self, diagnosis: Diagnosis) -> None:
+        atomic_write_json(self.diagnosis_path(diagnosis.split), record_to_json(diagnosis))
 
     # ------------------------------------------------------------------ ensembles
 

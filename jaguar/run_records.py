@@ -157,6 +157,52 @@ class OpenSetCalibration:
     features: str = ""  # the features' provenance (checkpoint) the threshold belongs to
 
 
+@dataclass
+class DiagnosisRow:
+    """One retrieval figure of `jaguar diagnose`: identity-balanced mAP (the evaluator's) of one
+    image variant or candidate restriction, beside what a random ranking scores in expectation."""
+    name: str  # "original", "foreground only", "background only", "silhouette only", "same flank", ...
+    mAP_balanced: Optional[float]  # None where no query has a match (e.g. no cross-flank pairs)
+    chance: Optional[float]
+    num_queries: int  # queries with a true match: the ones averaged
+    note: str = ""
+
+
+@dataclass
+class MirrorSimilarity:
+    """Mirror self-similarity: the cosine between each image's embedding and its mirror image's,
+    both without flip TTA: its quantiles, mean and histogram, beside the mean cosine of an image to
+    the other images of its identity and to other identities (for scale)."""
+    mean: float
+    median: float
+    p10: float
+    p90: float
+    histogram_edges: list[float]
+    histogram_counts: list[int]
+    same_identity_mean: float
+    other_identity_mean: float
+
+
+@dataclass
+class Diagnosis:
+    """`jaguar diagnose`'s result for one split (RunDir.load_diagnosis / save_diagnosis): does the
+    model see the coat? Context rows (original, foreground only, background only, silhouette only),
+    the context ratio background / foreground (and the same above chance), mirror
+    self-similarity, and same- vs cross-flank retrieval where the data has viewpoints."""
+    split: str
+    images: int
+    identities: int
+    features: str  # the weights the figures belong to
+    flip_tta: bool  # the run's extraction setting, used for the context and flank rows
+    context: list[DiagnosisRow]
+    context_ratio: Optional[float]
+    context_ratio_above_chance: Optional[float]
+    mirror: MirrorSimilarity
+    flanks: list[DiagnosisRow] = field(default_factory=list)  # empty without a viewpoint column
+    viewpoint_counts: dict[str, int] = field(default_factory=dict)
+    key: str = ""  # the extraction key of the features diagnosed: a re-run with the same key is a no-op
+
+
 T = TypeVar("T")
 
 
@@ -177,15 +223,18 @@ def build_record(cls: type[T], mapping: Any, where: str) -> T:
     values = {}
     for name, value in mapping.items():
         hint = hints[name]
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
         if hint is PostConfig:
             try:
                 value = PostConfig.from_dict(value, f" in {where}")
             except (TypeError, ValueError) as err:
                 raise RunDirError(f"{where}: {name}: {err}") from None
-        elif hint == list[StageRow]:
+        elif dataclasses.is_dataclass(item):
             if not isinstance(value, list):
                 raise RunDirError(f"{where}: {name} must be a list of rows")
-            value = [build_record(StageRow, row, f"{where} {name}[{i}]") for i, row in enumerate(value)]
+            value = [build_record(item, row, f"{where} {name}[{i}]") for i, row in enumerate(value)]
+        elif dataclasses.is_dataclass(hint):
+            value = build_record(hint, value, f"{where} {name}")
         values[name] = value
     return cls(**values)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project's virtual environment and install jaguar with its test extras.
+# Create (or refresh) the project's virtual environment and install jaguar with its test and export extras.
 # Idempotent: skips the install when pyproject.toml has not changed since the last one.
 # Usage: source it or run it; JAGUAR_VENV overrides the venv location (default: ./.venv).
 set -euo pipefail
@@ -16,7 +16,7 @@ fi
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   echo "[setup] installing jaguar and its dependencies into $VENV (a few minutes the first time)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,export]"
   echo "$WANT" > "$STAMP"
 fi
 # DeepSpeed JIT-compiles ops on first use (2-3 minutes on 2 cores): one persistent cache for the tests,

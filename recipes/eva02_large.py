@@ -43,6 +43,11 @@ config.train.grad_accum = 4
 config.train.precision = "bf16"
 config.train.eval_every = 1
 
+# Flip TTA and flip augmentation are this seed route's own (the challenge's v3 route used both) and stay
+# on so the route reproduces. On flank-true synthetic jaguars (left and right flanks carry different
+# rosettes, as real ones do) flip TTA did not help the tiny recipe (benchmarks/shortcuts.py
+# --experiment flip, RESULTS.md "flip"); on real data check with `jaguar diagnose` (mirror
+# self-similarity, same- vs cross-flank mAP) and try retrieval.flip_tta=false.
 config.retrieval.flip_tta = True
 config.retrieval.post.qe_k = 2
 config.retrieval.post.rerank = True

@@ -247,18 +247,20 @@ def test_resume_applies_a_changed_schedule_knowingly_and_refuses_a_changed_model
 
 
 def test_multi_scale_tta_on_a_vit_rounds_to_the_patch_size_and_relative_position_vits_are_refused(shards_dir):
-    from jaguar.retrieval.extract import build_extraction_model, embed_batch, scaled_size
+    from jaguar.retrieval.embedder import load_embedder
+    from jaguar.retrieval.extract import embed_batch, scaled_size
 
     assert scaled_size(64, 96, 0.7, 16) == (48, 64) and scaled_size(80, 160, 0.9, 1) == (72, 144)
     cfg = load_config(None, ["model.backbone=test_vit", "model.img_size=[64,64]", "retrieval.scales=[0.7,0.9,1.0]"])
-    model, _ = build_extraction_model(cfg, None)
-    embedding = embed_batch(model.eval().embed, torch.randn(2, 3, 64, 64), torch.device("cpu"),
-                            scales=cfg.retrieval.scales, size_multiple=model.backbone.size_multiple)
+    model = load_embedder(cfg, None, None, torch.device("cpu"))
+    assert model.size_multiple == 16
+    embedding = embed_batch(model.embed, torch.randn(2, 3, 64, 64), torch.device("cpu"),
+                            scales=model.scales, size_multiple=model.size_multiple)
     assert embedding.shape == (2, model.embed_dim) and torch.isfinite(embedding).all()
     relpos = load_config(None, ["model.backbone=test_vit_relpos", "model.img_size=[64,64]",
                                 "retrieval.scales=[0.9,1.0]"])
     with pytest.raises(ConfigError, match=r"retrieval.scales=\[0.9, 1.0\].*test_vit_relpos"):
-        build_extraction_model(relpos, None)
+        load_embedder(relpos, None, None, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- 9, 10, 11. zero-shot and trained runs

@@ -31,6 +31,9 @@ def test_demo_fast_runs_every_stage_and_skips_them_when_rerun(tmp_path):
     for row in RunDir(run).load_post().table:  # each stage, named by what it does (QE, DBA, re-ranking, ...)
         assert row.label() in result.stdout, f"the demo does not print the {row.name} score"
     assert "tensorboard --logdir" in result.stdout
+    for words in ("background only", "chance", "mirror self-similarity", "cross flank"):
+        assert words in result.stdout, f"the demo does not print the diagnostics' {words}"
+    assert (run / "diagnose_test.json").is_file()
 
     again = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh"), "--fast", "--dir", str(demo)],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)

@@ -67,6 +67,21 @@ def test_merge_refuses_parts_that_do_not_cover_the_split(tmp_path):
     assert merge_parts([part], ["a.png", "b.png"], {}, {}).names == ["a.png", "b.png"]
 
 
+def test_viewpoints_travel_with_the_features(tmp_path):
+    features = FeatureSet(["a.png", "b.png", "c.png"], torch.eye(3), torch.tensor([0, 1, 0]),
+                          viewpoints=["left", None, "right"])
+    assert features.viewpoints == ["left", "unknown", "right"]
+    features.save(tmp_path / "f.safetensors")
+    loaded = FeatureSet.load(tmp_path / "f.safetensors")
+    assert loaded.viewpoints == ["left", "unknown", "right"]
+    assert loaded.select(["c.png", "a.png"]).viewpoints == ["right", "left"]
+    assert loaded.with_identities({"b.png": "x"}).normalized().viewpoints == loaded.viewpoints
+    FeatureSet(["a.png"], torch.eye(1), torch.tensor([0])).save(tmp_path / "plain.safetensors")
+    assert FeatureSet.load(tmp_path / "plain.safetensors").viewpoints is None
+    with pytest.raises(ValueError, match="viewpoints"):
+        FeatureSet(["a.png"], torch.eye(1), torch.tensor([0]), viewpoints=["front"])
+
+
 def test_one_and_two_processes_agree(trained_run, shards_dir, tmp_path):
     two = tmp_path / "two"
     shutil.copytree(trained_run, two)
@@ -78,6 +93,9 @@ def test_one_and_two_processes_agree(trained_run, shards_dir, tmp_path):
     split = ShardSplit(shards_dir, "test")
     assert one_set.names == two_set.names == split.filenames
     assert two_set.meta["world_size"] == 2
+    # the viewpoint column (test_labels.csv -> prep -> shards) reaches the features, at any world size
+    assert split.viewpoints is not None and set(split.viewpoints) <= {"left", "right"}
+    assert one_set.viewpoints == two_set.viewpoints == split.viewpoints
     torch.testing.assert_close(one_set.embeddings, two_set.embeddings, rtol=1e-5, atol=1e-5)
     norms = one_set.embeddings.norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=1e-5)
@@ -163,3 +181,31 @@ def test_submission_for_every_ordered_pair(trained_run, synth_dir, shards_dir, t
     scored = _jaguar("score", str(submission), "--test-csv", str(synth_dir / "test.csv"), "--labels",
                      str(synth_dir / "test_labels.csv"))
     assert "identity-balanced mAP" in scored.stdout
+
+
+def test_diagnose_writes_its_figures_into_the_run_and_the_report_shows_them(trained_run, tmp_path, capsys):
+    from jaguar.cli.main import main
+    from jaguar.report import build_report
+    from jaguar.retrieval.metrics import evaluate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "features" / "val.safetensors").unlink(missing_ok=True)  # whatever ran before
+    assert main(["diagnose", str(run_dir), "--split", "val"]) == 2  # no features yet: says which command
+    assert f"jaguar extract {run_dir} --split val" in capsys.readouterr().err
+    _jaguar("extract", str(run_dir), "--split", "val")
+    assert main(["diagnose", str(run_dir), "--split", "val"]) == 0
+    printed = capsys.readouterr().out
+    for words in ("foreground only", "background only", "silhouette only", "context ratio", "chance",
+                  "mirror self-similarity", "same flank", "cross flank"):
+        assert words in printed, words
+    run = RunDir(run_dir)
+    diagnosis = run.load_diagnosis("val")
+    features = run.load_features("val")
+    original = evaluate(features.embeddings @ features.embeddings.T, features.labels, kind="similarity")
+    assert diagnosis.context[0].name == "original" and diagnosis.context[0].mAP_balanced == original.mAP_balanced
+    assert diagnosis.images == len(features) and sum(diagnosis.mirror.histogram_counts) == len(features)
+    assert sum(diagnosis.viewpoint_counts.values()) == len(features)
+    page = build_report(run).read_text()
+    assert "Does the model see the coat?" in page and "mirror_similarity_val.png" in page
+    assert (run.report_dir / "mirror_similarity_val.png").is_file()

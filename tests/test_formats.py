@@ -22,7 +22,7 @@ MALFORMED = [
     (read_labels, b"\n  \n", "is empty"),
     (read_labels, LABELS.encode(), "a header but no rows"),
     (read_labels, b"name,identity\na.png,x\n", "line 1: wrong header 'name,identity': expected "
-                                               "'filename,ground_truth' (any order); missing filename, "
+                                               "'filename,ground_truth' (any order; optional: viewpoint); missing filename, "
                                                "ground_truth; unknown name, identity"),
     (read_labels, b"filename,filename\na.png,x\n", "missing ground_truth; repeated filename"),
     (read_labels, (LABELS + "a.png,x\nb.png\n").encode(), "line 3 has 1 cell(s) ['b.png']"),
@@ -136,6 +136,31 @@ def test_prep_reads_train_csv_by_the_same_rules(synth_dir: Path, tmp_path: Path)
         with pytest.raises(PrepError, match=f"line 7 gives filename '{name}' other values than line 2"):
             prepare(src, tmp_path / "again", workers=1, skip_bad=skip_bad)
     assert not (tmp_path / "again").exists()
+
+
+def test_the_viewpoint_column_is_optional_checked_and_written_back(tmp_path: Path):
+    from jaguar.formats import viewpoints
+
+    path = tmp_path / "labels.csv"
+    path.write_text("viewpoint,filename,ground_truth\nLeft,a.png,Abril\n,b.png,Zorro\nright,c.png,Abril\n")
+    table = read_label_table(path)
+    assert read_labels(path) == {"a.png": "Abril", "b.png": "Zorro", "c.png": "Abril"}
+    assert viewpoints(table) == {"a.png": "left", "b.png": "unknown", "c.png": "right"}  # empty = unknown
+    assert viewpoints(read_label_table(_write(tmp_path / "plain.csv", LABELS + "a.png,x\n"))) == {}
+    path.write_text("filename,ground_truth,viewpoint\na.png,Abril,front\nb.png,Zorro,left\nc.png,Abril,side\n")
+    with pytest.raises(FormatError, match=r"2 bad viewpoint\(s\).*line 2: viewpoint 'front', line 4: viewpoint 'side'"):
+        viewpoints(read_label_table(path))
+    rows = [("a.png", "Abril", "left"), ("b.png", "Zorro", "unknown")]
+    write_labels(tmp_path / "out.csv", rows)
+    assert (tmp_path / "out.csv").read_text().splitlines()[0] == "filename,ground_truth,viewpoint"
+    assert viewpoints(read_label_table(tmp_path / "out.csv")) == {"a.png": "left", "b.png": "unknown"}
+    with pytest.raises(FormatError, match="viewpoint"):
+        write_labels(tmp_path / "bad.csv", [("a.png", "Abril", "top")])
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def test_an_extra_column_is_named_and_read_past(tmp_path: Path, caplog):

@@ -54,6 +54,45 @@ def test_individual_scores_max_and_mean_of_top_n_exactly():
         individual_scores(query, gallery, "median")
 
 
+def _loop_scores(queries, gallery, top_n):
+    """The per-individual loop the vectorised scores replace: the reference."""
+    similarity = queries.float() @ gallery.embeddings.float().T
+    scores = torch.full((queries.shape[0], len(gallery.individuals)), float("-inf"))
+    for index in range(len(gallery.individuals)):
+        columns = torch.nonzero(gallery.individual == index).flatten()
+        if columns.numel():
+            scores[:, index] = similarity[:, columns].topk(min(top_n, columns.numel()), dim=1).values.mean(dim=1)
+    return scores
+
+
+@pytest.mark.parametrize("aggregate,top_n", [("max", 1), ("mean_top2", 2), ("mean_top3", 3), ("mean_top5", 5)])
+def test_vectorised_individual_scores_equal_the_per_individual_loop_with_ties(aggregate, top_n, monkeypatch):
+    import jaguar.retrieval.identify as identify
+
+    monkeypatch.setattr(identify, "_CHUNK_BYTES", 8 * 90 * 7)  # 7 queries a chunk: several chunks
+    generator = torch.Generator().manual_seed(top_n)
+    # Coarse features: many exact ties, within an individual and across individuals.
+    embeddings = torch.randint(0, 3, (90, 4), generator=generator).float()
+    individual = torch.randint(0, 12, (90,), generator=generator)  # individual 12 of 13 has no image
+    individual[individual == 5] = 6
+    gallery = Gallery(embeddings, individual, [f"id{i}" for i in range(13)], [f"r{i}" for i in range(90)])
+    queries = torch.randint(0, 3, (40, 4), generator=generator).float()
+    expected = _loop_scores(queries, gallery, top_n)
+    scores = individual_scores(queries, gallery, aggregate)
+    assert torch.isneginf(scores[:, 5]).all() and torch.isneginf(scores[:, 12]).all()
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
+    calibration = _calibration(float(expected.max(dim=1).values.median()), aggregate)
+    monkeypatch.setattr(identify, "individual_scores", lambda q, g, a: _loop_scores(q, g, top_n))
+    reference = rank_individuals(queries, gallery, calibration, top_k=4)
+    monkeypatch.undo()
+    monkeypatch.setattr(identify, "_CHUNK_BYTES", 8 * 90 * 7)
+    decided = rank_individuals(queries, gallery, calibration, top_k=4)
+    assert [[name for name, _ in c] for c, _ in decided] == [[name for name, _ in c] for c, _ in reference]
+    assert [known for _, known in decided] == [known for _, known in reference]
+    stable_order = torch.argsort(-expected, dim=1, stable=True)[:, :4]  # ties: the gallery's order
+    assert [[name for name, _ in c] for c, _ in decided] == [[f"id{i}" for i in row] for row in stable_order.tolist()]
+
+
 def test_rank_individuals_orders_candidates_and_decides_by_the_threshold():
     gallery = Gallery(torch.eye(3), torch.tensor([0, 1, 2]), ["A", "B", "C"], ["a", "b", "c"])
     # unit queries in 4-D; the gallery's 3 images are the first three axes (4th axis: nobody)

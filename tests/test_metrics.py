@@ -1,4 +1,4 @@
-"""The evaluator on hand-computed cases (ties, queries without a match, the Market-1501 camera rule,
+"""The evaluator on hand-computed cases (ties, whatever the order of the images, queries without a match, the Market-1501 camera rule,
 candidate pairs), its errors naming the real cause, and every caller reporting its numbers."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ HAND_SIM = np.array([
     [0.0, 0.9, 0.8, 0.1, 0.95],  # ranking 4, 1*, 2, 3        -> AP 1/2, first match at 2, INP 1/2
     [0.2, 0.0, 0.9, 0.5, 0.0],   # ranking 2, 3, 0*, 4        -> AP 1/3, first match at 3, INP 1/3
     [0.7, 0.1, 0.0, 0.6, 0.0],   # ranking 0, 3*, 1, 4        -> AP 1/2, first match at 2, INP 1/2
-    [0.3, 0.3, 0.3, 0.0, 0.0],   # tie: 0, 1, 2* by index     -> AP 1/3, first match at 3, INP 1/3
+    [0.3, 0.3, 0.3, 0.0, 0.0],   # tie: 0, 1, then 2* (ties: non-matches first) -> AP 1/3, first match 3
     [0.5, 0.4, 0.3, 0.2, 0.0],   # singleton: no true match   -> skipped
 ])
 HAND_LABELS = [0, 0, 1, 1, 2]
@@ -43,17 +43,102 @@ def test_all_vs_all_hand_case():
     assert as_distance.summary() == pytest.approx(result.summary())
 
 
-def test_ties_are_broken_by_index():
-    # All scores equal: each query ranks the others in index order. Query 0 sees 1, 2* (AP 1/2),
-    # query 2 sees 0*, 1 (AP 1); identity 1 is a singleton and is skipped.
+def test_ties_rank_every_non_match_first_whatever_the_order():
+    # All scores equal: every non-match is ranked before the true match. Query 0 sees 1, 2* (AP 1/2),
+    # query 2 sees 1, 0* (AP 1/2); identity 1 is a singleton and is skipped.
     sim = np.full((3, 3), 0.5)
     result = evaluate(sim, [0, 1, 0], kind="similarity")
-    assert result.per_identity_ap == {0: pytest.approx((1 / 2 + 1) / 2)}
-    assert result.rank1 == pytest.approx(1 / 2) and result.mINP == pytest.approx((1 / 2 + 1) / 2)
-    # The same images in another order (match before the non-match for query 0) score higher.
-    assert identity_balanced_map(sim, [0, 0, 1]) == pytest.approx(1.0)
-    # Ties in a distance matrix are broken the same way.
-    assert evaluate(np.zeros((3, 3)), [0, 1, 0], kind="distance").mAP == pytest.approx(3 / 4)
+    assert result.per_identity_ap == {0: pytest.approx(1 / 2)}
+    assert result.rank1 == 0.0 and result.mINP == pytest.approx(1 / 2)
+    # The same images in another order score the same (a stable sort would give AP 1 here).
+    assert identity_balanced_map(sim, [0, 0, 1]) == pytest.approx(1 / 2)
+    assert evaluate(np.zeros((3, 3)), [0, 1, 0], kind="distance").mAP == pytest.approx(1 / 2)
+
+
+def _reference(scores, q_label, g_label, valid):
+    """The tie rule written plainly: each query's candidates sorted by (score descending, true
+    match last), AP / INP / first match over the true matches' places."""
+    ap, inp, first = [], [], []
+    for q in range(scores.shape[0]):
+        candidates = [(-scores[q, g], g_label[g] == q_label[q]) for g in range(scores.shape[1]) if valid[q, g]]
+        is_match = [m for _, m in sorted(candidates)]
+        places = [i + 1 for i, m in enumerate(is_match) if m]
+        if not places:
+            ap.append(np.nan), inp.append(np.nan), first.append(0)
+            continue
+        ap.append(np.mean([(j + 1) / place for j, place in enumerate(places)]))
+        inp.append(len(places) / places[-1])
+        first.append(places[0])
+    return np.array(ap), np.array(inp), np.array(first)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_counting_equals_the_plain_tie_rule_on_random_ties(seed, monkeypatch):
+    import jaguar.retrieval.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 16 * 60 * 7)  # 7 query rows a chunk: several chunks
+    rng = np.random.default_rng(seed)
+    n_query, n_gallery = 30, 60
+    scores = rng.integers(0, 4, (n_query, n_gallery)).astype(np.float32)  # many exact ties
+    q_label, g_label = rng.integers(0, 5, n_query), rng.integers(0, 5, n_gallery)
+    q_cam, g_cam = rng.integers(0, 2, n_query), rng.integers(0, 2, n_gallery)
+    candidates = rng.random((n_query, n_gallery)) > 0.2
+    result = evaluate(scores, q_label, g_label, kind="similarity", query_cams=q_cam, gallery_cams=g_cam,
+                      candidates=candidates)
+    valid = candidates & ~((q_label[:, None] == g_label[None, :]) & (q_cam[:, None] == g_cam[None, :]))
+    ap, inp, first = _reference(scores, q_label, g_label, valid)
+    np.testing.assert_allclose(result.query_ap, ap, atol=1e-12)
+    np.testing.assert_allclose(result.query_inp, inp, atol=1e-12)
+    np.testing.assert_array_equal(result.first_match_rank, first)
+    square = scores[:, :n_query].astype(np.int64)  # all-vs-all, integer scores, as distances
+    result = evaluate(square, q_label, kind="distance")
+    ap, _, first = _reference(-square, q_label, q_label, ~np.eye(n_query, dtype=bool))
+    np.testing.assert_allclose(result.query_ap, ap, atol=1e-12)
+    np.testing.assert_array_equal(result.first_match_rank, first)
+    # Every order of the images gives every query the same figures.
+    order = rng.permutation(n_query)
+    permuted = evaluate(square[order][:, order], q_label[order], kind="distance")
+    np.testing.assert_allclose(permuted.query_ap, result.query_ap[order], atol=1e-12)
+    assert permuted.summary() == pytest.approx(result.summary(), abs=1e-12)
+
+
+def test_embeddings_are_evaluated_chunk_by_chunk_as_their_score_matrix(monkeypatch):
+    import jaguar.retrieval.metrics as metrics
+    from jaguar.retrieval.metrics import evaluate_embeddings
+    from tests.test_knn import clustered
+
+    monkeypatch.setattr(metrics, "_CHUNK_BYTES", 16 * 240 * 13)
+    features, labels = clustered(dim=8, duplicates=40)  # duplicate rows: exact ties
+    expected = evaluate(features @ features.T, labels, kind="similarity")
+    result = evaluate_embeddings(features, labels)
+    assert result.summary() == pytest.approx(expected.summary(), abs=1e-9)
+    np.testing.assert_allclose(result.query_ap, expected.query_ap, atol=1e-9)
+    queries, gallery = features[:50], features[50:]
+    expected = evaluate(queries @ gallery.T, labels[:50], labels[50:], kind="similarity")
+    result = evaluate_embeddings(queries, labels[:50], gallery, labels[50:])
+    np.testing.assert_allclose(result.query_ap, expected.query_ap, atol=1e-9)
+
+
+def test_score_of_a_pair_file_does_not_depend_on_its_row_order(tmp_path: Path):
+    """Two gallery images tie for a query, one its match and one not: `jaguar score` gives the
+    same figures whichever the pair file lists first."""
+    from jaguar.formats import write_labels, write_pairs, write_submission
+    from jaguar.retrieval.stages import score_submission
+
+    names = ["a1.png", "a2.png", "b1.png", "b2.png"]
+    write_labels(tmp_path / "labels.csv", [("a1.png", "A"), ("a2.png", "A"), ("b1.png", "B"), ("b2.png", "B")])
+    similarity = {("a1.png", "a2.png"): 0.5, ("a1.png", "b1.png"): 0.5}  # the tie
+    pairs = [(q, g) for q in names for g in names if q != g]
+    scored = []
+    for order in (pairs, pairs[::-1]):
+        rows = [(f"{q}-{g}", q, g) for q, g in order]
+        write_pairs(tmp_path / "test.csv", rows)
+        write_submission(tmp_path / "sub.csv", [r for r, _, _ in rows],
+                         np.array([similarity.get((q, g), 0.9 if q[0] == g[0] else 0.1) for _, q, g in rows]))
+        scored.append(score_submission(tmp_path / "sub.csv", tmp_path / "test.csv", tmp_path / "labels.csv"))
+    assert scored[0].mAP_balanced == pytest.approx(scored[1].mAP_balanced, abs=1e-12)
+    assert scored[0].per_identity == pytest.approx(scored[1].per_identity, abs=1e-12)
+    assert scored[0].per_identity["A"] == pytest.approx((1 / 2 + 1) / 2)  # a1: b1 before a2 in the tie
 
 
 def test_balanced_differs_from_plain_map_and_weighs_identities_equally():
@@ -244,10 +329,10 @@ def test_per_query_ap_with_several_matches():
                        [5, 9, 1, 1, 1],  # query 1: 0(v), then ties 2 3 4(v) by index -> AP (1 + 2/4) / 2
                        [7, 1, 9, 6, 1],  # query 2: 0(x) 3(v) -> AP 1/2
                        [1, 1, 6, 9, 1],  # query 3: 2(v) -> AP 1
-                       [3, 1, 1, 1, 9]], dtype=float)  # query 4: 0(v), then ties 1(v) 2 3 -> AP 1
+                       [3, 1, 1, 1, 9]], dtype=float)  # query 4: 0(v), then ties 2 3 1(v) -> AP (1 + 2/4) / 2
     result = evaluate(scores, labels, kind="similarity")
-    np.testing.assert_allclose(result.query_ap, [(1 / 2 + 2 / 3) / 2, (1 + 2 / 4) / 2, 1 / 2, 1.0, 1.0])
-    np.testing.assert_allclose(result.query_inp, [2 / 3, 2 / 4, 1 / 2, 1.0, 1.0])
+    np.testing.assert_allclose(result.query_ap, [(1 / 2 + 2 / 3) / 2, (1 + 2 / 4) / 2, 1 / 2, 1.0, (1 + 2 / 4) / 2])
+    np.testing.assert_allclose(result.query_inp, [2 / 3, 2 / 4, 1 / 2, 1.0, 2 / 4])
 
 
 def test_validation_with_non_finite_embeddings_blames_the_model(monkeypatch):
@@ -263,3 +348,25 @@ def test_validation_with_non_finite_embeddings_blames_the_model(monkeypatch):
                                 SimpleNamespace(is_main_process=False), None, None,
                                 SimpleNamespace(scalars=None, image=None), 7)
     assert "val_fraction" not in str(caught.value)
+
+
+def test_chance_is_the_mean_of_the_evaluator_over_every_ranking():
+    import itertools
+
+    from jaguar.retrieval.metrics import chance_map_balanced, evaluate
+
+    labels = [0, 0, 1, 1, 1, 2]
+    candidates = np.ones((6, 6), dtype=bool)
+    candidates[0, 1] = False  # query 0 loses its only match: skipped, as the evaluator skips it
+    candidates[2, 5] = False
+    total, count = 0.0, 0
+    for ranks in itertools.permutations(range(5)):  # every ordering of each query's 5 others, jointly
+        scores = np.zeros((6, 6))
+        for query in range(6):
+            others = [g for g in range(6) if g != query]
+            scores[query, others] = [-r for r in np.roll(ranks, query)]
+        total += evaluate(scores, labels, kind="similarity", candidates=candidates).mAP_balanced
+        count += 1
+    assert chance_map_balanced(labels, candidates) == pytest.approx(total / count, abs=1e-12)
+    # one match among 3 candidates: E[1 / rank] = H_3 / 3
+    assert chance_map_balanced([0, 0, 1, 1]) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3, abs=1e-12)

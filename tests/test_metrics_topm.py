@@ -112,21 +112,13 @@ def test_search_finds_the_knn_lists_and_their_exact_figures_in_one_pass(top_m, c
     assert_same(evaluator.evaluate(neighbours.index), evaluate(features @ features.T, labels, kind="similarity"))
 
 
-@pytest.mark.parametrize("wide_rows", [0, 15, 40])  # rows with a target far down: counted in place
-def test_counting_ranks_beyond_the_lists_packed_or_in_place_gives_the_same_counts(wide_rows):
-    from jaguar.retrieval.metrics_ranked import _count_above, _count_above_dense
+@pytest.mark.parametrize("n_targets", [1, 6, 40])
+def test_counting_at_or_above_per_row_thresholds_equals_the_plain_count(n_targets):
+    from jaguar.retrieval.ranks import count_at_or_above
 
     generator = torch.Generator().manual_seed(3)
     scores = (torch.randn(40, 300, generator=generator) * 0.05).round(decimals=1)  # many exact ties
-    scores[:, 60:] -= 10  # a tail far below the first 60 columns
-    targets = torch.randint(0, 60, (40, 6), generator=generator)  # few columns above: packed
-    targets[:wide_rows, 0] = torch.randint(60, 300, (wide_rows,), generator=generator)
-    present = torch.rand(40, 6, generator=generator) > 0.3
-    present[:, 0] = True
-    # The plain definition: columns with a higher score, or an equal score and a lower column.
-    column = torch.arange(300)
-    target_scores = scores.gather(1, targets)
-    expected = ((scores[:, None, :] > target_scores[:, :, None])
-                | ((scores[:, None, :] == target_scores[:, :, None]) & (column < targets[:, :, None]))).sum(-1)
-    assert torch.equal(_count_above(scores, targets, present)[present], expected[present])
-    assert torch.equal(_count_above_dense(scores, targets, present)[present], expected[present])
+    counted = torch.rand(40, 300, generator=generator) > 0.3
+    thresholds = scores.gather(1, torch.randint(0, 300, (40, n_targets), generator=generator)).sort(dim=1).values
+    expected = ((scores[:, None, :] >= thresholds[:, :, None]) & counted[:, None, :]).sum(-1)
+    assert torch.equal(count_at_or_above(scores, counted, thresholds), expected)

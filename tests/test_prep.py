@@ -20,8 +20,9 @@ from jaguar.data.prep import PrepError, prepare
 
 
 def _train_rows(src: Path) -> list[list[str]]:
+    """(filename, identity) of each train.csv row (its viewpoint column left out)."""
     with (src / "train.csv").open(newline="") as handle:
-        return list(csv.reader(handle))[1:]
+        return [row[:2] for row in list(csv.reader(handle))[1:]]
 
 
 def _small_challenge(synth_dir: Path, root: Path, train: int = 8, test: int = 3) -> Path:
@@ -288,3 +289,21 @@ def test_real_train_csv_parses(tmp_path: Path) -> None:
     labels = np.array([s["label"] for s in manifest["splits"]["train"]["samples"]])
     counts = {name: int((labels == label).sum()) for name, label in manifest["identities"].items()}
     assert counts == REAL_IDENTITY_COUNTS
+
+
+def test_the_viewpoint_column_reaches_the_manifest_and_the_samples(synth_dir: Path, shards_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    from jaguar.data.shards import ShardSplit
+    from jaguar.formats import read_label_table, viewpoints
+
+    for split, labels in (("train", "train.csv"), ("test", "test_labels.csv")):
+        truth = viewpoints(read_label_table(synth_dir / labels))
+        shards = ShardSplit(shards_dir, split)
+        assert shards.viewpoints == [truth[name] for name in shards.filenames]
+        assert shards.read_rgba(0)[1]["viewpoint"] == truth[shards.filenames[0]]
+    # without the column (the challenge's own files): no viewpoint anywhere, as before
+    src = _small_challenge(synth_dir, tmp_path / "src")
+    prepare(src, tmp_path / "out", workers=1)
+    samples = json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["samples"]
+    assert all("viewpoint" not in sample for sample in samples)
+    assert ShardSplit(tmp_path / "out", "train").viewpoints is None

@@ -105,7 +105,25 @@ def full_run(tmp_path_factory, tiny_shards) -> Path:
             "threshold": [0.5, 0.61, 0.7], "known_accuracy": [0.9, 0.8, 0.5], "unknown_accuracy": [0.4, 0.7, 0.8],
             "balanced_accuracy": [0.65, 0.75, 0.65]}, {"max": {"threshold": 0.61, "balanced_accuracy": 0.75}},
         "whole identities"))
+    run.save_diagnosis(_diagnosis(val))
     return run.path
+
+
+def _diagnosis(val: FeatureSet):
+    """A Diagnosis of hand-made features, as `jaguar diagnose` writes one."""
+    from jaguar.retrieval.diagnose import context_ratios, flank_rows, mirror_similarity, retrieval_row
+    from jaguar.run import Diagnosis
+
+    noisy = torch.nn.functional.normalize(val.embeddings + torch.randn(val.embeddings.shape,
+                                                                       generator=torch.Generator().manual_seed(1)), dim=1)
+    context = [retrieval_row("original", val.embeddings, val.labels),
+               retrieval_row("foreground only", val.embeddings, val.labels),
+               retrieval_row("background only", noisy, val.labels),
+               retrieval_row("silhouette only", noisy, val.labels)]
+    views = ["left" if i % 2 else "right" for i in range(len(val))]
+    return Diagnosis("val", len(val), len(set(val.labels.tolist())), "hand-made", True, context,
+                     *context_ratios(context), mirror_similarity(val.embeddings, noisy, val.labels),
+                     flank_rows(val.embeddings, val.labels, views), {"left": len(val) // 2})
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +161,11 @@ def test_full_report_has_every_section_and_only_existing_images(full_run, test_l
     for split in ("val", "test"):
         for heading in ("Per-identity AP", "Retrieval examples", "Similarity distributions"):
             assert f"{heading} — {split}" in text, (heading, split)
-    for heading in ("Results", "Configuration", "Training curves", "Open-set identification"):
+    for heading in ("Results", "Configuration", "Training curves", "Open-set identification",
+                    "Does the model see the coat?", "Context ratio background / foreground", "Flank retrieval"):
         assert heading in text, heading
+    diagnosis = run.load_diagnosis("val")
+    assert f"{diagnosis.context[2].mAP_balanced:.4f}" in text and f"{diagnosis.context[2].chance:.4f}" in text
     assert f"{score.mAP_balanced:.4f}" in text and "resnet18" in text
     # rows named by what they do; settings only those that act; each figure says how it was computed
     assert "<td>QE</td>" in text and "chosen: QE (k 2)" in text and "+QE" not in text
@@ -156,7 +177,7 @@ def test_full_report_has_every_section_and_only_existing_images(full_run, test_l
     sources = _image_sources(index)
     assert {"training_curves.png", "per_identity_ap_val.png", "retrieval_best_val.png",
             "retrieval_worst_val.png", "similarity_val.png", "retrieval_worst_test.png",
-            "open_set_curve.png"} <= set(sources)
+            "open_set_curve.png", "mirror_similarity_val.png"} <= set(sources)
     for source in sources:
         assert not re.match(r"^(https?:|/)", source), source  # offline: relative files only
         assert (index.parent / source).is_file(), source

@@ -25,7 +25,8 @@ def test_layout_headers_names_and_query_major_pairs(synth_dir: Path) -> None:
     train = _rows(synth_dir / "train.csv")
     labels = _rows(synth_dir / "test_labels.csv")
     pairs = _rows(synth_dir / "test.csv")
-    assert train[0] == ["filename", "ground_truth"] and labels[0] == ["filename", "ground_truth"]
+    assert train[0] == ["filename", "ground_truth", "viewpoint"] == labels[0]
+    assert {r[2] for r in train[1:] + labels[1:]} == {"left", "right"}  # no unknown share asked for
     assert pairs[0] == ["row_id", "query_image", "gallery_image"]
     assert [r[0] for r in train[1:]] == [f"train_{i:04d}.png" for i in range(1, SYNTH_TRAIN_IMAGES + 1)]
     test_files = [f"test_{i:04d}.png" for i in range(1, SYNTH_TEST_IMAGES + 1)]
@@ -180,3 +181,52 @@ def test_burst_frames_are_near_identical_but_not_copies(tmp_path: Path) -> None:
     assert (plain / "train" / lone[0]).read_bytes() == (out / "train" / lone[0]).read_bytes()
     with pytest.raises(ValueError, match="bursts"):
         make_synthetic(tmp_path / "x", identities=3, train_images=30, test_images=6, size=96, bursts=1.2)
+
+
+def test_the_two_flanks_of_an_identity_are_not_mirror_images() -> None:
+    from jaguar.data.synth_render import body_canvas, make_pattern
+
+    def coat(name: str, flank: str) -> np.ndarray:
+        return body_canvas(4, name, 256, flank)[..., 1].astype(np.float64)  # the rendered coat's darkness
+
+    def correlation(a: np.ndarray, b: np.ndarray) -> float:
+        body = body_canvas(4, "Lua", 256)[..., 0] > 0
+        return float(np.corrcoef(a[body], b[body])[0, 1])
+
+    left, right = coat("Lua", "left"), coat("Lua", "right")
+    # A right-flank photo shows the right coat mirrored into place: were it the left coat (the old
+    # generator's "other side"), every right-flank photo would be the mirror image of a left one.
+    assert correlation(left, right) < 0.3
+    # ... and no nearer to it than another animal's coat is (the flanks are unrelated layouts)
+    assert abs(correlation(left, right)) < abs(correlation(left, coat("Ti", "left"))) + 0.2
+    # same body style on both sides (shades and spot sizes come from the animal, not the flank)
+    assert make_pattern(4, "Lua", "left").centre_shade == make_pattern(4, "Lua", "right").centre_shade
+    photo_left = np.asarray(render_image(4, "Lua", "train", 3, 96, flank="left"))
+    photo_right = np.asarray(render_image(4, "Lua", "train", 3, 96, flank="right"))
+    assert not np.array_equal(photo_left[..., 3], photo_right[..., 3])  # facing the other way
+    with pytest.raises(ValueError, match="flank"):
+        render_image(4, "Lua", "train", 3, 96, flank="front")
+
+
+def test_viewpoints_and_sites_are_planned_per_scene(tmp_path: Path) -> None:
+    from jaguar.data.synth import plan_sites, plan_views
+
+    names = [f"id{i % 4}" for i in range(400)]
+    scenes = plan_bursts(names, 0.3, np.random.default_rng(1))
+    flanks, views = plan_views(scenes, 0.1, np.random.default_rng(2))
+    assert set(flanks) == {"left", "right"} and 0.4 < flanks.count("left") / len(flanks) < 0.6
+    assert 0.05 < views.count("unknown") / len(views) < 0.15
+    assert all(v in ("unknown", f) for v, f in zip(views, flanks))
+    assert all(flanks[i] == flanks[s] and views[i] == views[s] for i, s in enumerate(scenes))  # a burst: one side
+    sites = plan_sites(names, scenes, 3, 0.8, np.random.default_rng(3))
+    home = {name: i % 3 for i, name in enumerate(sorted(set(names)))}
+    assert 0.7 < np.mean([site == home[name] for name, site in zip(names, sites)]) < 0.9
+    assert all(sites[i] == sites[s] for i, s in enumerate(scenes))
+    assert plan_sites(names, scenes, 0, 0.8, np.random.default_rng(3)) == [None] * len(names)
+    out = make_synthetic(tmp_path / "s", identities=3, train_images=12, test_images=4, size=48, seed=2,
+                         workers=1, sites=2, unknown_views=0.5)
+    site_rows = _rows(out / "sites.csv")
+    assert site_rows[0] == ["filename", "site"] and len(site_rows) == 1 + 12 + 4
+    assert {r[2] for r in _rows(out / "train.csv")[1:]} <= {"left", "right", "unknown"}
+    with pytest.raises(ValueError, match="unknown-viewpoint share"):
+        make_synthetic(tmp_path / "x", identities=3, train_images=12, test_images=4, size=48, unknown_views=2.0)

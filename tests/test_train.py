@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,6 +310,22 @@ def test_a_pickle_payload_in_a_handed_checkpoint_never_runs_and_resume_refuses_i
     assert result.returncode == 2 and not marker.exists()
     assert f"checkpoint {checkpoint} is refused" in result.stderr
     assert "custom_checkpoint_0.pkl: not written by jaguar" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
+def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_partial_checkpoint(shards_dir, tmp_path):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("tmpfs cannot be mounted here")
+    try:
+        result = _jaguar("train", TINY, *_small(shards_dir, disk / "run", "train.max_steps=1", "train.eval_every=0"))
+        assert result.returncode == 2
+        assert f"could not write {disk / 'run' / 'checkpoints' / 'step-000001'}: disk full on" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not list((disk / "run" / "checkpoints").iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_a_checkpoint_of_the_model_alone_is_not_resumed(shards_dir, tmp_path):

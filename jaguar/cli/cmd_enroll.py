@@ -16,6 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", required=True, help="the new individual's name (unique in the gallery)")
     parser.add_argument("photos", nargs="+", help="its photos or folders of them")
     parser.add_argument("--checkpoint", default=None, help="weights to use (default: the run's best, else newest)")
+    parser.add_argument("--model", default=None, metavar="MODEL.onnx",
+                        help="embed the photos with this exported model (`jaguar export`; needs onnxruntime) "
+                             "instead of the run's checkpoint")
     parser.set_defaults(func=run)
 
 
@@ -24,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = RunDir(args.run_dir)
     with run_dir.gallery_lock("jaguar enroll"):
-        done = enroll(run_dir, args.name, args.photos, args.checkpoint)
+        done = enroll(run_dir, args.name, args.photos, args.checkpoint, args.model)
     print(f"enrolled {done.name!r} from {len(done.photos)} photo(s) into {run_dir.enrolled_path}")
     return 0

@@ -34,8 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"{_RUN.checkpoints_dir})")
     parser.add_argument("--config", default=None,
                         help="extract with this recipe/YAML and no trained checkpoint (a pretrained backbone as is)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides: any key with --config; for a run folder its search "
-                             "settings only (retrieval.*, data.batch_size, data.num_workers)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides: any key with --config; for a run folder "
+                             "its search settings only (retrieval.*, data.batch_size, data.num_workers)")
+    parser.add_argument("--model", default=None, metavar="MODEL.onnx",
+                        help="embed with this exported model (`jaguar export`; needs onnxruntime) instead of "
+                             "the run's checkpoint")
     parser.add_argument("--force", action="store_true", help="recompute even if the features or parts exist")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="images a saved block holds, rounded up to whole batches (default "
@@ -68,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging()
     run_dir, overrides = run_and_overrides(args)
     extract_run(RunDir(run_dir) if run_dir else None, args.split, args.config, overrides, args.checkpoint,
-                force=args.force, block_size=args.block_size)
+                force=args.force, block_size=args.block_size, onnx_path=args.model)
     return 0
 
 

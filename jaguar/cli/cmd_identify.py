@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--html", default=None,
                         help="review page folder (default: the CSV's name with _review, beside it)")
     parser.add_argument("--checkpoint", default=None, help="weights to use (default: the run's best, else newest)")
+    parser.add_argument("--model", default=None, metavar="MODEL.onnx",
+                        help="embed the photos with this exported model (`jaguar export`; needs onnxruntime) "
+                             "instead of the run's checkpoint")
     parser.set_defaults(func=run)
 
 
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from jaguar.report.review import write_review_page
 
     run_dir = RunDir(args.run_dir)
-    found = identify_photos(run_dir, args.photos, args.top_k, args.checkpoint)
+    found = identify_photos(run_dir, args.photos, args.top_k, args.checkpoint, args.model)
     output = Path(args.output)
     write_identify(output, [(r.photo, rank, name, score, r.decision) for r in found.results
                             for rank, (name, score) in enumerate(r.candidates, start=1)])

@@ -28,9 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from jaguar.pseudo import fine_tune_command, pseudo_label_run
 
-    summary = pseudo_label_run(args.run_dir, args.threshold, out_dir=args.out, k=args.k,
-                               confidence=args.confidence, test_labels=args.test_labels,
-                               overwrite=args.overwrite)
+    with RunDir(args.run_dir).writer_lock("jaguar pseudo-label"):  # its shards go to RUN/pseudo by default
+        summary = pseudo_label_run(args.run_dir, args.threshold, out_dir=args.out, k=args.k,
+                                   confidence=args.confidence, test_labels=args.test_labels,
+                                   overwrite=args.overwrite)
     print(f"selected {summary['selected_count']} of {summary['candidates']} test images "
           f"({summary['agreed']} agreed; confidence {args.confidence} >= {args.threshold})")
     precision = (summary.get("precision") or {}).get("selected") or {}

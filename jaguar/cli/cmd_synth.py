@@ -18,6 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="share of images that are frames of near-identical camera-trap bursts (2-5 frames, "
                              "tiny pose/light jitter), listed in bursts.csv; 0.12 resembles the real data "
                              "(default 0: none)")
+    parser.add_argument("--unknown-views", type=float, default=0.0, metavar="SHARE",
+                        help="share of photos whose viewpoint column says unknown (the photo still shows one "
+                             "flank; default 0)")
+    parser.add_argument("--sites", type=int, default=0,
+                        help="camera sites, each with its own fixed background; identities are seen mostly "
+                             "at their home site, a background shortcut (listed in sites.csv; default 0: "
+                             "generic backgrounds)")
+    parser.add_argument("--site-affinity", type=float, default=0.8, metavar="P",
+                        help="with --sites: probability a photo is taken at its identity's home site (default 0.8)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.set_defaults(func=_run)
 
@@ -29,7 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     out = make_synthetic(args.out, identities=args.identities, train_images=args.train_images,
                          test_images=args.test_images, size=args.size, seed=args.seed,
                          workers=args.workers, overwrite=args.overwrite, progress=True,
-                         bursts=args.bursts)
+                         bursts=args.bursts, unknown_views=args.unknown_views, sites=args.sites,
+                         site_affinity=args.site_affinity)
     train = read_labels(out / "train.csv")
     test_images = len(read_labels(out / "test_labels.csv"))
     print(f"wrote {len(train)} train + {test_images} test images of "
@@ -39,4 +49,6 @@ def _run(args: argparse.Namespace) -> int:
         frames = (out / "bursts.csv").read_text().splitlines()[1:]
         print(f"{len(frames)} images are frames of {len({line.split(',')[1] for line in frames})} bursts "
               f"(listed in {out / 'bursts.csv'})")
+    print("one coat per flank; the viewpoint column of train.csv and test_labels.csv says which side each "
+          "photo shows" + (f"; {args.sites} camera sites (sites.csv)" if args.sites else ""))
     return 0

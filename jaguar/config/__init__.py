@@ -18,13 +18,13 @@ from typing import Any, Literal, Optional
 import yaml
 
 from jaguar.config.fields import ConfigError, apply_mapping, field_of, leaf_keys, set_value
-from jaguar.config.schema import (Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PostConfig,
-                                  RetrievalConfig, RunConfig, TrainConfig)
+from jaguar.config.schema import (Config, DataConfig, DistillConfig, LossConfig, ModelConfig, OptimConfig,
+                                  PostConfig, RetrievalConfig, RunConfig, TrainConfig)
 from jaguar.io import atomic_write_text
 
-__all__ = ["Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "PostConfig",
-           "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides", "deepspeed_zero_stage",
-           "from_dict", "refuse_ema_under_zero3",
+__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "LossConfig", "ModelConfig", "OptimConfig",
+           "PostConfig", "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides",
+           "apply_run_overrides", "deepspeed_zero_stage", "from_dict", "refuse_ema_under_zero3",
            "get_value", "load_config", "save_config", "set_value", "to_dict", "to_yaml", "validate"]
 
 
@@ -68,6 +68,27 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             except yaml.YAMLError:
                 value = raw
         set_value(cfg, key, value, " (command line)")
+    return cfg
+
+
+# What a trained (or zero-shot) run's own config may be overridden with: settings of the search and
+# of the reader, not of the model its weights belong to or the data they were trained on.
+RUN_OVERRIDABLE = ("retrieval.", "data.batch_size", "data.num_workers")
+
+
+def apply_run_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], where: str) -> Config:
+    """Apply `key=value` overrides to a run's own config (`where`: its config.yaml), each checked as
+    the config checks it; a key outside RUN_OVERRIDABLE would contradict the run's weights or shards
+    and is refused by name."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+                   for allowed in RUN_OVERRIDABLE):
+            raise ConfigError(f"override {item!r}: {key} is fixed by the run's weights and data ({where}); "
+                              f"a run takes only retrieval.*, data.batch_size and data.num_workers overrides. "
+                              f"For another model or data, extract with --config RECIPE into another run.dir")
+    apply_overrides(cfg, list(overrides))
+    validate(cfg)
     return cfg
 
 
@@ -169,10 +190,14 @@ def _check_model(model: ModelConfig) -> None:
 
 
 def _check_loss(cfg: Config) -> None:
-    loss = cfg.loss
-    if loss.ce_weight == loss.triplet_weight == loss.center_weight == 0:
+    loss, distill = cfg.loss, cfg.distill
+    distilling = bool(distill.teacher) and distill.weight > 0
+    if loss.ce_weight == loss.triplet_weight == loss.center_weight == 0 and not distilling:
         raise ConfigError("loss.ce_weight, loss.triplet_weight and loss.center_weight are all 0; "
-                          "enable at least one term")
+                          "enable at least one term (or distill from a teacher: distill.teacher=RUN)")
+    if distill.teacher and distill.weight == 0:
+        raise ConfigError(f"distill.teacher={distill.teacher} is set but distill.weight is 0, so nothing would be "
+                          f"distilled; set distill.weight > 0 or distill.teacher=''")
     if loss.ce_weight == 0 and cfg.data.mixup_prob > 0 and cfg.data.mixup_alpha > 0:
         raise ConfigError("mixup (data.mixup_prob > 0) trains only the cross-entropy term, but "
                           "loss.ce_weight is 0; set loss.ce_weight > 0 or data.mixup_prob=0")

@@ -107,6 +107,20 @@ class LossConfig(Group):
 
 
 @dataclass
+class DistillConfig(Group):
+    """Knowledge distillation from a teacher run's embeddings of the training images (precomputed:
+    `jaguar extract TEACHER --split train`, and `--split val` when the student trains on images the
+    teacher held out), added to the loss terms above (jaguar.models.losses)."""
+    KEY = "distill"
+
+    teacher: str = ""  # the teacher's run folder; "" trains without distillation
+    weight: float = ranged(1.0, _NON_NEGATIVE)
+    # similarity: the batch's cosine-similarity matrices made to match (any widths); cosine: each
+    # embedding made to point where the teacher's does (needs the teacher's width: model.reduce_dim)
+    loss: Literal["similarity", "cosine"] = "similarity"
+
+
+@dataclass
 class OptimConfig(Group):
     KEY = "optim"
 
@@ -236,6 +250,7 @@ class Config(Group):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jaguar.data.image_forms import IMAGE_SUFFIXES
-from jaguar.formats import LABEL_COLUMNS, FormatError, examples, read_label_table, read_pairs
+from jaguar.formats import LABEL_COLUMNS, FormatError, Table, examples, read_label_table, read_pairs, viewpoints
 from jaguar.names import UnsafeNameError, check_name, resolve_inside
 
 
@@ -28,6 +28,7 @@ class SourceImage:
     filename: str  # name stored in the sample json ("train_0001.png", or "Abril/001.jpg" for folders)
     path: Path
     identity: str | None
+    viewpoint: str | None = None  # left | right | unknown from the label file's viewpoint column; None: no column
 
     @property
     def key(self) -> str:
@@ -97,13 +98,24 @@ def _read_table(read, path: Path, problems: list[Problem], warnings: list[str]):
     return table
 
 
+def _viewpoints(table: Table | None, problems: list[Problem]) -> dict[str, str]:
+    """The label table's viewpoint column ({} without one); bad values are a fatal problem."""
+    try:
+        return viewpoints(table) if table is not None else {}
+    except FormatError as err:
+        problems.append(Problem(str(table.path), str(err), fatal=True))
+        return {}
+
+
 def _read_challenge(src: Path) -> Listing:
     listing = Listing("challenge", require_alpha=True)
     problems = listing.problems
     train_csv = src / "train.csv"
     if train_csv.exists():
         table = _read_table(read_label_table, train_csv, problems, listing.warnings)
-        for line, (name, identity) in zip(table.lines, table.rows) if table else ():
+        views = _viewpoints(table, problems)
+        for line, name, identity in zip(table.lines, table.column("filename"), table.column("ground_truth")) \
+                if table else ():
             path = _inside(src / "train", name, f"line {line}", train_csv, problems)
             if path is None:
                 continue
@@ -111,12 +123,12 @@ def _read_challenge(src: Path) -> Listing:
                 problems.append(Problem(str(path), f"missing: named on train.csv line {line} but not in "
                                                    f"{src / 'train'}"))
                 continue
-            listing.images.append(SourceImage("train", name, path, identity))
+            listing.images.append(SourceImage("train", name, path, identity, views.get(name)))
     elif (src / "train").is_dir():
         problems.append(Problem(str(train_csv), "missing: train/ exists but train.csv (header "
                                                  f"'{','.join(LABEL_COLUMNS)}') does not", fatal=True))
 
-    test_labels = _read_test_labels(src, problems, listing.warnings)
+    test_labels, test_views = _read_test_labels(src, problems, listing.warnings)
     test_csv = src / "test.csv"
     if test_csv.exists():
         pairs = _read_table(read_pairs, test_csv, problems, listing.warnings)
@@ -137,24 +149,29 @@ def _read_challenge(src: Path) -> Listing:
         test_paths = {name: path for name, path in found if path is not None and path.is_file()}
     else:
         test_paths = {}
-    listing.images += [SourceImage("test", name, path, test_labels.get(name)) for name, path in test_paths.items()]
+    listing.images += [SourceImage("test", name, path, test_labels.get(name), test_views.get(name))
+                       for name, path in test_paths.items()]
     _check_keys(listing)
     return listing
 
 
-def _read_test_labels(src: Path, problems: list[Problem], warnings: list[str]) -> dict[str, str]:
-    """The optional hidden truth of the test split (written by `jaguar synth`), for local evaluation."""
+def _read_test_labels(src: Path, problems: list[Problem], warnings: list[str]
+                      ) -> tuple[dict[str, str], dict[str, str]]:
+    """The optional hidden truth of the test split (written by `jaguar synth`), for local evaluation:
+    ({filename: identity}, {filename: viewpoint} when the file has that column)."""
     path = src / "test_labels.csv"
     if not path.exists():
-        return {}
+        return {}, {}
     table = _read_table(read_label_table, path, problems, warnings)
+    views = _viewpoints(table, problems)
     labels = {}
-    for line, (name, identity) in zip(table.lines, table.rows) if table else ():
+    for line, name, identity in zip(table.lines, table.column("filename"), table.column("ground_truth")) \
+            if table else ():
         try:
             labels[check_name(name, f"line {line}")] = identity  # never joined to a folder, but a name all the same
         except UnsafeNameError as err:
             problems.append(Problem(str(path), str(err)))
-    return labels
+    return labels, views
 
 
 def _read_folders(src: Path) -> Listing:

@@ -1,6 +1,7 @@
 """The manifest of a shards folder (`manifest.json`): what `jaguar prep` and pseudo-labelling write
 and the shard reader reads. It records each split's shards (name, sample count, byte size, sha256),
-its wids index and samples (key, filename, label, sha256 of the image bytes), the identity -> label
+its wids index and samples (key, filename, label, sha256 of the image bytes, and the viewpoint where
+the source's label file has that column), the identity -> label
 map, the options used, the files skipped, warnings and near-duplicate groups.
 
 Checks: `Manifest.check_sizes` compares each shard's byte size with the manifest (a stat, no read;
@@ -47,6 +48,7 @@ class SampleEntry:
     filename: str  # the image's name in the source data set
     label: int  # -1: identity unknown
     sha256: str  # of the sample's image member bytes, in order
+    viewpoint: Optional[str] = None  # left | right | unknown; None: the source gave no viewpoint column
 
 
 @dataclass
@@ -79,6 +81,10 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data = {"format": data.pop("format"), **data}
+        for entry in data["splits"].values():  # a viewpoint is written only where the source had one
+            for sample in entry["samples"]:
+                if sample["viewpoint"] is None:
+                    del sample["viewpoint"]
         if not self.groups:
             data.pop("groups")
         data.pop("content_sha256")

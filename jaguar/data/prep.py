@@ -176,7 +176,8 @@ def write_split(out: Path, split: str, samples: list[dict], spool: Path, shard_s
                                     "shardlist": [{"url": s.url, "nsamples": s.nsamples, "filesize": s.filesize}
                                                   for s in shards]})
     return SplitEntry(len(samples), shards, index,
-                      [SampleEntry(s["key"], s["meta"]["filename"], s["meta"]["label"], s["sha256"]) for s in samples])
+                      [SampleEntry(s["key"], s["meta"]["filename"], s["meta"]["label"], s["sha256"],
+                                   s["meta"].get("viewpoint")) for s in samples])
 
 
 def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: int = 500, workers: int = 2,
@@ -223,6 +224,8 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
             meta = {"filename": image.filename, "identity": image.identity,
                     "label": labels.get(image.identity, -1) if image.identity is not None else -1,
                     "orig_size": result["orig_size"], "size": result["size"], "alpha_bbox": result["alpha_bbox"]}
+            if image.viewpoint is not None:  # only where the source has the column: older shards stay as they were
+                meta["viewpoint"] = image.viewpoint
             per_split[image.split].append({"key": image.key, "meta": meta, "spool": result["spool"],
                                            "sha256": result["sha256"]})
         groups = hash_groups([(image.split, image.filename) for image, _ in converted],

@@ -96,7 +96,8 @@ class ShardSplit:
     """Random access to one split of a `jaguar prep` output: item i is (RGBA PIL image, sample json);
     `read_rgba(i)` gives the image as an array instead.
 
-    `filenames`, `labels` and `identities` come from the manifest (no tar is opened) in item order."""
+    `filenames`, `labels`, `identities` and `viewpoints` come from the manifest (no tar is opened) in
+    item order; `viewpoints` is None when no sample of the split has one (a source without the column)."""
 
     def __init__(self, shards_dir: str | Path, split: str) -> None:
         self.shards_dir = Path(shards_dir).resolve()
@@ -116,6 +117,8 @@ class ShardSplit:
         self.labels: np.ndarray = np.array([s.label for s in entry.samples], dtype=np.int64)
         self.label_names: dict[int, str] = self.manifest.label_names
         self.identities: list[str | None] = [self.label_names.get(int(label)) for label in self.labels]
+        views = [s.viewpoint for s in entry.samples]
+        self.viewpoints: list[str | None] | None = views if any(v is not None for v in views) else None
         self._shard_ends = np.cumsum([shard.nsamples for shard in entry.shards])  # to name a sample's shard
         self._shard_urls = [shard.url for shard in entry.shards]
         self._dataset = None

@@ -1,5 +1,8 @@
-"""Synthetic jaguars in the challenge's exact layout: identity lives only in a per-animal rosette coat
-pattern; pose, lighting, blur, noise, occlusion and a cluttered background vary per photo."""
+"""Synthetic jaguars in the challenge's exact layout: identity lives only in a per-animal rosette coat,
+one coat per flank (a photo shows one flank, written in the label files' `viewpoint` column); pose,
+lighting, blur, noise, occlusion and a cluttered background vary per photo. With camera sites, each
+site has its own fixed background and each identity is seen mostly at its home site: a background
+shortcut a model can learn instead of the coat (what `jaguar diagnose` measures)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaguar.data.synth_render import render_png
+from jaguar.data.synth_render import FLANKS, render_png
 from jaguar.errors import JaguarError
-from jaguar.formats import write_labels, write_pairs
+from jaguar.formats import UNKNOWN_VIEWPOINT, write_labels, write_pairs
 from jaguar.io import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -111,13 +114,51 @@ def plan_bursts(names: list[str], rate: float, rng: np.random.Generator) -> list
     return scenes
 
 
+def plan_views(scenes: list[int], unknown: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """(flank shown, viewpoint recorded) of each image: left or right at even odds, one draw per
+    scene (a burst's frames show the same side); the recorded viewpoint is the flank, or `unknown`
+    for about `unknown` of the scenes (a side nobody noted, as in real catalogues)."""
+    if not 0.0 <= unknown <= 1.0:
+        raise SynthError(f"the unknown-viewpoint share must be in [0, 1], got {unknown}")
+    draws = {scene: (FLANKS[int(rng.integers(2))], bool(rng.random() < unknown)) for scene in sorted(set(scenes))}
+    flanks = [draws[scene][0] for scene in scenes]
+    recorded = [UNKNOWN_VIEWPOINT if draws[scene][1] else draws[scene][0] for scene in scenes]
+    return flanks, recorded
+
+
+def plan_sites(names: list[str], scenes: list[int], sites: int, affinity: float,
+               rng: np.random.Generator) -> list[int | None]:
+    """The camera site of each image (None for every image when `sites` is 0). Identity number i (in
+    name order) lives at site i mod `sites`: a scene is shot there with probability `affinity`, else at
+    one of the other sites at random; a burst's frames share their scene's site."""
+    if sites < 0:
+        raise SynthError(f"sites must be >= 0, got {sites}")
+    if not 0.0 <= affinity <= 1.0:
+        raise SynthError(f"site affinity must be in [0, 1], got {affinity}")
+    if sites == 0:
+        return [None] * len(names)
+    home = {name: i % sites for i, name in enumerate(sorted(set(names)))}
+    chosen: dict[int, int] = {}
+    for scene in sorted(set(scenes)):
+        site = home[names[scene]]
+        if sites > 1 and rng.random() >= affinity:
+            site = (site + 1 + int(rng.integers(sites - 1))) % sites
+        chosen[scene] = site
+    return [chosen[scene] for scene in scenes]
+
+
 def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 1895, test_images: int = 371,
                    size: int = 256, seed: int = 0, workers: int | None = None, overwrite: bool = False,
-                   progress: bool = False, bursts: float = 0.0) -> Path:
+                   progress: bool = False, bursts: float = 0.0, unknown_views: float = 0.0, sites: int = 0,
+                   site_affinity: float = 0.8) -> Path:
     """Write a synthetic data set in the challenge layout to `out` (atomically) and return its path.
 
-    `bursts` > 0: about that share of each split's images are frames of near-identical bursts (see
-    `plan_bursts`); bursts.csv lists them (filename, burst = the file name of its first frame)."""
+    train.csv and test_labels.csv carry a `viewpoint` column (left, right, or unknown for about
+    `unknown_views` of the photos: see `plan_views`). `bursts` > 0: about that share of each split's
+    images are frames of near-identical bursts (see `plan_bursts`); bursts.csv lists them (filename,
+    burst = the file name of its first frame). `sites` > 0: photos are taken at that many camera
+    sites, each identity at its home site with probability `site_affinity` (see `plan_sites`);
+    sites.csv lists each image's site."""
     if size < 32:
         raise SynthError(f"image size must be >= 32 px, got {size}")
     if not 0.0 <= bursts < 1.0:
@@ -136,8 +177,14 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
     test_files = [f"test_{i + 1:04d}.png" for i in range(len(test_names))]
     train_scenes = plan_bursts(train_names, bursts, np.random.default_rng([seed, 4]))
     test_scenes = plan_bursts(test_names, bursts, np.random.default_rng([seed, 5]))
-    jobs = [(seed, name, "train", i, size, train_scenes[i]) for i, name in enumerate(train_names)]
-    jobs += [(seed, name, "test", i, size, test_scenes[i]) for i, name in enumerate(test_names)]
+    train_flanks, train_views = plan_views(train_scenes, unknown_views, np.random.default_rng([seed, 6, 1]))
+    test_flanks, test_views = plan_views(test_scenes, unknown_views, np.random.default_rng([seed, 6, 2]))
+    train_sites = plan_sites(train_names, train_scenes, sites, site_affinity, np.random.default_rng([seed, 7, 1]))
+    test_sites = plan_sites(test_names, test_scenes, sites, site_affinity, np.random.default_rng([seed, 7, 2]))
+    jobs = [(seed, name, "train", i, size, train_scenes[i], train_flanks[i], train_sites[i])
+            for i, name in enumerate(train_names)]
+    jobs += [(seed, name, "test", i, size, test_scenes[i], test_flanks[i], test_sites[i])
+             for i, name in enumerate(test_names)]
     burst_rows = []
     for files, scenes in ((train_files, train_scenes), (test_files, test_scenes)):
         frames = Counter(scenes)
@@ -148,12 +195,16 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "train").mkdir()
         (tmp / "test").mkdir()
-        write_labels(tmp / "train.csv", zip(train_files, train_names))
-        write_labels(tmp / "test_labels.csv", zip(test_files, test_names))
+        write_labels(tmp / "train.csv", zip(train_files, train_names, train_views))
+        write_labels(tmp / "test_labels.csv", zip(test_files, test_names, test_views))
         write_pairs(tmp / "test.csv", _all_pairs(test_files))
         if bursts > 0:
             with (tmp / "bursts.csv").open("w", newline="", encoding="utf-8") as handle:
                 csv.writer(handle, lineterminator="\n").writerows([("filename", "burst"), *burst_rows])
+        if sites > 0:
+            with (tmp / "sites.csv").open("w", newline="", encoding="utf-8") as handle:
+                csv.writer(handle, lineterminator="\n").writerows(
+                    [("filename", "site"), *zip(train_files + test_files, train_sites + test_sites)])
         from jaguar.progress import progress_bar
 
         if workers == 1:

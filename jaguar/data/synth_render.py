@@ -1,8 +1,16 @@
-"""Rendering one synthetic jaguar photo: a per-identity rosette coat on a body silhouette, warped into a
-pose, lit, blurred, noised and set on a cluttered background (jaguar.data.synth lays out whole data sets).
+"""Rendering one synthetic jaguar photo: a rosette coat on a body silhouette, warped into a pose, lit,
+blurred, noised and set on a cluttered background (jaguar.data.synth lays out whole data sets).
+
+Flank-true, as real jaguars are: each identity has two coats, one per flank (independent rosette
+layouts drawn in one body style), and a photo shows one flank. The body canvas is drawn facing right;
+a left-flank photo shows it so (head to the right), a right-flank photo shows the right coat mirrored
+into place (head to the left), so no photo of one side is the mirror image of a photo of the other.
+Backgrounds are generic forest floor, or a camera site's own fixed scene (`site`) with per-photo
+clutter on top.
 
 Byte-identical output for the same arguments: every random draw comes from a generator seeded by
-(seed, identity, split, index), and the PNG encoder's settings are fixed."""
+(seed, identity, flank) for coats, (seed, site) for site scenes and (seed, split, scene, index) for
+photos, and the PNG encoder's settings are fixed."""
 
 from __future__ import annotations
 
@@ -23,6 +31,9 @@ PNG_COMPRESS_LEVEL = 1  # fixed so the same seed always gives byte-identical fil
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESS_LEVEL, cv2.IMWRITE_PNG_STRATEGY,
               cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
 _SPLIT_CODE = {"train": 1, "test": 2}
+FLANKS = ("left", "right")
+_FLANK_CODE = {"left": 1, "right": 2}
+_SITE_STREAM = 7  # the generator stream of camera-site scenes
 
 
 # ---------------------------------------------------------------- the animal in body coordinates
@@ -70,9 +81,15 @@ def _silhouette(width: int) -> Image.Image:
     return canvas
 
 
-def make_pattern(seed: int, name: str) -> CoatPattern:
-    """The coat of identity `name` for data set `seed`: rosettes dart-thrown over the body, spots elsewhere."""
-    rng = np.random.default_rng([seed, 0, zlib.crc32(name.encode("utf-8"))])
+def make_pattern(seed: int, name: str, flank: str = "left") -> CoatPattern:
+    """The coat of one flank (`left` or `right`) of identity `name` for data set `seed`: rosettes
+    dart-thrown over the body, spots elsewhere. Both flanks share the animal's style (rosette count
+    and sizes, ring shapes, shades: drawn from the identity's own generator); the layout of each
+    flank comes from a generator of its own, so the two are unrelated, as on a real jaguar."""
+    if flank not in _FLANK_CODE:
+        raise ValueError(f"flank must be one of {', '.join(FLANKS)}, got {flank!r}")
+    identity = zlib.crc32(name.encode("utf-8"))
+    rng = np.random.default_rng([seed, 0, identity])
     mask = np.asarray(_silhouette(256)) > 0  # where a pattern element may sit (normalised via 256 x 128)
     aspect = 2.0  # canvas width / height: a circle of radius r (height units) is r/aspect wide
     placed: list[tuple[float, float, float]] = []
@@ -90,6 +107,7 @@ def make_pattern(seed: int, name: str) -> CoatPattern:
     centre_shade = int(rng.integers(35, 130))
     spots = int(rng.integers(15, 100))
     spot_low = rng.uniform(0.01, 0.025)
+    rng = np.random.default_rng([seed, 0, identity, _FLANK_CODE[flank]])  # the flank's own layout
     for _ in range(900):
         if len(placed) >= max_rosettes:
             break
@@ -117,10 +135,11 @@ def make_pattern(seed: int, name: str) -> CoatPattern:
 
 
 @lru_cache(maxsize=64)
-def _body_canvas(seed: int, name: str, width: int) -> np.ndarray:
-    """H x W x 3 uint8 canvas: (silhouette, pattern darkness, belly shading) of one identity."""
+def body_canvas(seed: int, name: str, width: int, flank: str = "left") -> np.ndarray:
+    """H x W x 3 uint8 canvas (H = W / 2, head to the right): (silhouette, pattern darkness, belly
+    shading) of one flank of one identity."""
     height = width // 2
-    pattern = make_pattern(seed, name)
+    pattern = make_pattern(seed, name, flank)
     dark = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(dark)
     for polygon in pattern.centres:
@@ -135,12 +154,13 @@ def _body_canvas(seed: int, name: str, width: int) -> np.ndarray:
 # ---------------------------------------------------------------- one photo
 
 
-def _homography(rng: np.random.Generator, size: int, canvas_w: int, canvas_h: int) -> np.ndarray:
-    """Body canvas -> image: perspective tilt, flip, anisotropic scale, rotation, translation."""
+def _homography(rng: np.random.Generator, size: int, canvas_w: int, canvas_h: int, mirror: bool) -> np.ndarray:
+    """Body canvas -> image: perspective tilt, the mirror of a right flank, anisotropic scale,
+    rotation, translation."""
     centre = np.array([[1, 0, -canvas_w / 2], [0, 1, -canvas_h / 2], [0, 0, 1]], dtype=np.float64)
     tilt = np.eye(3)
     tilt[2, :2] = rng.uniform(-0.15, 0.15, 2) / canvas_w
-    flip = np.diag([-1.0 if rng.random() < 0.5 else 1.0, 1.0, 1.0])
+    flip = np.diag([-1.0 if mirror else 1.0, 1.0, 1.0])
     scale = size * rng.uniform(0.75, 1.2) / canvas_w
     stretch = np.diag([scale, scale * rng.uniform(0.85, 1.15), 1.0])
     angle = math.radians(rng.uniform(-15, 15))
@@ -151,14 +171,15 @@ def _homography(rng: np.random.Generator, size: int, canvas_w: int, canvas_h: in
     return move @ rotate @ stretch @ flip @ tilt @ centre
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Cluttered forest floor: smooth colour field, leaves, branches, shadows. Independent of identity."""
-    palette = np.array([[60, 80, 40], [95, 110, 55], [120, 100, 70], [70, 60, 45], [140, 130, 95],
-                        [40, 55, 35], [160, 150, 120]], dtype=np.float64)
-    coarse = palette[rng.integers(0, len(palette), (6, 6))] * rng.uniform(0.7, 1.2, (6, 6, 1))
-    field = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+FOREST_PALETTE = np.array([[60, 80, 40], [95, 110, 55], [120, 100, 70], [70, 60, 45], [140, 130, 95],
+                           [40, 55, 35], [160, 150, 120]], dtype=np.float64)
+
+
+def _clutter(rng: np.random.Generator, field: Image.Image, palette: np.ndarray, count: int) -> None:
+    """Draw `count` leaves and branches in colours of `palette` onto `field` (in place)."""
+    size = field.size[0]
     draw = ImageDraw.Draw(field)
-    for _ in range(int(rng.integers(8, 25))):
+    for _ in range(count):
         colour = tuple(int(c) for c in np.clip(palette[rng.integers(len(palette))] * rng.uniform(0.4, 1.3), 0, 255))
         x, y = rng.uniform(-0.1, 1.1, 2) * size
         if rng.random() < 0.3:
@@ -167,6 +188,42 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         else:
             rx, ry = rng.uniform(0.01, 0.08, 2) * size
             draw.polygon(_blob(rng, x, y, rx, ry, rng.uniform(0, np.pi)), fill=colour)
+
+
+def _colour_field(rng: np.random.Generator, palette: np.ndarray, size: int, cells: int) -> Image.Image:
+    coarse = palette[rng.integers(0, len(palette), (cells, cells))] * rng.uniform(0.7, 1.2, (cells, cells, 1))
+    return Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+
+
+@lru_cache(maxsize=16)
+def site_scene(seed: int, site: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scene, palette) of camera site `site`: the fixed view of its camera (a colour field, rocks,
+    trunks and leaves in the site's own palette: its tint, brightness and texture scale) as an
+    H x W x 3 uint8 array, and the palette its per-photo clutter is drawn from."""
+    rng = np.random.default_rng([seed, _SITE_STREAM, site])
+    tint = rng.uniform(0.55, 1.45, 3)  # each site its own colour cast of the forest palette
+    palette = np.clip(FOREST_PALETTE * tint * rng.uniform(0.7, 1.3), 10, 245)
+    field = _colour_field(rng, palette, size, int(rng.integers(3, 9)))
+    _clutter(rng, field, palette, int(rng.integers(10, 30)))
+    draw = ImageDraw.Draw(field)
+    for _ in range(int(rng.integers(1, 4))):  # trunks: the landmarks a fixed camera always sees
+        x = rng.uniform(0, 1) * size
+        colour = tuple(int(c) for c in np.clip(palette[rng.integers(len(palette))] * 0.5, 0, 255))
+        draw.line([(x, 0), (x + rng.normal(0, 0.1) * size, size)], fill=colour,
+                  width=max(2, int(rng.uniform(0.04, 0.12) * size)))
+    return np.asarray(field), palette
+
+
+def _background(rng: np.random.Generator, size: int, seed: int = 0, site: int | None = None) -> np.ndarray:
+    """Cluttered forest floor: smooth colour field, leaves, branches, shadows, independent of identity;
+    or, at a camera site, the site's fixed scene with a little per-photo clutter of its palette."""
+    if site is None:
+        field = _colour_field(rng, FOREST_PALETTE, size, 6)
+        _clutter(rng, field, FOREST_PALETTE, int(rng.integers(8, 25)))
+    else:
+        scene, palette = site_scene(seed, site, size)
+        field = Image.fromarray(scene.copy())
+        _clutter(rng, field, palette, int(rng.integers(2, 6)))
     return cv2.GaussianBlur(np.asarray(field, dtype=np.float32), (0, 0), size / 300)
 
 
@@ -188,19 +245,23 @@ def _warp(canvas: np.ndarray, to_image: np.ndarray, size: int) -> Image.Image:
                                              resample=Image.BILINEAR)
 
 
-def render_image(seed: int, name: str, split: str, index: int, size: int, scene: int | None = None
-                 ) -> Image.Image:
-    """Photo number `index` of split `split` showing identity `name`, as an RGBA image (alpha = mask).
+def render_image(seed: int, name: str, split: str, index: int, size: int, scene: int | None = None,
+                 flank: str = "left", site: int | None = None) -> Image.Image:
+    """Photo number `index` of split `split` showing the `flank` (left or right) of identity `name`,
+    as an RGBA image (alpha = mask).
 
     `scene` (default `index`): a burst frame repeats photo `scene`'s pose, background and light with a
-    tiny pose/exposure jitter and fresh sensor noise, as consecutive camera-trap frames do."""
+    tiny pose/exposure jitter and fresh sensor noise, as consecutive camera-trap frames do.
+    `site`: the camera site whose fixed scene is the background (None: generic forest floor)."""
+    if flank not in _FLANK_CODE:
+        raise ValueError(f"flank must be one of {', '.join(FLANKS)}, got {flank!r}")
     scene = index if scene is None else scene
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], scene])
     # frames after a burst's first draw their jitter and noise from their own stream
     frame_rng = np.random.default_rng([seed, _SPLIT_CODE[split], scene, index]) if scene != index else None
     canvas_w = max(192, int(round(1.25 * size / 32)) * 32)
-    canvas = _body_canvas(seed, name, canvas_w)
-    to_image = _homography(rng, size, canvas_w, canvas_w // 2)
+    canvas = body_canvas(seed, name, canvas_w, flank)
+    to_image = _homography(rng, size, canvas_w, canvas_w // 2, mirror=flank == "right")
     if frame_rng is not None:
         scene_mask = np.asarray(_warp(canvas, to_image, size), dtype=np.float32)[..., 0] / 255.0
         to_image = _burst_jitter(frame_rng, size) @ to_image
@@ -215,7 +276,7 @@ def render_image(seed: int, name: str, split: str, index: int, size: int, scene:
     strength = dark[..., None] * rng.uniform(0.75, 0.95)
     coat = coat * (1 - strength) + ink * strength
     alpha = mask[..., None]
-    rgb = _background(rng, size) * (1 - alpha) + coat * alpha
+    rgb = _background(rng, size, seed, site) * (1 - alpha) + coat * alpha
 
     if rng.random() < 0.35:  # foliage in front of the animal: it hides the coat and is cut from the mask
         # a burst frame's foliage stays where it was in the scene's first frame while the animal moves
@@ -249,7 +310,8 @@ def render_image(seed: int, name: str, split: str, index: int, size: int, scene:
     return Image.fromarray(rgba, "RGBA")
 
 
-def render_png(job: tuple[int, str, str, int, int, int]) -> bytes:
+def render_png(job: tuple[int, str, str, int, int, int, str, int | None]) -> bytes:
+    """The PNG bytes of `render_image(*job)`."""
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(np.asarray(render_image(*job)), cv2.COLOR_RGBA2BGRA), PNG_PARAMS)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode synthetic image {job}")

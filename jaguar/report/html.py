@@ -19,6 +19,7 @@ from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_text
 from jaguar.report import plots
 from jaguar.report.evaluation import Evaluation, evaluate, find_shards, grid_rows, ranked_lists
+from jaguar.report.diagnosis import diagnosis_section
 from jaguar.report.openset import open_set_section
 from jaguar.report.tb_reader import read_scalars
 from jaguar.retrieval.features import FeatureSet
@@ -321,6 +322,7 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
                                           ensemble is not None, retrieval))
     page.sections.append(_config_section(page, config, config_problem))
     page.sections.append(open_set_section(run, page.figure, page.img))
+    page.sections.append(diagnosis_section(run, page.figure, page.img))
     page.sections.append(_curves_section(page, ensemble is not None))
     page.sections.extend(eval_notes)
     for evaluation, notes in evaluations:

@@ -231,3 +231,22 @@ def plot_open_set_curve(curve: dict[str, list[float]], threshold: float, path: s
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, Path(path))
+
+
+def plot_mirror_similarity(edges: Sequence[float], counts: Sequence[int], same_identity: float,
+                           other_identity: float, path: str | Path, title: str) -> Path:
+    """Histogram of mirror self-similarities (cosine of each image's embedding and its mirror
+    image's), with the mean same-identity and other-identity cosines marked for scale."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    edges = np.asarray(edges, dtype=np.float64)
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4575b4", edgecolor="white",
+           label="image vs its mirror")
+    for value, colour, label in ((same_identity, MATCH_COLOR, "mean, same identity"),
+                                 (other_identity, MISMATCH_COLOR, "mean, other identities")):
+        if np.isfinite(value):
+            ax.axvline(value, color=colour, linestyle="--", label=label)
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, Path(path))

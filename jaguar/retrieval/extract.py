@@ -14,18 +14,18 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from jaguar.config import Config, ConfigError, load_config
+from jaguar.config import Config, ConfigError, apply_run_overrides, load_config
 from jaguar.data.loader import build_eval_loader
 from jaguar.data.manifest import file_sha256
 from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
-from jaguar.models import build_model
+from jaguar.formats import UNKNOWN_VIEWPOINT
 from jaguar.progress import progress_bar
 from jaguar.retrieval.blocks import DEFAULT_BLOCK_SIZE, block_grid, contiguous_slice, fingerprint, rank_blocks
 from jaguar.retrieval.features import FeatureFileError, FeatureSet
@@ -33,6 +33,11 @@ from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
 from jaguar.train.accel import build_accelerator
 from jaguar.train.data import build_run_split, open_train_split
+
+from jaguar.retrieval.embedder import Embedder, load_embedder
+
+if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
+    from jaguar.retrieval.onnx_model import OnnxEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +90,9 @@ def embed_batches(embed: Callable[[torch.Tensor], torch.Tensor], loader, device:
 
 
 def merge_parts(part_files: list[Path], expected_names: list[str], label_names: dict[int, str],
-                meta: dict) -> FeatureSet:
-    """Join parts in order and check the union is exactly the split: no image missing or repeated."""
+                meta: dict, viewpoints: Optional[list[str]] = None) -> FeatureSet:
+    """Join parts in order and check the union is exactly the split: no image missing or repeated.
+    `viewpoints` (one per expected name, or None) is carried into the features."""
     parts = [FeatureSet.load(path) for path in part_files]
     names = [name for part in parts for name in part.names]
     if names != list(expected_names):
@@ -97,7 +103,17 @@ def merge_parts(part_files: list[Path], expected_names: list[str], label_names: 
                            f"{len(names)} rows for {len(expected_names)} images")
     embeddings = torch.cat([part.embeddings for part in parts]) if parts else torch.zeros(0, 0)
     labels = torch.cat([part.labels for part in parts]) if parts else torch.zeros(0, dtype=torch.long)
-    return FeatureSet(names, embeddings, labels, dict(label_names), dict(meta))
+    return FeatureSet(names, embeddings, labels, dict(label_names), dict(meta), viewpoints)
+
+
+def split_viewpoints(split, positions: Sequence[int]) -> Optional[list[str]]:
+    """The viewpoint of each image at `positions` of a shard split (a ShardSplit, or a ConcatSplit of
+    several), None when no part of it has a viewpoint column; an image without one is unknown."""
+    parts = getattr(split, "splits", [split])
+    if all(getattr(part, "viewpoints", None) is None for part in parts):
+        return None
+    flat = [view for part in parts for view in (part.viewpoints or [None] * len(part))]
+    return [flat[p] or UNKNOWN_VIEWPOINT for p in positions]
 
 
 def resolve_source(run: Optional[RunDir], recipe: str | Path | None = None, overrides: Sequence[str] = (),
@@ -112,33 +128,17 @@ def resolve_source(run: Optional[RunDir], recipe: str | Path | None = None, over
         run = run if run is not None else RunDir(cfg.run.dir)
         cfg.run.dir = str(run.path)
         return run, cfg, Path(checkpoint) if checkpoint else None
-    if run is None:
-        raise JaguarError("give a run folder, or a recipe (--config RECIPE) whose run.dir is the run folder")
-    cfg = run.load_config()
-    apply_run_overrides(cfg, run, overrides)
+    run, cfg = _run_config(run, overrides)
     return run, cfg, Path(checkpoint) if checkpoint else run.extraction_weights()
 
 
-# What a trained (or zero-shot) run's own config may be overridden with: settings of the search and
-# of the reader, not of the model its weights belong to or the data they were trained on.
-RUN_OVERRIDABLE = ("retrieval.", "data.batch_size", "data.num_workers")
-
-
-def apply_run_overrides(cfg: Config, run: RunDir, overrides: Sequence[str]) -> Config:
-    """Apply `key=value` overrides to a run's own config (checked as the config checks them); a key
-    outside RUN_OVERRIDABLE would contradict the run's weights or shards and is refused by name."""
-    from jaguar.config import apply_overrides, validate
-
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
-                   for allowed in RUN_OVERRIDABLE):
-            raise ConfigError(f"override {item!r}: {key} is fixed by the run's weights and data ({run.config_path}); "
-                              f"a run takes only retrieval.*, data.batch_size and data.num_workers overrides. "
-                              f"For another model or data, extract with --config RECIPE into another run.dir")
-    apply_overrides(cfg, list(overrides))
-    validate(cfg)
-    return cfg
+def _run_config(run: Optional[RunDir], overrides: Sequence[str]) -> tuple[RunDir, Config]:
+    """A trained (or zero-shot) run's own config, with `overrides` of its search settings (apply_run_overrides)."""
+    if run is None:
+        raise JaguarError("give a run folder, or a recipe (--config RECIPE) whose run.dir is the run folder")
+    cfg = run.load_config()
+    apply_run_overrides(cfg, overrides, str(run.config_path))
+    return run, cfg
 
 
 def split_positions(cfg: Config, run: RunDir, split_name: str) -> tuple[object, list[int]]:
@@ -167,26 +167,6 @@ def split_positions(cfg: Config, run: RunDir, split_name: str) -> tuple[object, 
         raise ConfigError(f"{len(unknown)} images of the run's {split_name} split are not in data.shards="
                           f"{cfg.data.shards} (e.g. {unknown[:3]}); was the data re-prepared?")
     return split, [position[n] for n in names]
-
-
-def build_extraction_model(cfg: Config, checkpoint: Optional[Path]):
-    """(ReIDModel, the source of its weights) for extraction and photo embedding: the run's model
-    with `checkpoint`'s weights (the pretrained file is not read: the checkpoint holds the weights),
-    or without a checkpoint the backbone as built (pretrained weights, and random layers drawn from
-    run.seed so every process and re-run draws the same). Raises ConfigError for multi-scale TTA
-    (retrieval.scales) on a backbone that takes only model.img_size."""
-    num_classes = ckpt.read_state(checkpoint)["num_classes"] if checkpoint is not None and checkpoint.is_dir() else 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg, num_classes, load_pretrained=checkpoint is None)
-    if list(cfg.retrieval.scales) != [1.0] and not model.backbone.any_size:
-        raise ConfigError(f"retrieval.scales={cfg.retrieval.scales}: model.backbone={cfg.model.backbone} takes only "
-                          f"its model.img_size inputs (relative position embeddings cannot be resized); "
-                          f"set retrieval.scales=[1.0]")
-    if checkpoint is not None:
-        return model, str(ckpt.load_weights(model, checkpoint, prefer_ema=cfg.optim.ema))
-    weights = f", {Path(cfg.model.pretrained_file).name}" if cfg.model.pretrained_file else ""
-    return model, f"{cfg.model.backbone} (as built{weights})"
 
 
 @dataclass
@@ -223,14 +203,18 @@ def _image_digests(split) -> list[str]:
 
 
 def extraction_key(cfg: Config, split_name: str, split, positions: Sequence[int], checkpoint: Optional[Path],
-                   autocast: Optional[torch.dtype]) -> str:
+                   autocast: Optional[torch.dtype], onnx_model: Optional[OnnxEmbedding] = None) -> str:
     """The fingerprint of everything an extracted embedding depends on: the images in order (names
-    and content), the weights (content), the model and eval-transform settings, flip TTA and scales,
-    the batch size and the autocast type. A part or features file made under another key is stale."""
+    and content), the weights (content; an exported model's file), the model and eval-transform
+    settings, flip TTA and scales, the batch size and the autocast type. A part or features file
+    made under another key is stale."""
     digests = _image_digests(split)
-    images = fingerprint([[split.filenames[p], digests[p]] for p in positions])
+    views = split_viewpoints(split, positions)
+    images = fingerprint([[split.filenames[p], digests[p]] for p in positions]
+                         + ([["viewpoints", views]] if views is not None else []))
     data = {k: v for k, v in asdict(cfg.data).items() if k not in _TRAINING_ONLY_DATA}
-    return fingerprint({"format": 2, "split": split_name, "images": images, "weights": weights_digest(checkpoint, cfg),
+    weights = f"onnx:{onnx_model.digest}" if onnx_model is not None else weights_digest(checkpoint, cfg)
+    return fingerprint({"format": 2, "split": split_name, "images": images, "weights": weights,
                         "prefer_ema": cfg.optim.ema, "model": asdict(cfg.model), "data": data,
                         "flip_tta": cfg.retrieval.flip_tta, "scales": list(cfg.retrieval.scales),
                         "autocast": str(autocast)})
@@ -272,11 +256,11 @@ def _finished_part(path: Path, names: list[str], key: str) -> bool:
     return True
 
 
-def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, positions: Sequence[int],
+def _embed_blocks(run: RunDir, split_name: str, key: str, model: Embedder, split, positions: Sequence[int],
                   names: list[str], blocks: list[tuple[int, int]], cfg: Config, device: torch.device,
                   autocast: Optional[torch.dtype], bar) -> None:
     """Embed `blocks` (one loader over their images; batches never straddle a block, see
-    block_grid) and save each block as its part file as soon as it is complete."""
+    block_grid) with `model` and save each block as its part file as soon as it is complete."""
     flat = [p for start, end in blocks for p in positions[start:end]]
     loader = build_eval_loader(cfg, split, flat, tuple(model.mean), tuple(model.std), cfg.data.batch_size)
     pending = iter(blocks)
@@ -284,8 +268,8 @@ def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, position
     pieces: list[torch.Tensor] = []
     filled = 0
     for images, _ in loader:
-        pieces.append(embed_batch(model.embed, images, device, cfg.retrieval.flip_tta, cfg.retrieval.scales,
-                                  autocast, model.backbone.size_multiple))
+        pieces.append(embed_batch(model.embed, images, device, model.flip_tta, model.scales, autocast,
+                                  model.size_multiple))
         filled += len(images)
         bar.update(len(images))
         if filled > end - start:
@@ -299,33 +283,44 @@ def _embed_blocks(run: RunDir, split_name: str, key: str, model, split, position
             start, end = next(pending, (0, 0))
 
 
+def autocast_for(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast type extraction uses on `device`: bf16 on a GPU that has it, else none."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
 def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optional[Path],
-                  force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Extraction:
+                  force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
+                  onnx_model: Optional[OnnxEmbedding] = None) -> Extraction:
     """Embed `split_name`'s images into the run's features of that split, each process of the
     launch (accelerate / torchrun / srun, or one process) its contiguous run of `block_size`-image
     blocks (block_grid), each block saved as a part when done. Parts finished by an earlier,
     interrupted attempt with the same images, weights and settings are reused; an up-to-date
     features file is left as it is (unless `force`, which recomputes every block). With
-    `checkpoint` None the model is used as built. The run's config is written if it has none.
-    Raises JaguarError (ConfigError, MissingInputError) for a bad split, config or checkpoint."""
+    `checkpoint` None the model is used as built. With `onnx_model` (an exported model, see
+    jaguar.retrieval.onnx_model) that model embeds the images, prepared as its metadata says, and
+    `checkpoint` is not read; the features record it as "model" and its source weights as "source".
+    The run's config is written if it has none. Raises JaguarError (ConfigError, MissingInputError)
+    for a bad split, config or checkpoint."""
     if block_size < 1:
         raise ConfigError(f"the extraction block size must be >= 1 image, got {block_size}")
     out = run.features_path(split_name)
+    if onnx_model is not None:
+        cfg = onnx_model.eval_config(cfg)
     split, positions = split_positions(cfg, run, split_name)
     names = [split.filenames[p] for p in positions]
     record_split = split_name == "val" and not run.split_path.is_file()
     cfg.train.precision = "fp32"  # extraction chooses its own autocast below
     accelerator = build_accelerator(cfg)
-    autocast = torch.bfloat16 if accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast)
+    autocast = autocast_for(accelerator.device)
+    key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast, onnx_model)
     if out.is_file() and not force and _stored_key(out) == key and _passes_check(out):
         if accelerator.is_main_process:
             log.info("%s is up to date; nothing to do (--force recomputes)", out)
             run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up
         return Extraction(out, len(names), reused=True)
 
-    model, source = build_extraction_model(cfg, checkpoint)
-    model.to(accelerator.device).eval()
+    model = load_embedder(cfg, checkpoint, onnx_model, accelerator.device)
+    source = model.source
     rank, world = accelerator.process_index, accelerator.num_processes
     blocks = block_grid(len(positions), world, block_size, cfg.data.batch_size)
     mine = rank_blocks(blocks, rank, world)
@@ -345,8 +340,11 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     if accelerator.is_main_process:
         meta = {"split": split_name, "source": source, "key": key, "flip_tta": cfg.retrieval.flip_tta,
                 "scales": cfg.retrieval.scales, "world_size": world, "block_size": blocks[0][1] if blocks else 0}
+        if onnx_model is not None:
+            meta.update(model=str(onnx_model.path), precision=onnx_model.precision,
+                        flip_tta=onnx_model.meta.get("flip_tta"), scales=onnx_model.meta.get("scales"))
         part_files = [run.feature_part_path(split_name, start, end, key) for start, end in blocks]
-        features = merge_parts(part_files, names, split.label_names, meta)
+        features = merge_parts(part_files, names, split.label_names, meta, split_viewpoints(split, positions))
         if len(features) == 0:
             features.embeddings = torch.zeros(0, model.embed_dim)
         run.save_features(split_name, features)  # atomic: the old file or the new one, never half of one
@@ -357,16 +355,39 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
             # A run never trained (zero-shot) now holds these validation images: its training
             # images (the gallery of calibrate and identify) are from here on the rest, never them.
             run.save_split(build_run_split(cfg, split).to_record(split))
-        log.info("wrote %s: %d images x %d dims from %s", out, len(features), features.embeddings.shape[1], source)
+        log.info("wrote %s: %d images x %d dims from %s", out, len(features), features.embeddings.shape[1],
+                 onnx_model.describe() if onnx_model is not None else source)
     accelerator.wait_for_everyone()
     return Extraction(out, len(names), reused=False, source=source)
 
 
+def resolve_extraction(run: Optional[RunDir], recipe: str | Path | None = None, overrides: Sequence[str] = (),
+                       checkpoint: str | Path | None = None, onnx_path: str | Path | None = None
+                       ) -> tuple[RunDir, Config, Optional[Path], Optional[OnnxEmbedding]]:
+    """(run, config, weights, exported model) of an extraction: resolve_source's, or with
+    `onnx_path` the run's config (or the recipe's) and that exported model, with no checkpoint
+    looked for (a run copied to a laptop with its config and the ONNX file extracts too)."""
+    if onnx_path is None:
+        return (*resolve_source(run, recipe, overrides, checkpoint), None)
+    if checkpoint:
+        raise JaguarError("--checkpoint and --model both name the weights; give one of them")
+    from jaguar.retrieval.onnx_model import OnnxEmbedding
+
+    if recipe:
+        run, cfg, _ = resolve_source(run, recipe, overrides, None)
+    else:
+        run, cfg = _run_config(run, overrides)
+    return run, cfg, None, OnnxEmbedding.load(onnx_path)
+
+
 def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | None = None,
                 overrides: Sequence[str] = (), checkpoint: str | Path | None = None,
-                force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> Extraction:
-    """`jaguar extract`: resolve the config and weights (resolve_source; with a recipe the run may
-    be None and is then its run.dir), then extract the split (extract_split)."""
-    run, cfg, weights = resolve_source(run, recipe, overrides, checkpoint)
+                force: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
+                onnx_path: str | Path | None = None) -> Extraction:
+    """`jaguar extract`: resolve the config and weights (resolve_extraction; with a recipe the run
+    may be None and is then its run.dir; with `onnx_path` an exported model embeds), then extract
+    the split (extract_split) holding the run's writer lock."""
+    run, cfg, weights, onnx_model = resolve_extraction(run, recipe, overrides, checkpoint, onnx_path)
     with run.writer_lock("jaguar extract"):  # the launcher's rank 0 holds it for every process
-        return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size)
+        return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size,
+                             onnx_model=onnx_model)

@@ -1,7 +1,8 @@
-"""A feature set: L2-normalised embeddings that carry their image names and labels with them,
-so nothing downstream is matched by position by accident. Stored as safetensors, with the sha256 of
-its content (tensors, names, labels' names, provenance) in its metadata: loading checks it and
-refuses non-finite embeddings, so a bit flip or an edited file is named instead of used."""
+"""A feature set: L2-normalised embeddings that carry their image names and labels (and, where the
+data set has a viewpoint column, the flank each image shows) with them, so nothing downstream is
+matched by position by accident. Stored as safetensors, with the sha256 of its content (tensors,
+names, labels' names, viewpoints, provenance) in its metadata: loading checks it and refuses
+non-finite embeddings, so a bit flip or an edited file is named instead of used."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from jaguar.io import atomic_write_bytes
 from jaguar.errors import JaguarError, MissingInputError
+from jaguar.formats import UNKNOWN_VIEWPOINT, VIEWPOINTS
 
 
 class FeatureFileError(JaguarError, ValueError):
@@ -30,6 +33,8 @@ class FeatureSet:
     labels: torch.Tensor  # N int64; -1 where the identity is unknown
     label_names: dict[int, str] = field(default_factory=dict)  # label -> identity name
     meta: dict = field(default_factory=dict)  # free-form provenance (split, checkpoint, tta, ...)
+    # the flank each image shows (left | right | unknown), where the data set has a viewpoint column
+    viewpoints: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         self.embeddings = torch.as_tensor(self.embeddings, dtype=torch.float32)
@@ -41,13 +46,24 @@ class FeatureSet:
             raise ValueError(f"feature set has {len(self.names)} names but {self.labels.shape[0]} labels")
         if len(set(self.names)) != len(self.names):
             raise ValueError("feature set has duplicate image names")
+        if self.viewpoints is not None:
+            self.viewpoints = [UNKNOWN_VIEWPOINT if v is None else str(v) for v in self.viewpoints]
+            if len(self.viewpoints) != len(self.names):
+                raise ValueError(f"feature set has {len(self.names)} names but {len(self.viewpoints)} viewpoints")
+            bad = sorted(set(self.viewpoints) - set(VIEWPOINTS))
+            if bad:
+                raise ValueError(f"feature set has viewpoints {bad}; expected {', '.join(VIEWPOINTS)}")
 
     def __len__(self) -> int:
         return len(self.names)
 
     def normalized(self) -> "FeatureSet":
         emb = torch.nn.functional.normalize(self.embeddings, dim=1)
-        return FeatureSet(list(self.names), emb, self.labels.clone(), dict(self.label_names), dict(self.meta))
+        return FeatureSet(list(self.names), emb, self.labels.clone(), dict(self.label_names), dict(self.meta),
+                          self._views(range(len(self))))
+
+    def _views(self, rows) -> Optional[list[str]]:
+        return None if self.viewpoints is None else [self.viewpoints[i] for i in rows]
 
     def select(self, names: list[str]) -> "FeatureSet":
         """The rows for `names`, in that order; unknown names are an error naming them."""
@@ -55,9 +71,10 @@ class FeatureSet:
         missing = [n for n in names if n not in position]
         if missing:
             raise KeyError(f"{len(missing)} image(s) have no features, e.g. {missing[:5]}")
-        index = torch.tensor([position[n] for n in names], dtype=torch.long)
+        rows = [position[n] for n in names]
+        index = torch.tensor(rows, dtype=torch.long)
         return FeatureSet(list(names), self.embeddings[index], self.labels[index],
-                          dict(self.label_names), dict(self.meta))
+                          dict(self.label_names), dict(self.meta), self._views(rows))
 
     def with_identities(self, identity_by_name: dict[str, str]) -> "FeatureSet":
         """A copy labelled from {file name: identity} (e.g. a test label file) in this set's own
@@ -74,7 +91,8 @@ class FeatureSet:
                 label_of[identity] = max(label_names, default=-1) + 1
                 label_names[label_of[identity]] = identity
             labels[i] = label_of[identity]
-        return FeatureSet(list(self.names), self.embeddings, labels, label_names, dict(self.meta))
+        return FeatureSet(list(self.names), self.embeddings, labels, label_names, dict(self.meta),
+                          self._views(range(len(self))))
 
     def labelled(self) -> "FeatureSet":
         """The rows whose identity is known (label >= 0), in order."""
@@ -86,6 +104,8 @@ class FeatureSet:
             "label_names": json.dumps({str(k): v for k, v in self.label_names.items()}),
             "meta": json.dumps(self.meta),
         }
+        if self.viewpoints is not None:
+            metadata["viewpoints"] = json.dumps(self.viewpoints)
         tensors = {"embeddings": self.embeddings.contiguous(), "labels": self.labels.contiguous()}
         metadata["sha256"] = _content_sha256(tensors, metadata)
         atomic_write_bytes(Path(path), save_bytes(tensors, metadata=metadata))
@@ -120,6 +140,7 @@ class FeatureSet:
                 labels=tensors["labels"],
                 label_names={int(k): v for k, v in json.loads(metadata.get("label_names", "{}")).items()},
                 meta=json.loads(metadata.get("meta", "{}")),
+                viewpoints=json.loads(metadata["viewpoints"]) if "viewpoints" in metadata else None,
             )
         except FeatureFileError:
             raise

@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_bytes
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.knn import stable_top
 from jaguar.run import OpenSetCalibration, RunDir
 
 log = logging.getLogger(__name__)
@@ -96,40 +98,78 @@ def gallery_from_features(train: FeatureSet, enrolled: Optional[FeatureSet] = No
                    enrolled_names, str(train.meta.get("source", "")))
 
 
-def training_features(run: RunDir) -> FeatureSet:
-    """The run's training-image features, extracted with the run's checkpoint when missing."""
+def training_features(run: RunDir, onnx_path: str | Path | None = None) -> FeatureSet:
+    """The run's training-image features, extracted when missing with the run's checkpoint (or the
+    exported model `onnx_path`)."""
     if not run.has_features("train"):
-        from jaguar.retrieval.extract import extract_split
+        from jaguar.retrieval.extract import extract_split, resolve_extraction
 
         log.info("no %s yet: extracting the training images (the gallery)", run.features_path("train"))
-        extract_split(run, "train", run.load_config(), run.extraction_weights())
+        run, cfg, weights, onnx_model = resolve_extraction(run, onnx_path=onnx_path)
+        extract_split(run, "train", cfg, weights, onnx_model=onnx_model)
     return run.load_features("train")
 
 
-def load_gallery(run: RunDir) -> Gallery:
+def load_gallery(run: RunDir, onnx_path: str | Path | None = None) -> Gallery:
     """The run's gallery: training features plus enrolled individuals."""
-    return gallery_from_features(training_features(run), run.load_enrolled() if run.has_enrolled() else None)
+    return gallery_from_features(training_features(run, onnx_path),
+                                 run.load_enrolled() if run.has_enrolled() else None)
+
+
+def aggregate_top_n(aggregate: str) -> int:
+    """How many best images an aggregate averages: "max" 1, "mean_top<n>" n; IdentifyError otherwise."""
+    if aggregate == "max":
+        return 1
+    if aggregate.startswith("mean_top") and aggregate[len("mean_top"):].isdigit() and int(aggregate[8:]) >= 1:
+        return int(aggregate[len("mean_top"):])
+    raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
+
+
+_CHUNK_BYTES = 256 << 20  # a chunk of queries' similarity rows (fewer, larger matrix products)
 
 
 def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -> torch.Tensor:
     """Q x I scores of Q L2-normalised query embeddings against the gallery's I individuals:
     `aggregate` ("max" or "mean_top<n>") of each query's cosine similarities to the individual's
-    images. Raises IdentifyError for an unknown aggregate."""
-    if aggregate == "max":
-        top_n = 1
-    elif aggregate.startswith("mean_top") and aggregate[len("mean_top"):].isdigit():
-        top_n = int(aggregate[len("mean_top"):])
-    else:
-        raise IdentifyError(f"aggregate {aggregate!r} is not 'max' or 'mean_top<n>' (e.g. {', '.join(AGGREGATES)})")
-    similarity = queries.float() @ gallery.embeddings.float().T  # Q x N
-    scores = torch.full((queries.shape[0], len(gallery.individuals)), float("-inf"))
-    for index in range(len(gallery.individuals)):
-        columns = torch.nonzero(gallery.individual == index).flatten()
-        if columns.numel() == 0:
+    images (all of them when it has fewer than n); -inf for an individual without images.
+
+    No loop over individuals: the gallery's columns are grouped by individual once, and each
+    chunk of similarity rows is reduced segment by segment in one vectorised pass
+    (`numpy.maximum.reduceat`); for the mean of the n best, n such rounds each take every
+    individual's current best value (as many copies as tie at it, up to what is still needed) and
+    retire it. Memory O(chunk x N + Q x I), time O(Q x N x (D + n)). Raises IdentifyError for an
+    unknown aggregate."""
+    top_n = aggregate_top_n(aggregate)
+    individual = gallery.individual.long().numpy()
+    counts = np.bincount(individual, minlength=len(gallery.individuals))
+    present = np.nonzero(counts)[0]
+    starts = (np.cumsum(counts) - counts)[present]
+    wanted = np.minimum(counts[present], top_n)
+    grouped = gallery.embeddings.float()[torch.from_numpy(np.argsort(individual, kind="stable"))]
+    segment = np.repeat(np.arange(present.size), counts[present])  # grouped column -> its individual
+    scores = np.full((queries.shape[0], len(gallery.individuals)), -np.inf, dtype=np.float32)
+    step = max(1, _CHUNK_BYTES // (8 * max(grouped.shape[0], 1)))
+    buffer = torch.empty((min(step, queries.shape[0]), grouped.shape[0]), dtype=torch.float32)
+    for start in range(0, queries.shape[0], step):
+        rows = queries[start:start + step].float()
+        similarity = torch.matmul(rows, grouped.T, out=buffer[:rows.shape[0]]).numpy()
+        best = np.maximum.reduceat(similarity, starts, axis=1)
+        if top_n == 1:
+            scores[start:start + step, present] = best
             continue
-        best = similarity[:, columns].topk(min(top_n, columns.numel()), dim=1).values
-        scores[:, index] = best.mean(dim=1)
-    return scores
+        total = np.zeros_like(best)
+        needed = np.broadcast_to(wanted, best.shape).copy()
+        for round_ in range(top_n):
+            at_best = similarity == best[:, segment]
+            taken = np.minimum(np.add.reduceat(at_best, starts, axis=1, dtype=np.int64), needed)
+            total += np.where(taken > 0, best, 0.0).astype(np.float32) * taken
+            needed -= taken
+            if round_ == top_n - 1 or not needed.any():
+                break
+            similarity[at_best] = -np.inf  # the buffer's rows: refilled by the next chunk
+            best = np.maximum.reduceat(similarity, starts, axis=1)
+        scores[start:start + step, present] = total / wanted.astype(np.float32)
+    return torch.from_numpy(scores)
 
 
 @dataclass
@@ -150,9 +190,8 @@ def rank_individuals(queries: torch.Tensor, gallery: Gallery, calibration: OpenS
     """For each query: its top_k (individual, score), best first (ties: gallery order), and whether
     the best score reaches the calibrated threshold (known)."""
     scores = individual_scores(queries, gallery, calibration.aggregate)
-    k = min(top_k, len(gallery.individuals))
-    # a stable descending sort: equal scores keep the gallery's individual order
-    order = torch.argsort(-scores, dim=1, stable=True)[:, :k]
+    # ties: the gallery's individual order, as a stable descending sort gives (knn.stable_top)
+    _, order = stable_top(scores, min(top_k, len(gallery.individuals)))
     results = []
     for row in range(scores.shape[0]):
         candidates = [(gallery.individuals[i], float(scores[row, i])) for i in order[row].tolist()]
@@ -169,10 +208,11 @@ class Identification:
 
 
 def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
-                    checkpoint: str | Path | None = None) -> Identification:
-    """`jaguar identify`: embed the photos / folders `items` (jaguar.retrieval.photos), score them
-    against the run's gallery and decide each with the run's calibration. Unreadable photos are
-    returned as problems; raises when none is readable, the run is not trained or not calibrated."""
+                    checkpoint: str | Path | None = None, onnx_path: str | Path | None = None) -> Identification:
+    """`jaguar identify`: embed the photos / folders `items` (jaguar.retrieval.photos) with the run's
+    model (or the exported model `onnx_path`, see jaguar.retrieval.onnx_model), score them against
+    the run's gallery and decide each with the run's calibration. Unreadable photos are returned as
+    problems; raises when none is readable, the run is not trained or not calibrated."""
     from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos, require_trained_run
 
     require_trained_run(run)
@@ -180,8 +220,8 @@ def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
         raise IdentifyError(f"--top-k must be at least 1, got {top_k}")
     calibration = run.load_calibration()
     photos, problems = require_photos(items)
-    gallery = load_gallery(run)
-    embedder = PhotoEmbedder(run, checkpoint)
+    gallery = load_gallery(run, onnx_path)
+    embedder = PhotoEmbedder(run, checkpoint, onnx_path=onnx_path)
     check_same_weights(gallery, embedder.source, run)
     embedded = embedder.embed(photos)
     problems = problems + embedded.problems
@@ -196,7 +236,8 @@ def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
 def check_same_weights(gallery: Gallery, source: str, run: RunDir) -> None:
     """Photos must be embedded by the weights the gallery was extracted with (compared by the
     weights file's last three path parts, e.g. checkpoints/best/model.safetensors, so a run folder
-    reached by another path or moved still matches)."""
+    reached by another path or moved still matches). An exported model counts as the weights it
+    was exported from (its parity with them is checked by `jaguar export`)."""
     if gallery.source and source and Path(gallery.source).parts[-3:] != Path(source).parts[-3:]:
         raise IdentifyError(f"{run.features_path('train')} was extracted with {gallery.source} but photos would "
                             f"be embedded with {source}; re-extract (`jaguar extract {run.path} --split train "
@@ -229,7 +270,8 @@ class Enrolment:
     gallery_images: int  # the individual's images now in the gallery
 
 
-def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str | Path | None = None) -> Enrolment:
+def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str | Path | None = None,
+           onnx_path: str | Path | None = None) -> Enrolment:
     """`jaguar enroll`: add individual `name` to the run's gallery from the photos `items`, without
     retraining. All or nothing: any unreadable photo, a photo already in the gallery or a taken name
     raises IdentifyError/PhotoError naming it, and the gallery is left as it was; the new
@@ -238,9 +280,9 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
 
     require_trained_run(run)
     photos, problems = require_photos(items)
-    gallery = load_gallery(run)
+    gallery = load_gallery(run, onnx_path)
     name = check_individual_name(name, gallery)
-    embedder = PhotoEmbedder(run, checkpoint)
+    embedder = PhotoEmbedder(run, checkpoint, onnx_path=onnx_path)
     check_same_weights(gallery, embedder.source, run)
     embedded = embedder.embed(photos)
     problems += embedded.problems

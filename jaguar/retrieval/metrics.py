@@ -18,9 +18,21 @@ matches) / (rank of the last one); CMC rank-k = share of queries whose first tru
 the top k. Queries with no true match among their candidates are not averaged (`num_skipped`).
 Identity-balanced mAP averages AP within each query identity, then over identities.
 
-Ties: candidates are ranked with a stable sort, so equal scores keep index order (the lower-indexed
-candidate is ranked first). A tie therefore never helps or hurts by chance, but it does depend on the
-order of the items; `similarity_from_distance` avoids adding ties."""
+Ties are ranked pessimistically: among candidates of equal score, every non-match comes before
+every true match (so the k-th true match by score has rank = non-matches scoring at least as high
++ k). The figures then depend on the scores alone, never on the order of the images, rows or pair
+files; breaking ties by position instead (what a stable sort does) lets a scorer gain from the
+file order: a constant score over a file sorted by identity would reach an mAP near 1. Of the
+order-free rules, the pessimistic one never credits a tie (a match must be scored strictly
+above a non-match to be ranked before it), and it is exact at every N by counting, where the
+average over tie orders (McSherry & Najork, ECIR 2008) needs each tie group's composition.
+torchreid's and fast-reid's evaluators break ties by position (a stable argsort), so they differ
+from these figures only where scores tie exactly.
+
+Cost: rows are evaluated in chunks of queries (at most ~256 MB of working memory beside the
+score matrix, O(chunk x G)); each row is counted against its true matches' scores
+(`jaguar.retrieval.ranks`, O(G log T)), never sorted whole. `evaluate_embeddings` computes the
+score rows chunk by chunk from embeddings, so nothing of size N^2 is ever held."""
 
 from __future__ import annotations
 
@@ -32,6 +44,7 @@ import numpy as np
 import torch
 
 from jaguar.errors import JaguarError
+from jaguar.retrieval.ranks import match_ranks
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 KINDS = ("similarity", "distance")
@@ -83,14 +96,50 @@ def ranked_basis(reordered_top_m: Optional[int]) -> str:
 
 
 def _matrix(name: str, value: ArrayLike) -> torch.Tensor:
+    """The scores as a 2-D CPU tensor, without a copy where the input is a float32/float64 array or
+    CPU tensor (rows are converted and checked for NaN chunk by chunk, `_rows`)."""
     matrix = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-    matrix = matrix.detach().cpu().double()
+    matrix = matrix.detach().cpu()
     if matrix.ndim != 2:
         raise MetricsError(f"{name} must be a 2-D matrix, got shape {tuple(matrix.shape)}")
-    if bool(torch.isnan(matrix).any()):
-        raise MetricsError(f"{name} contains NaN at {torch.nonzero(torch.isnan(matrix))[:5].tolist()}; "
-                           f"every pair needs a score")
     return matrix
+
+
+def _rows(name: str, matrix: torch.Tensor, start: int, stop: int, negate: bool) -> np.ndarray:
+    """Rows start:stop of the scores as float32/float64 (exact: other types go to float64),
+    negated for distances so that higher always ranks first; MetricsError naming a NaN's place."""
+    block = matrix[start:stop]
+    if block.dtype not in (torch.float32, torch.float64):
+        block = block.double()
+    values = block.numpy()
+    if bool(np.isnan(values).any()):
+        where = (np.argwhere(np.isnan(values))[:5] + [start, 0]).tolist()
+        raise MetricsError(f"{name} contains NaN at {where}; every pair needs a score")
+    return np.negative(values) if negate else values
+
+
+def _block_ranks(block: np.ndarray, start: int, q_label: np.ndarray, g_label: np.ndarray, all_vs_all: bool,
+                 valid: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, rank) of the true matches of query rows start, start + 1, ... (B x G `block`,
+    higher first) among their candidates (`valid`, B x G bool; None: all; all-vs-all: self out)."""
+    if valid is None:
+        valid = np.ones(block.shape, dtype=bool)
+    if all_vs_all:
+        valid[np.arange(block.shape[0]), np.arange(start, start + block.shape[0])] = False
+    match = q_label[start:start + block.shape[0], None] == g_label[None, :]
+    rows, ranks = match_ranks(block, match & valid, valid & ~match)
+    return rows + start, ranks
+
+
+_CHUNK_BYTES = 32 << 20  # working memory of a chunk of query rows: ~16 bytes a (query, candidate) pair
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def _chunk_rows(n_columns: int) -> int:
+    return max(1, _CHUNK_BYTES // (16 * max(n_columns, 1)))
 
 
 def _vector(name: str, value: ArrayLike, length: int) -> torch.Tensor:
@@ -137,36 +186,70 @@ def evaluate(scores: ArrayLike, query_labels: ArrayLike, gallery_labels: Optiona
         raise MetricsError(f"scores must be square (N x N) for all-vs-all evaluation, got {tuple(matrix.shape)}")
     q_label = _vector("query labels", query_labels, n_query)
     g_label = q_label if all_vs_all else _vector("gallery labels", gallery_labels, n_gallery)
-    valid = torch.ones((n_query, n_gallery), dtype=torch.bool)
-    if all_vs_all:
-        valid &= ~torch.eye(n_query, dtype=torch.bool)
+    mask = None
     if candidates is not None:
         mask = torch.as_tensor(np.asarray(candidates) if not isinstance(candidates, torch.Tensor) else candidates)
         if tuple(mask.shape) != (n_query, n_gallery):
             raise MetricsError(f"candidates has shape {tuple(mask.shape)}, expected {(n_query, n_gallery)}")
-        valid &= mask.bool()
-    match = q_label[:, None] == g_label[None, :]
-    camera_removed, queries_with_any = 0, 0
+        mask = mask.bool()
     if all_vs_all and gallery_cams is None:
         gallery_cams = query_cams
     if (query_cams is None) != (gallery_cams is None):
         raise MetricsError("give both query_cams and gallery_cams, or neither")
+    q_cam = g_cam = None
     if query_cams is not None:
         q_cam = _vector("query_cams", query_cams, n_query)
         g_cam = _vector("gallery_cams", gallery_cams, n_gallery)
-        same_camera_match = match & valid & (q_cam[:, None] == g_cam[None, :])
-        camera_removed = int(same_camera_match.sum())
-        queries_with_any = int((match & valid).any(dim=1).sum())
-        valid &= ~same_camera_match
-
-    order = torch.sort(matrix, dim=1, descending=(kind == "similarity"), stable=True).indices
-    valid_sorted = valid.gather(1, order)
-    hits = match.gather(1, order) & valid_sorted
-    position = torch.cumsum(valid_sorted, dim=1)  # 1-based rank among valid candidates
-    query_ids, columns = hits.nonzero(as_tuple=True)
+    q_np, g_np = q_label.numpy(), g_label.numpy()
+    query_ids, ranks, camera_removed, queries_with_any = [], [], 0, 0
+    step = _chunk_rows(n_gallery)
+    for start in range(0, n_query, step):
+        stop = min(start + step, n_query)
+        block = _rows("scores", matrix, start, stop, negate=(kind == "distance"))
+        valid = np.ones(block.shape, dtype=bool) if mask is None else mask[start:stop].numpy().copy()
+        if q_cam is not None:
+            if all_vs_all:
+                valid[np.arange(stop - start), np.arange(start, stop)] = False
+            match = q_np[start:stop, None] == g_np[None, :]
+            same_camera_match = match & valid & (q_cam[start:stop, None] == g_cam[None, :]).numpy()
+            camera_removed += int(same_camera_match.sum())
+            queries_with_any += int((match & valid).any(axis=1).sum())
+            valid &= ~same_camera_match
+        block_ids, block_ranks = _block_ranks(block, start, q_np, g_np, all_vs_all, valid)
+        query_ids.append(block_ids)
+        ranks.append(block_ranks)
     message = _no_match_message(all_vs_all, candidates is not None, camera_removed, queries_with_any)
-    figures = _figures(query_ids, position[query_ids, columns], q_label, None, message)
+    figures = _figures(_cat(query_ids), _cat(ranks), q_label, None, message)
     return dataclasses.replace(figures, camera_removed=camera_removed)
+
+
+def evaluate_embeddings(query_features: ArrayLike, query_labels: ArrayLike, gallery_features: Optional[ArrayLike] = None,
+                        gallery_labels: Optional[ArrayLike] = None) -> RetrievalMetrics:
+    """`evaluate` of the cosine similarities of query_features (Q x D) to gallery_features (G x D;
+    None: all-vs-all over the queries, self excluded), both L2-normalised here, without ever
+    holding the Q x G matrix: score rows are computed and counted chunk by chunk, O(chunk x G)
+    memory, O(Q x G x D) time, at every N. Equal to `evaluate(normalised queries @ gallery.T, ...,
+    kind="similarity")`. Raises MetricsError / ValueError on bad shapes or values."""
+    from jaguar.retrieval.knn import normalise
+
+    query = normalise("query features", query_features)
+    gallery = query if gallery_features is None else normalise("gallery features", gallery_features)
+    if gallery.shape[1] != query.shape[1]:
+        raise MetricsError(f"query features have {query.shape[1]} dimensions, the gallery {gallery.shape[1]}")
+    all_vs_all = gallery_features is None
+    q_label = _vector("query labels", query_labels, query.shape[0])
+    g_label = q_label if all_vs_all else _vector("gallery labels", gallery_labels, gallery.shape[0])
+    query_ids, ranks = [], []
+    step = _chunk_rows(gallery.shape[0])
+    buffer = torch.empty((min(step, query.shape[0]), gallery.shape[0]), dtype=torch.float32)  # reused: no churn
+    for start in range(0, query.shape[0], step):
+        rows = query[start:start + step]
+        block = torch.matmul(rows, gallery.T, out=buffer[:rows.shape[0]]).numpy()
+        block_ids, block_ranks = _block_ranks(block, start, q_label.numpy(), g_label.numpy(), all_vs_all)
+        query_ids.append(block_ids)
+        ranks.append(block_ranks)
+    return _figures(_cat(query_ids), _cat(ranks), q_label, None,
+                    _no_match_message(all_vs_all, False, 0, 0))
 
 
 def _figures(query_ids: torch.Tensor, ranks: torch.Tensor, q_label: torch.Tensor,
@@ -212,6 +295,38 @@ def identity_balanced_map(similarity: ArrayLike, labels: ArrayLike,
     """The challenge metric of one set searched against itself (see `evaluate`): shorthand for
     `evaluate(similarity, labels, kind="similarity", candidates=candidates).mAP_balanced`."""
     return evaluate(similarity, labels, kind="similarity", candidates=candidates).mAP_balanced
+
+
+def chance_map_balanced(labels: ArrayLike, candidates: Optional[ArrayLike] = None) -> float:
+    """The identity-balanced mAP a random ranking scores in expectation on one set searched against
+    itself (as `identity_balanced_map`, with the same candidate mask): each query's expected AP with
+    m true matches among its n candidates is (m - 1) / (n - 1) + (n - m) H_n / (n (n - 1)) (H_n the
+    n-th harmonic number; 1 when n = m = 1), averaged as the evaluator averages APs: over the
+    queries of an identity that have a match, then over identities. Raises MetricsError when no
+    query has a match."""
+    q_label = _vector("labels", labels, len(np.asarray(labels)))
+    n = q_label.numel()
+    valid = ~torch.eye(n, dtype=torch.bool)
+    if candidates is not None:
+        mask = torch.as_tensor(np.asarray(candidates) if not isinstance(candidates, torch.Tensor) else candidates)
+        if tuple(mask.shape) != (n, n):
+            raise MetricsError(f"candidates has shape {tuple(mask.shape)}, expected {(n, n)}")
+        valid &= mask.bool()
+    count = valid.sum(dim=1).double()
+    matches = ((q_label[:, None] == q_label[None, :]) & valid).sum(dim=1).double()
+    has = matches > 0
+    if not bool(has.any()):
+        raise MetricsError("no query has a true match among its candidates; chance mAP is undefined")
+    harmonic = torch.cumsum(1.0 / torch.arange(1, n + 1, dtype=torch.float64), 0)
+    count_h, match_h = count[has], matches[has]
+    many = count_h > 1
+    expected = torch.ones_like(count_h)
+    c, m = count_h[many], match_h[many]
+    expected[many] = (m - 1) / (c - 1) + (c - m) * harmonic[(c - 1).long()] / (c * (c - 1))
+    identities, inverse = torch.unique(q_label[has], return_inverse=True)
+    sums = torch.zeros(len(identities), dtype=torch.float64).index_add_(0, inverse, expected)
+    counts = torch.bincount(inverse, minlength=len(identities)).double()
+    return float((sums / counts).mean())
 
 
 @dataclass(frozen=True)

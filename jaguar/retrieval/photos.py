@@ -26,7 +26,8 @@ from jaguar.data.prep import convert_image
 from jaguar.data.shards import decode_rgba, load_manifest
 from jaguar.data.transforms import build_eval_transform
 from jaguar.errors import JaguarError, MissingInputError
-from jaguar.retrieval.extract import build_extraction_model, embed_batches
+from jaguar.retrieval.embedder import load_embedder
+from jaguar.retrieval.extract import embed_batches
 from jaguar.run import RunDir
 
 THUMBNAIL_SIDE = 192  # pixels, long side of the thumbnails kept for review pages
@@ -83,21 +84,34 @@ def _thumbnail(rgba) -> bytes:
 class PhotoEmbedder:
     """The run's model (its extraction checkpoint: best, else the newest; or `checkpoint`; the
     pretrained backbone of a zero-shot run) on CPU
-    or the first GPU, with the prep settings of the run's shards."""
+    or the first GPU, or an exported model (`onnx_path`, run by onnxruntime on the CPU, its
+    preprocessing from its metadata; no checkpoint read), with the prep settings of the run's shards."""
 
-    def __init__(self, run: RunDir, checkpoint: str | Path | None = None, batch_size: int = 16) -> None:
-        self.cfg: Config = run.load_config()
-        weights = Path(checkpoint) if checkpoint else run.extraction_weights()
-        self.model, self.source = build_extraction_model(self.cfg, weights)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
-        self.transform = build_eval_transform(self.cfg, tuple(self.model.mean), tuple(self.model.std))
+    def __init__(self, run: RunDir, checkpoint: str | Path | None = None, batch_size: int = 16,
+                 onnx_path: str | Path | None = None) -> None:
+        cfg: Config = run.load_config()
+        self.device = torch.device("cuda" if torch.cuda.is_available() and onnx_path is None else "cpu")
+        if onnx_path is not None:
+            if checkpoint:
+                raise JaguarError("--checkpoint and --model both name the weights; give one of them")
+            from jaguar.retrieval.onnx_model import OnnxEmbedding
+
+            onnx_model = OnnxEmbedding.load(onnx_path)
+            cfg, weights = onnx_model.eval_config(cfg), None
+        else:
+            onnx_model, weights = None, Path(checkpoint) if checkpoint else run.extraction_weights()
+        self.cfg = cfg
+        self.model = load_embedder(cfg, weights, onnx_model, self.device)
+        self.source = self.model.source
+        self.transform = build_eval_transform(self.cfg, self.model.mean, self.model.std)
         self.batch_size = batch_size
         try:
             manifest: Optional[Manifest] = load_manifest(self.cfg.data.shards)
         except (OSError, JaguarError, ValueError):
             manifest = None
         options = manifest.options if manifest is not None else {}
+        if not options and onnx_model is not None:  # no shards (a laptop): the prep settings of the export
+            options = dict(onnx_model.meta.get("prep", {}))
         # prep's defaults when the shards are gone: the values `jaguar prep` uses unless told otherwise
         self.max_side = int(options.get("max_side", 1024))
         self.encoding = str(options.get("encoding", "png"))
@@ -127,9 +141,9 @@ class PhotoEmbedder:
                    for i in range(0, len(tensors), self.batch_size)]
         # the autocast extraction uses (extract_split): bf16 on a GPU that has it, else fp32
         autocast = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        _, embeddings = embed_batches(self.model.embed, batches, self.device, self.cfg.retrieval.flip_tta,
-                                      self.cfg.retrieval.scales, autocast, desc="embed photos",
-                                      size_multiple=self.model.backbone.size_multiple)
+        _, embeddings = embed_batches(self.model.embed, batches, self.device, self.model.flip_tta,
+                                      self.model.scales, autocast, desc="embed photos",
+                                      size_multiple=self.model.size_multiple)
         if embeddings.numel() == 0:
             embeddings = torch.zeros(0, self.model.embed_dim)
         return EmbeddedPhotos(kept, embeddings, thumbs, hashes, problems)

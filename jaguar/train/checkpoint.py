@@ -190,8 +190,8 @@ def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, 
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
-        write_failed(tmp, err, "the earlier checkpoints are kept", remove=tmp)
+    except Exception as err:  # a full disk comes as torch's RuntimeError or safetensors' own error type
+        write_failed(final, err, "its partial folder was removed, the earlier checkpoints are kept", remove=tmp)
     # Gathering the full weights is collective under ZeRO: every rank calls it.
     weights = model_weights(accelerator, model, weights_prefix)
     if accelerator.is_main_process:
@@ -205,8 +205,8 @@ def save_checkpoint(accelerator: Accelerator, model, ema, checkpoint_dir: Path, 
             records = checksums.folder_records(tmp)
             atomic_write_json(tmp / STATE_FILE, {**trainer_state, "files": records,
                                                  "signature": checksums.sign(records)})
-        except (OSError, RuntimeError) as err:
-            write_failed(tmp, err, "the earlier checkpoints are kept", remove=tmp)
+        except Exception as err:  # write_failed re-raises what is not a full disk or a refused write
+            write_failed(final, err, "its partial folder was removed, the earlier checkpoints are kept", remove=tmp)
         replace_directory(tmp, final)
         if _STEP_DIR.match(name) and keep_last > 0:
             for stale in list_checkpoints(checkpoint_dir)[:-keep_last]:

@@ -1,5 +1,4 @@
-"""Guards of the training loop: the preemption flag (SIGUSR1/SIGTERM, PreemptFlag) and the
-non-finite gradient guard: an optimizer step whose gradient norm is NaN or inf is skipped, on
+"""The non-finite gradient guard: an optimizer step whose gradient norm is NaN or inf is skipped, on
 every rank alike, without touching the weights, the optimizer state, the EMA or the schedule; too
 many skipped steps in a row stop the run with advice that fits its precision.
 
@@ -11,7 +10,6 @@ all-reduced anyway (one scalar) so that gradients outside DDP cannot split the r
 from __future__ import annotations
 
 import logging
-import signal
 from typing import Iterable, Optional
 
 import torch
@@ -96,19 +94,3 @@ class NonFiniteGuard:
                       "constant value, an extreme setting such as model.head_scale).")
         return what + advice
 
-
-class PreemptFlag:
-    """Set by SIGUSR1/SIGTERM; the loop checkpoints and exits at the next optimizer-step boundary."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.signum: Optional[int] = None  # which signal (None: the run folder's PREEMPT file)
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (e.g. under some test runners)
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-        self.signum = signum

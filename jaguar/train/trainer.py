@@ -28,10 +28,12 @@ from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, 
                                 set_deepspeed_micro_batch, uses_deepspeed)
 from jaguar.run import RunDir, TrainingMetrics
 from jaguar.train.data import RunSplit, build_run_split, open_train_split
+from jaguar.train.distill import load_teacher
 from jaguar.train.evaluate import validate
-from jaguar.train.guard import NonFiniteGuard, PreemptFlag, TrainingStopped, all_ranks_finite, total_grad_norm
+from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
 from jaguar.train.optim import (TrainedModules, build_center_optimizer, build_ema, build_optimizer, build_scheduler,
                                 check_every_parameter_trained, refuse_centres_under_deepspeed, total_updates)
+from jaguar.train.preempt import PreemptFlag
 from jaguar.train.resume import apply_new_schedule, record_config
 from jaguar.train.seeding import seed_rank_streams
 from jaguar.train.tb import TensorBoardLogger
@@ -68,14 +70,15 @@ class Trainer:
             ckpt.load_weights(model, Path(cfg.train.init_from), partial=True)
         self.mean, self.std = tuple(model.mean), tuple(model.std)
         self.criterion = ReIDCriterion(cfg, self.num_classes, model.embed_dim)
+        self.teacher = (load_teacher(cfg, self.split.filenames, self.run_split.train_indices, model.embed_dim)
+                        if cfg.distill.teacher else None)
         optimizer = build_optimizer(cfg, model)
         # Not prepared: a prepared optimizer's step() runs the fp16 scaler's step and update(); a second
         # one would then unscale its gradients again and update the scale twice a step (accelerate
         # issue #439; torch's AMP notes: update() once, after every optimizer). Its gradients are
         # unscaled with the model's, and the one update() comes with the model's step (_apply_update).
         self.center_optimizer = build_center_optimizer(cfg, self.criterion)
-        # The replicas are built alike (run.seed above); from here on each rank draws its own dropout.
-        seed_rank_streams(cfg.run.seed, acc.process_index)
+        seed_rank_streams(cfg.run.seed, acc.process_index)  # built alike above; own dropout per rank from here
 
         self.loader = build_train_loader(cfg, self.split, self.run_split.train_indices, acc.process_index,
                                          acc.num_processes, self.mean, self.std,
@@ -245,7 +248,7 @@ class Trainer:
         # of a bad batch may have written NaN into them).
         buffers = [(buffer, buffer.detach().clone()) for buffer in self.model.buffers()]
         for micro in range(cfg.train.grad_accum):
-            images, labels, _ = next(batches)
+            images, labels, positions = next(batches)
             # Under DeepSpeed bf16 the weights themselves are bf16, and so must the inputs be.
             images, labels = images.to(acc.device, self.input_dtype), labels.to(acc.device)
             count += images.shape[0]
@@ -257,8 +260,9 @@ class Trainer:
                 if mixed is not None:
                     images, labels_a, labels_b, lam = mixed
                     mix = (labels_b, lam)
+            teacher = self.teacher.lookup(positions).to(acc.device) if self.teacher is not None else None
             with acc.accumulate(self.model):
-                terms = self.criterion(self.model(images), labels, mix=mix)
+                terms = self.criterion(self.model(images), labels, mix=mix, teacher=teacher)
                 loss_finite = loss_finite and bool(torch.isfinite(terms["loss"].detach()))
                 skipped_before = getattr(self.model, "skipped_steps", 0)
                 acc.backward(terms["loss"])

@@ -1,0 +1,118 @@
+"""Knowledge distillation: the losses (zero when the student matches the teacher, a gradient
+otherwise), the teacher's embeddings looked up by training position, the config's rules, and a
+tiny one-process training run distilling a teacher run's extracted embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from jaguar.cli.main import main
+from jaguar.config import ConfigError, load_config
+from jaguar.errors import MissingInputError
+from jaguar.models.losses import ReIDCriterion, cosine_distillation_loss, similarity_distillation_loss
+from jaguar.models.reid import ReIDOutput
+from jaguar.report.tb_reader import read_scalars
+from jaguar.retrieval.features import FeatureSet
+from jaguar.run import RunDir
+from jaguar.train.distill import TeacherEmbeddings, load_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny_cpu.py")
+SMALL = ["model.backbone=test_resnet", "model.img_size=[32,48]", "data.p_identities=2", "data.k_images=4",
+         "data.val_fraction=0.25", "data.num_workers=0", "data.batch_size=7"]
+
+
+def _embeddings(rows: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_similarity_distillation_is_zero_for_the_teachers_geometry_and_has_a_gradient():
+    teacher = _embeddings(8, 16, 0)
+    assert similarity_distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    # another width, same similarities (an orthogonal map, and any scale): nothing to learn
+    rotation, _ = torch.linalg.qr(_embeddings(24, 24, 1))
+    widened = torch.cat([teacher, torch.zeros(8, 8)], dim=1) @ rotation * 3.0
+    assert similarity_distillation_loss(widened, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    student = _embeddings(8, 12, 2).requires_grad_(True)
+    loss = similarity_distillation_loss(student, teacher)
+    assert loss.item() > 0
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    # a step along the gradient brings the student's similarities closer to the teacher's
+    with torch.no_grad():
+        assert similarity_distillation_loss(student - 0.5 * student.grad, teacher) < loss
+
+
+def test_cosine_distillation_is_zero_when_aligned_and_needs_one_width():
+    teacher = _embeddings(6, 16, 3)
+    assert cosine_distillation_loss(teacher * 2.0, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    student = _embeddings(6, 16, 4).requires_grad_(True)
+    loss = cosine_distillation_loss(student, teacher)
+    loss.backward()
+    assert loss.item() > 0 and student.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="one width"):
+        cosine_distillation_loss(_embeddings(6, 8, 5), teacher)
+
+
+def test_the_criterion_adds_the_weighted_term_and_skips_mixed_batches():
+    cfg = load_config(None, ["distill.teacher=somewhere", "distill.weight=2.5"])
+    criterion = ReIDCriterion(cfg, num_classes=3, feat_dim=8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    output = ReIDOutput(_embeddings(6, 8, 6), _embeddings(6, 8, 7), torch.rand(6, 3))
+    teacher = _embeddings(6, 5, 8)
+    plain = criterion(output, labels)
+    distilled = criterion(output, labels, teacher=teacher)
+    assert "distill" not in plain
+    assert distilled["distill"].item() == pytest.approx(similarity_distillation_loss(output.embedding, teacher).item())
+    assert distilled["loss"].item() == pytest.approx(plain["loss"].item() + 2.5 * distilled["distill"].item(), rel=1e-6)
+    mixed = criterion(output, labels, mix=(labels.flip(0), 0.7), teacher=teacher)
+    assert "distill" not in mixed
+
+
+def test_teacher_embeddings_are_found_by_training_position():
+    features = FeatureSet(["c.png", "a.png", "b.png"], torch.eye(3), torch.tensor([0, 1, 2]))
+    filenames = ["a.png", "b.png", "c.png", "d.png"]
+    table = TeacherEmbeddings.from_features(features, filenames, [0, 2], "teacher/features/train.safetensors")
+    assert torch.equal(table.lookup(torch.tensor([2, 0, 2])), torch.eye(3)[[0, 1, 0]])
+    with pytest.raises(ValueError):
+        table.lookup([1])  # not a training image
+    with pytest.raises(ConfigError, match=r"lack 1 of the 3 training images \(e\.g\. \['d\.png'\]\).*--split train"):
+        TeacherEmbeddings.from_features(features, filenames, [0, 2, 3], "teacher/features/train.safetensors")
+
+
+def test_distillation_config_is_checked_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="distill.weight is 0"):
+        load_config(None, ["distill.teacher=runs/t", "distill.weight=0"])
+    with pytest.raises(ConfigError, match="did you mean similarity"):
+        load_config(None, ["distill.loss=similarty"])
+    # the teacher alone may train the student
+    load_config(None, ["distill.teacher=runs/t", "loss.ce_weight=0"])
+    with pytest.raises(ConfigError, match="enable at least one term"):
+        load_config(None, ["loss.ce_weight=0"])
+    cfg = load_config(None, [f"distill.teacher={tmp_path}"])
+    with pytest.raises(MissingInputError, match=r"jaguar extract .* --split train"):
+        load_teacher(cfg, ["a.png"], [0], 8)
+
+
+def test_a_tiny_run_distils_a_teacher_runs_embeddings(shards_dir, tmp_path):
+    teacher = tmp_path / "teacher"
+    for split in ("train", "val"):  # a zero-shot teacher: the recipe's backbone as built, another width
+        assert main(["extract", "--config", TINY, f"data.shards={shards_dir}", f"run.dir={teacher}", "--split", split,
+                     *SMALL, "model.backbone=resnet10t"]) == 0
+    student = tmp_path / "student"
+    assert main(["train", TINY, f"data.shards={shards_dir}", f"run.dir={student}", *SMALL, "train.epochs=1",
+                 "train.log_every=1", f"distill.teacher={teacher}", "distill.weight=5"]) == 0
+    scalars = read_scalars(RunDir(student).tb_dir)
+    assert "train/loss_distill" in scalars and len(scalars["train/loss_distill"]) > 0
+    assert all(value >= 0 for value in scalars["train/loss_distill"].values)
+    assert RunDir(student).load_config().distill.teacher == str(teacher)
+    # cosine distillation between different widths is refused before any step, naming the key to set
+    with pytest.raises(ConfigError, match="model.reduce_dim="):
+        main_config = load_config(TINY, [f"data.shards={shards_dir}", f"run.dir={tmp_path / 'other'}", *SMALL,
+                                         f"distill.teacher={teacher}", "distill.loss=cosine"])
+        from jaguar.train.trainer import Trainer
+
+        Trainer(main_config)
