@@ -61,9 +61,9 @@ def embed_batch(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
     images = images.to(device, non_blocking=True)
     total = None
     for scale in scales:
-        size = scaled_size(images.shape[-2], images.shape[-1], scale, size_multiple)
-        scaled = images if size == tuple(images.shape[-2:]) else F.interpolate(
-            images, size=size, mode="bilinear", align_corners=False)
+        # scale 1 leaves the input as it is (its size may be symbolic while an export traces it)
+        size = None if scale == 1.0 else scaled_size(int(images.shape[-2]), int(images.shape[-1]), scale, size_multiple)
+        scaled = images if size is None else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         views = [scaled, torch.flip(scaled, dims=[3])] if flip_tta else [scaled]
         for view in views:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
