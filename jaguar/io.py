@@ -117,27 +117,12 @@ def current_umask() -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(path, ".tmp")
-        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        write_failed(path, err, "nothing was written")
-    try:
-        # mkstemp makes 0600 files; a run's outputs should be as readable as any other file.
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as handle:
+    """Write `data` to `path` through `atomic_file`: complete, or untouched (and a WriteError)."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        write_failed(path, err, _kept(path), remove=Path(tmp))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _body_failed(final: Path, err: OSError, tmp: Path) -> NoReturn:

@@ -236,6 +236,9 @@ def test_a_second_writer_refuses_naming_the_holder_and_a_killed_holder_frees_it(
             run.writer_lock("jaguar rank").acquire()
         assert main(["rank", str(run.path), "--split", "test", "--top-k", "2"]) == 2
         assert f"pid {holder.pid}" in capsys.readouterr().err and not run.ranks_path("test").exists()
+        for command in (["diagnose", str(run.path), "--split", "test"], ["export", str(run.path)]):
+            assert main(command) == 2  # every writer of the run takes its lock, the new stages too
+            assert f"being written by jaguar train (pid {holder.pid}" in capsys.readouterr().err
         # readers never block
         assert len(run.load_features("test")) == 6
     finally:

@@ -37,7 +37,8 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging()
     run = RunDir(args.run_dir)
-    diagnosis = diagnose_run(run, args.split, args.checkpoint, progress=True, force=args.force)
+    with run.writer_lock("jaguar diagnose"):
+        diagnosis = diagnose_run(run, args.split, args.checkpoint, progress=True, force=args.force)
     print("\n".join(summary_lines(diagnosis)))
     print(f"wrote {run.diagnosis_path(args.split)}; `jaguar report {run}` shows it")
     return 0

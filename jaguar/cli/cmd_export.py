@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from jaguar.train.entry import setup_logging
 
     setup_logging()
-    result = export_run(RunDir(args.run_dir), args.output, args.int8, args.int8_mode, args.checkpoint,
-                        args.tolerance, args.check_images)
+    run = RunDir(args.run_dir)
+    with run.writer_lock("jaguar export"):  # its default output is RUN/export/
+        result = export_run(run, args.output, args.int8, args.int8_mode, args.checkpoint,
+                            args.tolerance, args.check_images)
     print(describe(result, args.tolerance))
     return 0
