@@ -29,7 +29,7 @@ class FakeSplit:
         rgba, meta = self.read_rgba(i)
         return Image.fromarray(rgba, "RGBA"), meta
 
-    def read_rgba(self, i: int):
+    def read_rgba(self, i: int, reduction=None):  # PNG-like: never decoded reduced
         rgba = np.zeros((12, 16, 4), dtype=np.uint8)
         rgba[..., 0] = i % 256
         rgba[..., 1] = (7 * i) % 256

@@ -74,7 +74,8 @@ class TrainDataset(Dataset):
             key = (int(key), 0, 0, 0)
         local = key[0]
         position = int(self.indices[local])
-        image, meta = self.split.read_rgba(position)
+        # a JPEG member decodes at the reduced size the transform's canvas still resolves
+        image, meta = self.split.read_rgba(position, reduction=self.transform.decode_reduction)
         tensor = self.transform(image, meta, sample_rng(self.seed, key))
         return tensor, int(self.targets[local]), position
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -47,9 +48,20 @@ def _decode(data: bytes, flags: int) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
 
 
-def decode_rgba(sample: dict, where: str) -> np.ndarray:
+REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_rgba(sample: dict, where: str, reduction: int = 1) -> np.ndarray:
     """The H x W x 4 uint8 RGBA array of a shard sample's image members (OpenCV decodes PNG and
-    JPEG faster than PIL). `where` names the sample in errors."""
+    JPEG faster than PIL). `where` names the sample in errors.
+
+    `reduction` (1, 2, 4 or 8) lets a JPEG colour member decode at 1/reduction of its size
+    (libjpeg's scaled inverse DCT, each output pixel the mean of a reduction x reduction block:
+    ceil(W / reduction) x ceil(H / reduction)); its mask is area-averaged to the same size. PNG
+    members always decode at full size. Callers learn the size from the array's shape."""
+    if reduction not in REDUCED_COLOR:
+        raise ValueError(f"reduction must be one of {sorted(REDUCED_COLOR)}, got {reduction}")
     if ".png" in sample:
         image = _decode(_as_bytes(sample[".png"]), cv2.IMREAD_UNCHANGED)
         if image is not None and image.ndim == 3 and image.shape[2] == 4 and image.dtype == np.uint8:
@@ -62,16 +74,19 @@ def decode_rgba(sample: dict, where: str) -> np.ndarray:
             raise ShardsError(f"{where}: its .png member cannot be decoded ({type(err).__name__}; corrupt "
                               f"shard?); run `jaguar verify` on the shards folder and re-run `jaguar prep`") from None
     if ".jpg" in sample and ".mask.png" in sample:
-        colour = _decode(_as_bytes(sample[".jpg"]), cv2.IMREAD_COLOR)
+        colour = _decode(_as_bytes(sample[".jpg"]), REDUCED_COLOR[reduction])
         mask = _decode(_as_bytes(sample[".mask.png"]), cv2.IMREAD_GRAYSCALE)
         # name the member at fault: an undecodable colour image, an undecodable mask, or a size mismatch
         if colour is None or mask is None:
             member = ".jpg" if colour is None else ".mask.png"
             raise ShardsError(f"{where}: its {member} member cannot be decoded (corrupt shard?); run "
                               f"`jaguar verify` on the shards folder and re-run `jaguar prep`")
-        if colour.shape[:2] != mask.shape:
-            raise ShardsError(f"{where}: its .jpg is {colour.shape[1]}x{colour.shape[0]} but its .mask.png is "
+        if colour.shape[:2] != tuple(-(-side // reduction) for side in mask.shape):
+            reduced = f" (decoded at 1/{reduction})" if reduction > 1 else ""
+            raise ShardsError(f"{where}: its .jpg is {colour.shape[1]}x{colour.shape[0]}{reduced} but its .mask.png is "
                               f"{mask.shape[1]}x{mask.shape[0]}; re-run `jaguar prep`")
+        if reduction > 1:
+            mask = cv2.resize(mask, (colour.shape[1], colour.shape[0]), interpolation=cv2.INTER_AREA)
         rgba = cv2.cvtColor(colour, cv2.COLOR_BGR2RGBA)
         rgba[:, :, 3] = mask
         return rgba
@@ -150,8 +165,11 @@ class ShardSplit:
         rgba, meta = self.read_rgba(i)
         return Image.fromarray(rgba, "RGBA"), meta
 
-    def read_rgba(self, i: int) -> tuple[np.ndarray, dict]:
-        """Item i as (H x W x 4 uint8 RGBA array, sample json): what the data loaders read."""
+    def read_rgba(self, i: int, reduction: Callable[[dict], int] | None = None) -> tuple[np.ndarray, dict]:
+        """Item i as (H x W x 4 uint8 RGBA array, sample json): what the data loaders read.
+
+        `reduction(sample json)` may choose a reduced JPEG decode (see `decode_rgba`); the array is
+        then smaller than the json's "size" [W, H], which stays as stored."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for split {self.split!r} of {len(self)} samples")
         i = int(i) % len(self)
@@ -162,7 +180,7 @@ class ShardSplit:
                               f"manifest says {self.filenames[i]}; the shards were changed, re-run `jaguar prep`")
         shard = self._shard_urls[min(int(np.searchsorted(self._shard_ends, i, side="right")), len(self._shard_urls) - 1)]
         return decode_rgba(sample, f"sample {i} ({meta['filename']}) of {self.split!r} in shard "
-                                   f"{self.shards_dir / shard}"), meta
+                                   f"{self.shards_dir / shard}", 1 if reduction is None else reduction(meta)), meta
 
     def label_counts(self) -> dict[int, int]:
         """Images per label (unknown = -1), e.g. for a PK sampler."""

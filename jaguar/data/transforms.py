@@ -13,6 +13,9 @@ same augmented tensor in any worker, which is what makes a bit-exact resume poss
 Pipeline (the reader's budget is ~15 ms a sample on one core at 448 px, see
 benchmarks/reader_throughput.py):
 
+0. (training loader) a JPEG photo several times larger than the canvas needs is decoded at
+   1/2, 1/4 or 1/8 of its size (`decode_reduction`, libjpeg's scaled decode): never below what
+   the warp samples at the largest zoom; the stored alpha box is mapped onto the reduced pixels;
 1. crop to the alpha box (a view of the uint8 array, no copy);
 2. one bilinear warp (OpenCV) to the network size that does the resize (aspect kept and
    centred, or stretched), the horizontal flip, the affine jitter (rotation, scale,
@@ -76,13 +79,33 @@ def crop_to_alpha(rgba: np.ndarray, bbox: Sequence[int] | None, margin: float) -
         bbox = alpha_bbox(rgba[:, :, 3])
         if bbox is None:  # empty mask: nothing to crop to
             return rgba
+    box = crop_box(bbox, margin, height, width)
+    if box is None:
+        return rgba
+    x0, y0, x1, y1 = box
+    return rgba[y0:y1, x0:x1]
+
+
+def crop_box(bbox: Sequence[int], margin: float, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of `crop_to_alpha`: `bbox` grown by `margin` x its size on each side,
+    clipped to a height x width image; None when nothing is left."""
     x0, y0, x1, y1 = (int(v) for v in bbox)
     grow_x, grow_y = margin * (x1 - x0), margin * (y1 - y0)
     x0, x1 = max(0, math.floor(x0 - grow_x)), min(width, math.ceil(x1 + grow_x))
     y0, y1 = max(0, math.floor(y0 - grow_y)), min(height, math.ceil(y1 + grow_y))
     if x1 <= x0 or y1 <= y0:
-        return rgba
-    return rgba[y0:y1, x0:x1]
+        return None
+    return x0, y0, x1, y1
+
+
+def _reduction_of(rgba: np.ndarray, meta: dict | None) -> int:
+    """r when `rgba` is the reduced decode (ceil(W / r) x ceil(H / r)) of the stored "size" [W, H], else 1."""
+    size = (meta or {}).get("size")
+    if size and (rgba.shape[1], rgba.shape[0]) != (int(size[0]), int(size[1])):
+        for reduction in (2, 4, 8):
+            if (rgba.shape[1], rgba.shape[0]) == (-(-int(size[0]) // reduction), -(-int(size[1]) // reduction)):
+                return reduction
+    return 1
 
 
 def fit_size(height: int, width: int, target: Sequence[int]) -> list[int]:
@@ -243,12 +266,39 @@ class _Transform:
         self.crop_to_alpha = data.crop_to_alpha
         self.crop_margin = data.crop_margin
         self.resize = data.resize
+        self._max_zoom = 1.0
 
     def _source(self, image: Image.Image | np.ndarray, meta: dict | None) -> np.ndarray:
         rgba = rgba_array(image)
         if self.crop_to_alpha:
-            rgba = crop_to_alpha(rgba, (meta or {}).get("alpha_bbox"), self.crop_margin)
+            bbox = (meta or {}).get("alpha_bbox")
+            reduction = _reduction_of(rgba, meta)
+            if bbox is not None and reduction > 1:  # a reduced decode: the stored box on its pixels
+                bbox = [bbox[0] // reduction, bbox[1] // reduction, -(-bbox[2] // reduction), -(-bbox[3] // reduction)]
+            rgba = crop_to_alpha(rgba, bbox, self.crop_margin)
         return rgba
+
+    def decode_reduction(self, meta: dict) -> int:
+        """The largest JPEG decode reduction (1, 2, 4 or 8; see jaguar.data.shards.decode_rgba) at
+        which the photo's crop is still at least as large as the canvas samples it at the largest
+        zoom (train: data.scale's upper end), from the sample json's "size" [W, H] and "alpha_bbox";
+        1 when either is missing. What is left of the shrink is done by `warp` as before."""
+        size = meta.get("size")
+        if not size:
+            return 1
+        width, height = int(size[0]), int(size[1])
+        if self.crop_to_alpha:
+            bbox = meta.get("alpha_bbox")
+            box = crop_box(bbox, self.crop_margin, height, width) if bbox is not None else None
+            if box is None:  # the reader would find the box (or none) from the decoded mask
+                return 1
+            width, height = box[2] - box[0], box[3] - box[1]
+        placed = placement(height, width, self.size, self.resize)
+        step = max(placed[0, 0], placed[1, 1]) * self._max_zoom  # canvas pixels per photo pixel
+        reduction = 1
+        while reduction < 8 and step * reduction * 2 <= 1:
+            reduction *= 2
+        return reduction
 
     def _render(self, rgba: np.ndarray, matrix: np.ndarray, rng: np.random.Generator | None,
                 jitter: Sequence[tuple[str, float]] = ()) -> torch.Tensor:
@@ -288,6 +338,7 @@ class TrainTransform(_Transform):
         self.hflip = data.hflip
         self.rotation = data.rotation
         self.scale = [float(v) for v in data.scale]
+        self._max_zoom = max(1.0, self.scale[1])
         self.translate = data.translate
         self.color_jitter = data.color_jitter
         self.random_erasing = data.random_erasing

@@ -39,9 +39,9 @@ class ConcatSplit:
         split, local = self._locate(index)
         return split[local]
 
-    def read_rgba(self, index: int):
+    def read_rgba(self, index: int, reduction=None):
         split, local = self._locate(index)
-        return split.read_rgba(local)
+        return split.read_rgba(local, reduction)
 
 
 def open_train_split(cfg: Config):
