@@ -1,9 +1,15 @@
 """Knowledge distillation: the losses (zero when the student matches the teacher, a gradient
-otherwise), the teacher's embeddings looked up by training position, the config's rules, and a
-tiny one-process training run distilling a teacher run's extracted embeddings."""
+otherwise), the teacher's embeddings looked up by training position, the config's rules, a
+tiny one-process training run distilling a teacher run's extracted embeddings, and a 2-process DDP
+run distilling on both ranks and resumed from its checkpoint."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,7 @@ from jaguar.models.reid import ReIDOutput
 from jaguar.report.tb_reader import read_scalars
 from jaguar.retrieval.features import FeatureSet
 from jaguar.run import RunDir
+from jaguar.train import checkpoint as ckpt
 from jaguar.train.distill import TeacherEmbeddings, load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +123,87 @@ def test_a_tiny_run_distils_a_teacher_runs_embeddings(shards_dir, tmp_path):
         from jaguar.train.trainer import Trainer
 
         Trainer(main_config)
+
+
+# One process of a 2-process run: the trainer as `jaguar train` builds it, recording on its rank the
+# training positions each micro-batch looks up in the teacher's table, the distillation term of each
+# step, and the step the run starts from (after resuming).
+_RANK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from jaguar.config import load_config
+    from jaguar.train.trainer import Trainer
+    out, recipe, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    trainer = Trainer(load_config(recipe, overrides))
+    record = {"positions": [], "distill": []}
+    lookup, optimizer_step, resume = trainer.teacher.lookup, trainer._optimizer_step, trainer._resume
+    def recording_lookup(positions):
+        record["positions"].append([int(p) for p in positions])
+        return lookup(positions)
+    def recording_step(batches):
+        terms, grad_norm, count = optimizer_step(batches)
+        record["distill"].append(terms.get("distill"))
+        return terms, grad_norm, count
+    def recording_resume():
+        resume()
+        record["start"] = trainer.step
+    trainer.teacher.lookup = recording_lookup
+    trainer._optimizer_step = recording_step
+    trainer._resume = recording_resume
+    metrics = trainer.train()
+    record.update(steps=metrics["steps"], world_size=metrics["world_size"], checksums=metrics["param_checksums"],
+                  train=sorted(int(p) for p in trainer.run_split.train_indices))
+    with open(f"{out}.{trainer.accelerator.process_index}.json", "w") as handle:
+        json.dump(record, handle)
+""")
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _two_processes(script: Path, out: Path, *overrides: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"),
+           str(script), str(out), TINY, *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_distils_on_both_ranks_and_resumes(shards_dir, tmp_path):
+    """Distillation under DDP (2 CPU processes, gloo), then resumed with train.resume=auto. DeepSpeed
+    (ZeRO-2/3) is not run here, as a second pair of launches would double this test's ~40 s: the
+    teacher lookup and the loss term sit in the trainer's `_optimizer_step` before
+    `accelerator.backward`, the one path for DDP and DeepSpeed alike (tests/test_train.py runs it under
+    ZeRO-2 bf16); the distillation losses compute in fp32 whatever the weights' dtype; and the
+    teacher's table is read by each rank from the teacher's feature files, not from any state that
+    DeepSpeed partitions or checkpoints."""
+    teacher = tmp_path / "teacher"
+    for split in ("train", "val"):
+        assert main(["extract", "--config", TINY, f"data.shards={shards_dir}", f"run.dir={teacher}", "--split", split,
+                     *SMALL, "model.backbone=resnet10t"]) == 0
+    script = tmp_path / "rank_script.py"
+    script.write_text(_RANK_SCRIPT)
+    run = tmp_path / "student"
+    common = [f"data.shards={shards_dir}", f"run.dir={run}", *SMALL, "train.epochs=5", "train.eval_every=0",
+              "train.log_every=1", f"distill.teacher={teacher}", "distill.weight=5", "train.resume=auto"]
+    first = _two_processes(script, tmp_path / "first", *common, "train.max_steps=1")
+    second = _two_processes(script, tmp_path / "second", *common, "train.max_steps=2")
+    for reports, start, steps in ((first, 0, 1), (second, 1, 2)):
+        for report in reports:
+            assert report["world_size"] == 2 and report["steps"] == steps
+            assert report["start"] == start  # the second run continued the first one's checkpoint
+            # one optimizer step this run, on every rank: its batch found in the teacher's table
+            # (a training image outside it would have raised), and a finite, positive term
+            assert len(report["distill"]) == 1 and len(report["positions"]) == 1
+            assert set(report["positions"][0]) <= set(report["train"]) and report["positions"][0]
+            assert report["distill"][0] is not None and 0 < report["distill"][0] < float("inf")
+        # each rank distilled its own share of the batch, and DDP kept the replicas identical
+        assert reports[0]["positions"] != reports[1]["positions"]
+        assert reports[0]["checksums"][0] == reports[0]["checksums"][1]
+    # the resumed step's batches are the sampler's next ones, not the first step's again
+    assert [r["positions"] for r in second] != [r["positions"] for r in first]
+    assert ckpt.is_complete(run / "checkpoints" / "step-000002")
