@@ -7,14 +7,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${JAGUAR_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.jaguar-installed"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+# The stamp names the clone too: the install is editable, so a venv shared by two clones runs the code
+# of the clone that installed it last; using it from another clone re-points it there (and says so).
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1) $ROOT"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-  echo "[setup] installing jaguar and its dependencies into $VENV (a few minutes the first time)"
+  echo "[setup] installing jaguar from $ROOT (editable) and its dependencies into $VENV (a few minutes the first time)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,export]"
   echo "$WANT" > "$STAMP"

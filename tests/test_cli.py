@@ -77,6 +77,48 @@ def test_verify_does_not_import_torch(shards_dir):
         f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['verify', {str(shards_dir)!r}]) == 0\n")
 
 
+def _main_output(argv: list) -> tuple[str, list[str]]:
+    """(stdout, heavy modules imported) of `jaguar ARGV` run in a fresh interpreter."""
+    result = _python("import contextlib, io, sys\nfrom jaguar.cli.main import main\nout = io.StringIO()\n"
+                     f"with contextlib.redirect_stdout(out):\n    code = main({argv!r})\n"
+                     "print(out.getvalue())\n"
+                     f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\nassert code == 0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, _, heavy = result.stdout.rpartition("HEAVY=")
+    return out, [name for name in heavy.strip().split(",") if name]
+
+
+def test_score_of_a_submission_file_does_not_import_torch(tmp_path):
+    (tmp_path / "test.csv").write_text("row_id,query_image,gallery_image\n1,a.png,b.png\n2,a.png,c.png\n"
+                                       "3,b.png,a.png\n4,b.png,c.png\n5,c.png,a.png\n6,c.png,b.png\n")
+    (tmp_path / "labels.csv").write_text("filename,ground_truth\na.png,Ana\nb.png,Ana\nc.png,Bru\n")
+    (tmp_path / "sub.csv").write_text("row_id,similarity\n1,0.1\n2,0.9\n3,0.8\n4,0.2\n5,0.5\n6,0.5\n")
+    out, heavy = _main_output(["score", str(tmp_path / "sub.csv"), "--test-csv", str(tmp_path / "test.csv"),
+                               "--labels", str(tmp_path / "labels.csv")])
+    # a's match ranks 2nd (AP 1/2), b's 1st (AP 1); c has no match and is not averaged
+    assert "identity-balanced mAP: 0.750000 (6 pairs, 3 images, 1 identities)" in out
+    assert "torch" not in heavy
+
+
+def test_gallery_listing_does_not_import_torch(tmp_path):
+    import torch
+
+    from jaguar.config import Config
+    from jaguar.retrieval.features import FeatureSet
+    from jaguar.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.save_config(Config())
+    run.save_features("train", FeatureSet(["t0", "t1", "t2", "t3"], torch.eye(4), torch.tensor([0, 1, 0, -1]),
+                                          {0: "Ana", 1: "Bru"}))
+    run.save_enrolled(FeatureSet(["e0", "e1"], torch.eye(2, 4), torch.tensor([0, 0]), {0: "Caí"}))
+    out, heavy = _main_output(["gallery", str(run.path)])
+    assert [line.split() for line in out.splitlines()[1:4]] == [["Ana", "2", "training"], ["Bru", "1", "training"],
+                                                                ["Caí", "2", "enrolled"]]
+    assert "3 individuals, 5 images" in out
+    assert "torch" not in heavy
+
+
 def _train_until_checkpoint(shards_dir: Path, run: Path) -> tuple[subprocess.Popen, list[str]]:
     """A `jaguar train` with many epochs, once its first complete checkpoint is on disk."""
     from jaguar.train.checkpoint import list_checkpoints

@@ -71,10 +71,10 @@ def _weights(cfg, path: Path, seed: int) -> Path:
     return path
 
 
-def _extract(shards_dir, run_path, weights, reads, stop_after=None, split="train"):
+def _extract(shards_dir, run_path, weights, reads, stop_after=None, split="train", force=False):
     reads.count, reads.stop_after = 0, stop_after
     run = RunDir(run_path)
-    return extract_split(run, split, _cfg(shards_dir, run_path), weights, block_size=BLOCK)
+    return extract_split(run, split, _cfg(shards_dir, run_path), weights, block_size=BLOCK, force=force)
 
 
 @pytest.fixture
@@ -126,6 +126,24 @@ def test_interrupted_extraction_resumes_where_it_stopped(shards_dir, tmp_path, w
 
     _extract(shards_dir, run.path, weights[0], reads)
     assert reads.count == 0  # up to date: nothing read
+
+
+def test_an_interrupted_forced_extraction_resumes_with_the_same_command(shards_dir, tmp_path, weights, reads):
+    """`extract --force` stopped half-way and run again as the interruption line says (with --force)
+    reuses the blocks the forced attempt finished; a forced run with none recomputes every block."""
+    run = RunDir(tmp_path / "run")
+    _extract(shards_dir, run.path, weights[0], reads)
+    before = run.load_features("train")
+    with pytest.raises(Interrupted):
+        _extract(shards_dir, run.path, weights[0], reads, stop_after=2 * BLOCK + 3, force=True)
+    assert torch.equal(run.load_features("train").embeddings, before.embeddings)  # the old file is kept
+    assert len([p for p in run.feature_part_files("train") if not p.name.startswith(".")]) == 2
+    _extract(shards_dir, run.path, weights[0], reads, force=True)
+    assert reads.count == 60 - 2 * BLOCK  # the forced attempt's two blocks were reused
+    assert torch.equal(run.load_features("train").embeddings, before.embeddings)
+
+    _extract(shards_dir, run.path, weights[0], reads, force=True)
+    assert reads.count == 60  # nothing interrupted: --force recomputes every block
 
 
 def test_parts_of_other_weights_at_the_same_path_are_not_reused(shards_dir, tmp_path, weights, reads):

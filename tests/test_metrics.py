@@ -261,7 +261,7 @@ def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch
     from jaguar.formats import write_labels, write_pairs, write_submission
     from jaguar.report.evaluation import evaluate as report_evaluate
     from jaguar.retrieval.postprocess import PostConfig, tune_post
-    from jaguar.retrieval import stages
+    from jaguar.retrieval import postprocess
     from jaguar.retrieval.stages import score_submission, stage_table_on
     from jaguar.retrieval.submission import pair_similarities
     from jaguar.run import StageRow
@@ -292,7 +292,7 @@ def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch
     assert {k: getattr(raw_row, k) for k in figures} == pytest.approx({k: expected.summary()[k] for k in figures})
     rows = [StageRow("raw", PostConfig(), 0.0), StageRow("+QE", PostConfig(qe_k=2), 0.0)]
     dense_rows = stage_table_on(features, rows, RetrievalConfig(mode="dense"))
-    monkeypatch.setattr(stages, "final_distance", _forbidden)  # the top-M form never builds N x N
+    monkeypatch.setattr(postprocess, "final_distance", _forbidden)  # the top-M form never builds N x N
     topm_rows = stage_table_on(features, rows, RetrievalConfig(mode="topm", top_m=4))
     monkeypatch.undo()
     for dense_row, topm_row in zip(dense_rows, topm_rows):  # exact figures: the same in both forms

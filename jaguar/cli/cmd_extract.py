@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, metavar="MODEL.onnx",
                         help="embed with this exported model (`jaguar export`; needs onnxruntime) instead of "
                              "the run's checkpoint")
-    parser.add_argument("--force", action="store_true", help="recompute even if the features or parts exist")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even if the features are up to date (blocks an interrupted --force run "
+                             "finished are reused)")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                         help="images a saved block holds, rounded up to whole batches (default "
                              f"{DEFAULT_BLOCK_SIZE}): at most this much work is lost to an interruption")
@@ -85,6 +87,8 @@ def _kept(args: argparse.Namespace) -> str:
         return "the finished blocks under run.dir's features/parts/ (the same command reuses them)"
     run = RunDir(run_dir)
     blocks = sum(not path.name.startswith(".") for path in run.feature_part_files(args.split))
+    if not blocks:
+        return f"no finished block of {args.split} yet (the earlier features, if any, are as they were)"
     return (f"{blocks} finished block(s) of {args.split} in {run.feature_parts_dir} "
             "(the same command reuses them and computes the rest)")
 

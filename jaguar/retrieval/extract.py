@@ -240,10 +240,10 @@ def _passes_check(path: Path) -> bool:
     return True
 
 
-def _finished_part(path: Path, names: list[str], key: str) -> bool:
+def _finished_part(path: Path, names: list[str], key: str, newer_than: Optional[int] = None) -> bool:
     """Whether `path` is a complete part of these images made under `key` (an unreadable or
-    mismatched one is logged and recomputed)."""
-    if not path.is_file():
+    mismatched one is logged and recomputed), written after `newer_than` (ns since the epoch) if given."""
+    if not path.is_file() or (newer_than is not None and path.stat().st_mtime_ns <= newer_than):
         return False
     try:
         part = FeatureSet.load(path)
@@ -295,7 +295,8 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     launch (accelerate / torchrun / srun, or one process) its contiguous run of `block_size`-image
     blocks (block_grid), each block saved as a part when done. Parts finished by an earlier,
     interrupted attempt with the same images, weights and settings are reused; an up-to-date
-    features file is left as it is (unless `force`, which recomputes every block). With
+    features file is left as it is (unless `force`, which recomputes every block older than that
+    file, so a forced run that was interrupted resumes with the same command). With
     `checkpoint` None the model is used as built. With `onnx_model` (an exported model, see
     jaguar.retrieval.onnx_model) that model embeds the images, prepared as its metadata says, and
     `checkpoint` is not read; the features record it as "model" and its source weights as "source".
@@ -324,8 +325,12 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     rank, world = accelerator.process_index, accelerator.num_processes
     blocks = block_grid(len(positions), world, block_size, cfg.data.batch_size)
     mine = rank_blocks(blocks, rank, world)
+    # --force replaces the features file: blocks older than it are recomputed, those written after it
+    # (by a forced attempt that was interrupted) are this recomputation's own and are reused.
+    replaced = out.stat().st_mtime_ns if force and out.is_file() else None
     todo = [(start, end) for start, end in mine
-            if force or not _finished_part(run.feature_part_path(split_name, start, end, key), names[start:end], key)]
+            if not _finished_part(run.feature_part_path(split_name, start, end, key), names[start:end], key,
+                                  newer_than=replaced)]
     total, left = sum(e - s for s, e in mine), sum(e - s for s, e in todo)
     if left < total:
         log.info("rank %d: %d of its %d images were extracted by an earlier attempt; %d to go",

@@ -10,12 +10,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save as save_bytes
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file
+
+if TYPE_CHECKING:  # torch is imported where a FeatureSet is made: reading a file's labels needs none
+    import torch
 
 from jaguar.io import atomic_write_bytes
 from jaguar.errors import JaguarError, MissingInputError
@@ -37,6 +39,8 @@ class FeatureSet:
     viewpoints: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
+        import torch
+
         self.embeddings = torch.as_tensor(self.embeddings, dtype=torch.float32)
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
         if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.names):
@@ -58,6 +62,8 @@ class FeatureSet:
         return len(self.names)
 
     def normalized(self) -> "FeatureSet":
+        import torch
+
         emb = torch.nn.functional.normalize(self.embeddings, dim=1)
         return FeatureSet(list(self.names), emb, self.labels.clone(), dict(self.label_names), dict(self.meta),
                           self._views(range(len(self))))
@@ -72,7 +78,7 @@ class FeatureSet:
         if missing:
             raise KeyError(f"{len(missing)} image(s) have no features, e.g. {missing[:5]}")
         rows = [position[n] for n in names]
-        index = torch.tensor(rows, dtype=torch.long)
+        index = np.array(rows, dtype=np.int64)
         return FeatureSet(list(names), self.embeddings[index], self.labels[index],
                           dict(self.label_names), dict(self.meta), self._views(rows))
 
@@ -106,8 +112,10 @@ class FeatureSet:
         }
         if self.viewpoints is not None:
             metadata["viewpoints"] = json.dumps(self.viewpoints)
+        from safetensors.torch import save as save_bytes
+
         tensors = {"embeddings": self.embeddings.contiguous(), "labels": self.labels.contiguous()}
-        metadata["sha256"] = _content_sha256(tensors, metadata)
+        metadata["sha256"] = _content_sha256({name: t.numpy() for name, t in tensors.items()}, metadata)
         atomic_write_bytes(Path(path), save_bytes(tensors, metadata=metadata))
 
     @classmethod
@@ -115,53 +123,86 @@ class FeatureSet:
         """The feature set saved at `path` by `save`. Raises MissingInputError when there is no file,
         FeatureFileError (naming it and `how_to_make` it again) when it is truncated or not a jaguar
         feature file."""
-        path = Path(path)
-        if not path.is_file():
-            raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract` first")
+        arrays, metadata = _read(path, how_to_make)
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-            recorded = metadata.pop("sha256", None)  # absent in files of earlier versions
-            if recorded is not None and _content_sha256(tensors, metadata) != recorded:
-                raise FeatureFileError(f"feature file {path} does not match the checksum recorded when it was "
-                                       f"written (corrupt or changed since): {how_to_make}")
-            embeddings = tensors["embeddings"]
-            # one reduction first: a NaN or an infinity anywhere makes the sum non-finite (rows looked at only then)
-            bad_rows = ([] if bool(torch.isfinite(embeddings.sum())) else
-                        torch.nonzero(~torch.isfinite(embeddings).all(dim=1)).flatten().tolist())
-            if bad_rows:
-                names = json.loads(metadata["names"])
-                raise FeatureFileError(f"feature file {path} has non-finite embeddings in {len(bad_rows)} row(s), "
-                                       f"e.g. {[names[i] for i in bad_rows[:5]]}: {how_to_make}")
-            features = cls(
+            return cls(
                 names=json.loads(metadata["names"]),
-                embeddings=tensors["embeddings"],
-                labels=tensors["labels"],
-                label_names={int(k): v for k, v in json.loads(metadata.get("label_names", "{}")).items()},
+                embeddings=arrays["embeddings"],
+                labels=arrays["labels"],
+                label_names=_label_names(metadata),
                 meta=json.loads(metadata.get("meta", "{}")),
                 viewpoints=json.loads(metadata["viewpoints"]) if "viewpoints" in metadata else None,
             )
-        except FeatureFileError:
-            raise
-        # safetensors raises its own error type (a truncated or foreign file), json and the keys the rest
-        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
-            raise FeatureFileError(f"feature file {path} could not be read ({type(err).__name__}: {err}); it is "
-                                   f"truncated or not written by jaguar: {how_to_make}") from err
-        return features
+        except (KeyError, ValueError, TypeError) as err:
+            raise _unreadable(path, err, how_to_make) from err
 
     def numpy(self) -> np.ndarray:
         return self.embeddings.numpy()
 
 
-def _content_sha256(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """sha256 of a feature file's content: each tensor's name, dtype, shape and bytes, and each
+def load_identities(path: str | Path, how_to_make: str = "re-run the command that wrote it"
+                    ) -> tuple[np.ndarray, dict[int, str]]:
+    """(labels, label_names) of the feature file at `path` (N int64, -1 where unknown; label ->
+    identity name), read and checked as `FeatureSet.load` reads it, with the same errors, but
+    without torch: what `jaguar gallery` lists."""
+    arrays, metadata = _read(path, how_to_make)
+    try:
+        return arrays["labels"].astype(np.int64, copy=False).reshape(-1), _label_names(metadata)
+    except (KeyError, ValueError, TypeError) as err:
+        raise _unreadable(path, err, how_to_make) from err
+
+
+def _label_names(metadata: dict[str, str]) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads(metadata.get("label_names", "{}")).items()}
+
+
+def _unreadable(path: str | Path, err: Exception, how_to_make: str) -> FeatureFileError:
+    return FeatureFileError(f"feature file {path} could not be read ({type(err).__name__}: {err}); it is "
+                            f"truncated or not written by jaguar: {how_to_make}")
+
+
+def _read(path: str | Path, how_to_make: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays and metadata (less its sha256) of a feature file, checked against the recorded
+    checksum and for non-finite embeddings; the errors of `FeatureSet.load`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract` first")
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            metadata = handle.metadata() or {}
+        arrays = load_file(str(path))
+        recorded = metadata.pop("sha256", None)  # absent in files of earlier versions
+        if recorded is not None and _content_sha256(arrays, metadata) != recorded:
+            raise FeatureFileError(f"feature file {path} does not match the checksum recorded when it was "
+                                   f"written (corrupt or changed since): {how_to_make}")
+        embeddings = arrays["embeddings"]
+        # one reduction first: a NaN or an infinity anywhere makes the sum non-finite (rows looked at only then)
+        bad_rows = ([] if bool(np.isfinite(embeddings.sum())) else
+                    np.nonzero(~np.isfinite(embeddings).all(axis=1))[0].tolist())
+        if bad_rows:
+            names = json.loads(metadata["names"])
+            raise FeatureFileError(f"feature file {path} has non-finite embeddings in {len(bad_rows)} row(s), "
+                                   f"e.g. {[names[i] for i in bad_rows[:5]]}: {how_to_make}")
+    except FeatureFileError:
+        raise
+    # safetensors raises its own error type (a truncated or foreign file), json and the keys the rest
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
+        raise _unreadable(path, err, how_to_make) from err
+    return arrays, metadata
+
+
+# The dtype names in the checksums of the files written so far (torch's names of these dtypes).
+_DTYPE_NAMES = {np.dtype(np.float32): "torch.float32", np.dtype(np.int64): "torch.int64"}
+
+
+def _content_sha256(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """sha256 of a feature file's content: each array's name, dtype, shape and bytes, and each
     metadata entry, in sorted order (independent of how safetensors lays the file out)."""
     digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.numpy().reshape(-1).view(np.uint8))
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{_DTYPE_NAMES.get(array.dtype, array.dtype)}|{tuple(array.shape)}|".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
     for key in sorted(metadata):
         digest.update(f"{key}={metadata[key]}|".encode())
     return digest.hexdigest()

@@ -28,6 +28,7 @@ import torch
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_bytes
 from jaguar.retrieval.features import FeatureSet
+from jaguar.retrieval.gallery_index import individual_rows
 from jaguar.retrieval.knn import stable_top
 from jaguar.run import OpenSetCalibration, RunDir
 
@@ -73,27 +74,17 @@ def gallery_from_features(train: FeatureSet, enrolled: Optional[FeatureSet] = No
     """A Gallery of the labelled training features and, when given, the enrolled ones (their
     label_names are the individuals' names; their meta["thumbnails"] maps row name -> hash)."""
     train = train.labelled()
-    individuals: list[str] = []
-    index_of: dict[str, int] = {}
-
-    def index(name: str) -> int:
-        if name not in index_of:
-            index_of[name] = len(individuals)
-            individuals.append(name)
-        return index_of[name]
-
-    rows = [index(train.label_names.get(label, str(label))) for label in train.labels.tolist()]
     refs = [f"shard:{name}" for name in train.names]
     embeddings = [train.embeddings]
-    enrolled_names: set[str] = set()
     if enrolled is not None and len(enrolled):
         thumbs = enrolled.meta.get("thumbnails", {})
-        for name, label in zip(enrolled.names, enrolled.labels.tolist()):
-            individual = enrolled.label_names[label]
-            enrolled_names.add(individual)
-            rows.append(index(individual))
-            refs.append(f"thumb:{thumbs.get(name, name)}")
+        refs += [f"thumb:{thumbs.get(name, name)}" for name in enrolled.names]
         embeddings.append(enrolled.embeddings)
+    else:
+        enrolled = None
+    individuals, rows, enrolled_names = individual_rows(
+        train.labels.tolist(), train.label_names, None if enrolled is None else enrolled.labels.tolist(),
+        None if enrolled is None else enrolled.label_names)
     return Gallery(torch.cat(embeddings), torch.tensor(rows, dtype=torch.long), individuals, refs,
                    enrolled_names, str(train.meta.get("source", "")))
 
@@ -313,13 +304,3 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
         names, embeddings, labels = new.names, new.embeddings, new.labels
     run.save_enrolled(FeatureSet(names, embeddings, labels, label_names, meta))
     return Enrolment(name, embedded.paths, len(embedded.paths))
-
-
-def gallery_listing(run: RunDir) -> list[tuple[str, int, str]]:
-    """`jaguar gallery`: (individual, images, "training" or "enrolled") for each individual."""
-    from jaguar.retrieval.photos import require_trained_run
-
-    require_trained_run(run)
-    gallery = load_gallery(run)
-    return [(name, count, "enrolled" if name in gallery.enrolled else "training")
-            for name, count in gallery.counts().items()]

@@ -41,12 +41,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from jaguar.errors import JaguarError
 from jaguar.retrieval.ranks import match_ranks
 
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]  # torch is imported only where tensors are made
 KINDS = ("similarity", "distance")
 CMC_RANKS = (1, 5, 10)
 
@@ -95,23 +94,33 @@ def ranked_basis(reordered_top_m: Optional[int]) -> str:
             f"{reordered_top_m}; the rest keep their base score order)")
 
 
-def _matrix(name: str, value: ArrayLike) -> torch.Tensor:
-    """The scores as a 2-D CPU tensor, without a copy where the input is a float32/float64 array or
+def _array(value: ArrayLike) -> np.ndarray:
+    """A numpy view of an array, sequence or tensor (a tensor on any device; bfloat16 as float64),
+    without importing torch: tensors are recognised by their `detach` method."""
+    if hasattr(value, "detach"):
+        tensor = value.detach().cpu()
+        try:
+            return tensor.numpy()
+        except TypeError:  # bfloat16 has no numpy type
+            return tensor.double().numpy()
+    return np.asarray(value)
+
+
+def _matrix(name: str, value: ArrayLike) -> np.ndarray:
+    """The scores as a 2-D array, without a copy where the input is a float32/float64 array or
     CPU tensor (rows are converted and checked for NaN chunk by chunk, `_rows`)."""
-    matrix = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-    matrix = matrix.detach().cpu()
+    matrix = _array(value)
     if matrix.ndim != 2:
         raise MetricsError(f"{name} must be a 2-D matrix, got shape {tuple(matrix.shape)}")
     return matrix
 
 
-def _rows(name: str, matrix: torch.Tensor, start: int, stop: int, negate: bool) -> np.ndarray:
+def _rows(name: str, matrix: np.ndarray, start: int, stop: int, negate: bool) -> np.ndarray:
     """Rows start:stop of the scores as float32/float64 (exact: other types go to float64),
     negated for distances so that higher always ranks first; MetricsError naming a NaN's place."""
-    block = matrix[start:stop]
-    if block.dtype not in (torch.float32, torch.float64):
-        block = block.double()
-    values = block.numpy()
+    values = matrix[start:stop]
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
     if bool(np.isnan(values).any()):
         where = (np.argwhere(np.isnan(values))[:5] + [start, 0]).tolist()
         raise MetricsError(f"{name} contains NaN at {where}; every pair needs a score")
@@ -119,7 +128,7 @@ def _rows(name: str, matrix: torch.Tensor, start: int, stop: int, negate: bool) 
 
 
 def _block_ranks(block: np.ndarray, start: int, q_label: np.ndarray, g_label: np.ndarray, all_vs_all: bool,
-                 valid: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 valid: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(query, rank) of the true matches of query rows start, start + 1, ... (B x G `block`,
     higher first) among their candidates (`valid`, B x G bool; None: all; all-vs-all: self out)."""
     if valid is None:
@@ -134,19 +143,18 @@ def _block_ranks(block: np.ndarray, start: int, q_label: np.ndarray, g_label: np
 _CHUNK_BYTES = 32 << 20  # working memory of a chunk of query rows: ~16 bytes a (query, candidate) pair
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
 def _chunk_rows(n_columns: int) -> int:
     return max(1, _CHUNK_BYTES // (16 * max(n_columns, 1)))
 
 
-def _vector(name: str, value: ArrayLike, length: int) -> torch.Tensor:
-    vector = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-    vector = vector.detach().cpu().long().reshape(-1)
-    if vector.numel() != length:
-        raise MetricsError(f"{name} has {vector.numel()} entries, expected {length}")
+def _vector(name: str, value: ArrayLike, length: int) -> np.ndarray:
+    vector = _array(value).astype(np.int64).reshape(-1)
+    if vector.size != length:
+        raise MetricsError(f"{name} has {vector.size} entries, expected {length}")
     return vector
 
 
@@ -188,10 +196,10 @@ def evaluate(scores: ArrayLike, query_labels: ArrayLike, gallery_labels: Optiona
     g_label = q_label if all_vs_all else _vector("gallery labels", gallery_labels, n_gallery)
     mask = None
     if candidates is not None:
-        mask = torch.as_tensor(np.asarray(candidates) if not isinstance(candidates, torch.Tensor) else candidates)
+        mask = _array(candidates)
         if tuple(mask.shape) != (n_query, n_gallery):
             raise MetricsError(f"candidates has shape {tuple(mask.shape)}, expected {(n_query, n_gallery)}")
-        mask = mask.bool()
+        mask = mask.astype(bool, copy=False)
     if all_vs_all and gallery_cams is None:
         gallery_cams = query_cams
     if (query_cams is None) != (gallery_cams is None):
@@ -200,18 +208,18 @@ def evaluate(scores: ArrayLike, query_labels: ArrayLike, gallery_labels: Optiona
     if query_cams is not None:
         q_cam = _vector("query_cams", query_cams, n_query)
         g_cam = _vector("gallery_cams", gallery_cams, n_gallery)
-    q_np, g_np = q_label.numpy(), g_label.numpy()
+    q_np, g_np = q_label, g_label
     query_ids, ranks, camera_removed, queries_with_any = [], [], 0, 0
     step = _chunk_rows(n_gallery)
     for start in range(0, n_query, step):
         stop = min(start + step, n_query)
         block = _rows("scores", matrix, start, stop, negate=(kind == "distance"))
-        valid = np.ones(block.shape, dtype=bool) if mask is None else mask[start:stop].numpy().copy()
+        valid = np.ones(block.shape, dtype=bool) if mask is None else mask[start:stop].copy()
         if q_cam is not None:
             if all_vs_all:
                 valid[np.arange(stop - start), np.arange(start, stop)] = False
             match = q_np[start:stop, None] == g_np[None, :]
-            same_camera_match = match & valid & (q_cam[start:stop, None] == g_cam[None, :]).numpy()
+            same_camera_match = match & valid & (q_cam[start:stop, None] == g_cam[None, :])
             camera_removed += int(same_camera_match.sum())
             queries_with_any += int((match & valid).any(axis=1).sum())
             valid &= ~same_camera_match
@@ -230,6 +238,8 @@ def evaluate_embeddings(query_features: ArrayLike, query_labels: ArrayLike, gall
     holding the Q x G matrix: score rows are computed and counted chunk by chunk, O(chunk x G)
     memory, O(Q x G x D) time, at every N. Equal to `evaluate(normalised queries @ gallery.T, ...,
     kind="similarity")`. Raises MetricsError / ValueError on bad shapes or values."""
+    import torch
+
     from jaguar.retrieval.knn import normalise
 
     query = normalise("query features", query_features)
@@ -245,45 +255,45 @@ def evaluate_embeddings(query_features: ArrayLike, query_labels: ArrayLike, gall
     for start in range(0, query.shape[0], step):
         rows = query[start:start + step]
         block = torch.matmul(rows, gallery.T, out=buffer[:rows.shape[0]]).numpy()
-        block_ids, block_ranks = _block_ranks(block, start, q_label.numpy(), g_label.numpy(), all_vs_all)
+        block_ids, block_ranks = _block_ranks(block, start, q_label, g_label, all_vs_all)
         query_ids.append(block_ids)
         ranks.append(block_ranks)
     return _figures(_cat(query_ids), _cat(ranks), q_label, None,
                     _no_match_message(all_vs_all, False, 0, 0))
 
 
-def _figures(query_ids: torch.Tensor, ranks: torch.Tensor, q_label: torch.Tensor,
+def _figures(query_ids: ArrayLike, ranks: ArrayLike, q_label: ArrayLike,
              reordered_top_m: Optional[int], message: str) -> RetrievalMetrics:
     """The evaluator's figures from the 1-based ranks of every true match (query_ids[i] holds
-    ranks[i]): the one place AP, INP, CMC and their averages are computed, for a full ranking
-    (`evaluate`) and for ranked lists (`evaluate_ranked`) alike."""
-    n_query = q_label.numel()
+    ranks[i]; int64 arrays or CPU tensors): the one place AP, INP, CMC and their averages are
+    computed, for a full ranking (`evaluate`) and for ranked lists (`evaluate_ranked`) alike."""
+    query_ids, ranks, q_label = (_array(v).astype(np.int64, copy=False) for v in (query_ids, ranks, q_label))
+    n_query = q_label.size
     # By (query, rank): by rank, then stably by query (ranks may be as large as 2^53, see
     # `metrics_ranked.list_bounds`, so no single int64 key holds both).
-    order = torch.sort(ranks, stable=True).indices
-    order = order[torch.sort(query_ids[order], stable=True).indices]
-    query_ids, ranks = query_ids[order], ranks[order].double()
-    n_hits = torch.bincount(query_ids, minlength=n_query)
+    order = np.argsort(ranks, kind="stable")
+    order = order[np.argsort(query_ids[order], kind="stable")]
+    query_ids, ranks = query_ids[order], ranks[order].astype(np.float64)
+    n_hits = np.bincount(query_ids, minlength=n_query)
     has = n_hits > 0
     if not bool(has.any()):
         raise MetricsError(message)
-    start = torch.cumsum(n_hits, 0) - n_hits
-    position = torch.arange(query_ids.numel()) - start[query_ids] + 1  # i-th hit of its query
-    precision_sum = torch.zeros(n_query, dtype=torch.float64).index_add_(0, query_ids, position / ranks)
-    nan = torch.full((n_query,), float("nan"), dtype=torch.float64)
-    ap = torch.where(has, precision_sum / n_hits.clamp(min=1), nan)
+    start = np.cumsum(n_hits) - n_hits
+    position = np.arange(query_ids.size) - start[query_ids] + 1  # i-th hit of its query
+    precision_sum = np.bincount(query_ids, weights=position / ranks, minlength=n_query)
+    ap = np.where(has, precision_sum / np.maximum(n_hits, 1), np.nan)
     # Hits are sorted by (query, rank): a query's first and last hit open and close its run.
-    zero = torch.zeros(n_query, dtype=torch.float64)
-    first = torch.where(has, ranks[start.clamp(max=max(ranks.numel() - 1, 0))], zero)
-    last = torch.where(has, ranks[(start + n_hits - 1).clamp(min=0)], zero)
-    inp = torch.where(has, n_hits.double() / last.clamp(min=1), nan)
-    first = first.long()
-    identities, inverse = torch.unique(q_label[has], return_inverse=True)
-    sums = torch.zeros(len(identities), dtype=torch.float64).index_add_(0, inverse, ap[has])
-    counts = torch.bincount(inverse, minlength=len(identities)).double()
-    cmc = {k: float((first[has] <= k).double().mean()) for k in CMC_RANKS}
+    first = np.where(has, ranks[np.minimum(start, max(ranks.size - 1, 0))], 0.0)
+    last = np.where(has, ranks[np.maximum(start + n_hits - 1, 0)], 0.0)
+    inp = np.where(has, n_hits / np.maximum(last, 1), np.nan)
+    first = first.astype(np.int64)
+    identities, inverse = np.unique(q_label[has], return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sums = np.bincount(inverse, weights=ap[has], minlength=len(identities))
+    counts = np.bincount(inverse, minlength=len(identities)).astype(np.float64)
+    cmc = {k: float((first[has] <= k).mean()) for k in CMC_RANKS}
     return RetrievalMetrics(
-        query_ap=ap.numpy(), query_inp=inp.numpy(), first_match_rank=first.numpy(), query_labels=q_label.numpy(),
+        query_ap=ap, query_inp=inp, first_match_rank=first, query_labels=q_label,
         per_identity_ap={int(i): float(s / c) for i, s, c in zip(identities.tolist(), sums, counts)},
         mAP_balanced=float((sums / counts).mean()), mAP=float(ap[has].mean()), rank1=cmc[1], rank5=cmc[5],
         rank10=cmc[10], mINP=float(inp[has].mean()), num_queries=int(has.sum()), num_skipped=int((~has).sum()),
@@ -304,7 +314,9 @@ def chance_map_balanced(labels: ArrayLike, candidates: Optional[ArrayLike] = Non
     n-th harmonic number; 1 when n = m = 1), averaged as the evaluator averages APs: over the
     queries of an identity that have a match, then over identities. Raises MetricsError when no
     query has a match."""
-    q_label = _vector("labels", labels, len(np.asarray(labels)))
+    import torch
+
+    q_label = torch.from_numpy(_vector("labels", labels, len(np.asarray(labels))))
     n = q_label.numel()
     valid = ~torch.eye(n, dtype=torch.bool)
     if candidates is not None:

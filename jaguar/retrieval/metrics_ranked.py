@@ -28,8 +28,13 @@ import torch
 
 from jaguar.retrieval.knn import Neighbours, normalise, stable_top
 from jaguar.retrieval.ranks import count_at_or_above, ranked_matches
-from jaguar.retrieval.metrics import (ArrayLike, MetricsError, RetrievalMetrics, _figures, _no_match_message,
-                                      _vector)
+from jaguar.retrieval.metrics import ArrayLike, MetricsError, RetrievalMetrics, _figures, _no_match_message
+from jaguar.retrieval.metrics import _vector as _label_array
+
+
+def _vector(name: str, value: ArrayLike, length: int) -> torch.Tensor:
+    """The evaluator's checked int64 labels (`metrics._vector`) as a tensor."""
+    return torch.from_numpy(_label_array(name, value, length))
 
 _BLOCK_BYTES = 256 << 20  # a row chunk's B x G scores with their masks and counting buckets
 

@@ -25,9 +25,10 @@ from jaguar.data.manifest import Manifest
 from jaguar.data.prep import convert_image
 from jaguar.data.shards import decode_rgba, load_manifest
 from jaguar.data.transforms import build_eval_transform
-from jaguar.errors import JaguarError, MissingInputError
+from jaguar.errors import JaguarError
 from jaguar.retrieval.embedder import load_embedder
 from jaguar.retrieval.extract import embed_batches
+from jaguar.retrieval.gallery_index import require_trained_run  # noqa: F401 (its callers import it here)
 from jaguar.run import RunDir
 
 THUMBNAIL_SIDE = 192  # pixels, long side of the thumbnails kept for review pages
@@ -157,12 +158,3 @@ def require_photos(items: Sequence[str | Path]) -> tuple[list[Path], list[PhotoP
     if not photos:
         raise PhotoError("no photos found: " + "; ".join(f"{p.path}: {p.reason}" for p in problems))
     return photos, problems
-
-
-def require_trained_run(run: RunDir) -> RunDir:
-    """Raise MissingInputError when `run` is no trained run folder (no folder, or no config)."""
-    run.require()
-    if not run.has_config():
-        raise MissingInputError(f"{run.path} is not a trained run folder (no {run.config_path.name}); give the "
-                                f"run.dir of a `jaguar train` run")
-    return run

@@ -15,14 +15,20 @@ thresholds in one pass."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by the tensor kernels only: `match_ranks` runs without it
+    import torch
 
 
 def count_at_or_above(scores: torch.Tensor, counted: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """For each row b of B x G `scores` and each of its T `thresholds` (B x T, ascending in each
     row; +inf pads): how many columns with `counted[b, c]` (B x G bool) have scores[b, c] >=
     thresholds[b, t]. Returns B x T int64."""
+    import torch
+
     n_thresholds = thresholds.shape[1]
     bucket = torch.searchsorted(thresholds.to(scores.dtype).contiguous(), scores.contiguous(), right=True)
     histogram = torch.zeros((scores.shape[0], n_thresholds + 1), dtype=torch.long)
@@ -38,6 +44,8 @@ def ranked_matches(scores: torch.Tensor, match: torch.Tensor,
     candidates; columns in neither are not candidates. Ties pessimistic (see the module); true
     matches of equal score take consecutive ranks in column order. Returns (row, column, rank,
     non-matches scoring at least as high) of every true match (row-major order), int64 vectors."""
+    import torch
+
     rows, columns = match.nonzero(as_tuple=True)
     count = torch.bincount(rows, minlength=match.shape[0])
     slot = torch.arange(rows.numel()) - (torch.cumsum(count, 0) - count)[rows]
@@ -53,7 +61,7 @@ def ranked_matches(scores: torch.Tensor, match: torch.Tensor,
     return rows, columns, non_match_above + count[rows] - sorted_slot, non_match_above
 
 
-def match_ranks(scores: np.ndarray, match: np.ndarray, non_match: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def match_ranks(scores: np.ndarray, match: np.ndarray, non_match: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`ranked_matches`' ranks by another route, faster on full rows: each row's non-match scores
     sorted (numpy's vectorised sort, several times torch's on CPU), the row's true-match scores
     placed among them by binary search. Returns (row, rank) of every true match, int64 vectors
@@ -69,8 +77,10 @@ def match_ranks(scores: np.ndarray, match: np.ndarray, non_match: np.ndarray) ->
     place = np.arange(rows.size) - (np.cumsum(count) - count)[rows]  # 0 = the row's best match
     table = np.full((values.shape[0], max(int(count.max()) if count.size else 0, 1)), np.inf, dtype=values.dtype)
     table[rows, place] = hit_scores
-    below = torch.searchsorted(torch.from_numpy(non_match_sorted), torch.from_numpy(table)).numpy()
+    below = np.empty(table.shape, dtype=np.int64)
+    for row in range(values.shape[0]):  # numpy's searchsorted takes one sorted row at a time
+        below[row] = np.searchsorted(non_match_sorted[row], table[row])
     at_or_above = values.shape[1] - below[rows, place]
     # A true match scoring -inf ranks after every non-match, -inf ones included.
     at_or_above = np.where(hit_scores == -np.inf, non_match_np.sum(axis=1)[rows], at_or_above)
-    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy((at_or_above + place + 1).astype(np.int64))
+    return rows.astype(np.int64), (at_or_above + place + 1).astype(np.int64)

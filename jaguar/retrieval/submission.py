@@ -9,12 +9,13 @@ import logging
 from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
-import torch
 
 from jaguar.errors import JaguarError
 from jaguar.formats import examples
 
 if TYPE_CHECKING:
+    import torch
+
     from jaguar.retrieval.features import FeatureSet
     from jaguar.retrieval.postprocess import PostConfig
 
@@ -24,12 +25,12 @@ class SubmissionError(JaguarError, ValueError):
     distance with NaN); the message names the rows or values at fault."""
 
 
-def similarity_from_distance(dist: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+def similarity_from_distance(dist: Union[np.ndarray, "torch.Tensor"]) -> np.ndarray:
     """Map distances to [0, 1] by sim = (d_max - d) / (d_max - d_min) over all given values, in
     float64: affine and decreasing, so every query's ranking is kept, no two distinct distances
     collide (float64 has ample room for float32 inputs), the smallest lands on 1 and the largest
     on 0. Nothing is clipped. All-equal input gives 0.5 everywhere."""
-    values = dist.detach().cpu().double().numpy() if isinstance(dist, torch.Tensor) else np.asarray(dist, np.float64)
+    values = dist.detach().cpu().double().numpy() if hasattr(dist, "detach") else np.asarray(dist, np.float64)
     if not np.isfinite(values).all():
         bad = np.argwhere(~np.isfinite(values))[:5].tolist()
         raise SubmissionError(f"distance has NaN or infinite values at {bad}; fix the features first")
@@ -42,16 +43,16 @@ def similarity_from_distance(dist: Union[np.ndarray, torch.Tensor]) -> np.ndarra
 
 
 def pair_similarity_matrix(query_names: Sequence[str], gallery_names: Sequence[str],
-                           similarity: np.ndarray) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(images, N x N similarity, N x N candidate mask) from pair rows: each query ranks only the
-    gallery images it was paired with."""
+                           similarity: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(images, N x N float64 similarity, N x N bool candidate mask) from pair rows: each query
+    ranks only the gallery images it was paired with."""
     images = list(dict.fromkeys(list(query_names) + list(gallery_names)))
     position = {name: i for i, name in enumerate(images)}
-    q = torch.tensor([position[name] for name in query_names])
-    g = torch.tensor([position[name] for name in gallery_names])
-    matrix = torch.full((len(images), len(images)), float("-inf"), dtype=torch.float64)
-    candidates = torch.zeros((len(images), len(images)), dtype=torch.bool)
-    matrix[q, g] = torch.as_tensor(similarity, dtype=torch.float64)
+    q = np.array([position[name] for name in query_names], dtype=np.int64)
+    g = np.array([position[name] for name in gallery_names], dtype=np.int64)
+    matrix = np.full((len(images), len(images)), -np.inf, dtype=np.float64)
+    candidates = np.zeros((len(images), len(images)), dtype=bool)
+    matrix[q, g] = np.asarray(similarity, dtype=np.float64)
     candidates[q, g] = True
     return images, matrix, candidates
 
@@ -62,6 +63,8 @@ def pair_similarities(features: "FeatureSet", row_ids: Sequence[str], query_name
     images of the pair list (in feature-file order), mapped by similarity_from_distance over the
     requested pairs. Images without features are an error naming the rows. Where re-ranking cannot
     run (a pair list of 2-3 images) the pairs are scored without it, and a warning says so."""
+    import torch
+
     from jaguar.retrieval.postprocess import final_distance
 
     known = set(features.names)
