@@ -1,7 +1,7 @@
 """Knowledge distillation: the losses (zero when the student matches the teacher, a gradient
 otherwise), the teacher's embeddings looked up by training position, the config's rules, a
-tiny one-process training run distilling a teacher run's extracted embeddings, and a 2-process DDP
-run distilling on both ranks and resumed from its checkpoint."""
+tiny one-process training run distilling a teacher run's extracted embeddings, and 2-process runs
+(DDP, ZeRO-2) distilling on both ranks and resumed from their checkpoint."""
 
 from __future__ import annotations
 
