@@ -1,7 +1,7 @@
 """Knowledge distillation: the losses (zero when the student matches the teacher, a gradient
 otherwise), the teacher's embeddings looked up by training position, the config's rules, a
-tiny one-process training run distilling a teacher run's extracted embeddings, and a 2-process DDP
-run distilling on both ranks and resumed from its checkpoint."""
+tiny one-process training run distilling a teacher run's extracted embeddings, and 2-process runs
+(DDP, ZeRO-2) distilling on both ranks and resumed from their checkpoint."""
 
 from __future__ import annotations
 
@@ -164,8 +164,8 @@ def _env() -> dict:
     return env
 
 
-def _two_processes(script: Path, out: Path, *overrides: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"),
+def _two_processes(script: Path, out: Path, launch_config: str, *overrides: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / launch_config),
            str(script), str(out), TINY, *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -173,14 +173,12 @@ def _two_processes(script: Path, out: Path, *overrides: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_distils_on_both_ranks_and_resumes(shards_dir, tmp_path):
-    """Distillation under DDP (2 CPU processes, gloo), then resumed with train.resume=auto. DeepSpeed
-    (ZeRO-2/3) is not run here, as a second pair of launches would double this test's ~40 s: the
-    teacher lookup and the loss term sit in the trainer's `_optimizer_step` before
-    `accelerator.backward`, the one path for DDP and DeepSpeed alike (tests/test_train.py runs it under
-    ZeRO-2 bf16); the distillation losses compute in fp32 whatever the weights' dtype; and the
-    teacher's table is read by each rank from the teacher's feature files, not from any state that
-    DeepSpeed partitions or checkpoints."""
+@pytest.mark.parametrize("launch_config", ["cpu_2proc.yaml", "cpu_2proc_zero2.yaml"])
+def test_two_process_run_distils_on_both_ranks_and_resumes(shards_dir, tmp_path, launch_config):
+    """Distillation on 2 CPU processes (gloo) under DDP and under DeepSpeed ZeRO-2, then resumed with
+    train.resume=auto: the teacher lookup and the loss term sit in the trainer's `_optimizer_step`
+    before `accelerator.backward`, one path for both; the teacher's table is read by each rank from
+    the teacher's feature files, not from any state that DeepSpeed partitions or checkpoints."""
     teacher = tmp_path / "teacher"
     for split in ("train", "val"):
         assert main(["extract", "--config", TINY, f"data.shards={shards_dir}", f"run.dir={teacher}", "--split", split,
@@ -190,8 +188,8 @@ def test_two_process_ddp_distils_on_both_ranks_and_resumes(shards_dir, tmp_path)
     run = tmp_path / "student"
     common = [f"data.shards={shards_dir}", f"run.dir={run}", *SMALL, "train.epochs=5", "train.eval_every=0",
               "train.log_every=1", f"distill.teacher={teacher}", "distill.weight=5", "train.resume=auto"]
-    first = _two_processes(script, tmp_path / "first", *common, "train.max_steps=1")
-    second = _two_processes(script, tmp_path / "second", *common, "train.max_steps=2")
+    first = _two_processes(script, tmp_path / "first", launch_config, *common, "train.max_steps=1")
+    second = _two_processes(script, tmp_path / "second", launch_config, *common, "train.max_steps=2")
     for reports, start, steps in ((first, 0, 1), (second, 1, 2)):
         for report in reports:
             assert report["world_size"] == 2 and report["steps"] == steps
@@ -201,7 +199,7 @@ def test_two_process_ddp_distils_on_both_ranks_and_resumes(shards_dir, tmp_path)
             assert len(report["distill"]) == 1 and len(report["positions"]) == 1
             assert set(report["positions"][0]) <= set(report["train"]) and report["positions"][0]
             assert report["distill"][0] is not None and 0 < report["distill"][0] < float("inf")
-        # each rank distilled its own share of the batch, and DDP kept the replicas identical
+        # each rank distilled its own share of the batch, and the replicas stayed identical (DDP, ZeRO-2)
         assert reports[0]["positions"] != reports[1]["positions"]
         assert reports[0]["checksums"][0] == reports[0]["checksums"][1]
     # the resumed step's batches are the sampler's next ones, not the first step's again
