@@ -169,7 +169,7 @@ def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS) -> OpenSetCalibration
     """`jaguar calibrate`: calibrate on the run's training and validation features (each extracted
     with the run's checkpoint when missing) and the near-duplicate groups of its split; saves and
     returns the calibration."""
-    from jaguar.retrieval.photos import require_trained_run
+    from jaguar.retrieval.gallery_index import require_trained_run
 
     require_trained_run(run)
     cfg = run.load_config()

@@ -204,7 +204,8 @@ def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
     model (or the exported model `onnx_path`, see jaguar.retrieval.onnx_model), score them against
     the run's gallery and decide each with the run's calibration. Unreadable photos are returned as
     problems; raises when none is readable, the run is not trained or not calibrated."""
-    from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos, require_trained_run
+    from jaguar.retrieval.gallery_index import require_trained_run
+    from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos
 
     require_trained_run(run)
     if top_k < 1:
@@ -267,7 +268,8 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
     retraining. All or nothing: any unreadable photo, a photo already in the gallery or a taken name
     raises IdentifyError/PhotoError naming it, and the gallery is left as it was; the new
     embeddings are appended to the run's enrolled gallery (RunDir.save_enrolled) in one atomic write."""
-    from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos, require_trained_run
+    from jaguar.retrieval.gallery_index import require_trained_run
+    from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos
 
     require_trained_run(run)
     photos, problems = require_photos(items)

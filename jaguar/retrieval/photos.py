@@ -28,7 +28,6 @@ from jaguar.data.transforms import build_eval_transform
 from jaguar.errors import JaguarError
 from jaguar.retrieval.embedder import load_embedder
 from jaguar.retrieval.extract import embed_batches
-from jaguar.retrieval.gallery_index import require_trained_run  # noqa: F401 (its callers import it here)
 from jaguar.run import RunDir
 
 THUMBNAIL_SIDE = 192  # pixels, long side of the thumbnails kept for review pages
