@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jaguar import checksums  # noqa: E402
-from jaguar.retrieval.features import FeatureSet, _content_sha256  # noqa: E402
+from jaguar.core.features import FeatureSet, _content_sha256  # noqa: E402
 
 
 def best_of(repeat: int, function) -> float:

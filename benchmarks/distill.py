@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from jaguar.formats import read_labels
-from jaguar.retrieval.metrics import identity_balanced_map
+from jaguar.core.evaluator import identity_balanced_map
 from jaguar.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]

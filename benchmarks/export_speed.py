@@ -24,11 +24,11 @@ import torch
 from jaguar.config import Config
 from jaguar.data.loader import build_eval_loader
 from jaguar.formats import read_labels
-from jaguar.retrieval.embedder import load_embedder
+from jaguar.core.embedding import load_embedder
 from jaguar.retrieval.export import EmbeddingGraph, check_batches, compare, export_onnx, quantize_int8
 from jaguar.retrieval.extract import split_positions
-from jaguar.retrieval.metrics import identity_balanced_map
-from jaguar.retrieval.onnx_model import OnnxEmbedding, preprocessing_metadata
+from jaguar.core.evaluator import identity_balanced_map
+from jaguar.core.onnx_model import OnnxEmbedding, preprocessing_metadata
 from jaguar.run import RunDir
 from jaguar.train.checkpoint import best_or_latest
 

@@ -49,7 +49,7 @@ def clustered(n: int, dim: int, seed: int = 0):
 
 
 def _feature_set(n: int, dim: int, seed: int = 0):
-    from jaguar.retrieval.features import FeatureSet
+    from jaguar.core.features import FeatureSet
 
     embeddings, labels = clustered(n, dim, seed)
     return FeatureSet([f"img_{seed}_{i:07d}.png" for i in range(n)], embeddings, labels)
@@ -77,12 +77,12 @@ def _report_run(path: Path, n: int, dim: int, top_m: int, ranked: bool) -> None:
 def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
     """One stage at one size, in this process: {"seconds", "note"}."""
     from jaguar.config import Config, PostConfig, RetrievalConfig
-    from jaguar.retrieval.knn import knn
-    from jaguar.retrieval.metrics import evaluate
-    from jaguar.retrieval.metrics_ranked import RankedEvaluator
-    from jaguar.retrieval.postprocess import final_distance, tune_post
+    from jaguar.core.knn import knn
+    from jaguar.core.evaluator import evaluate
+    from jaguar.core.evaluator_ranked import RankedEvaluator
+    from jaguar.retrieval.post.dense import final_distance, tune_post
     from jaguar.retrieval.rank import rank_run
-    from jaguar.retrieval.topm import final_topm, tune_post_topm
+    from jaguar.retrieval.post.topm import final_topm, tune_post_topm
     from jaguar.run import RunDir
 
     features = _feature_set(n, dim)
@@ -123,7 +123,7 @@ def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
                 note += f"rank {result.rows:,} rows ({result.mode})"
             else:  # what `jaguar rank` does (lists, then the file), and exact metrics from the same lists
                 from jaguar.retrieval.rank import write_ranks
-                from jaguar.retrieval.topm import final_topm
+                from jaguar.retrieval.post.topm import final_topm
 
                 clock = time.perf_counter()
                 lists = final_topm(features, post.chosen, max(100, top_m))

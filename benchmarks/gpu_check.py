@@ -121,7 +121,7 @@ def train_variant(shards: Path, checkpointing: bool, batch: int, steps: int) -> 
     from torch.utils.flop_counter import FlopCounterMode
 
     from jaguar.config import load_config
-    from jaguar.train.accel import uses_deepspeed
+    from jaguar.core.accelerator import uses_deepspeed
     from jaguar.train.trainer import Trainer
 
     logging.basicConfig(level=logging.WARNING)
@@ -220,8 +220,8 @@ def rerank_compare(sizes: list[int], topm_size: int) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from rerank import clustered_features
 
-    from jaguar.retrieval.rerank import euclidean_distance, k_reciprocal_rerank_single
-    from jaguar.retrieval.rerank_bounded import k_reciprocal_rerank_topm
+    from jaguar.retrieval.post.rerank import euclidean_distance, k_reciprocal_rerank_single
+    from jaguar.retrieval.post.rerank_bounded import k_reciprocal_rerank_topm
 
     def timed(function, *args, **kwargs):
         torch.cuda.synchronize()

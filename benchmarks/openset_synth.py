@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from jaguar.data.prep import prepare  # noqa: E402
 from jaguar.data.synth import make_synthetic  # noqa: E402
-from jaguar.retrieval.metrics import open_set_figures  # noqa: E402
+from jaguar.core.evaluator import open_set_figures  # noqa: E402
 from jaguar.run import RunDir  # noqa: E402
 
 

@@ -106,8 +106,8 @@ def worker(tool: str, task: str, size: int, queries: int, peers: Path) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     peer = load_peer(peers, tool) if not tool.startswith("jaguar") else None
     # jaguar's modules imported before the clock starts, as the peers' are
-    from jaguar.retrieval.identify import Gallery, rank_individuals
-    from jaguar.retrieval.metrics import evaluate, evaluate_embeddings
+    from jaguar.retrieval.openset.identify import Gallery, rank_individuals
+    from jaguar.core.evaluator import evaluate, evaluate_embeddings
     from jaguar.run import OpenSetCalibration
     if task == "evaluation":
         x, labels = features(size, seed=size)

@@ -28,15 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rerank_reference import re_ranking_single
 
-from jaguar.retrieval.rerank import (
+from jaguar.retrieval.post.rerank import (
     Workers,
     euclidean_distance,
     k_reciprocal_rerank_single,
     k_reciprocal_rerank_topm,
 )
-from jaguar.retrieval.rerank_kernel.encode import encode
-from jaguar.retrieval.rerank_kernel.overlaps import mirror_upper, pair_overlaps
-from jaguar.retrieval.rerank_kernel.ranking import dense_rank, normalised_gather
+from jaguar.retrieval.post.rerank_kernel.encode import encode
+from jaguar.retrieval.post.rerank_kernel.overlaps import mirror_upper, pair_overlaps
+from jaguar.retrieval.post.rerank_kernel.ranking import dense_rank, normalised_gather
 
 
 def clustered_features(n: int, dim: int, seed: int = 0) -> torch.Tensor:

@@ -30,7 +30,7 @@ from jaguar.config import load_config  # noqa: E402
 from jaguar.data.prep import prepare, summary  # noqa: E402
 from jaguar.data.shards import ShardSplit  # noqa: E402
 from jaguar.data.synth import make_synthetic  # noqa: E402
-from jaguar.retrieval.metrics import identity_balanced_map  # noqa: E402
+from jaguar.core.evaluator import identity_balanced_map  # noqa: E402
 
 
 def _dataset(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -53,7 +53,7 @@ def _burst_of(raw: Path) -> dict[str, str]:
 
 
 def _score(trainer, split, positions) -> float:
-    from jaguar.train.evaluate import embed_positions
+    from jaguar.train.validation import embed_positions
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     embeddings = embed_positions(model, split, list(positions), trainer.cfg, trainer.accelerator, trainer.mean,

@@ -26,7 +26,7 @@ import torch
 
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.report import build_report
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core.features import FeatureSet
 from jaguar.retrieval.stages import SubmitResult, score_run, submit_run, tune_post_run
 from jaguar.run import SPLITS, EnsembleRecord, PostResult, RunDir, Score
 

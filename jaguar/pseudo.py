@@ -27,8 +27,8 @@ from jaguar.data.shards import IMAGE_MEMBERS, load_manifest
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.formats import read_labels
 from jaguar.io import atomic_directory, atomic_write_json
-from jaguar.names import check_name, resolve_inside
-from jaguar.retrieval.features import FeatureSet
+from jaguar.untrusted_names import check_name, resolve_inside
+from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir
 
 logger = logging.getLogger(__name__)

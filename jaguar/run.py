@@ -31,7 +31,7 @@ report, ensemble, pseudo-label) takes a `RunDir`.
                                   (`jaguar diagnose`)
     RUN/report/                   the HTML report              report_dir
     RUN/export/model.onnx         the exported embedding       export_path (`jaguar export`;
-    RUN/export/model-int8.onnx    model, fp32 and int8         jaguar.retrieval.onnx_model)
+    RUN/export/model-int8.onnx    model, fp32 and int8         jaguar.core.onnx_model)
     RUN/pseudo/                   pseudo-label shards          pseudo_dir
     RUN/.lock                     the run's writer lock        writer_lock (jaguar.lock)
     RUN/gallery/.lock             the gallery's writer lock    gallery_lock
@@ -56,7 +56,7 @@ from jaguar.run_records import (Diagnosis, EnsembleRecord, OpenSetCalibration, P
                                 ScoreTable, SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
 
 if TYPE_CHECKING:  # torch-backed: imported where features are read, so `jaguar --help` stays light
-    from jaguar.retrieval.features import FeatureSet
+    from jaguar.core.features import FeatureSet
 
 __all__ = ["SPLITS", "RANK_FORMATS", "RunDir", "RunDirError", "Diagnosis", "EnsembleRecord", "OpenSetCalibration",
            "PostResult", "Score", "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
@@ -257,7 +257,7 @@ class RunDir:
         if not path.is_file():
             raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract {self.path} "
                                     f"--split {split}` first")
-        from jaguar.retrieval.features import FeatureSet
+        from jaguar.core.features import FeatureSet
 
         return FeatureSet.load(path, f"run `jaguar extract {self.path} --split {split} --force`")
 
@@ -334,7 +334,7 @@ class RunDir:
         if not self.has_enrolled():
             raise MissingInputError(f"{self.enrolled_path} does not exist; enrol with "
                                     f"`jaguar enroll {self.path} --name NAME PHOTO...`")
-        from jaguar.retrieval.features import FeatureSet
+        from jaguar.core.features import FeatureSet
 
         return FeatureSet.load(self.enrolled_path, "restore it, or remove it and enrol again")
 

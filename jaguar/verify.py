@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jaguar.retrieval.features import FeatureFileError, FeatureSet
+from jaguar.core.features import FeatureFileError, FeatureSet
 from jaguar.run import SPLITS, RunDir
 
 

@@ -4,7 +4,7 @@ Written from the paper and the contract of its widely used python version: joine
 squared, each column divided by its maximum then transposed, k1-reciprocal sets with expansion by
 the round(k1/2)-reciprocal sets of candidates, Gaussian weights, local query expansion over k2
 neighbours, Jaccard distance through an inverted index. Slow on purpose: the tests and the
-benchmark compare the batched kernel (jaguar.retrieval.rerank) against it. The only deliberate
+benchmark compare the batched kernel (jaguar.retrieval.post.rerank) against it. The only deliberate
 difference from that code is a stable argsort, so ties are broken by index in both implementations.
 """
 

@@ -161,7 +161,7 @@ def test_ema_under_zero3_is_refused_when_the_config_is_loaded(tmp_path, monkeypa
 def test_deepspeed_clipping_follows_grad_clip_whatever_the_json_says(stated, grad_clip, tmp_path):
     from accelerate.utils import DeepSpeedPlugin
 
-    from jaguar.train.accel import follow_grad_clip
+    from jaguar.core.accelerator import follow_grad_clip
 
     config = json.loads((ROOT / "launch" / "deepspeed" / "zero2.json").read_text())
     config["gradient_clipping"] = stated
@@ -247,7 +247,7 @@ def test_resume_applies_a_changed_schedule_knowingly_and_refuses_a_changed_model
 
 
 def test_multi_scale_tta_on_a_vit_rounds_to_the_patch_size_and_relative_position_vits_are_refused(shards_dir):
-    from jaguar.retrieval.embedder import load_embedder
+    from jaguar.core.embedding import load_embedder
     from jaguar.retrieval.extract import embed_batch, scaled_size
 
     assert scaled_size(64, 96, 0.7, 16) == (48, 64) and scaled_size(80, 160, 0.9, 1) == (72, 144)
@@ -303,8 +303,8 @@ def test_zero_shot_run_is_a_run_for_every_stage(shards_dir, synth_dir, pretraine
 
 
 def test_calibration_refuses_queries_that_are_in_the_gallery_and_never_writes_nan(tmp_path):
-    from jaguar.retrieval.calibrate import CalibrationError, calibrate_features
-    from jaguar.retrieval.features import FeatureSet
+    from jaguar.retrieval.openset.calibrate import CalibrationError, calibrate_features
+    from jaguar.core.features import FeatureSet
     from jaguar.run import OpenSetCalibration, RunDir
 
     generator = torch.Generator().manual_seed(0)

@@ -104,7 +104,7 @@ def test_gallery_listing_does_not_import_torch(tmp_path):
     import torch
 
     from jaguar.config import Config
-    from jaguar.retrieval.features import FeatureSet
+    from jaguar.core.features import FeatureSet
     from jaguar.run import RunDir
 
     run = RunDir(tmp_path / "run")

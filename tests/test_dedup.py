@@ -212,7 +212,7 @@ def test_prep_groups_the_planted_bursts_and_reports_them(burst_set) -> None:
 def test_manifest_groups_reach_the_split_and_the_run_split_file(burst_set, tmp_path: Path) -> None:
     from jaguar.data.shards import ShardSplit
     from jaguar.run import RunDir
-    from jaguar.train.data import RunSplit, build_run_split
+    from jaguar.core.run_split import RunSplit, build_run_split
 
     raw, shards, _ = burst_set
     split = ShardSplit(shards, "train")
@@ -264,7 +264,7 @@ def test_dedup_run_writes_embedding_groups_into_the_manifest(burst_set, tmp_path
     from jaguar.cli.main import main
     from jaguar.config import save_config
     from jaguar.data.shards import ShardSplit
-    from jaguar.retrieval.features import FeatureSet
+    from jaguar.core.features import FeatureSet
 
     _, source, _ = burst_set
     shards = tmp_path / "shards"

@@ -10,7 +10,7 @@ import torch
 
 from jaguar.data.variants import background_only, foreground_only, hole_margin, mirrored, silhouette_only
 from jaguar.retrieval.diagnose import context_ratios, flank_rows, mirror_similarity, retrieval_row
-from jaguar.retrieval.metrics import chance_map_balanced, evaluate
+from jaguar.core.evaluator import chance_map_balanced, evaluate
 
 
 def _photo(size: int = 96) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from jaguar.errors import MissingInputError
 from jaguar.models.losses import ReIDCriterion, cosine_distillation_loss, similarity_distillation_loss
 from jaguar.models.reid import ReIDOutput
 from jaguar.report.tb_reader import read_scalars
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
 from jaguar.train.distill import TeacherEmbeddings, load_teacher

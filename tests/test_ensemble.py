@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jaguar.ensemble import EnsembleError, combine_features, ensemble_runs
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir
 
 

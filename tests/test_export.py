@@ -18,9 +18,9 @@ import torch
 from jaguar.cli.main import main
 from jaguar.data.shards import load_manifest
 from jaguar.retrieval import export as export_module
-from jaguar.retrieval.embedder import load_embedder
+from jaguar.core.embedding import load_embedder
 from jaguar.retrieval.extract import embed_batch
-from jaguar.retrieval.onnx_model import OnnxEmbedding, OnnxModelError
+from jaguar.core.onnx_model import OnnxEmbedding, OnnxModelError
 from jaguar.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_int8_export_reports_its_agreement_and_extracts(run, tmp_path, capsys):
 
 def test_the_cli_imports_no_onnx_until_an_export_is_used():
     code = ("import sys\nfrom jaguar.cli.main import build_parser\nbuild_parser()\n"
-            "import jaguar.retrieval.extract, jaguar.retrieval.identify, jaguar.retrieval.photos\n"
+            "import jaguar.retrieval.extract, jaguar.retrieval.openset.identify, jaguar.retrieval.openset.photos\n"
             "print(json.dumps(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules)))\n")
     result = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)

@@ -17,7 +17,7 @@ import torch
 
 from jaguar.data.shards import ShardSplit
 from jaguar.retrieval.extract import contiguous_slice, merge_parts
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_extract_with_a_recipe_takes_the_run_folder_from_run_dir(shards_dir, tmp
 
 def test_extract_with_a_recipe_and_no_split_takes_the_configs_validation_images(shards_dir, tmp_path):
     from jaguar.config import load_config
-    from jaguar.train.data import build_run_split, open_train_split
+    from jaguar.core.run_split import build_run_split, open_train_split
 
     # A baseline run (never trained) gets the same validation images training with its config would hold out.
     run = RunDir(tmp_path / "baseline")
@@ -186,7 +186,7 @@ def test_submission_for_every_ordered_pair(trained_run, synth_dir, shards_dir, t
 def test_diagnose_writes_its_figures_into_the_run_and_the_report_shows_them(trained_run, tmp_path, capsys):
     from jaguar.cli.main import main
     from jaguar.report import build_report
-    from jaguar.retrieval.metrics import evaluate
+    from jaguar.core.evaluator import evaluate
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)

@@ -18,7 +18,7 @@ from jaguar.config import load_config
 from jaguar.data.shards import ShardSplit
 from jaguar.models import build_model
 from jaguar.retrieval.extract import block_grid, extract_split, rank_blocks
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir, SplitRecord
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from jaguar.formats import IDENTIFY_COLUMNS, write_identify
-from jaguar.retrieval.calibrate import CalibrationError, assign_folds, calibrate_features, identity_blocks
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.identify import (Gallery, IdentifyError, check_individual_name, gallery_from_features,
+from jaguar.retrieval.openset.calibrate import CalibrationError, assign_folds, calibrate_features, identity_blocks
+from jaguar.core.features import FeatureSet
+from jaguar.retrieval.openset.identify import (Gallery, IdentifyError, check_individual_name, gallery_from_features,
                                        individual_scores, rank_individuals)
-from jaguar.retrieval.metrics import MetricsError, open_set_figures, open_set_sweep
+from jaguar.core.evaluator import MetricsError, open_set_figures, open_set_sweep
 from jaguar.run import OpenSetCalibration, RunDir, RunDirError
 
 DIM = 16
@@ -67,7 +67,7 @@ def _loop_scores(queries, gallery, top_n):
 
 @pytest.mark.parametrize("aggregate,top_n", [("max", 1), ("mean_top2", 2), ("mean_top3", 3), ("mean_top5", 5)])
 def test_vectorised_individual_scores_equal_the_per_individual_loop_with_ties(aggregate, top_n, monkeypatch):
-    import jaguar.retrieval.identify as identify
+    import jaguar.retrieval.openset.identify as identify
 
     monkeypatch.setattr(identify, "_CHUNK_BYTES", 8 * 90 * 7)  # 7 queries a chunk: several chunks
     generator = torch.Generator().manual_seed(top_n)
@@ -182,7 +182,7 @@ def test_calibration_figures_with_one_confusing_image_are_exact():
 
 
 def test_a_calibration_that_cannot_tell_known_from_new_says_so():
-    from jaguar.retrieval.calibrate import describe, uninformative
+    from jaguar.retrieval.openset.calibrate import describe, uninformative
 
     # Every validation photo of every identity is the same vector: no threshold separates the sides.
     train, val = _four_identities(with_confused=False)
@@ -285,7 +285,7 @@ def test_thumbnail_keys_are_hashes_only(tmp_path):
 def test_threshold_above_every_score_keeps_every_query_new():
     """When deciding everything "new" is best, the chosen threshold must stay above the top score
     (moving it to a gap's middle must not accept the top query)."""
-    from jaguar.retrieval.calibrate import choose_threshold
+    from jaguar.retrieval.openset.calibrate import choose_threshold
 
     scores = np.array([0.9, 0.8])
     right, known = [False, False], [False, True]  # an unknown query on top, the known one named wrong
@@ -301,7 +301,7 @@ def test_threshold_above_every_score_keeps_every_query_new():
 def test_calibrate_run_holds_out_identities_joined_by_the_splits_groups(tmp_path):
     """`jaguar calibrate` reads the near-duplicate groups the run's group-aware split recorded."""
     from jaguar.config import Config
-    from jaguar.retrieval.calibrate import calibrate_run
+    from jaguar.retrieval.openset.calibrate import calibrate_run
     from jaguar.run import SplitRecord
 
     train, val = _four_identities(with_confused=False)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from jaguar.cli.main import main
-from jaguar.retrieval.photos import PhotoEmbedder
+from jaguar.retrieval.openset.photos import PhotoEmbedder
 from jaguar.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_enrol_then_identify_the_new_individual(field, tmp_path, capsys):
     assert run.enrolled_path.read_bytes() == before
 
     # the enrolled photos' own embeddings are in the gallery: as queries they match it exactly
-    from jaguar.retrieval.identify import individual_scores, load_gallery
+    from jaguar.retrieval.openset.identify import individual_scores, load_gallery
 
     gallery = load_gallery(run)
     queries = PhotoEmbedder(run).embed(saseka[:2]).embeddings

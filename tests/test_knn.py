@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jaguar.retrieval.knn import knn
+from jaguar.core.knn import knn
 
 
 def clustered(n_identities: int = 40, per_identity: int = 6, dim: int = 16, duplicates: int = 30,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from jaguar.config import ConfigError, RetrievalConfig
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import MetricsError, evaluate, identity_balanced_map
+from jaguar.core.features import FeatureSet
+from jaguar.core.evaluator import MetricsError, evaluate, identity_balanced_map
 
 # Five images: identities 0, 0, 1, 1 and a singleton 2 (index 4). Row = query.
 HAND_SIM = np.array([
@@ -74,7 +74,7 @@ def _reference(scores, q_label, g_label, valid):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_chunked_counting_equals_the_plain_tie_rule_on_random_ties(seed, monkeypatch):
-    import jaguar.retrieval.metrics as metrics
+    import jaguar.core.evaluator as metrics
 
     monkeypatch.setattr(metrics, "_CHUNK_BYTES", 16 * 60 * 7)  # 7 query rows a chunk: several chunks
     rng = np.random.default_rng(seed)
@@ -103,8 +103,8 @@ def test_chunked_counting_equals_the_plain_tie_rule_on_random_ties(seed, monkeyp
 
 
 def test_embeddings_are_evaluated_chunk_by_chunk_as_their_score_matrix(monkeypatch):
-    import jaguar.retrieval.metrics as metrics
-    from jaguar.retrieval.metrics import evaluate_embeddings
+    import jaguar.core.evaluator as metrics
+    from jaguar.core.evaluator import evaluate_embeddings
     from tests.test_knn import clustered
 
     monkeypatch.setattr(metrics, "_CHUNK_BYTES", 16 * 240 * 13)
@@ -257,11 +257,11 @@ def _forbidden(*args, **kwargs):
 def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch):
     """Training validation, tune-post, the report, `jaguar score` and its test-side stage table give
     the evaluator's figures."""
-    import jaguar.train.evaluate as train_evaluate
+    import jaguar.train.validation as train_evaluate
     from jaguar.formats import write_labels, write_pairs, write_submission
     from jaguar.report.evaluation import evaluate as report_evaluate
-    from jaguar.retrieval.postprocess import PostConfig, tune_post
-    from jaguar.retrieval import postprocess
+    from jaguar.retrieval.post.dense import PostConfig, tune_post
+    from jaguar.retrieval.post import dense as postprocess
     from jaguar.retrieval.stages import score_submission, stage_table_on
     from jaguar.retrieval.submission import pair_similarities
     from jaguar.run import StageRow
@@ -312,7 +312,7 @@ def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch
 
 
 def test_validation_without_any_match_is_a_config_error(monkeypatch):
-    import jaguar.train.evaluate as train_evaluate
+    import jaguar.train.validation as train_evaluate
 
     features = _labelled_set()
     monkeypatch.setattr(train_evaluate, "embed_positions", lambda *args, **kwargs: features.embeddings[[0, 3, 5]])
@@ -336,7 +336,7 @@ def test_per_query_ap_with_several_matches():
 
 
 def test_validation_with_non_finite_embeddings_blames_the_model(monkeypatch):
-    import jaguar.train.evaluate as train_evaluate
+    import jaguar.train.validation as train_evaluate
 
     features = _labelled_set()
     embeddings = features.embeddings.clone()
@@ -353,7 +353,7 @@ def test_validation_with_non_finite_embeddings_blames_the_model(monkeypatch):
 def test_chance_is_the_mean_of_the_evaluator_over_every_ranking():
     import itertools
 
-    from jaguar.retrieval.metrics import chance_map_balanced, evaluate
+    from jaguar.core.evaluator import chance_map_balanced, evaluate
 
     labels = [0, 0, 1, 1, 1, 2]
     candidates = np.ones((6, 6), dtype=bool)

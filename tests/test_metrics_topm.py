@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from jaguar.retrieval.knn import knn
-from jaguar.retrieval.metrics import MetricsError, evaluate
-from jaguar.retrieval.metrics_ranked import evaluate_ranked
+from jaguar.core.knn import knn
+from jaguar.core.evaluator import MetricsError, evaluate
+from jaguar.core.evaluator_ranked import evaluate_ranked
 from tests.test_knn import clustered
 
 
@@ -72,7 +72,7 @@ def _dense_of_lists(scores, lists):
 
 @pytest.mark.parametrize("seed", [4, 5])
 def test_ranked_evaluator_scores_lists_that_reorder_or_swap_in_items_from_beyond_m(seed):
-    from jaguar.retrieval.metrics_ranked import RankedEvaluator
+    from jaguar.core.evaluator_ranked import RankedEvaluator
 
     features, labels = clustered(seed=seed, dim=8, duplicates=20)  # ties: duplicate images
     scores = features @ features.T
@@ -101,7 +101,7 @@ def test_ranked_evaluator_scores_lists_that_reorder_or_swap_in_items_from_beyond
 
 @pytest.mark.parametrize("top_m,chunk", [(1, 7), (5, 1024), (30, 13)])
 def test_search_finds_the_knn_lists_and_their_exact_figures_in_one_pass(top_m, chunk):
-    from jaguar.retrieval.metrics_ranked import RankedEvaluator
+    from jaguar.core.evaluator_ranked import RankedEvaluator
 
     features, labels = clustered(per_identity=8, dim=8, duplicates=40)  # ties: duplicate images
     labels[::7] = 1000 + torch.arange(len(labels[::7]))
@@ -114,7 +114,7 @@ def test_search_finds_the_knn_lists_and_their_exact_figures_in_one_pass(top_m, c
 
 @pytest.mark.parametrize("n_targets", [1, 6, 40])
 def test_counting_at_or_above_per_row_thresholds_equals_the_plain_count(n_targets):
-    from jaguar.retrieval.ranks import count_at_or_above
+    from jaguar.core.ranks import count_at_or_above
 
     generator = torch.Generator().manual_seed(3)
     scores = (torch.randn(40, 300, generator=generator) * 0.05).round(decimals=1)  # many exact ties

@@ -10,11 +10,11 @@ import yaml
 
 from jaguar.cli.main import main
 from jaguar.config import RetrievalConfig
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import identity_balanced_map
-from jaguar.retrieval.postprocess import PostConfig, final_distance, paired_gain, tune_post
-from jaguar.retrieval.qe import expand
-from jaguar.retrieval.rerank import euclidean_distance, k_reciprocal_rerank_single
+from jaguar.core.features import FeatureSet
+from jaguar.core.evaluator import identity_balanced_map
+from jaguar.retrieval.post.dense import PostConfig, final_distance, paired_gain, tune_post
+from jaguar.retrieval.post.qe import expand
+from jaguar.retrieval.post.rerank import euclidean_distance, k_reciprocal_rerank_single
 from jaguar.formats import read_pairs, read_submission
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jaguar.pseudo import PseudoLabelError, predict, selection_precision
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core.features import FeatureSet
 
 NAMES = {0: "Abril", 1: "Bagua", 2: "Lua"}
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from jaguar.retrieval.qe import database_augmentation, expand, query_expansion
+from jaguar.retrieval.post.qe import database_augmentation, expand, query_expansion
 
 A = [1.0, 0.0]
 B = [0.8, 0.6]  # cos(A, B) = 0.8

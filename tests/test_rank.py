@@ -14,8 +14,8 @@ from jaguar.cli.main import main
 from jaguar.config import PostConfig
 from jaguar.errors import MissingInputError
 from jaguar.retrieval import rank as rank_module
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.postprocess import final_distance
+from jaguar.core.features import FeatureSet
+from jaguar.retrieval.post.dense import final_distance
 from jaguar.retrieval.stages import submit_run
 from jaguar.retrieval.submission import SubmissionError
 from jaguar.run import RunDir

@@ -27,7 +27,7 @@ from jaguar.data.manifest import Manifest, ShardsError
 from jaguar.formats import capped_listing, read_identify, read_pairs, spreadsheet_cell, write_identify
 from jaguar.io import WriteError, atomic_directory, atomic_write_bytes, atomic_write_text
 from jaguar.lock import LockError, WriterLock
-from jaguar.retrieval.features import FeatureFileError, FeatureSet
+from jaguar.core.features import FeatureFileError, FeatureSet
 from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
 

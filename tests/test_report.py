@@ -15,8 +15,8 @@ import torch
 
 from jaguar.report import build_report
 from jaguar.report.tb_reader import read_scalars
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.postprocess import PostConfig
+from jaguar.core.features import FeatureSet
+from jaguar.retrieval.post.dense import PostConfig
 from jaguar.retrieval.stages import labelled_test_features, stage_table_on, submit_run
 from jaguar.run import OpenSetCalibration, PostResult, RunDir, StageRow, TrainingMetrics
 
@@ -186,7 +186,7 @@ def test_full_report_has_every_section_and_only_existing_images(full_run, test_l
 
 def test_test_scores_match_the_metric(full_run, test_labels_csv):
     """The score table is post.json's rows re-scored on the labelled test images."""
-    from jaguar.retrieval.metrics import identity_balanced_map
+    from jaguar.core.evaluator import identity_balanced_map
 
     run = RunDir(full_run)
     test = labelled_test_features(run, test_labels_csv)

@@ -16,9 +16,9 @@ from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.report import build_report
 from jaguar.report import evaluation as report_evaluation
 from jaguar.report import plots
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import MetricsError, evaluate
-from jaguar.retrieval.metrics_ranked import list_bounds
+from jaguar.core.features import FeatureSet
+from jaguar.core.evaluator import MetricsError, evaluate
+from jaguar.core.evaluator_ranked import list_bounds
 from jaguar.retrieval.rank import RankError, rank_run, read_ranks, write_ranks
 from jaguar.run import PostResult, RunDir
 from tests.test_knn import clustered, dense_top

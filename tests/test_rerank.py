@@ -10,8 +10,8 @@ import pytest
 import torch
 from rerank_reference import re_ranking, re_ranking_single
 
-from jaguar.retrieval.metrics import identity_balanced_map
-from jaguar.retrieval.rerank import (
+from jaguar.core.evaluator import identity_balanced_map
+from jaguar.retrieval.post.rerank import (
     Workers,
     euclidean_distance,
     k_reciprocal_rerank,
@@ -19,7 +19,7 @@ from jaguar.retrieval.rerank import (
     k_reciprocal_rerank_topm,
     k_reciprocal_terms_single,
 )
-from jaguar.retrieval.rerank_kernel import stable_smallest
+from jaguar.retrieval.post.rerank_kernel import stable_smallest
 
 
 def _distances(n: int, dim: int, seed: int) -> np.ndarray:
@@ -90,7 +90,7 @@ def test_terms_blend_to_the_reranked_distance():
 def test_tiny_memory_budget_gives_the_same_numbers(monkeypatch, output_block_bytes):
     # The Jaccard sums run through the output in row blocks (1 byte: the 64-row minimum, so 70
     # rows make two blocks) and in steps of at most the budget's visits: neither may matter.
-    monkeypatch.setattr("jaguar.retrieval.rerank_kernel.overlaps._OUTPUT_BLOCK_BYTES", output_block_bytes)
+    monkeypatch.setattr("jaguar.retrieval.post.rerank_kernel.overlaps._OUTPUT_BLOCK_BYTES", output_block_bytes)
     dist = _distances(70, 12, seed=11)
     roomy = k_reciprocal_rerank_single(dist, 10, 4, 0.3)
     tight = k_reciprocal_rerank_single(dist, 10, 4, 0.3, memory_budget_mb=0.005)
@@ -136,7 +136,7 @@ def test_bounded_mode_equals_dense_on_its_top_m():
 def test_bounded_mode_both_ways_of_visiting_its_index(monkeypatch, padding_waste):
     # The bounded mode visits its inverted index either through a padded table or exactly (when
     # a few hub columns would make the padding wasteful): both must give the dense numbers.
-    monkeypatch.setattr("jaguar.retrieval.rerank_bounded._MAX_PADDING_WASTE", padding_waste)
+    monkeypatch.setattr("jaguar.retrieval.post.rerank_bounded._MAX_PADDING_WASTE", padding_waste)
     features, _ = _clusters(9, 10, 16, spread=0.9, seed=2)
     dense = k_reciprocal_rerank_single(euclidean_distance(features), 8, 3, 0.3)
     index, value = k_reciprocal_rerank_topm(features, 8, 3, 0.3, top_m=30, chunk=25, memory_budget_mb=0.01)
@@ -163,7 +163,7 @@ def test_wide_single_set_and_query_gallery_match_reference(monkeypatch, on_host)
     # on_host=False: the path a GPU takes (topk and torch.sort, no numpy, no worker threads),
     # run here on the CPU.
     if not on_host:
-        monkeypatch.setattr("jaguar.retrieval.rerank_kernel.host.on_host", lambda device: False)
+        monkeypatch.setattr("jaguar.retrieval.post.rerank_kernel.threads.on_host", lambda device: False)
     dist = _distances(360, 16, seed=5)
     np.testing.assert_allclose(k_reciprocal_rerank_single(dist, 20, 6, 0.3), re_ranking_single(dist, 20, 6, 0.3),
                                atol=1e-4, rtol=0)
@@ -208,7 +208,7 @@ def test_worker_threads_give_the_same_numbers(monkeypatch):
     # The kernel shares its row chunks out to as many Python threads as torch had intra-op
     # threads; 1, 2 and 3 threads must agree (to float rounding: a chunk's padded width changes
     # the order of a row sum). Small output blocks and a tight budget make many blocks and chunks.
-    monkeypatch.setattr("jaguar.retrieval.rerank_kernel.overlaps._OUTPUT_BLOCK_BYTES", 1)
+    monkeypatch.setattr("jaguar.retrieval.post.rerank_kernel.overlaps._OUTPUT_BLOCK_BYTES", 1)
     dist = _distances(300, 12, seed=4)
     q_g, q_q, g_g = dist[:40, 40:], dist[:40, :40], dist[40:, 40:]
     before = torch.get_num_threads()

@@ -7,7 +7,7 @@ import pytest
 from jaguar.config import ConfigError, load_config
 from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
-from jaguar.train.data import RunSplit, build_run_split, open_train_split
+from jaguar.core.run_split import RunSplit, build_run_split, open_train_split
 
 
 def _cfg(shards_dir, run_dir, *extra):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from jaguar.cli.main import main
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.postprocess import PostConfig
+from jaguar.core.features import FeatureSet
+from jaguar.retrieval.post.dense import PostConfig
 from jaguar.formats import FormatError, read_pairs, read_submission, write_submission
 from jaguar.retrieval.submission import SubmissionError, pair_similarities, similarity_from_distance
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from jaguar.config import Config, PostConfig, RetrievalConfig
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.postprocess import final_distance, tune_post
-from jaguar.retrieval.qe import expand
-from jaguar.retrieval.topm import expand_topm, final_topm, tune_post_topm, use_topm
+from jaguar.core.features import FeatureSet
+from jaguar.retrieval.post.dense import final_distance, tune_post
+from jaguar.retrieval.post.qe import expand
+from jaguar.retrieval.post.topm import expand_topm, final_topm, tune_post_topm, use_topm
 from tests.test_knn import clustered
 
 POSTS = [PostConfig(), PostConfig(qe_k=3), PostConfig(qe_k=2, qe_alpha=3.0, dba_k=2), PostConfig(dba_k=3),

@@ -17,7 +17,7 @@ from PIL import Image
 
 from jaguar.data.prep import PrepError, prepare
 from jaguar.data.shards import ShardSplit, load_manifest
-from jaguar.names import UnsafeNameError, check_name, resolve_inside
+from jaguar.untrusted_names import UnsafeNameError, check_name, resolve_inside
 
 # every way a name can point out of its folder, or be no name at all; {outside} is an absolute path there
 ESCAPING = {
@@ -237,7 +237,7 @@ def test_identity_names_stay_data_through_prep_and_pseudo_labels(tmp_path: Path)
 
 def test_report_escapes_identity_and_image_names(tmp_path: Path) -> None:
     from jaguar.report import build_report
-    from jaguar.retrieval.features import FeatureSet
+    from jaguar.core.features import FeatureSet
 
     names = [f"<img src=x onerror=alert({i})>.png" for i in range(10)]
     labels = [i % len(HOSTILE_IDENTITIES) for i in range(10)]

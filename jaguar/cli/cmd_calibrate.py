@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaguar.retrieval.calibrate import calibrate_run, describe
+    from jaguar.retrieval.openset.calibrate import calibrate_run, describe
 
     run_dir = RunDir(args.run_dir)
     with run_dir.writer_lock("jaguar calibrate"):

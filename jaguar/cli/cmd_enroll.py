@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaguar.retrieval.identify import enroll
+    from jaguar.retrieval.openset.identify import enroll
 
     run_dir = RunDir(args.run_dir)
     with run_dir.gallery_lock("jaguar enroll"):

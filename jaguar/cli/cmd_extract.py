@@ -8,7 +8,7 @@ import argparse
 
 from jaguar.errors import JaguarError
 from jaguar.progress import LOG_INTERVAL_S
-from jaguar.retrieval.blocks import DEFAULT_BLOCK_SIZE
+from jaguar.core.blocks import DEFAULT_BLOCK_SIZE
 from jaguar.run import RunDir
 
 _RUN = RunDir("RUN")  # the run folder as the help texts name it

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaguar.retrieval.gallery_index import gallery_listing
+    from jaguar.retrieval.openset.gallery import gallery_listing
 
     rows = gallery_listing(RunDir(args.run_dir))
     width = max(len("individual"), *(len(name) for name, _, _ in rows))

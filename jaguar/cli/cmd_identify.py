@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jaguar.formats import write_identify
-    from jaguar.retrieval.calibrate import uninformative
-    from jaguar.retrieval.identify import identify_photos
+    from jaguar.retrieval.openset.calibrate import uninformative
+    from jaguar.retrieval.openset.identify import identify_photos
     from jaguar.report.review import write_review_page
 
     run_dir = RunDir(args.run_dir)

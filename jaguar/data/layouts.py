@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jaguar.data.image_forms import IMAGE_SUFFIXES
 from jaguar.formats import LABEL_COLUMNS, FormatError, Table, examples, read_label_table, read_pairs, viewpoints
-from jaguar.names import UnsafeNameError, check_name, resolve_inside
+from jaguar.untrusted_names import UnsafeNameError, check_name, resolve_inside
 
 
 # Bytes of a sample key: with the longest member suffix (".mask.png") a member name stays within the

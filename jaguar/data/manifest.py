@@ -24,7 +24,7 @@ from jaguar.checksums import file_sha256  # noqa: F401 (importable from here, as
 from jaguar.config import ConfigError
 from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
-from jaguar.names import resolve_inside
+from jaguar.untrusted_names import resolve_inside
 
 MANIFEST_FORMAT = "jaguar-shards/1"
 MANIFEST_NAME = "manifest.json"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from jaguar.data.manifest import Manifest, ShardsError
 from jaguar.errors import MissingInputError
-from jaguar.names import resolve_inside
+from jaguar.untrusted_names import resolve_inside
 
 IMAGE_MEMBERS = ("png", "jpg", "mask.png")  # an RGBA PNG, or a JPEG with its alpha mask as a PNG
 

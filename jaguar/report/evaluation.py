@@ -16,14 +16,14 @@ import torch
 from jaguar.data.shards import ShardSplit, load_manifest
 from jaguar.errors import JaguarError
 from jaguar.report.plots import GridCell, GridRow
-from jaguar.retrieval import metrics as retrieval_metrics
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core import evaluator as retrieval_metrics
+from jaguar.core.features import FeatureSet
 from jaguar.config import PostConfig, RetrievalConfig
-from jaguar.retrieval.metrics import CMC_RANKS, RetrievalMetrics
-from jaguar.retrieval.metrics_ranked import list_bounds
-from jaguar.retrieval.postprocess import final_distance
+from jaguar.core.evaluator import CMC_RANKS, RetrievalMetrics
+from jaguar.core.evaluator_ranked import list_bounds
+from jaguar.retrieval.post.dense import final_distance
 from jaguar.retrieval.rank import RankError, read_ranks
-from jaguar.retrieval.topm import final_topm, use_topm
+from jaguar.retrieval.post.topm import final_topm, use_topm
 from jaguar.run import RunDir
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def evaluate(split: str, features: FeatureSet, chosen: Optional[PostConfig],
              retrieval: Optional[RetrievalConfig] = None, lists: Optional[tuple[torch.Tensor, str]] = None
              ) -> Evaluation:
     """The figures, grids' lists and histogram sample of one labelled set. Below the top-M
-    threshold (`retrieval`, jaguar.retrieval.topm) the evaluator's exact figures of the N x N
+    threshold (`retrieval`, jaguar.retrieval.post.topm) the evaluator's exact figures of the N x N
     scores; above it, figures of top-k lists (`metrics_ranked.list_bounds`, never N x N and no N^2 work): `lists`
     (N x k indices, what they are) when given, e.g. read from `jaguar rank`'s file, else each
     query's top-M list searched here."""

@@ -22,9 +22,9 @@ from jaguar.report.evaluation import Evaluation, evaluate, find_shards, grid_row
 from jaguar.report.diagnosis import diagnosis_section
 from jaguar.report.openset import open_set_section
 from jaguar.report.tb_reader import read_scalars
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core.features import FeatureSet
 from jaguar.retrieval.stages import labelled_test_features
-from jaguar.retrieval.topm import use_topm
+from jaguar.retrieval.post.topm import use_topm
 from jaguar.run import EnsembleRecord, PostResult, RunDir, Score, ScoreTable, TrainingMetrics
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import numpy as np
 
 from jaguar.errors import JaguarError
 from jaguar.report import plots
-from jaguar.retrieval.calibrate import uninformative
+from jaguar.retrieval.openset.calibrate import uninformative
 from jaguar.run import RunDir
 
 

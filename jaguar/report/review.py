@@ -19,7 +19,7 @@ from PIL import Image
 from jaguar.io import atomic_directory
 from jaguar.report.evaluation import ImageLookup, find_shards
 from jaguar.report.plots import on_background
-from jaguar.retrieval.identify import Identification
+from jaguar.retrieval.openset.identify import Identification
 from jaguar.run import RunDir
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ A Diagnostic Framework for Jaguar Re-Identification" (arXiv 2604.09690), on two 
 
 Everything goes through the one extraction path (the run's eval loader and transforms, the variants
 made before them; `embed_batches` with the run's flip TTA and scales), the one evaluator
-(jaguar.retrieval.metrics) and the run's own features of the split for the original images (which
+(jaguar.core.evaluator) and the run's own features of the split for the original images (which
 must be up to date: nothing is extracted twice). Figures are raw cosine retrieval, without QE or
 re-ranking. The result is a `Diagnosis`, written through RunDir."""
 
@@ -29,9 +29,9 @@ from jaguar.data.loader import build_eval_loader
 from jaguar.data.variants import VariantSplit, variant_maker
 from jaguar.errors import JaguarError
 from jaguar.formats import UNKNOWN_VIEWPOINT
-from jaguar.retrieval.embedder import load_embedder
+from jaguar.core.embedding import load_embedder
 from jaguar.retrieval.extract import autocast_for, embed_batches, extraction_key, split_positions
-from jaguar.retrieval.metrics import MetricsError, chance_map_balanced, evaluate
+from jaguar.core.evaluator import MetricsError, chance_map_balanced, evaluate
 from jaguar.run import Diagnosis, RunDir
 from jaguar.run_records import DiagnosisRow, MirrorSimilarity
 

@@ -6,7 +6,7 @@ pooling and neck in evaluation mode, each test-time view (the image, its mirror 
 retrieval.flip_tta, each of retrieval.scales) embedded and L2-normalised, the views averaged and
 normalised again (`jaguar.retrieval.extract.embed_batch`). Input B x 3 x H x W (dynamic batch),
 output B x D float32, L2-normalised. The preprocessing (input size, mean/std, alpha handling, crop,
-resize) is written into the file's metadata_props (`jaguar.retrieval.onnx_model`), so the file alone
+resize) is written into the file's metadata_props (`jaguar.core.onnx_model`), so the file alone
 says how to prepare an image.
 
 Checks: after export onnxruntime embeds sample images of the run (validation, else test) at batch 1
@@ -37,8 +37,8 @@ from jaguar.data.shards import load_manifest
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_file
 from jaguar.retrieval.extract import embed_batch, split_positions
-from jaguar.retrieval.metrics import MetricsError, identity_balanced_map
-from jaguar.retrieval.onnx_model import (INPUT_NAME, OUTPUT_NAME, OnnxEmbedding, preprocessing_metadata,
+from jaguar.core.evaluator import MetricsError, identity_balanced_map
+from jaguar.core.onnx_model import (INPUT_NAME, OUTPUT_NAME, OnnxEmbedding, preprocessing_metadata,
                                          require_onnxruntime)
 from jaguar.run import RunDir
 
@@ -94,7 +94,7 @@ class ExportResult:
 def _load_model(run: RunDir, cfg: Config, checkpoint: Optional[Path]):
     """The run's ReIDModel in eval mode on the CPU and the weights' description (a zero-shot run
     without checkpoints: the model as built, seeded as extraction builds it)."""
-    from jaguar.retrieval.embedder import load_embedder
+    from jaguar.core.embedding import load_embedder
     from jaguar.train.checkpoint import best_or_latest
 
     if checkpoint is None:

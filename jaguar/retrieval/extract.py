@@ -27,17 +27,17 @@ from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
 from jaguar.formats import UNKNOWN_VIEWPOINT
 from jaguar.progress import progress_bar
-from jaguar.retrieval.blocks import DEFAULT_BLOCK_SIZE, block_grid, contiguous_slice, fingerprint, rank_blocks
-from jaguar.retrieval.features import FeatureFileError, FeatureSet
+from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, block_grid, contiguous_slice, fingerprint, rank_blocks
+from jaguar.core.features import FeatureFileError, FeatureSet
 from jaguar.run import RunDir
 from jaguar.train import checkpoint as ckpt
-from jaguar.train.accel import build_accelerator
-from jaguar.train.data import build_run_split, open_train_split
+from jaguar.core.accelerator import build_accelerator
+from jaguar.core.run_split import build_run_split, open_train_split
 
-from jaguar.retrieval.embedder import Embedder, load_embedder
+from jaguar.core.embedding import Embedder, load_embedder
 
 if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
-    from jaguar.retrieval.onnx_model import OnnxEmbedding
+    from jaguar.core.onnx_model import OnnxEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     features file is left as it is (unless `force`, which recomputes every block older than that
     file, so a forced run that was interrupted resumes with the same command). With
     `checkpoint` None the model is used as built. With `onnx_model` (an exported model, see
-    jaguar.retrieval.onnx_model) that model embeds the images, prepared as its metadata says, and
+    jaguar.core.onnx_model) that model embeds the images, prepared as its metadata says, and
     `checkpoint` is not read; the features record it as "model" and its source weights as "source".
     The run's config is written if it has none. Raises JaguarError (ConfigError, MissingInputError)
     for a bad split, config or checkpoint."""
@@ -376,7 +376,7 @@ def resolve_extraction(run: Optional[RunDir], recipe: str | Path | None = None, 
         return (*resolve_source(run, recipe, overrides, checkpoint), None)
     if checkpoint:
         raise JaguarError("--checkpoint and --model both name the weights; give one of them")
-    from jaguar.retrieval.onnx_model import OnnxEmbedding
+    from jaguar.core.onnx_model import OnnxEmbedding
 
     if recipe:
         run, cfg, _ = resolve_source(run, recipe, overrides, None)

@@ -5,7 +5,7 @@ catalogue of a hundred thousand images needs instead.
 
 A split's images search each other (all-vs-all, the query itself excluded), post-processed with
 the run's chosen settings (tune-post; raw cosine without it), in top-M form above the dense
-threshold (`retrieval.mode`, jaguar.retrieval.topm) and from the N x N matrix below it."""
+threshold (`retrieval.mode`, jaguar.retrieval.post.topm) and from the N x N matrix below it."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.errors import JaguarError
 from jaguar.formats import spreadsheet_cell
 from jaguar.io import atomic_file
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import ranked_basis
-from jaguar.retrieval.postprocess import final_distance
-from jaguar.retrieval.topm import final_topm, use_topm
+from jaguar.core.features import FeatureSet
+from jaguar.core.evaluator import ranked_basis
+from jaguar.retrieval.post.dense import final_distance
+from jaguar.retrieval.post.topm import final_topm, use_topm
 from jaguar.run import RANK_FORMATS as FORMATS, RunDir
 
 COLUMNS = ("query", "rank", "gallery", "similarity")

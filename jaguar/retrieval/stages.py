@@ -16,12 +16,12 @@ from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.errors import JaguarError
 from jaguar.formats import (check_rows, count_pair_rows, examples, read_labels, read_pairs, read_submission,
                             write_submission)
-from jaguar.retrieval.metrics import MetricsError, RetrievalMetrics, evaluate
+from jaguar.core.evaluator import MetricsError, RetrievalMetrics, evaluate
 from jaguar.retrieval.submission import SubmissionError, pair_similarities, pair_similarity_matrix
 from jaguar.run import PostResult, RunDir, Score, ScoreTable, StageRow
 
 if TYPE_CHECKING:  # the feature and post-processing stages import torch; scoring a file needs none
-    from jaguar.retrieval.features import FeatureSet
+    from jaguar.core.features import FeatureSet
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def stage_row(row: dict[str, Any]) -> StageRow:
 def tune_post_run(run: RunDir) -> PostResult:
     """Choose the post-processing on the run's validation features (see postprocess.tune_post) with
     the run's retrieval settings (defaults when it has no config) and write it to the run."""
-    from jaguar.retrieval.postprocess import tune_post
-    from jaguar.retrieval.topm import tune_post_topm, use_topm
+    from jaguar.retrieval.post.dense import tune_post
+    from jaguar.retrieval.post.topm import tune_post_topm, use_topm
 
     run.require()
     if run.has_config():
@@ -162,8 +162,8 @@ def stage_table_on(features: FeatureSet, table: list[StageRow],
     the evaluator's all-vs-all figures; the stage decisions stay with the validation table. With
     `retrieval` (the run's settings) calling for the top-M form, as tune-post does, each row is
     scored on its top-M lists (TopMSpace, O(N * M) memory), never an N x N matrix."""
-    from jaguar.retrieval.postprocess import final_distance
-    from jaguar.retrieval.topm import TopMSpace, use_topm
+    from jaguar.retrieval.post.dense import final_distance
+    from jaguar.retrieval.post.topm import TopMSpace, use_topm
 
     retrieval = retrieval or RetrievalConfig()
     if use_topm(retrieval, len(features)):

@@ -16,8 +16,8 @@ from jaguar.formats import examples
 if TYPE_CHECKING:
     import torch
 
-    from jaguar.retrieval.features import FeatureSet
-    from jaguar.retrieval.postprocess import PostConfig
+    from jaguar.core.features import FeatureSet
+    from jaguar.retrieval.post.dense import PostConfig
 
 
 class SubmissionError(JaguarError, ValueError):
@@ -65,7 +65,7 @@ def pair_similarities(features: "FeatureSet", row_ids: Sequence[str], query_name
     run (a pair list of 2-3 images) the pairs are scored without it, and a warning says so."""
     import torch
 
-    from jaguar.retrieval.postprocess import final_distance
+    from jaguar.retrieval.post.dense import final_distance
 
     known = set(features.names)
     unknown = [f"{r} ({q if q not in known else g})" for r, q, g in zip(row_ids, query_names, gallery_names)

@@ -14,7 +14,7 @@ import torch
 
 from jaguar.config import Config, ConfigError
 from jaguar.errors import MissingInputError
-from jaguar.retrieval.features import FeatureSet
+from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from jaguar.config import Config, ConfigError
-from jaguar.train.accel import launched_with_deepspeed
+from jaguar.core.accelerator import launched_with_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def refuse_centres_under_deepspeed(cfg: Config) -> None:
     """Raise ConfigError when a run would train center loss under DeepSpeed. The centres have their own
     SGD (loss.center_lr, BoT) while DeepSpeed drives a single optimizer whose step runs inside
     backward(), so the centres would never move from their random start. Call it before building
-    anything: it reads the same settings as `jaguar.train.accel.build_accelerator`."""
+    anything: it reads the same settings as `jaguar.core.accelerator.build_accelerator`."""
     if cfg.loss.center_weight > 0 and (cfg.train.deepspeed_config or launched_with_deepspeed()):
         raise ConfigError(f"loss.center_weight={cfg.loss.center_weight} cannot be trained under DeepSpeed: "
                           f"the centres need their own SGD optimizer (loss.center_lr) and DeepSpeed drives "

@@ -24,12 +24,12 @@ from jaguar.models import build_model
 from jaguar.models.losses import ReIDCriterion
 from jaguar.progress import progress_bar
 from jaguar.train import checkpoint as ckpt
-from jaguar.train.accel import (build_accelerator, prepare_model_for_deepspeed, refuse_settings_deepspeed_cannot_train,
+from jaguar.core.accelerator import (build_accelerator, prepare_model_for_deepspeed, refuse_settings_deepspeed_cannot_train,
                                 set_deepspeed_micro_batch, uses_deepspeed)
 from jaguar.run import RunDir, TrainingMetrics
-from jaguar.train.data import RunSplit, build_run_split, open_train_split
+from jaguar.core.run_split import RunSplit, build_run_split, open_train_split
 from jaguar.train.distill import load_teacher
-from jaguar.train.evaluate import validate
+from jaguar.train.validation import validate
 from jaguar.train.guard import NonFiniteGuard, TrainingStopped, all_ranks_finite, total_grad_norm
 from jaguar.train.optim import (TrainedModules, build_center_optimizer, build_ema, build_optimizer, build_scheduler,
                                 check_every_parameter_trained, refuse_centres_under_deepspeed, total_updates)

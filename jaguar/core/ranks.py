@@ -1,10 +1,10 @@
 """Ranks of the true matches in rows of scores, counted instead of sorted: the kernel both
-evaluators (`jaguar.retrieval.metrics`, `jaguar.retrieval.metrics_ranked`) share.
+evaluators (`jaguar.core.evaluator`, `jaguar.core.evaluator_ranked`) share.
 
 Ties are counted pessimistically: among candidates of equal score, every non-match is ranked
 before every true match. The k-th true match of a query (by score, best first) then has rank
 (non-matches scoring at least as high) + k, a figure that depends on the scores alone, never on
-the order of the rows, columns or files (see `jaguar.retrieval.metrics` for why this rule).
+the order of the rows, columns or files (see `jaguar.core.evaluator` for why this rule).
 
 Two routes to the same counts: `ranked_matches` places each column among the row's sorted
 true-match scores by binary search and histograms the places, O(G log T) a row (T = the row's

@@ -8,7 +8,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from jaguar.retrieval.rerank_kernel.host import Workers, stable_order
+from jaguar.retrieval.post.rerank_kernel.threads import Workers, stable_order
 
 _BYTES_PER_VISIT = 24  # dense Jaccard: int64 target, float32 minimum, their broadcast inputs
 _MAX_VISITS_PER_STEP = 1 << 18  # keeps the visit temporaries (~6 MB) cache- and allocator-friendly

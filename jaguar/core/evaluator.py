@@ -1,6 +1,6 @@
 """The retrieval evaluator: the one implementation of AP, CMC and mINP in jaguar, used by training
 validation, `jaguar tune-post`, `jaguar score`, the report and (through those) the ensemble.
-`evaluate` ranks a full score matrix; `jaguar.retrieval.metrics_ranked` gives the same figures at any
+`evaluate` ranks a full score matrix; `jaguar.core.evaluator_ranked` gives the same figures at any
 N from top-M ranked lists in O(N * M) memory (gallery scale), through `_figures` here.
 
 `evaluate` ranks each query's candidates and returns a `RetrievalMetrics`: per-query AP, per-identity
@@ -31,7 +31,7 @@ from these figures only where scores tie exactly.
 
 Cost: rows are evaluated in chunks of queries (at most ~256 MB of working memory beside the
 score matrix, O(chunk x G)); each row is counted against its true matches' scores
-(`jaguar.retrieval.ranks`, O(G log T)), never sorted whole. `evaluate_embeddings` computes the
+(`jaguar.core.ranks`, O(G log T)), never sorted whole. `evaluate_embeddings` computes the
 score rows chunk by chunk from embeddings, so nothing of size N^2 is ever held."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from jaguar.errors import JaguarError
-from jaguar.retrieval.ranks import match_ranks
+from jaguar.core.ranks import match_ranks
 
 ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]  # torch is imported only where tensors are made
 KINDS = ("similarity", "distance")
@@ -240,7 +240,7 @@ def evaluate_embeddings(query_features: ArrayLike, query_labels: ArrayLike, gall
     kind="similarity")`. Raises MetricsError / ValueError on bad shapes or values."""
     import torch
 
-    from jaguar.retrieval.knn import normalise
+    from jaguar.core.knn import normalise
 
     query = normalise("query features", query_features)
     gallery = query if gallery_features is None else normalise("gallery features", gallery_features)

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from jaguar.config import Config, ConfigError
 from jaguar.data.loader import build_eval_loader
 from jaguar.retrieval.extract import contiguous_slice, embed_batches
-from jaguar.retrieval.metrics import MetricsError, evaluate
+from jaguar.core.evaluator import MetricsError, evaluate
 from jaguar.train.tb import TensorBoardLogger, retrieval_grid
 
 

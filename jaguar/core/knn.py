@@ -5,7 +5,7 @@ the evaluator's top-M mode).
 Rows are L2-normalised, so cosine similarity is the inner product; the search is exact (faiss
 `IndexFlatIP`, the GPU index when CUDA and faiss's GPU build are present), queries in chunks so
 only chunk x M results and faiss's own fixed-size blocks are held. Ties are broken by index, the
-lower gallery index first, exactly as the dense path's stable sorts do (jaguar.retrieval.metrics):
+lower gallery index first, exactly as the dense path's stable sorts do (jaguar.core.evaluator):
 faiss's heap does not promise an order among equal scores, so each row is re-sorted by (score,
 index), and a row whose tie group may run past what was searched is recomputed with the torch
 kernel below (`backend="torch"`, also the reference the tests hold faiss to)."""

@@ -27,9 +27,9 @@ import torch
 
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_bytes
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.gallery_index import individual_rows
-from jaguar.retrieval.knn import stable_top
+from jaguar.core.features import FeatureSet
+from jaguar.retrieval.openset.gallery import individual_rows
+from jaguar.core.knn import stable_top
 from jaguar.run import OpenSetCalibration, RunDir
 
 log = logging.getLogger(__name__)
@@ -200,12 +200,12 @@ class Identification:
 
 def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
                     checkpoint: str | Path | None = None, onnx_path: str | Path | None = None) -> Identification:
-    """`jaguar identify`: embed the photos / folders `items` (jaguar.retrieval.photos) with the run's
-    model (or the exported model `onnx_path`, see jaguar.retrieval.onnx_model), score them against
+    """`jaguar identify`: embed the photos / folders `items` (jaguar.retrieval.openset.photos) with the run's
+    model (or the exported model `onnx_path`, see jaguar.core.onnx_model), score them against
     the run's gallery and decide each with the run's calibration. Unreadable photos are returned as
     problems; raises when none is readable, the run is not trained or not calibrated."""
-    from jaguar.retrieval.gallery_index import require_trained_run
-    from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos
+    from jaguar.retrieval.openset.gallery import require_trained_run
+    from jaguar.retrieval.openset.photos import PhotoEmbedder, PhotoError, require_photos
 
     require_trained_run(run)
     if top_k < 1:
@@ -268,8 +268,8 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
     retraining. All or nothing: any unreadable photo, a photo already in the gallery or a taken name
     raises IdentifyError/PhotoError naming it, and the gallery is left as it was; the new
     embeddings are appended to the run's enrolled gallery (RunDir.save_enrolled) in one atomic write."""
-    from jaguar.retrieval.gallery_index import require_trained_run
-    from jaguar.retrieval.photos import PhotoEmbedder, PhotoError, require_photos
+    from jaguar.retrieval.openset.gallery import require_trained_run
+    from jaguar.retrieval.openset.photos import PhotoEmbedder, PhotoError, require_photos
 
     require_trained_run(run)
     photos, problems = require_photos(items)

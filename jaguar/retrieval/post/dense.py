@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from jaguar.config import PostConfig, RetrievalConfig
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.metrics import RetrievalMetrics, evaluate
-from jaguar.retrieval.qe import expand
-from jaguar.retrieval.rerank import (Workers, euclidean_distance, k_reciprocal_rerank_single,
+from jaguar.core.features import FeatureSet
+from jaguar.core.evaluator import RetrievalMetrics, evaluate
+from jaguar.retrieval.post.qe import expand
+from jaguar.retrieval.post.rerank import (Workers, euclidean_distance, k_reciprocal_rerank_single,
                                      k_reciprocal_terms_single)
 
 logger = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from functools import partial
 
 import torch
 
-from jaguar.retrieval.rerank_kernel.encode import encode
-from jaguar.retrieval.rerank_kernel.host import Workers, split
-from jaguar.retrieval.rerank_kernel.overlaps import mirror_upper, pair_overlaps
-from jaguar.retrieval.rerank_kernel.ranking import dense_rank, normalised_gather
+from jaguar.retrieval.post.rerank_kernel.encode import encode
+from jaguar.retrieval.post.rerank_kernel.threads import Workers, split
+from jaguar.retrieval.post.rerank_kernel.overlaps import mirror_upper, pair_overlaps
+from jaguar.retrieval.post.rerank_kernel.ranking import dense_rank, normalised_gather
 
 
 def dense_terms(joined: torch.Tensor, n_query: int, k1: int, k2: int, budget_mb: float, name: str,

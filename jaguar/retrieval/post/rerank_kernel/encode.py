@@ -15,8 +15,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from jaguar.retrieval.rerank_kernel.host import Workers, split
-from jaguar.retrieval.rerank_kernel.ranking import _MAX_ROWS_PER_STEP, PairDistance
+from jaguar.retrieval.post.rerank_kernel.threads import Workers, split
+from jaguar.retrieval.post.rerank_kernel.ranking import _MAX_ROWS_PER_STEP, PairDistance
 
 _SENTINEL = torch.iinfo(torch.int32).max
 

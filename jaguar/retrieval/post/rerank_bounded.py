@@ -1,8 +1,8 @@
 """Bounded-memory k-reciprocal re-ranking for large galleries: all-vs-all for one set without an
 N x N matrix (kNN lists from chunked matrix products, the k-reciprocal encoding and Jaccard sums
 only over kNN-list candidates). The algorithm and its conventions are stated in
-jaguar/retrieval/rerank.py (which exports `k_reciprocal_rerank_topm`); the encoding is the
-kernel's (jaguar/retrieval/rerank_kernel), used through its public names only."""
+jaguar/retrieval/post/rerank.py (which exports `k_reciprocal_rerank_topm`); the encoding is the
+kernel's (jaguar/retrieval/post/rerank_kernel), used through its public names only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jaguar.retrieval.rerank_kernel import (BYTES_PER_DENSE_CELL, ArrayLike, Workers, as_tensor, check_finite,
+from jaguar.retrieval.post.rerank_kernel import (BYTES_PER_DENSE_CELL, ArrayLike, Workers, as_tensor, check_finite,
                                             check_params, chunk_rows, encode, like, run_on_workers, stable_smallest)
 
 _BYTES_PER_PAIR = 40  # one inverted-index visit: int64 row and target, float32 value and minimum

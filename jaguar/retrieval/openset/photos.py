@@ -26,7 +26,7 @@ from jaguar.data.prep import convert_image
 from jaguar.data.shards import decode_rgba, load_manifest
 from jaguar.data.transforms import build_eval_transform
 from jaguar.errors import JaguarError
-from jaguar.retrieval.embedder import load_embedder
+from jaguar.core.embedding import load_embedder
 from jaguar.retrieval.extract import embed_batches
 from jaguar.run import RunDir
 
@@ -94,7 +94,7 @@ class PhotoEmbedder:
         if onnx_path is not None:
             if checkpoint:
                 raise JaguarError("--checkpoint and --model both name the weights; give one of them")
-            from jaguar.retrieval.onnx_model import OnnxEmbedding
+            from jaguar.core.onnx_model import OnnxEmbedding
 
             onnx_model = OnnxEmbedding.load(onnx_path)
             cfg, weights = onnx_model.eval_config(cfg), None

@@ -4,7 +4,7 @@ first k), without sorting whole rows.
 Dense mode (`dense_rank`): row i of the normalised matrix orig[i, j] = D[j, i]^2 / s[i] is column
 i of D over a constant, so its k smallest are found from the minima of D's columns over blocks of
 8 rows (a reduction along D's contiguous axis, one pass): the k blocks with the smallest minima,
-then the k smallest of their entries, both by introselect (`host.k_smallest_set`). Rows where a
+then the k smallest of their entries, both by introselect (`threads.k_smallest_set`). Rows where a
 tie makes either choice ambiguous are sorted in full. `stable_smallest` is the same contract for
 rows held in memory (the bounded mode's chunks)."""
 
@@ -15,8 +15,8 @@ from functools import partial
 
 import torch
 
-from jaguar.retrieval.rerank_kernel.host import Workers, k_smallest_set, split
-from jaguar.retrieval.rerank_kernel.inputs import check_finite, chunk_rows
+from jaguar.retrieval.post.rerank_kernel.threads import Workers, k_smallest_set, split
+from jaguar.retrieval.post.rerank_kernel.inputs import check_finite, chunk_rows
 
 PairDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows B, cols B x W) -> B x W
 

@@ -1,7 +1,7 @@
 """k-reciprocal encoding re-ranking (Zhong, Zheng, Cao, Li: "Re-ranking Person Re-identification
 with k-reciprocal Encoding", CVPR 2017), with the conventions of the authors' published python
 code (`re_ranking(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)`). Public functions here;
-the batched kernel is in jaguar/retrieval/rerank_kernel/, the bounded mode in rerank_bounded.py.
+the batched kernel is in jaguar/retrieval/post/rerank_kernel/, the bounded mode in rerank_bounded.py.
 
 Algorithm, for a joined matrix D of all N items (rows and columns in the same order):
 1. orig[i, j] = D[j, i]^2 / max_k D[k, i]^2 -- D squared, each column divided by its maximum,
@@ -36,7 +36,7 @@ Contract:
   `memory_budget_mb` of working memory (at N = 70,000, D alone is ~20 GB in float32: use the
   bounded mode, `k_reciprocal_rerank_topm`, which never holds N x N).
 * Threads: on the CPU the kernel's row loops run on `workers` (see
-  rerank_kernel.host.Workers), each thread on one torch intra-op thread; without one, a call
+  rerank_kernel.threads.Workers), each thread on one torch intra-op thread; without one, a call
   makes its own with as many threads as the caller's torch intra-op count. The caller's torch
   thread settings are left as they were. Speed: ~30x the plain loop at N = 2,000 on a 2-core
   CPU (benchmarks/rerank.py, benchmarks/RESULTS.md).
@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import torch
 
-from jaguar.retrieval.rerank_bounded import k_reciprocal_rerank_topm
-from jaguar.retrieval.rerank_kernel import (ArrayLike, Workers, as_tensor, check_finite, check_params, dense_terms,
+from jaguar.retrieval.post.rerank_bounded import k_reciprocal_rerank_topm
+from jaguar.retrieval.post.rerank_kernel import (ArrayLike, Workers, as_tensor, check_finite, check_params, dense_terms,
                                             like, run_on_workers)
 
 __all__ = ("Workers", "euclidean_distance", "k_reciprocal_rerank", "k_reciprocal_rerank_single",

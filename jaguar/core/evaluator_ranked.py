@@ -1,10 +1,10 @@
 """The evaluator over top-M ranked lists, in O(N * M) memory: the same figures as
-`jaguar.retrieval.metrics.evaluate` on the full score matrix, without it (fast-reid's
+`jaguar.core.evaluator.evaluate` on the full score matrix, without it (fast-reid's
 one-evaluator habit, at gallery scale). AP, INP and CMC are computed by that module's `_figures`
 from the ranks of the true matches; this module only finds those ranks.
 
 Ties are ranked as `evaluate` ranks them: pessimistically, every non-match of equal score before
-a true match (`jaguar.retrieval.ranks`). On the base lists (not re-ordered) a true match ranks
+a true match (`jaguar.core.ranks`). On the base lists (not re-ordered) a true match ranks
 after the non-matches scoring at least as high, in the list and beyond it; a true match beyond
 the list ranks M + the non-matches beyond it scoring at least as high + its place among the true
 matches beyond it. Re-ordered lists rank their items by list position, the rest as above.
@@ -26,10 +26,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from jaguar.retrieval.knn import Neighbours, normalise, stable_top
-from jaguar.retrieval.ranks import count_at_or_above, ranked_matches
-from jaguar.retrieval.metrics import ArrayLike, MetricsError, RetrievalMetrics, _figures, _no_match_message
-from jaguar.retrieval.metrics import _vector as _label_array
+from jaguar.core.knn import Neighbours, normalise, stable_top
+from jaguar.core.ranks import count_at_or_above, ranked_matches
+from jaguar.core.evaluator import ArrayLike, MetricsError, RetrievalMetrics, _figures, _no_match_message
+from jaguar.core.evaluator import _vector as _label_array
 
 
 def _vector(name: str, value: ArrayLike, length: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Which individual each gallery row belongs to, from the labels of the run's training features and
 of its enrolled individuals: shared by the gallery `jaguar identify` searches
-(`jaguar.retrieval.identify.gallery_from_features`) and the `jaguar gallery` listing, which reads
+(`jaguar.retrieval.openset.identify.gallery_from_features`) and the `jaguar gallery` listing, which reads
 only the feature files' labels and so runs without torch."""
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def gallery_listing(run: RunDir) -> list[tuple[str, int, str]]:
     """`jaguar gallery`: (individual, images, "training" or "enrolled") for each individual, in
     gallery order. Reads the labels of the run's feature files (extracting the training features
     first when the run has none, as `jaguar identify` does)."""
-    from jaguar.retrieval.features import load_identities
+    from jaguar.core.features import load_identities
 
     require_trained_run(run)
     if not run.has_features("train"):
-        from jaguar.retrieval.identify import training_features
+        from jaguar.retrieval.openset.identify import training_features
 
         training_features(run)
     train = load_identities(run.features_path("train"), f"run `jaguar extract {run.path} --split train --force`")

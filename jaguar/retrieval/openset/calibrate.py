@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 
 from jaguar.errors import JaguarError
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.identify import AGGREGATES, gallery_from_features, individual_scores, training_features
-from jaguar.retrieval.metrics import OpenSetFigures, open_set_figures, open_set_sweep
+from jaguar.core.features import FeatureSet
+from jaguar.retrieval.openset.identify import AGGREGATES, gallery_from_features, individual_scores, training_features
+from jaguar.core.evaluator import OpenSetFigures, open_set_figures, open_set_sweep
 from jaguar.run import OpenSetCalibration, RunDir
 from jaguar.run_records import DEFAULT_CALIBRATION_FOLDS as DEFAULT_FOLDS
 
@@ -169,7 +169,7 @@ def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS) -> OpenSetCalibration
     """`jaguar calibrate`: calibrate on the run's training and validation features (each extracted
     with the run's checkpoint when missing) and the near-duplicate groups of its split; saves and
     returns the calibration."""
-    from jaguar.retrieval.gallery_index import require_trained_run
+    from jaguar.retrieval.openset.gallery import require_trained_run
 
     require_trained_run(run)
     cfg = run.load_config()

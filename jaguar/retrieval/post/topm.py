@@ -1,10 +1,10 @@
 """Post-processing in top-M form, for galleries too large for N x N: QE, alpha-QE and DBA from
-each item's exact neighbour lists (jaguar.retrieval.knn), k-reciprocal re-ranking in its bounded
+each item's exact neighbour lists (jaguar.core.knn), k-reciprocal re-ranking in its bounded
 mode and the raw/re-ranked blend over every pair that can reach an item's top M, and the
 tune-post search over them (postprocess.search_post in a `TopMSpace`) scored by the evaluator's
-ranked-list mode (jaguar.retrieval.metrics_ranked). Memory is O(N * M).
+ranked-list mode (jaguar.core.evaluator_ranked). Memory is O(N * M).
 
-The lists are the dense path's top M (jaguar.retrieval.postprocess), with its values: the
+The lists are the dense path's top M (jaguar.retrieval.post.dense), with its values: the
 expanded embeddings are the same (each row's neighbours are found exactly, ties by index), and
 re-ranking scores each item's M nearest plus every item sharing a k-reciprocal neighbour with it,
 which is all that can reach its top M. What top-M mode gives up is only the order beyond M: there
@@ -19,12 +19,12 @@ from typing import Any, Optional, Union
 import torch
 
 from jaguar.config import PostConfig, RetrievalConfig
-from jaguar.retrieval.features import FeatureSet
-from jaguar.retrieval.knn import Neighbours, knn, normalise
-from jaguar.retrieval.metrics import RetrievalMetrics, ranked_basis
-from jaguar.retrieval.metrics_ranked import RankedEvaluator
-from jaguar.retrieval.postprocess import K1S, K2S, QE_ALPHAS
-from jaguar.retrieval.rerank_bounded import (OriginalNeighbours, k_reciprocal_lists_topm, k_reciprocal_terms_topm,
+from jaguar.core.features import FeatureSet
+from jaguar.core.knn import Neighbours, knn, normalise
+from jaguar.core.evaluator import RetrievalMetrics, ranked_basis
+from jaguar.core.evaluator_ranked import RankedEvaluator
+from jaguar.retrieval.post.dense import K1S, K2S, QE_ALPHAS
+from jaguar.retrieval.post.rerank_bounded import (OriginalNeighbours, k_reciprocal_lists_topm, k_reciprocal_terms_topm,
                                              original_neighbours)
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _expand_once(embeddings: torch.Tensor, k: int, alpha: float, neighbours: Opt
                  ) -> torch.Tensor:
     """Each row replaced by the weighted mean of itself (weight 1) and its k-1 nearest other rows
     (weight sim^alpha, negative similarities clamped to 0; alpha 0: plain mean), re-normalised:
-    jaguar.retrieval.qe.query_expansion from neighbour lists (`neighbours`: the rows' own lists,
+    jaguar.retrieval.post.qe.query_expansion from neighbour lists (`neighbours`: the rows' own lists,
     self excluded, at least k-1 long; searched when None)."""
     if alpha < 0:
         raise ValueError(f"retrieval.post.qe_alpha must be >= 0, got {alpha}")
@@ -210,7 +210,7 @@ def tune_post_topm(val_features: FeatureSet, base: RetrievalConfig,
                    search: bool = True) -> tuple[PostConfig, list[dict[str, Any]]]:
     """postprocess.tune_post in top-M form (M = base.top_m): the same search (postprocess.search_post)
     in a TopMSpace, each setting scored by the evaluator on its ranked lists."""
-    from jaguar.retrieval.postprocess import _labelled, search_post
+    from jaguar.retrieval.post.dense import _labelled, search_post
 
     space = TopMSpace(val_features, _labelled(val_features), int(base.top_m))
     logger.info("tune-post in top-M mode (M = %d, %d images): re-ranked rows are figures %s", space.top_m,

@@ -1,5 +1,5 @@
 """What a feature extraction embeds with (`Embedder`): the run's PyTorch ReID model with its flip TTA
-and scales, or an exported ONNX model (jaguar.retrieval.onnx_model) whose graph holds them. Used by
+and scales, or an exported ONNX model (jaguar.core.onnx_model) whose graph holds them. Used by
 `jaguar extract` (jaguar.retrieval.extract) and by the photo embedder of `jaguar identify`/`enroll`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from jaguar.config import Config
 from jaguar.train import checkpoint as ckpt
 
 if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
-    from jaguar.retrieval.onnx_model import OnnxEmbedding
+    from jaguar.core.onnx_model import OnnxEmbedding
 
 
 @dataclass
