@@ -30,7 +30,6 @@ from jaguar.retrieval.extract import split_positions
 from jaguar.core.evaluator import identity_balanced_map
 from jaguar.core.onnx_model import OnnxEmbedding, preprocessing_metadata
 from jaguar.run import RunDir
-from jaguar.train.checkpoint import best_or_latest
 
 
 def images_per_second(embed, batch: torch.Tensor, reps: int) -> float:
@@ -107,7 +106,7 @@ def main() -> None:
         if "run" in args.models:
             label = f"{cfg.model.backbone} {cfg.model.img_size[0]}x{cfg.model.img_size[1]}" + (
                 " flip TTA" if cfg.retrieval.flip_tta else "")
-            measure(label, cfg, run, best_or_latest(run.checkpoints_dir), identity_by_name, args.reps, args.threads,
+            measure(label, cfg, run, run.checkpoints.best_or_latest(), identity_by_name, args.reps, args.threads,
                     Path(scratch))
         if "resnet50" in args.models:
             big = Config()

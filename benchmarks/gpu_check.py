@@ -179,7 +179,7 @@ def extract_throughput(shards: Path) -> dict:
     from jaguar.data.loader import build_eval_loader
     from jaguar.data.shards import ShardSplit
     from jaguar.models import build_model
-    from jaguar.retrieval.extract import embed_batches
+    from jaguar.core.embedding import embed_batches
 
     cfg = load_config(RECIPE, [f"data.shards={shards}", "model.pretrained=false", "model.img_size=[448,448]",
                                f"data.num_workers={max(1, (os.cpu_count() or 2) - 1)}", "data.batch_size=64"])

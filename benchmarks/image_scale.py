@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jaguar.config import load_config  # noqa: E402
-from jaguar.retrieval.extract import DEFAULT_BLOCK_SIZE, block_grid  # noqa: E402
+from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, block_grid  # noqa: E402
 from jaguar.run import RunDir  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny_cpu.py"
@@ -104,7 +104,7 @@ def model_rate(size_overrides: list[str], seconds: float = 5.0) -> float:
     import torch
 
     from jaguar.models import build_model
-    from jaguar.retrieval.extract import embed_batch
+    from jaguar.core.embedding import embed_batch
 
     torch.set_num_threads(1)
     cfg = load_config(RECIPE, list(size_overrides))

@@ -8,7 +8,8 @@ report, ensemble, pseudo-label) takes a `RunDir`.
                                   changed its schedule
     RUN/split.json                train/val file names and     load_split / save_split (SplitRecord)
                                   the head's class map
-    RUN/checkpoints/              step-NNNNNN/, best/          checkpoints_dir, default_checkpoint,
+    RUN/checkpoints/              step-NNNNNN/, best/          checkpoints (CheckpointFolder: names,
+                                                               listing), default_checkpoint,
                                                                extraction_weights (None: zero-shot)
     RUN/tb/                       TensorBoard event files      tb_dir
     RUN/metrics.json              training metrics             load_metrics / save_metrics (TrainingMetrics)
@@ -52,6 +53,7 @@ from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
 from jaguar.lock import NoLock, WriterLock, launch_rank
 # The records are importable from here too: callers take a RunDir and the types it returns together.
+from jaguar.run_checkpoints import CheckpointFolder
 from jaguar.run_records import (Diagnosis, EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score,
                                 ScoreTable, SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
 
@@ -205,12 +207,14 @@ class RunDir:
                                                                record.class_of_label.items()},
                                             "groups": [list(group) for group in record.groups]})
 
+    @property
+    def checkpoints(self) -> CheckpointFolder:
+        """The checkpoints folder's layout (jaguar.run_checkpoints)."""
+        return CheckpointFolder(self.checkpoints_dir)
+
     def default_checkpoint(self) -> Path:
         """The checkpoint extraction uses by default: best if kept, else the newest complete one."""
-        # jaguar.train.checkpoint imports accelerate (slow to import); only this method needs it.
-        from jaguar.train.checkpoint import best_or_latest
-
-        found = best_or_latest(self.checkpoints_dir)
+        found = self.checkpoints.best_or_latest()
         if found is None:
             raise MissingInputError(f"no complete checkpoint in {self.checkpoints_dir}; train first "
                                     f"(`jaguar train RECIPE run.dir={self.path}`) or pass --checkpoint")

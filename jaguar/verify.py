@@ -18,17 +18,14 @@ class RunVerification:
 
 def verify_run(run: RunDir) -> RunVerification:
     """Check every checkpoint, features file and the gallery of `run` (see the module docstring)."""
-    from jaguar.train import checkpoint as ckpt  # imports accelerate: only when a run is verified
+    from jaguar.core.weights import CheckpointError, verify_checkpoint  # imports torch: only when a run is verified
 
     run.require()
     result = RunVerification()
-    folders = ckpt.list_checkpoints(run.checkpoints_dir)
-    if ckpt.is_complete(run.checkpoints_dir / "best"):
-        folders.append(run.checkpoints_dir / "best")
-    for folder in folders:
+    for folder in run.checkpoints.complete():
         try:
-            problems = ckpt.verify_checkpoint(folder, full=True)
-        except ckpt.CheckpointError as err:
+            problems = verify_checkpoint(folder, full=True)
+        except CheckpointError as err:
             problems = [str(err)]
         result.problems += problems
         if not problems:

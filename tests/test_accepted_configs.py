@@ -248,7 +248,7 @@ def test_resume_applies_a_changed_schedule_knowingly_and_refuses_a_changed_model
 
 def test_multi_scale_tta_on_a_vit_rounds_to_the_patch_size_and_relative_position_vits_are_refused(shards_dir):
     from jaguar.core.embedding import load_embedder
-    from jaguar.retrieval.extract import embed_batch, scaled_size
+    from jaguar.core.embedding import embed_batch, scaled_size
 
     assert scaled_size(64, 96, 0.7, 16) == (48, 64) and scaled_size(80, 160, 0.9, 1) == (72, 144)
     cfg = load_config(None, ["model.backbone=test_vit", "model.img_size=[64,64]", "retrieval.scales=[0.7,0.9,1.0]"])

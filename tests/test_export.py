@@ -19,7 +19,7 @@ from jaguar.cli.main import main
 from jaguar.data.shards import load_manifest
 from jaguar.retrieval import export as export_module
 from jaguar.core.embedding import load_embedder
-from jaguar.retrieval.extract import embed_batch
+from jaguar.core.embedding import embed_batch
 from jaguar.core.onnx_model import OnnxEmbedding, OnnxModelError
 from jaguar.run import RunDir
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from jaguar.data.shards import ShardSplit
-from jaguar.retrieval.extract import contiguous_slice, merge_parts
+from jaguar.core.blocks import contiguous_slice
+from jaguar.retrieval.extract import merge_parts
 from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir
 

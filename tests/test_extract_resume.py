@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from jaguar.config import load_config
 from jaguar.data.shards import ShardSplit
 from jaguar.models import build_model
-from jaguar.retrieval.extract import block_grid, extract_split, rank_blocks
+from jaguar.core.blocks import block_grid, rank_blocks
+from jaguar.retrieval.extract import extract_split
 from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir, SplitRecord
 

@@ -21,7 +21,7 @@ from jaguar.config import load_config
 from jaguar.models import build_model
 from jaguar.models.heads import build_head, build_margin
 from jaguar.models.pooling import GeM
-from jaguar.retrieval.extract import embed_batches
+from jaguar.core.embedding import embed_batches
 from jaguar.retrieval.post.rerank import euclidean_distance, k_reciprocal_rerank, k_reciprocal_rerank_single
 from jaguar.retrieval.post.rerank_bounded import k_reciprocal_rerank_topm
 

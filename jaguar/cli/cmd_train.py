@@ -28,10 +28,9 @@ def _kept(args: argparse.Namespace) -> str:
     continues from the newest complete one)."""
     from jaguar.config import load_config
     from jaguar.run import RunDir
-    from jaguar.train.checkpoint import list_checkpoints
 
     run = RunDir(load_config(args.recipe, args.overrides).run.dir)
-    complete = list_checkpoints(run.checkpoints_dir)
+    complete = run.checkpoints.steps()
     if not complete:
         return f"no complete checkpoint yet in {run.checkpoints_dir} (the same command starts afresh)"
     return (f"{len(complete)} checkpoint(s) in {run.checkpoints_dir}, newest {complete[-1].name} (the same command "

@@ -5,7 +5,7 @@ nor a checkpoint is read.
 
 The file's graph takes B x 3 x H x W images, normalised as its metadata says, and returns B x D
 L2-normalised float32 embeddings with the run's flip TTA and scales already folded in (the graph
-averages the views exactly as `jaguar.retrieval.extract.embed_batch` does). Its metadata_props hold
+averages the views exactly as `jaguar.core.embedding.embed_batch` does). Its metadata_props hold
 what the eval transform needs (`PREPROCESSING_KEYS`: input size, mean/std, alpha handling, crop and
 resize), the embedding width, the weights it was exported from and the test-time augmentation it
 folds in, each value a JSON string."""

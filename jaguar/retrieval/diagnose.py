@@ -30,7 +30,8 @@ from jaguar.data.variants import VariantSplit, variant_maker
 from jaguar.errors import JaguarError
 from jaguar.formats import UNKNOWN_VIEWPOINT
 from jaguar.core.embedding import load_embedder
-from jaguar.retrieval.extract import autocast_for, embed_batches, extraction_key, split_positions
+from jaguar.retrieval.extract import extraction_key, split_positions
+from jaguar.core.embedding import autocast_for, embed_batches
 from jaguar.core.evaluator import MetricsError, chance_map_balanced, evaluate
 from jaguar.run import Diagnosis, RunDir
 from jaguar.run_records import DiagnosisRow, MirrorSimilarity

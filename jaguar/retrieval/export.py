@@ -4,7 +4,7 @@ optionally quantised to int8 with onnxruntime.
 The exported graph is what `jaguar extract` computes for a batch (`EmbeddingGraph`): backbone,
 pooling and neck in evaluation mode, each test-time view (the image, its mirror with
 retrieval.flip_tta, each of retrieval.scales) embedded and L2-normalised, the views averaged and
-normalised again (`jaguar.retrieval.extract.embed_batch`). Input B x 3 x H x W (dynamic batch),
+normalised again (`jaguar.core.embedding.embed_batch`). Input B x 3 x H x W (dynamic batch),
 output B x D float32, L2-normalised. The preprocessing (input size, mean/std, alpha handling, crop,
 resize) is written into the file's metadata_props (`jaguar.core.onnx_model`), so the file alone
 says how to prepare an image.
@@ -36,7 +36,8 @@ from jaguar.data.loader import build_eval_loader
 from jaguar.data.shards import load_manifest
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_file
-from jaguar.retrieval.extract import embed_batch, split_positions
+from jaguar.retrieval.extract import split_positions
+from jaguar.core.embedding import embed_batch
 from jaguar.core.evaluator import MetricsError, identity_balanced_map
 from jaguar.core.onnx_model import (INPUT_NAME, OUTPUT_NAME, OnnxEmbedding, preprocessing_metadata,
                                          require_onnxruntime)
@@ -95,10 +96,9 @@ def _load_model(run: RunDir, cfg: Config, checkpoint: Optional[Path]):
     """The run's ReIDModel in eval mode on the CPU and the weights' description (a zero-shot run
     without checkpoints: the model as built, seeded as extraction builds it)."""
     from jaguar.core.embedding import load_embedder
-    from jaguar.train.checkpoint import best_or_latest
 
     if checkpoint is None:
-        checkpoint = best_or_latest(run.checkpoints_dir)
+        checkpoint = run.checkpoints.best_or_latest()
     embedder = load_embedder(cfg, checkpoint, None, torch.device("cpu"))
     return embedder.module, embedder.source
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from jaguar.config import Config, ConfigError, apply_run_overrides, load_config
@@ -30,63 +29,16 @@ from jaguar.progress import progress_bar
 from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, block_grid, contiguous_slice, fingerprint, rank_blocks
 from jaguar.core.features import FeatureFileError, FeatureSet
 from jaguar.run import RunDir
-from jaguar.train import checkpoint as ckpt
+from jaguar.run_checkpoints import EMA_WEIGHTS_FILE, WEIGHTS_FILE
 from jaguar.core.accelerator import build_accelerator
 from jaguar.core.run_split import build_run_split, open_train_split
 
-from jaguar.core.embedding import Embedder, load_embedder
+from jaguar.core.embedding import Embedder, autocast_for, embed_batches, load_embedder
 
 if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
     from jaguar.core.onnx_model import OnnxEmbedding
 
 log = logging.getLogger(__name__)
-
-
-def scaled_size(height: int, width: int, scale: float, multiple: int = 1) -> tuple[int, int]:
-    """The input size of a TTA scale: each side times `scale`, rounded to the nearest multiple of
-    `multiple` (a ViT's patch size; at least one multiple), so a token model sees whole patches
-    (timm#1863)."""
-    def side(length: int) -> int:
-        return max(multiple, int(round(length * scale / multiple)) * multiple)
-    return side(height), side(width)
-
-
-@torch.no_grad()
-def embed_batch(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
-                flip_tta: bool = True, scales: Sequence[float] = (1.0,),
-                autocast_dtype: Optional[torch.dtype] = None, size_multiple: int = 1) -> torch.Tensor:
-    """B x D L2-normalised float32 embeddings (on the CPU) of a B x 3 x H x W batch. Flip TTA
-    averages the image and its mirror; several scales average the embeddings of inputs resized to
-    `scaled_size` (sides rounded to `size_multiple`, the backbone's Backbone.size_multiple)."""
-    images = images.to(device, non_blocking=True)
-    total = None
-    for scale in scales:
-        # scale 1 leaves the input as it is (its size may be symbolic while an export traces it)
-        size = None if scale == 1.0 else scaled_size(int(images.shape[-2]), int(images.shape[-1]), scale, size_multiple)
-        scaled = images if size is None else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        views = [scaled, torch.flip(scaled, dims=[3])] if flip_tta else [scaled]
-        for view in views:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                emb = embed(view).float()
-            emb = F.normalize(emb, dim=1)
-            total = emb if total is None else total + emb
-    return F.normalize(total, dim=1).cpu()
-
-
-@torch.no_grad()
-def embed_batches(embed: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
-                  flip_tta: bool = True, scales: Sequence[float] = (1.0,),
-                  autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
-                  desc: str = "extract", size_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed every batch of `loader` (yielding (images, positions)) with `embed_batch`; returns
-    (positions, embeddings) with embeddings L2-normalised float32."""
-    all_positions, all_embeddings = [], []
-    for images, positions in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
-        all_embeddings.append(embed_batch(embed, images, device, flip_tta, scales, autocast_dtype, size_multiple))
-        all_positions.append(torch.as_tensor(positions).cpu())
-    if not all_embeddings:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
-    return torch.cat(all_positions), torch.cat(all_embeddings)
 
 
 def merge_parts(part_files: list[Path], expected_names: list[str], label_names: dict[int, str],
@@ -191,7 +143,7 @@ def weights_digest(checkpoint: Optional[Path], cfg: Config) -> str:
         file = Path(cfg.model.pretrained_file) if cfg.model.pretrained_file else None
         return (f"as built with seed {cfg.run.seed}, "
                 f"{file_sha256(file) if file and file.is_file() else 'no weights file'}")
-    files = [checkpoint / ckpt.WEIGHTS_FILE, checkpoint / ckpt.EMA_WEIGHTS_FILE] if checkpoint.is_dir() else [checkpoint]
+    files = [checkpoint / WEIGHTS_FILE, checkpoint / EMA_WEIGHTS_FILE] if checkpoint.is_dir() else [checkpoint]
     return ",".join(f"{f.name}:{file_sha256(f)}" for f in files if f.is_file()) or f"{checkpoint} (missing)"
 
 
@@ -281,11 +233,6 @@ def _embed_blocks(run: RunDir, split_name: str, key: str, model: Embedder, split
                 run.feature_part_path(split_name, start, end, key))
             pieces, filled = [], 0
             start, end = next(pending, (0, 0))
-
-
-def autocast_for(device: torch.device) -> Optional[torch.dtype]:
-    """The autocast type extraction uses on `device`: bf16 on a GPU that has it, else none."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
 def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optional[Path],

@@ -50,9 +50,8 @@ def run_training(cfg: Config) -> int:
     run = cfg.run.dir
     if result.get("preempted"):
         from jaguar.run import RunDir
-        from jaguar.train.checkpoint import list_checkpoints
 
-        saved = list_checkpoints(RunDir(run).checkpoints_dir)[-1]
+        saved = RunDir(run).checkpoints.latest()
         kept = f"the checkpoint of step {result['step']}, {saved}"
         if result.get("signal") == signal.SIGTERM:
             raise Interrupted(signal.SIGTERM, kept=kept)

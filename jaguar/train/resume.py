@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from jaguar.config import Config, ConfigError, to_dict
 from jaguar.run import RunDir
-from jaguar.train import checkpoint as ckpt
+from jaguar.core.weights import read_state
 
 log = logging.getLogger("jaguar.train")
 
@@ -88,7 +88,7 @@ def record_config(run: RunDir, cfg: Config, accelerator, resume_from: Optional[P
     if accelerator.is_main_process:
         run.path.mkdir(parents=True, exist_ok=True)
         if changes is not None and changes.schedule:
-            step = ckpt.read_state(resume_from).get("step", 0)
+            step = read_state(resume_from).get("step", 0)
             kept = run.config_history_path(step)
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run.config_path, kept)

@@ -23,6 +23,8 @@ from jaguar.data.mixup import mixup_batch
 from jaguar.models import build_model
 from jaguar.models.losses import ReIDCriterion
 from jaguar.progress import progress_bar
+from jaguar.core.weights import CheckpointError, load_weights, read_state
+from jaguar.run_checkpoints import BEST, is_complete
 from jaguar.train import checkpoint as ckpt
 from jaguar.core.accelerator import (build_accelerator, prepare_model_for_deepspeed, refuse_settings_deepspeed_cannot_train,
                                 set_deepspeed_micro_batch, uses_deepspeed)
@@ -55,11 +57,10 @@ class Trainer:
         set_seed(cfg.run.seed)
         self.run = RunDir(cfg.run.dir)
         self.run_dir = self.run.path
-        self.checkpoint_dir = self.run.checkpoints_dir
         # The shards are opened (and checked) before the run folder is made: bad input leaves no folder behind.
         self.split = open_train_split(cfg)
         self.lock = self.run.writer_lock("jaguar train", create=True).acquire()  # rank 0's, until train() ends
-        self.resume_from = ckpt.find_resume_checkpoint(self.checkpoint_dir, cfg.train.resume)
+        self.resume_from = self.run.checkpoints.resume_from(cfg.train.resume)
         self.schedule_changes = record_config(self.run, cfg, acc, self.resume_from)
         self.run_split = self._training_data()
         self.num_classes = self.run_split.num_classes
@@ -67,7 +68,7 @@ class Trainer:
         # a resumed run's weights are in its checkpoint: the original pretrained file need not exist
         model = build_model(cfg, self.num_classes, load_pretrained=self.resume_from is None)
         if cfg.train.init_from and self.resume_from is None:
-            ckpt.load_weights(model, Path(cfg.train.init_from), partial=True)
+            load_weights(model, Path(cfg.train.init_from), partial=True)
         self.mean, self.std = tuple(model.mean), tuple(model.std)
         self.criterion = ReIDCriterion(cfg, self.num_classes, model.embed_dim)
         self.teacher = (load_teacher(cfg, self.split.filenames, self.run_split.train_indices, model.embed_dim)
@@ -143,7 +144,7 @@ class Trainer:
         source = self.resume_from
         if source is None:
             return
-        state = ckpt.read_state(source)
+        state = read_state(source)
         if state.get("layout") != _STATE_LAYOUT:
             raise ConfigError(f"checkpoint {source} was saved by an earlier jaguar (the model without the "
                               f"criterion) and cannot be resumed; start a new run.dir, with "
@@ -157,7 +158,7 @@ class Trainer:
         try:
             self.accelerator.load_state(str(source))
         except Exception as err:  # a file torch or DeepSpeed cannot read: each raises its own types
-            raise ckpt.CheckpointError(f"checkpoint {source} could not be loaded ({type(err).__name__}: "
+            raise CheckpointError(f"checkpoint {source} could not be loaded ({type(err).__name__}: "
                                        f"{str(err)[:300]}); resume from another checkpoint") from err
         ckpt.load_extra_state(source, self.extra_state)
         self.step = self.last_step_save = state["step"]
@@ -232,7 +233,7 @@ class Trainer:
             if position == self.steps_per_epoch:
                 self._end_of_epoch(epoch, time.perf_counter() - epoch_start)
         bar.close()
-        if not ckpt.is_complete(self.checkpoint_dir / f"step-{self.step:06d}"):
+        if not is_complete(self.run.checkpoints.step_dir(self.step)):
             self._save("step")
         return self._write_metrics()
 
@@ -367,10 +368,10 @@ class Trainer:
         self.tb.flush()
 
     def _save(self, kind: str) -> None:
-        name = "best" if kind == "best" else f"step-{self.step:06d}"
+        name = BEST if kind == "best" else self.run.checkpoints.step_name(self.step)
         if kind == "step":
             self.last_step_save = self.step
-        ckpt.save_checkpoint(self.accelerator, self.model, self.ema, self.checkpoint_dir, name,
+        ckpt.save_checkpoint(self.accelerator, self.model, self.ema, self.run.checkpoints, name,
                              self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX,
                              self.extra_state)
 

@@ -10,7 +10,8 @@ from accelerate import Accelerator
 
 from jaguar.config import Config, ConfigError
 from jaguar.data.loader import build_eval_loader
-from jaguar.retrieval.extract import contiguous_slice, embed_batches
+from jaguar.core.blocks import contiguous_slice
+from jaguar.core.embedding import embed_batches
 from jaguar.core.evaluator import MetricsError, evaluate
 from jaguar.train.tb import TensorBoardLogger, retrieval_grid
 

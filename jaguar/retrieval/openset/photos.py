@@ -2,7 +2,7 @@
 model, preprocessed exactly as its gallery was: each photo goes through `jaguar prep`'s own
 conversion (jaguar.data.prep.convert_image: every image form, EXIF orientation, the long-side limit
 and encoding the shards were made with) and the shard decoder, then the run's eval transform and
-the extraction's flip / multi-scale averaging (jaguar.retrieval.extract.embed_batches). So a photo
+the extraction's flip / multi-scale averaging (jaguar.core.embedding.embed_batches). So a photo
 that is also in the shards gets the embedding `jaguar extract` gave it.
 
 `list_photos` expands folders; `PhotoEmbedder.embed` returns the embeddings of the readable photos
@@ -27,7 +27,7 @@ from jaguar.data.shards import decode_rgba, load_manifest
 from jaguar.data.transforms import build_eval_transform
 from jaguar.errors import JaguarError
 from jaguar.core.embedding import load_embedder
-from jaguar.retrieval.extract import embed_batches
+from jaguar.core.embedding import embed_batches
 from jaguar.run import RunDir
 
 THUMBNAIL_SIDE = 192  # pixels, long side of the thumbnails kept for review pages
