@@ -80,9 +80,9 @@ def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
     from jaguar.core.knn import knn
     from jaguar.core.evaluator import evaluate
     from jaguar.core.evaluator_ranked import RankedEvaluator
-    from jaguar.retrieval.post.dense import final_distance, tune_post
+    from jaguar.retrieval.post.tune import tune_post
     from jaguar.retrieval.rank import rank_run
-    from jaguar.retrieval.post.topm import final_topm, tune_post_topm
+    from jaguar.retrieval.post.topm import final_topm
     from jaguar.run import RunDir
 
     features = _feature_set(n, dim)
@@ -98,7 +98,7 @@ def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
         metrics = RankedEvaluator(lists, features.embeddings, features.labels).evaluate(lists)
         note = f"mAP_balanced {metrics.mAP_balanced:.4f}, rank-1 {metrics.rank1:.4f}"
     elif stage == "tune_post_topm":
-        chosen, _ = tune_post_topm(features, RetrievalConfig(top_m=top_m))
+        chosen, _ = tune_post(features, RetrievalConfig(mode="topm", top_m=top_m))
         note = f"chosen {chosen.to_dict()}"
     elif stage in ("rank", "end_to_end"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +110,7 @@ def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
                 validation = _feature_set(min(n, 20000), dim, seed=1)
                 run.save_features("val", validation)
                 run.save_config(config)
-                from jaguar.retrieval.stages import tune_post_run
+                from jaguar.retrieval.post.tune import tune_post_run
 
                 start = time.perf_counter()
                 post = tune_post_run(run)
@@ -140,7 +140,7 @@ def run_stage(stage: str, n: int, dim: int, top_m: int) -> dict:
         metrics = evaluate(features.embeddings @ features.embeddings.T, features.labels, kind="similarity")
         note = f"mAP_balanced {metrics.mAP_balanced:.4f}"
     elif stage == "dense_tune_post":
-        chosen, _ = tune_post(features, RetrievalConfig())
+        chosen, _ = tune_post(features, RetrievalConfig(mode="dense"))
         note = f"chosen {chosen.to_dict()}"
     elif stage in ("report", "report_search"):
         import multiprocessing

@@ -27,7 +27,9 @@ import torch
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.report import build_report
 from jaguar.core.features import FeatureSet
-from jaguar.retrieval.stages import SubmitResult, score_run, submit_run, tune_post_run
+from jaguar.retrieval.post.tune import tune_post_run
+from jaguar.retrieval.score import score_run
+from jaguar.retrieval.submission import SubmitResult, submit_run
 from jaguar.run import SPLITS, EnsembleRecord, PostResult, RunDir, Score
 
 logger = logging.getLogger(__name__)

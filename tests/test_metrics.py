@@ -123,7 +123,7 @@ def test_score_of_a_pair_file_does_not_depend_on_its_row_order(tmp_path: Path):
     """Two gallery images tie for a query, one its match and one not: `jaguar score` gives the
     same figures whichever the pair file lists first."""
     from jaguar.formats import write_labels, write_pairs, write_submission
-    from jaguar.retrieval.stages import score_submission
+    from jaguar.retrieval.score import score_submission
 
     names = ["a1.png", "a2.png", "b1.png", "b2.png"]
     write_labels(tmp_path / "labels.csv", [("a1.png", "A"), ("a2.png", "A"), ("b1.png", "B"), ("b2.png", "B")])
@@ -259,10 +259,11 @@ def test_every_caller_reports_the_evaluators_numbers(tmp_path: Path, monkeypatch
     the evaluator's figures."""
     import jaguar.train.validation as train_evaluate
     from jaguar.formats import write_labels, write_pairs, write_submission
-    from jaguar.report.evaluation import evaluate as report_evaluate
-    from jaguar.retrieval.post.dense import PostConfig, tune_post
+    from jaguar.retrieval.split_figures import split_figures as report_evaluate
+    from jaguar.config import PostConfig
+    from jaguar.retrieval.post.tune import tune_post
     from jaguar.retrieval.post import dense as postprocess
-    from jaguar.retrieval.stages import score_submission, stage_table_on
+    from jaguar.retrieval.score import score_submission, stage_table_on
     from jaguar.retrieval.submission import pair_similarities
     from jaguar.run import StageRow
 

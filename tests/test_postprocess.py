@@ -12,7 +12,10 @@ from jaguar.cli.main import main
 from jaguar.config import RetrievalConfig
 from jaguar.core.features import FeatureSet
 from jaguar.core.evaluator import identity_balanced_map
-from jaguar.retrieval.post.dense import PostConfig, final_distance, paired_gain, tune_post
+from jaguar.config import PostConfig
+from jaguar.core.evaluator import evaluate
+from jaguar.retrieval.post.dense import final_distance
+from jaguar.retrieval.post.tune import identity_gain, tune_post
 from jaguar.retrieval.post.qe import expand
 from jaguar.retrieval.post.rerank import euclidean_distance, k_reciprocal_rerank_single
 from jaguar.formats import read_pairs, read_submission
@@ -61,6 +64,12 @@ def _two_per_identity_distances() -> tuple[torch.Tensor, torch.Tensor]:
         distance[a, b] = distance[b, a] = 0.2
     distance.fill_diagonal_(0.0)
     return distance, labels
+
+
+def paired_gain(candidate, incumbent, labels):
+    """Gain of distance `candidate` over `incumbent` on one labelled set (tune-post's adoption figure)."""
+    return identity_gain(evaluate(candidate, labels, kind="distance").per_identity_ap,
+                         evaluate(incumbent, labels, kind="distance").per_identity_ap)
 
 
 def test_paired_gain_separates_a_consistent_gain_from_one_lucky_identity():

@@ -16,7 +16,7 @@ from jaguar.errors import MissingInputError
 from jaguar.retrieval import rank as rank_module
 from jaguar.core.features import FeatureSet
 from jaguar.retrieval.post.dense import final_distance
-from jaguar.retrieval.stages import submit_run
+from jaguar.retrieval.submission import submit_run
 from jaguar.retrieval.submission import SubmissionError
 from jaguar.run import RunDir
 from tests.test_knn import clustered

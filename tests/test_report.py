@@ -16,8 +16,9 @@ import torch
 from jaguar.report import build_report
 from jaguar.report.tb_reader import read_scalars
 from jaguar.core.features import FeatureSet
-from jaguar.retrieval.post.dense import PostConfig
-from jaguar.retrieval.stages import labelled_test_features, stage_table_on, submit_run
+from jaguar.config import PostConfig
+from jaguar.retrieval.score import labelled_test_features, stage_table_on
+from jaguar.retrieval.submission import submit_run
 from jaguar.run import OpenSetCalibration, PostResult, RunDir, StageRow, TrainingMetrics
 
 

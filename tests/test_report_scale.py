@@ -14,7 +14,9 @@ from PIL import Image
 
 from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.report import build_report
-from jaguar.report import evaluation as report_evaluation
+from jaguar.report import grids
+from jaguar.retrieval import split_figures as report_evaluation
+from jaguar.retrieval.post import search
 from jaguar.report import plots
 from jaguar.core.features import FeatureSet
 from jaguar.core.evaluator import MetricsError, evaluate
@@ -99,12 +101,12 @@ def test_read_ranks_gives_back_the_written_lists_in_any_row_order(tmp_path):
 
 def test_top_m_report_evaluation_searches_lists_when_it_has_none(monkeypatch):
     features = _features(noise=0.2)
-    dense = report_evaluation.evaluate("val", features, None, RetrievalConfig(mode="dense"))
+    dense = report_evaluation.split_figures("val", features, None, RetrievalConfig(mode="dense"))
     monkeypatch.setattr(report_evaluation, "HISTOGRAM_SAMPLE", 50)
-    monkeypatch.setattr(report_evaluation.retrieval_metrics, "evaluate", _forbidden)  # no N x N evaluation
-    topm = report_evaluation.evaluate("val", features, None, RetrievalConfig(mode="topm", top_m=30))
+    monkeypatch.setattr(report_evaluation.evaluator, "evaluate", _forbidden)  # no N x N evaluation
+    topm = report_evaluation.split_figures("val", features, None, RetrievalConfig(mode="topm", top_m=30))
     assert topm.metrics is None and "top-30 lists searched" in topm.scored_with
-    assert report_evaluation.grid_rows(topm, None, "worst", 2, 5)[0].note.startswith("AP@30 ")
+    assert grids.grid_rows(topm, None, "worst", 2, 5)[0].note.startswith("AP@30 ")
     np.testing.assert_allclose(topm.query_ap, dense.query_ap, atol=1e-9)  # 6 an identity: all within 30
     assert topm.ap_by_identity == pytest.approx(dense.ap_by_identity)
     np.testing.assert_array_equal(topm.ranked[:, :10], dense.ranked[:, :10])
@@ -132,9 +134,9 @@ def test_report_at_scale_reads_jaguar_ranks_lists_and_searches_nothing(tmp_path,
     run = _scale_run(tmp_path, features)
     for split in ("val", "test"):
         rank_run(run, split, top_k=20)
-    for name in ("final_topm", "similarity_scores"):
-        monkeypatch.setattr(report_evaluation, name, _forbidden)
-    monkeypatch.setattr(report_evaluation.retrieval_metrics, "evaluate", _forbidden)
+    for name in ("final_topm", "final_distance"):  # the search computes nothing: the lists are read
+        monkeypatch.setattr(search, name, _forbidden)
+    monkeypatch.setattr(report_evaluation.evaluator, "evaluate", _forbidden)
     text = build_report(run).read_text()
     assert text.count("the top-20 lists of ranks_val.parquet") == 1
     assert text.count("the top-20 lists of ranks_test.parquet") == 1

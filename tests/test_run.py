@@ -9,7 +9,7 @@ import torch
 from jaguar.config import Config
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.core.features import FeatureSet
-from jaguar.retrieval.post.dense import PostConfig
+from jaguar.config import PostConfig
 from jaguar.run import (EnsembleRecord, PostResult, RunDir, RunDirError, Score, ScoreTable, SplitRecord,
                         StageRow, TrainingMetrics)
 

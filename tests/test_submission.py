@@ -12,7 +12,7 @@ import torch
 
 from jaguar.cli.main import main
 from jaguar.core.features import FeatureSet
-from jaguar.retrieval.post.dense import PostConfig
+from jaguar.config import PostConfig
 from jaguar.formats import FormatError, read_pairs, read_submission, write_submission
 from jaguar.retrieval.submission import SubmissionError, pair_similarities, similarity_from_distance
 

@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.core.features import FeatureSet
-from jaguar.retrieval.post.dense import final_distance, tune_post
+from jaguar.retrieval.post.dense import final_distance
+from jaguar.retrieval.post.search import search_mode
+from jaguar.retrieval.post.tune import tune_post
 from jaguar.retrieval.post.qe import expand
-from jaguar.retrieval.post.topm import expand_topm, final_topm, tune_post_topm, use_topm
+from jaguar.retrieval.post.topm import expand_topm, final_topm
 from tests.test_knn import clustered
 
 POSTS = [PostConfig(), PostConfig(qe_k=3), PostConfig(qe_k=2, qe_alpha=3.0, dba_k=2), PostConfig(dba_k=3),
@@ -79,6 +83,17 @@ def _figures(row):
     return [row[k] for k in ("mAP_balanced", "mAP", "rank1", "rank5", "mINP")]
 
 
+def tune_post_topm(features, base, search=True):
+    """tune_post with the set searched in top-M form (retrieval.mode=topm)."""
+    topm = copy.deepcopy(base)
+    topm.mode = "topm"
+    return tune_post(features, topm, search)
+
+
+def use_topm(retrieval, n):
+    return search_mode(retrieval, n) == "topm"
+
+
 def test_tune_post_topm_with_whole_lists_equals_dense_tune_post(features):
     base = RetrievalConfig(tune_min_gain_se=0.0, top_m=len(features) - 1)
     dense_chosen, dense_table = tune_post(features, base)
@@ -110,7 +125,7 @@ def test_mode_switch():
 
 
 def test_tune_post_run_searches_in_top_m_mode_above_the_threshold(tmp_path, features):
-    from jaguar.retrieval.stages import tune_post_run
+    from jaguar.retrieval.post.tune import tune_post_run
     from jaguar.run import RunDir
 
     run = RunDir(tmp_path / "run")

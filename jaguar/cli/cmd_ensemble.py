@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jaguar.ensemble import ensemble_run
-    from jaguar.retrieval.stages import format_stage_table
+    from jaguar.retrieval.post.tune import format_stage_table
 
     out = RunDir(args.out)
     with out.writer_lock("jaguar ensemble"):

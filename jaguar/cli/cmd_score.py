@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jaguar.io import atomic_write_json
-    from jaguar.retrieval.stages import score_run, score_submission
+    from jaguar.retrieval.score import score_run, score_submission
 
     table = None
     if Path(args.submission).is_dir():

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jaguar.formats import examples
-    from jaguar.retrieval.stages import submit_run
+    from jaguar.retrieval.submission import submit_run
 
     run_dir = RunDir(args.run_dir)
     with run_dir.writer_lock("jaguar submit"):

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaguar.retrieval.stages import format_stage_table, tune_post_run
+    from jaguar.retrieval.post.tune import format_stage_table, tune_post_run
 
     run_dir = RunDir(args.run_dir)
     with run_dir.writer_lock("jaguar tune-post"):

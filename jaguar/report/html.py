@@ -18,13 +18,13 @@ from jaguar.config import Config, RetrievalConfig, get_value
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_text
 from jaguar.report import plots
-from jaguar.report.evaluation import Evaluation, evaluate, find_shards, grid_rows, ranked_lists
+from jaguar.report.grids import find_shards, grid_rows
 from jaguar.report.diagnosis import diagnosis_section
 from jaguar.report.openset import open_set_section
 from jaguar.report.tb_reader import read_scalars
 from jaguar.core.features import FeatureSet
-from jaguar.retrieval.stages import labelled_test_features
-from jaguar.retrieval.post.topm import use_topm
+from jaguar.retrieval.score import labelled_test_features
+from jaguar.retrieval.split_figures import SplitFigures, run_split_figures
 from jaguar.run import EnsembleRecord, PostResult, RunDir, Score, ScoreTable, TrainingMetrics
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def _curves_section(page: _Page, is_ensemble: bool) -> str:
     return "\n".join(parts)
 
 
-def _evaluation_sections(page: _Page, evaluation: Evaluation, shards: Any, shards_problem: str,
+def _evaluation_sections(page: _Page, evaluation: SplitFigures, shards: Any, shards_problem: str,
                          notes: list[str], extraction: str) -> str:
     split = evaluation.split
     parts = [f"<h2>Per-identity AP — {_esc(split)}</h2>",
@@ -291,17 +291,11 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
     else:
         shards, shards_problem = find_shards(run.path, config.data.shards if config is not None else "")
 
-    evaluations: list[tuple[Evaluation, list[str]]] = []
+    evaluations: list[tuple[SplitFigures, list[str]]] = []
     eval_notes: list[str] = []
 
     def add(split: str, features: FeatureSet) -> None:
-        lists, note = None, ""
-        if use_topm(retrieval or RetrievalConfig(), len(features)):  # at scale: `jaguar rank`'s lists if usable
-            lists, note = ranked_lists(run, split, features, post is not None)
-            if lists is None and not note:
-                note = (f"No ranked lists ({run.ranks_path(split).name}) for these {len(features):,} images: "
-                        f"the report searched them itself (a kNN pass); with the file it only reads them")
-        evaluations.append((evaluate(split, features, chosen, retrieval, lists), [note] if note else []))
+        evaluations.append(run_split_figures(run, split, features, chosen, retrieval, post is not None))
 
     if run.has_features("val"):
         add("val", run.load_features("val"))

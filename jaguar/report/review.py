@@ -17,7 +17,7 @@ import jinja2
 from PIL import Image
 
 from jaguar.io import atomic_directory
-from jaguar.report.evaluation import ImageLookup, find_shards
+from jaguar.report.grids import ImageLookup, find_shards
 from jaguar.report.plots import on_background
 from jaguar.retrieval.openset.identify import Identification
 from jaguar.run import RunDir

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,14 +26,14 @@ from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
 from jaguar.formats import UNKNOWN_VIEWPOINT
 from jaguar.progress import progress_bar
-from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, block_grid, contiguous_slice, fingerprint, rank_blocks
+from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, block_grid, fingerprint, rank_blocks
 from jaguar.core.features import FeatureFileError, FeatureSet
 from jaguar.run import RunDir
 from jaguar.run_checkpoints import EMA_WEIGHTS_FILE, WEIGHTS_FILE
 from jaguar.core.accelerator import build_accelerator
 from jaguar.core.run_split import build_run_split, open_train_split
 
-from jaguar.core.embedding import Embedder, autocast_for, embed_batches, load_embedder
+from jaguar.core.embedding import Embedder, autocast_for, embed_batch, load_embedder
 
 if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
     from jaguar.core.onnx_model import OnnxEmbedding

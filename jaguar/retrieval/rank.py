@@ -5,7 +5,7 @@ catalogue of a hundred thousand images needs instead.
 
 A split's images search each other (all-vs-all, the query itself excluded), post-processed with
 the run's chosen settings (tune-post; raw cosine without it), in top-M form above the dense
-threshold (`retrieval.mode`, jaguar.retrieval.post.topm) and from the N x N matrix below it."""
+threshold (`retrieval.mode`; jaguar.retrieval.post.search decides) and from the N x N matrix below it."""
 
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ from typing import Optional
 
 import torch
 
-from jaguar.config import Config, PostConfig, RetrievalConfig
+from jaguar.config import Config, PostConfig
 from jaguar.errors import JaguarError
 from jaguar.formats import spreadsheet_cell
 from jaguar.io import atomic_file
-from jaguar.core.features import FeatureSet
 from jaguar.core.evaluator import ranked_basis
-from jaguar.retrieval.post.dense import final_distance
-from jaguar.retrieval.post.topm import final_topm, use_topm
+from jaguar.retrieval.post.search import final_ranking
 from jaguar.run import RANK_FORMATS as FORMATS, RunDir
 
 COLUMNS = ("query", "rank", "gallery", "similarity")
@@ -42,19 +40,6 @@ class RankResult:
     mode: str  # "dense" or "topm"
     post: Optional[PostConfig]  # None: raw cosine, tune-post has not run
     basis: str  # what the order ranks (re-ranked top-M lists or every candidate's score)
-
-
-def top_lists(features: FeatureSet, post: PostConfig, top_k: int,
-              retrieval: RetrievalConfig) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(index N x k, final distance N x k ascending, re-ordered within top M) of each image's k
-    best other images of the set; top-M form when `retrieval` says so for this size."""
-    if use_topm(retrieval, len(features)):
-        lists = final_topm(features, post, max(top_k, int(retrieval.top_m)))
-        return lists.index[:, :top_k], lists.distance[:, :top_k], lists.reordered
-    distance = final_distance(features, post).clone()
-    distance.fill_diagonal_(float("inf"))
-    values, index = distance.sort(dim=1, stable=True)
-    return index[:, :top_k], values[:, :top_k], False
 
 
 def _schema():
@@ -120,11 +105,11 @@ def rank_run(run: RunDir, split: str, top_k: int = 100, output: str | Path | Non
     config = run.load_config() if run.has_config() else Config()
     post = run.load_post().chosen if run.has_post() else None
     top_k = min(top_k, len(features) - 1)
-    index, distance, reordered = top_lists(features, post or PostConfig(), top_k, config.retrieval)
-    rows = write_ranks(output, list(features.names), index, distance, fmt)
-    mode = "topm" if use_topm(config.retrieval, len(features)) else "dense"
-    basis = ranked_basis(max(top_k, int(config.retrieval.top_m)) if reordered else None)
-    return RankResult(output, len(features), rows, top_k, mode, post, basis)
+    ranking = final_ranking(features, post or PostConfig(), config.retrieval)
+    lists = ranking.lists(top_k)
+    rows = write_ranks(output, list(features.names), lists.index, lists.distance, fmt)
+    basis = ranked_basis(max(top_k, ranking.top_m) if lists.reordered else None)
+    return RankResult(output, len(features), rows, top_k, ranking.mode, post, basis)
 
 
 def read_ranks(path: str | Path, names: list[str], batch_rows: int = 1 << 20) -> torch.Tensor:

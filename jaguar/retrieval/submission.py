@@ -1,23 +1,27 @@
-"""Challenge submissions: the distance -> [0, 1] similarity map and the similarity of every pair of a
-pair list. The files themselves (pair list, labels, submission) are read and written by
-jaguar.formats; scoring a submission is jaguar.retrieval.stages.score_submission."""
+"""Challenge submissions (`jaguar submit`): the distance -> [0, 1] similarity map, the similarity of
+every pair of a pair list under the run's chosen post-processing, and the submission written from
+them. The files themselves (pair list, labels, submission) are read and written by jaguar.formats;
+scoring a submission is jaguar.retrieval.score."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Sequence, Union
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
+from jaguar.config import PostConfig
 from jaguar.errors import JaguarError
-from jaguar.formats import examples
+from jaguar.formats import count_pair_rows, examples, read_pairs, write_submission
+from jaguar.run import RunDir
 
 if TYPE_CHECKING:
     import torch
 
     from jaguar.core.features import FeatureSet
-    from jaguar.retrieval.post.dense import PostConfig
 
 
 class SubmissionError(JaguarError, ValueError):
@@ -88,3 +92,36 @@ def pair_similarities(features: "FeatureSet", row_ids: Sequence[str], query_name
     g = torch.tensor([position[name] for name in gallery_names])
     return similarity_from_distance(distance[q, g])
 
+
+@dataclass
+class SubmitResult:
+    path: Path
+    rows: int
+    post: Optional[PostConfig]  # None: raw cosine, tune-post has not run
+    repeated: list[int] = dataclasses.field(default_factory=list)  # pair-list lines repeating a row exactly (read once)
+
+
+MAX_SUBMISSION_ROWS = 10**8  # an all-pairs file past this (~10,000 images) is the wrong tool: `jaguar rank`
+
+
+def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = None,
+               max_rows: int = MAX_SUBMISSION_ROWS) -> SubmitResult:
+    """Score every pair of `test_csv` with the run's test features and chosen post-processing (raw
+    cosine when tune-post has not run) and write a validated submission (default: the run's).
+    A pair list of more than `max_rows` rows is refused (SubmissionError) before it is read: the
+    all-pairs file is for the challenge; large galleries take `jaguar rank`'s top-k lists."""
+    output = Path(output) if output else run.submission_path
+    rows = count_pair_rows(test_csv)
+    if rows > max_rows:
+        raise SubmissionError(f"{test_csv} has {rows:,} pair rows, more than an all-pairs submission should hold "
+                              f"({max_rows:,}); write each image's top-k list instead: "
+                              f"`jaguar rank {run.path} --split test --top-k 100`")
+    from jaguar.retrieval.post.tune import chosen_post
+
+    features = run.load_features("test")
+    post = chosen_post(run)
+    pairs = read_pairs(test_csv)
+    similarity = pair_similarities(features, pairs.row_ids, pairs.query_images, pairs.gallery_images,
+                                   post or PostConfig())
+    write_submission(output, pairs.row_ids, similarity, expected_row_ids=pairs.row_ids)
+    return SubmitResult(output, len(pairs), post, list(pairs.repeated))

@@ -1,7 +1,7 @@
 """Post-processing in top-M form, for galleries too large for N x N: QE, alpha-QE and DBA from
 each item's exact neighbour lists (jaguar.core.knn), k-reciprocal re-ranking in its bounded
 mode and the raw/re-ranked blend over every pair that can reach an item's top M, and the
-tune-post search over them (postprocess.search_post in a `TopMSpace`) scored by the evaluator's
+tune-post search over them (tune.search_post in a `TopMSpace`) scored by the evaluator's
 ranked-list mode (jaguar.core.evaluator_ranked). Memory is O(N * M).
 
 The lists are the dense path's top M (jaguar.retrieval.post.dense), with its values: the
@@ -14,27 +14,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
-from jaguar.config import PostConfig, RetrievalConfig
+from jaguar.config import PostConfig
 from jaguar.core.features import FeatureSet
 from jaguar.core.knn import Neighbours, knn, normalise
 from jaguar.core.evaluator import RetrievalMetrics, ranked_basis
 from jaguar.core.evaluator_ranked import RankedEvaluator
-from jaguar.retrieval.post.dense import K1S, K2S, QE_ALPHAS
+from jaguar.retrieval.post.space import K1S, K2S, QE_ALPHAS
 from jaguar.retrieval.post.rerank_bounded import (OriginalNeighbours, k_reciprocal_lists_topm, k_reciprocal_terms_topm,
                                              original_neighbours)
 
 logger = logging.getLogger(__name__)
 
 _ROWS_PER_GATHER = 8192  # rows whose gathered neighbour vectors (rows x M x D) are held at once
-
-
-def use_topm(retrieval: RetrievalConfig, n_items: int) -> bool:
-    """Whether a set of n_items is searched in top-M form under `retrieval.mode`."""
-    return retrieval.mode == "topm" or (retrieval.mode == "auto" and n_items > retrieval.topm_above)
 
 
 def _embeddings(features: Union[FeatureSet, torch.Tensor]) -> torch.Tensor:
@@ -124,7 +119,7 @@ class RerankTerms:
 
 
 def final_topm(features: Union[FeatureSet, torch.Tensor], post: PostConfig, top_m: int = 100) -> RankedLists:
-    """Each item's top-M list under `post` (postprocess.final_distance in top-M form)."""
+    """Each item's top-M list under `post` (dense.final_distance in top-M form)."""
     expanded = expand_topm(features, post.qe_k, post.qe_alpha, post.dba_k)
     if not post.rerank or post.blend == 0:
         neighbours = knn(expanded, k=top_m, exclude_self=True)
@@ -161,7 +156,7 @@ class _Scorer:
 
 
 class TopMSpace:
-    """tune-post's search space at gallery scale (postprocess.SearchSpace): candidates are each
+    """tune-post's search space at gallery scale (space.SearchSpace): candidates are each
     item's top-M lists, scored by the evaluator's ranked-list mode. The lists of each set searched
     before QE are kept, so QE of it reads its first neighbours from them; the re-ranking base is
     searched once for the whole (k1, k2) grid."""
@@ -205,14 +200,7 @@ class TopMSpace:
     def final(self, post: PostConfig) -> RankedLists:
         return final_topm(self.embeddings, post, self.top_m)
 
-
-def tune_post_topm(val_features: FeatureSet, base: RetrievalConfig,
-                   search: bool = True) -> tuple[PostConfig, list[dict[str, Any]]]:
-    """postprocess.tune_post in top-M form (M = base.top_m): the same search (postprocess.search_post)
-    in a TopMSpace, each setting scored by the evaluator on its ranked lists."""
-    from jaguar.retrieval.post.dense import _labelled, search_post
-
-    space = TopMSpace(val_features, _labelled(val_features), int(base.top_m))
-    logger.info("tune-post in top-M mode (M = %d, %d images): re-ranked rows are figures %s", space.top_m,
-                len(space.embeddings), ranked_basis(space.top_m))
-    return search_post(space, base, search)
+    def run(self, search: Callable[..., Any], *args: Any) -> Any:
+        logger.info("tune-post in top-M mode (M = %d, %d images): re-ranked rows are figures %s", self.top_m,
+                    len(self.embeddings), ranked_basis(self.top_m))
+        return search(self, *args)
