@@ -242,6 +242,8 @@ class RunDir:
 
     def load_metrics(self) -> TrainingMetrics:
         raw = self._read_json(self.metrics_path, f"train first: `jaguar train RECIPE run.dir={self.path}`")
+        if isinstance(raw, dict):
+            raw.pop("param_checksums", None)  # the ranks' checksums runs trained before 2026-12-08 recorded
         return build_record(TrainingMetrics, raw, str(self.metrics_path))
 
     def save_metrics(self, metrics: TrainingMetrics) -> None:

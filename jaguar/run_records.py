@@ -37,7 +37,6 @@ class TrainingMetrics:
     skipped_steps: int
     num_classes: int
     world_size: int
-    param_checksums: list[float] = field(default_factory=list)
 
 
 @dataclass

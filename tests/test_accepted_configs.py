@@ -46,8 +46,8 @@ def _vit(shards_dir: Path, run: Path, *extra: str) -> list[str]:
 
 
 def test_layers_forward_features_skips_are_dropped_and_every_parameter_is_trained():
+    from jaguar.core.weights import load_weights
     from jaguar.models import ReIDCriterion, build_model
-    from jaguar.train import checkpoint as ckpt
     from jaguar.train.optim import parameters_without_gradient
 
     cfg = load_config(None, ["model.backbone=mobilenetv3_small_050", "model.img_size=[64,64]",
@@ -65,7 +65,7 @@ def test_layers_forward_features_skips_are_dropped_and_every_parameter_is_traine
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"old-mobilenet-{os.getpid()}.safetensors"
     save_file({k: v.contiguous() for k, v in old.items()}, str(path))
     try:
-        ckpt.load_weights(build_model(cfg, 3), path)
+        load_weights(build_model(cfg, 3), path)
     finally:
         path.unlink()
 
@@ -106,7 +106,8 @@ _DDP_SCRIPT = textwrap.dedent("""
     mask = (torch.nn.functional.dropout(torch.ones(4096), 0.5) > 0).tolist()
     metrics = trainer.train()
     with open(f"{out}.{acc.process_index}.json", "w") as handle:
-        json.dump({"init": built["init"], "mask": mask, "metrics": metrics}, handle)
+        json.dump({"init": built["init"], "mask": mask, "metrics": metrics,
+                   "checksum": sum(float(p.detach().double().sum()) for p in trainer.accelerator.unwrap_model(trainer.model).parameters())}, handle)
 """)
 
 
@@ -123,8 +124,7 @@ def test_two_process_ddp_with_triplet_only_trains_and_draws_dropout_per_rank(sha
     reports = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
     # the replicas are initialised alike (before DDP's broadcast), stay in step over both updates
     assert reports[0]["init"] == reports[1]["init"]
-    checksums = reports[0]["metrics"]["param_checksums"]
-    assert reports[0]["metrics"]["steps"] >= 2 and checksums[0] == checksums[1]
+    assert reports[0]["metrics"]["steps"] >= 2 and reports[0]["checksum"] == reports[1]["checksum"]
     assert reports[0]["metrics"]["history"], "validation did not run"
     # ...and draw their own dropout masks: independent masks agree on about half the positions
     agreement = np.mean(np.array(reports[0]["mask"]) == np.array(reports[1]["mask"]))
@@ -211,8 +211,9 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_resume_applies_a_changed_schedule_knowingly_and_refuses_a_changed_model(shards_dir, tmp_path):
+    from jaguar.core.weights import read_state
     from jaguar.run import RunDir
-    from jaguar.train import checkpoint as ckpt
+    from jaguar.run_checkpoints import CheckpointFolder
     from jaguar.train.trainer import Trainer
 
     run = RunDir(tmp_path / "run")
@@ -220,9 +221,9 @@ def test_resume_applies_a_changed_schedule_knowingly_and_refuses_a_changed_model
     first = _train(TINY, *base, "optim.lr=1e-3", "train.epochs=2")
     assert first.returncode == 0, first.stderr[-3000:]
     # a few steps an epoch: no checkpoint at the first epoch's end, only the final one (item 12)
-    (final,) = ckpt.list_checkpoints(run.checkpoints_dir)
-    step = ckpt.read_state(final)["step"]
-    assert ckpt.read_state(final)["steps_per_epoch"] * 2 == step
+    (final,) = CheckpointFolder(run.checkpoints_dir).steps()
+    step = read_state(final)["step"]
+    assert read_state(final)["steps_per_epoch"] * 2 == step
     # a changed model cannot continue this checkpoint: refused, naming the key and both values, nothing written
     recorded = run.config_path.read_text()
     with pytest.raises(ConfigError, match=r"model.dropout: 0.0 -> 0.5"):

@@ -9,9 +9,16 @@ import torch
 
 from jaguar.core.knn import knn
 from jaguar.core.evaluator import MetricsError, evaluate
-from jaguar.core.evaluator_ranked import evaluate_ranked
+from jaguar.core.evaluator_ranked import RankedEvaluator
 from tests.test_knn import clustered
 
+
+
+def evaluate_ranked(ranked, query_features, query_labels, gallery_features=None, gallery_labels=None, *,
+                    reordered=False, chunk=1024):
+    """The figures of one set of top-M lists through the ranked evaluator."""
+    evaluator = RankedEvaluator(ranked, query_features, query_labels, gallery_features, gallery_labels, chunk=chunk)
+    return evaluator.evaluate(ranked, reordered)
 
 def assert_same(a, b):
     for name in ("mAP_balanced", "mAP", "rank1", "rank5", "rank10", "mINP"):

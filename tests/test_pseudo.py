@@ -133,7 +133,7 @@ def _run_with_features(run: Path, shards: Path) -> dict[str, str]:
 
 
 def test_pseudo_shards_read_back_with_the_predicted_labels(tmp_path, tiny_shards):
-    from jaguar.data.shards import ShardSplit, verify_shards
+    from jaguar.data.shards import ShardSplit, load_manifest
     from jaguar.pseudo import fine_tune_command, pseudo_label_run
 
     run = tmp_path / "run"
@@ -147,7 +147,7 @@ def test_pseudo_shards_read_back_with_the_predicted_labels(tmp_path, tiny_shards
     out = run / "pseudo"
     assert {s["filename"]: s["identity"] for s in summary["selected"]} == expected
     assert summary["precision"]["selected"] == {"judged": 3, "correct": 2, "precision": pytest.approx(2 / 3)}
-    assert verify_shards(out) == []
+    assert load_manifest(out).verify(out) == []
     pseudo = ShardSplit(out, "train")
     source = ShardSplit(tiny_shards, "train")
     assert pseudo.label_names == source.label_names  # the label space training already uses

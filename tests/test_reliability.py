@@ -29,6 +29,8 @@ from jaguar.io import WriteError, atomic_directory, atomic_write_bytes, atomic_w
 from jaguar.lock import LockError, WriterLock
 from jaguar.core.features import FeatureFileError, FeatureSet
 from jaguar.run import RunDir
+from jaguar.core.weights import CheckpointError, load_weights, verify_checkpoint
+from jaguar.run_checkpoints import EXTRA_STATE_FILE, STATE_FILE, WEIGHTS_FILE
 from jaguar.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +58,10 @@ def _checkpoint(folder: Path, extra_state: dict | None = None) -> Path:
     """A checkpoint folder as save_checkpoint leaves it (without a model run): weights, jaguar's own
     state, trainer_state.json with every file's checksum and this account's signature."""
     folder.mkdir(parents=True)
-    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(folder / ckpt.WEIGHTS_FILE))
-    torch.save(extra_state or {"scheduler": {"t": 3}}, folder / ckpt.EXTRA_STATE_FILE)
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(folder / WEIGHTS_FILE))
+    torch.save(extra_state or {"scheduler": {"t": 3}}, folder / EXTRA_STATE_FILE)
     records = checksums.folder_records(folder)
-    (folder / ckpt.STATE_FILE).write_text(json.dumps({"step": 1, "files": records,
+    (folder / STATE_FILE).write_text(json.dumps({"step": 1, "files": records,
                                                       "signature": checksums.sign(records)}))
     return folder
 
@@ -82,11 +84,11 @@ def _own_key(tmp_path, monkeypatch):
 
 def test_a_pickle_placed_in_a_checkpoint_is_refused_and_never_run(tmp_path):
     folder = _checkpoint(tmp_path / "step-000001")
-    assert ckpt.verify_checkpoint(folder) == []
+    assert verify_checkpoint(folder) == []
     ckpt.check_resumable(folder, deepspeed=True)  # signed here, unchanged
     marker = tmp_path / "pwned"
     (folder / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(ckpt.CheckpointError, match=r"custom_checkpoint_0\.pkl: not written by jaguar"):
+    with pytest.raises(CheckpointError, match=r"custom_checkpoint_0\.pkl: not written by jaguar"):
         ckpt.check_resumable(folder, deepspeed=False)
     assert not marker.exists()
 
@@ -95,7 +97,7 @@ def test_a_payload_with_matching_checksums_is_still_read_as_data_only(tmp_path):
     marker = tmp_path / "pwned"
     folder = _checkpoint(tmp_path / "step-000001", {"scheduler": _Payload(marker)})  # consistent records
     ckpt.check_resumable(folder, deepspeed=False)
-    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.EXTRA_STATE_FILE} could not be read as tensors"):
+    with pytest.raises(CheckpointError, match=f"{EXTRA_STATE_FILE} could not be read as tensors"):
         ckpt.load_extra_state(folder, {"scheduler": _State()})
     assert not marker.exists()
     state = _State()
@@ -107,7 +109,7 @@ def test_deepspeed_resume_needs_this_accounts_signature(tmp_path, monkeypatch):
     folder = _checkpoint(tmp_path / "step-000001")
     monkeypatch.setenv("JAGUAR_KEY_FILE", str(tmp_path / "someone-else.key"))
     ckpt.check_resumable(folder, deepspeed=False)  # intact: DDP reads it without unpickling code
-    with pytest.raises(ckpt.CheckpointError, match="not written by jaguar under this account"):
+    with pytest.raises(CheckpointError, match="not written by jaguar under this account"):
         ckpt.check_resumable(folder, deepspeed=True)
 
 
@@ -122,12 +124,12 @@ def _flip_bit(path: Path, offset: int) -> None:
 
 def test_bit_flips_in_weights_features_and_manifest_are_named(tmp_path, shards_dir):
     folder = _checkpoint(tmp_path / "run" / "checkpoints" / "step-000001")
-    weights = folder / ckpt.WEIGHTS_FILE
+    weights = folder / WEIGHTS_FILE
     _flip_bit(weights, weights.stat().st_size - 10)  # in the tensor data, rewritten: mtime moves
     model = torch.nn.Linear(1, 1)
-    with pytest.raises(ckpt.CheckpointError, match=f"{weights}: sha256 .* corrupt or was changed"):
-        ckpt.load_weights(model, folder)
-    assert any(str(weights) in problem for problem in ckpt.verify_checkpoint(folder))
+    with pytest.raises(CheckpointError, match=f"{weights}: sha256 .* corrupt or was changed"):
+        load_weights(model, folder)
+    assert any(str(weights) in problem for problem in verify_checkpoint(folder))
 
     features = tmp_path / "test.safetensors"
     _features([f"img{i}.png" for i in range(20)]).save(features)
@@ -156,12 +158,12 @@ def test_truncated_weights_name_the_file(tmp_path):
     weights = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(1000)}, str(weights))
     weights.write_bytes(weights.read_bytes()[:500])
-    with pytest.raises(ckpt.CheckpointError, match=f"weights file {weights} could not be read"):
-        ckpt.load_weights(torch.nn.Linear(1, 1), weights)
+    with pytest.raises(CheckpointError, match=f"weights file {weights} could not be read"):
+        load_weights(torch.nn.Linear(1, 1), weights)
     folder = _checkpoint(tmp_path / "step-000002")
-    (folder / ckpt.WEIGHTS_FILE).write_bytes((folder / ckpt.WEIGHTS_FILE).read_bytes()[:100])
-    with pytest.raises(ckpt.CheckpointError, match="100 bytes, .* when it was written \\(truncated"):
-        ckpt.load_weights(torch.nn.Linear(1, 1), folder)
+    (folder / WEIGHTS_FILE).write_bytes((folder / WEIGHTS_FILE).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="100 bytes, .* when it was written \\(truncated"):
+        load_weights(torch.nn.Linear(1, 1), folder)
 
 
 def test_verify_run_checks_checkpoints_features_and_gallery(tmp_path, capsys):
@@ -172,7 +174,7 @@ def test_verify_run_checks_checkpoints_features_and_gallery(tmp_path, capsys):
     assert main(["verify", str(run.path)]) == 0
     out = capsys.readouterr().out
     assert "checkpoint step-000001" in out and "features of test (8 rows)" in out and "gallery (2 rows)" in out
-    weights = folder / ckpt.WEIGHTS_FILE
+    weights = folder / WEIGHTS_FILE
     stat = weights.stat()
     _flip_bit(weights, stat.st_size - 10)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and time: only the hash tells

@@ -100,7 +100,7 @@ def test_split_config_metrics_score_and_ensemble_round_trip(tmp_path):
     assert run.has_config() and run.load_config().train.epochs == 7
 
     metrics = TrainingMetrics(best={"epoch": 2, "mAP_balanced": 0.5}, history=[{"epoch": 2, "mAP_balanced": 0.5}],
-                              steps=10, skipped_steps=0, num_classes=4, world_size=2, param_checksums=[1.0, 1.0])
+                              steps=10, skipped_steps=0, num_classes=4, world_size=2)
     run.save_metrics(metrics)
     assert run.load_metrics() == metrics
 

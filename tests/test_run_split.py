@@ -6,7 +6,7 @@ import pytest
 
 from jaguar.config import ConfigError, load_config
 from jaguar.run import RunDir
-from jaguar.train import checkpoint as ckpt
+from jaguar.run_checkpoints import STATE_FILE
 from jaguar.core.run_split import RunSplit, build_run_split, open_train_split
 
 
@@ -50,7 +50,7 @@ def test_a_resumed_run_trains_on_its_saved_split_not_a_rebuilt_one(shards_dir, t
     run.path.mkdir()
     run.save_split(saved.to_record(split))
     (run.checkpoints_dir / "step-000001").mkdir(parents=True)
-    (run.checkpoints_dir / "step-000001" / ckpt.STATE_FILE).write_text("{}")
+    (run.checkpoints_dir / "step-000001" / STATE_FILE).write_text("{}")
     trainer = Trainer(cfg)
     assert np.array_equal(trainer.run_split.val_indices, saved.val_indices)
     assert moved not in set(trainer.loader.dataset.indices.tolist())

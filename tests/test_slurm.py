@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster: the session fixture)
 
 from jaguar.run import RunDir
-from jaguar.train import checkpoint as ckpt
+from jaguar.run_checkpoints import CheckpointFolder, WEIGHTS_FILE, is_complete
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SH = REPO / "slurm" / "train.sh"
@@ -370,7 +370,7 @@ def training_jobs(slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Pat
     # A checkpoint on disk means the trainer is in its loop, well before its last step.
     second = RunDir(submit_dir / "runs" / "preempted").checkpoints_dir / "step-000006"
     deadline = time.monotonic() + JOB_TIMEOUT
-    while not ckpt.is_complete(second):
+    while not is_complete(second):
         state = slurm_cluster.job(jobs["preempted"]).get("JobState")
         assert state in {"PENDING", "RUNNING"}, f"job {state} before its second checkpoint:\n" + _job_log(
             submit_dir, "jaguar-train", jobs["preempted"])[-3000:]
@@ -383,9 +383,9 @@ def training_jobs(slurm_cluster: SlurmCluster, submit_dir: Path, shards_dir: Pat
 
 
 def _final_weights(run: RunDir) -> dict[str, torch.Tensor]:
-    last = ckpt.list_checkpoints(run.checkpoints_dir)[-1]
-    assert last.name == f"step-{STEPS:06d}" and ckpt.is_complete(last)
-    return load_file(str(last / ckpt.WEIGHTS_FILE))
+    last = CheckpointFolder(run.checkpoints_dir).steps()[-1]
+    assert last.name == f"step-{STEPS:06d}" and is_complete(last)
+    return load_file(str(last / WEIGHTS_FILE))
 
 
 @pytest.mark.slow
@@ -398,7 +398,7 @@ def test_two_cpu_nodes_train_to_checkpoints_and_tensorboard_events(training_jobs
     assert "world size 2" in log
     assert "training finished" in log
     assert not run.preempt_flag.exists()
-    names = [path.name for path in ckpt.list_checkpoints(run.checkpoints_dir)]
+    names = [path.name for path in CheckpointFolder(run.checkpoints_dir).steps()]
     assert names == [f"step-{step:06d}" for step in range(3, STEPS + 1, 3)]  # the stale PREEMPT stopped nothing
     _final_weights(run)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -419,7 +419,7 @@ def test_preemption_checkpoints_requeues_the_same_job_and_resumes_to_the_same_we
     assert f"requeueing job {job_id}" in log
     assert f"job {job_id} (restart 1)" in log
     assert "resumed from runs/preempted/checkpoints/step-" in log
-    steps = [int(path.name.split("-")[1]) for path in ckpt.list_checkpoints(run.checkpoints_dir)]
+    steps = [int(path.name.split("-")[1]) for path in CheckpointFolder(run.checkpoints_dir).steps()]
     assert any(step % 3 for step in steps), f"no checkpoint taken at the preemption: {steps}"
     straight, resumed = _final_weights(training_jobs["straight"]["run"]), _final_weights(run)
     assert straight.keys() == resumed.keys()

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jaguar.train import checkpoint as ckpt
+from jaguar.core.weights import load_weights, read_state
+from jaguar.run_checkpoints import CheckpointFolder, STATE_FILE, WEIGHTS_FILE, is_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny_cpu.py")
@@ -57,15 +58,30 @@ def _scalars(run_dir: Path) -> dict[str, list[float]]:
     return values
 
 
+# One process of a 2-process run of the tiny recipe: the run's metrics and this rank's parameter checksum.
+_IN_STEP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from jaguar.config import load_config
+    from jaguar.train.trainer import Trainer
+    out, recipe, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    trainer = Trainer(load_config(recipe, overrides))
+    metrics = trainer.train()
+    checksum = sum(float(p.detach().double().sum()) for p in trainer.accelerator.unwrap_model(trainer.model).parameters())
+    with open(f"{out}.{trainer.accelerator.process_index}.json", "w") as handle:
+        json.dump({"world_size": metrics["world_size"], "checksum": checksum}, handle)
+""")
+
+
 def test_two_process_ddp_trains_in_step(shards_dir, tmp_path):
-    run = tmp_path / "run"
-    result = _accelerate("cpu_2proc.yaml", TINY, *_small(shards_dir, run, "train.epochs=6", "train.eval_every=3"))
+    run, script, out = tmp_path / "run", tmp_path / "in_step.py", tmp_path / "rank"
+    script.write_text(_IN_STEP_SCRIPT)
+    result = _accelerate("cpu_2proc.yaml", str(script), str(out), TINY,
+                         *_small(shards_dir, run, "train.epochs=6", "train.eval_every=3"))
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["world_size"] == 2
-    # DDP keeps the replicas identical: every rank reports the same parameter checksum.
-    checksums = metrics["param_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    reports = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
+    assert reports[0]["world_size"] == 2
+    # DDP keeps the replicas identical: every rank ends with the same parameter checksum.
+    assert reports[0]["checksum"] == reports[1]["checksum"]
     assert (run / "config.yaml").is_file() and (run / "split.json").is_file()
     scalars = _scalars(run)
     for tag in ("train/loss", "train/loss_ce", "train/loss_triplet", "train/grad_norm", "train/images_per_sec",
@@ -74,9 +90,10 @@ def test_two_process_ddp_trains_in_step(shards_dir, tmp_path):
     assert any(tag.startswith("train/lr/") for tag in scalars)
     losses = scalars["train/loss"]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best"]["mAP_balanced"] > 0
-    assert ckpt.is_complete(run / "checkpoints" / "best")
-    assert ckpt.list_checkpoints(run / "checkpoints"), "no step checkpoint written"
+    assert is_complete(run / "checkpoints" / "best")
+    assert CheckpointFolder(run / "checkpoints").steps(), "no step checkpoint written"
 
 
 def test_deepspeed_zero2_bf16_runs_through_the_same_trainer_and_exports_the_fp32_masters(shards_dir, tmp_path):
@@ -91,8 +108,8 @@ def test_deepspeed_zero2_bf16_runs_through_the_same_trainer_and_exports_the_fp32
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["world_size"] == 2
     final = run / "checkpoints" / "step-000002"
-    assert ckpt.is_complete(final) and (final / ckpt.WEIGHTS_FILE).is_file()
-    exported = load_file(str(final / ckpt.WEIGHTS_FILE))
+    assert is_complete(final) and (final / WEIGHTS_FILE).is_file()
+    exported = load_file(str(final / WEIGHTS_FILE))
     # DeepSpeed's own resume state, read back by its own tool: the optimizer's fp32 master weights
     # (merged from both ZeRO partitions), and the module's bf16 copies; DeepSpeed holds the
     # TrainedModules, where the model's tensors are under "model.".
@@ -247,11 +264,11 @@ def test_kill_and_resume_is_bit_identical(shards_dir, tmp_path):
     process = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = killed / "checkpoints" / "step-000006"
     deadline = time.time() + 300
-    while not ckpt.is_complete(target) and process.poll() is None and time.time() < deadline:
+    while not is_complete(target) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not ckpt.is_complete(killed / "checkpoints" / "step-000024"), "run finished before it could be killed"
+    assert not is_complete(killed / "checkpoints" / "step-000024"), "run finished before it could be killed"
     # A half-written checkpoint left behind by the kill is never picked up.
     (killed / "checkpoints" / ".step-000099.partial").mkdir(exist_ok=True)
     (killed / "checkpoints" / "step-000098").mkdir(exist_ok=True)
@@ -259,8 +276,8 @@ def test_kill_and_resume_is_bit_identical(shards_dir, tmp_path):
     result = _jaguar(*[a if not a.startswith("run.dir=") else f"run.dir={killed}" for a in args])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
-    a = load_file(str(straight / "checkpoints" / "step-000024" / ckpt.WEIGHTS_FILE))
-    b = load_file(str(killed / "checkpoints" / "step-000024" / ckpt.WEIGHTS_FILE))
+    a = load_file(str(straight / "checkpoints" / "step-000024" / WEIGHTS_FILE))
+    b = load_file(str(killed / "checkpoints" / "step-000024" / WEIGHTS_FILE))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after kill -9 and resume"
@@ -271,7 +288,7 @@ def test_kill_and_resume_is_bit_identical(shards_dir, tmp_path):
 
     run = RunDir(straight)
     model = build_model(run.load_config(), run.load_metrics().num_classes)
-    ckpt.load_weights(model, straight / "checkpoints" / "step-000024")
+    load_weights(model, straight / "checkpoints" / "step-000024")
     assert set(a) == set(model.state_dict())
 
 
@@ -283,20 +300,20 @@ def test_preempt_file_checkpoints_and_exits(shards_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "preempted" in result.stderr
     assert not (run / "PREEMPT").exists()
-    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-000001"]
+    assert [p.name for p in CheckpointFolder(run / "checkpoints").steps()] == ["step-000001"]
     # The requeued job continues from there.
     result = _jaguar("train", TINY, *_small(shards_dir, run, "train.epochs=5", "train.eval_every=0",
                                             "train.max_steps=3"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
-    assert ckpt.read_state(ckpt.list_checkpoints(run / "checkpoints")[-1])["step"] == 3
+    assert read_state(CheckpointFolder(run / "checkpoints").steps()[-1])["step"] == 3
 
 
 def test_a_pickle_payload_in_a_handed_checkpoint_never_runs_and_resume_refuses_it(shards_dir, tmp_path):
     run = tmp_path / "run"
     result = _jaguar("train", TINY, *_small(shards_dir, run, "train.max_steps=1", "train.eval_every=0"))
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    checkpoint = CheckpointFolder(run / "checkpoints").steps()[-1]
     assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))  # jaguar's own state is not pickled objects
     marker = tmp_path / "payload-ran"
 
@@ -335,7 +352,7 @@ def test_a_checkpoint_of_the_model_alone_is_not_resumed(shards_dir, tmp_path):
     # saved before the centres were prepared with the model: its state has no "layout"
     old = tmp_path / "run" / "checkpoints" / "step-000001"
     old.mkdir(parents=True)
-    (old / ckpt.STATE_FILE).write_text(json.dumps({"step": 1, "steps_per_epoch": 1}))
+    (old / STATE_FILE).write_text(json.dumps({"step": 1, "steps_per_epoch": 1}))
     trainer = Trainer(load_config(TINY, _small(shards_dir, tmp_path / "run")))
     with pytest.raises(ConfigError, match=f"checkpoint {old} was saved by an earlier jaguar.*train.init_from={old}"):
         trainer.train()
@@ -345,13 +362,13 @@ def test_resume_ignores_incomplete_checkpoints(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     for name in ("step-000002", "step-000004"):
         (checkpoints / name).mkdir(parents=True)
-        (checkpoints / name / ckpt.STATE_FILE).write_text("{}")
+        (checkpoints / name / STATE_FILE).write_text("{}")
     (checkpoints / "step-000006").mkdir()  # killed before trainer_state.json was written
     (checkpoints / ".step-000008.partial").mkdir()
-    assert ckpt.find_resume_checkpoint(checkpoints, "auto") == checkpoints / "step-000004"
-    assert ckpt.find_resume_checkpoint(checkpoints, "none") is None
+    assert CheckpointFolder(checkpoints).resume_from("auto") == checkpoints / "step-000004"
+    assert CheckpointFolder(checkpoints).resume_from("none") is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        ckpt.find_resume_checkpoint(checkpoints, str(checkpoints / "step-000006"))
+        CheckpointFolder(checkpoints).resume_from(str(checkpoints / "step-000006"))
 
 
 _NAN_SCRIPT = textwrap.dedent("""
@@ -400,7 +417,7 @@ _NAN_SCRIPT = textwrap.dedent("""
     report["good_norm"] = step()
     report["moved"] = not same(after[0], state()[0])
     report["streak_after_good"] = trainer.guard.streak
-    report["checksums"] = trainer._param_checksums()
+    report["checksum"] = sum(float(p.detach().double().sum()) for p in trainer.accelerator.unwrap_model(trainer.model).parameters())
     model.head.weight.register_hook(lambda g: g * float("nan"))
     try:
         for _ in range(5):
@@ -426,7 +443,7 @@ def _check_nan_gradient_reports(out: Path, ranks: int, run: Path) -> None:
         assert report["stopped"] is not None and report["steps_skipped_at_stop"] == 4
         assert "already fp32" in report["stopped"] and "use train.precision=fp32" not in report["stopped"]
         assert "3 optimizer updates in a row" in report["stopped"]
-    checksums = reports[0]["checksums"]
+    checksums = [report["checksum"] for report in reports]
     assert len(checksums) == ranks and len(set(checksums)) == 1, "ranks took different decisions"
     assert _scalars(run)["train/skipped_steps"][:2] == [1.0, 2.0]
 

@@ -33,9 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from jaguar.retrieval.diagnose import diagnose_run, summary_lines
-    from jaguar.train.entry import setup_logging
 
-    setup_logging()
     run = RunDir(args.run_dir)
     with run.writer_lock("jaguar diagnose"):
         diagnosis = diagnose_run(run, args.split, args.checkpoint, progress=True, force=args.force)

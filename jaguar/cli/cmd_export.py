@@ -43,9 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jaguar.retrieval.export import describe, export_run
-    from jaguar.train.entry import setup_logging
 
-    setup_logging()
     run = RunDir(args.run_dir)
     with run.writer_lock("jaguar export"):  # its default output is RUN/export/
         result = export_run(run, args.output, args.int8, args.int8_mode, args.checkpoint,

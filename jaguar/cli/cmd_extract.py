@@ -68,9 +68,7 @@ def run_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 def _run(args: argparse.Namespace) -> int:
     from jaguar.retrieval.extract import extract_run
-    from jaguar.train.entry import setup_logging
 
-    setup_logging()
     run_dir, overrides = run_and_overrides(args)
     extract_run(RunDir(run_dir) if run_dir else None, args.split, args.config, overrides, args.checkpoint,
                 force=args.force, block_size=args.block_size, onnx_path=args.model)

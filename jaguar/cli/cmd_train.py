@@ -17,9 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from jaguar.config import load_config
-    from jaguar.train.entry import run_training, setup_logging
+    from jaguar.train.entry import run_training
 
-    setup_logging()  # as for a recipe run: accelerate's per-file checkpoint lines off
     return run_training(load_config(args.recipe, args.overrides))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import shlex
 import signal
@@ -21,6 +20,7 @@ import traceback
 
 from jaguar import __version__
 from jaguar.errors import Interrupted, JaguarError
+from jaguar.logs import configure_logging
 from jaguar.folders import check_folder_arguments
 
 # In pipeline order, as --help lists them. Each module defines `register(subparsers)`, which adds
@@ -112,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parse_args(parser, argv)
-    # jaguar's own INFO lines; other libraries' only from WARNING up (their INFO chatter, e.g.
-    # tensorboard's "No path found", is not the user's business), everything with --verbose
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("jaguar").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(args.verbose)  # the one logging set-up: rank-aware (jaguar.logs)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

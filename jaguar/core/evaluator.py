@@ -72,7 +72,7 @@ class RetrievalMetrics:
     num_queries: int  # queries with a true match: the ones averaged
     num_skipped: int  # queries without one
     camera_removed: int  # true matches ignored by the same-camera rule (0 without camera ids)
-    # Set by `evaluate_ranked` when the lists were re-ordered (e.g. re-ranked) within each query's
+    # Set by `RankedEvaluator.evaluate` when the lists were re-ordered (e.g. re-ranked) within each query's
     # top M: the figures are over those lists, the items beyond M in their base score order.
     reordered_top_m: Optional[int] = None
 
@@ -266,7 +266,7 @@ def _figures(query_ids: ArrayLike, ranks: ArrayLike, q_label: ArrayLike,
              reordered_top_m: Optional[int], message: str) -> RetrievalMetrics:
     """The evaluator's figures from the 1-based ranks of every true match (query_ids[i] holds
     ranks[i]; int64 arrays or CPU tensors): the one place AP, INP, CMC and their averages are
-    computed, for a full ranking (`evaluate`) and for ranked lists (`evaluate_ranked`) alike."""
+    computed, for a full ranking (`evaluate`) and for ranked lists (`RankedEvaluator.evaluate`) alike."""
     query_ids, ranks, q_label = (_array(v).astype(np.int64, copy=False) for v in (query_ids, ranks, q_label))
     n_query = q_label.size
     # By (query, rank): by rank, then stably by query (ranks may be as large as 2^53, see

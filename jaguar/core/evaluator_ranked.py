@@ -294,13 +294,3 @@ class RankedEvaluator:
         keep[affected] = False
         return (torch.cat([self.beyond_query[keep], rows[match_r]]),
                 torch.cat([self.beyond_rank[keep], width + above + place]))
-
-
-def evaluate_ranked(ranked: ArrayLike, query_features: ArrayLike, query_labels: ArrayLike,
-                    gallery_features: Optional[ArrayLike] = None, gallery_labels: Optional[ArrayLike] = None, *,
-                    reordered: bool = False, chunk: int = 1024) -> RetrievalMetrics:
-    """`RankedEvaluator(ranked, ...).evaluate(ranked, reordered)`: the figures of one set of
-    top-M lists, equal to `evaluate(query_features @ gallery_features.T, ..., kind="similarity")`
-    (1e-9) when the lists hold the top M by that score in that order."""
-    evaluator = RankedEvaluator(ranked, query_features, query_labels, gallery_features, gallery_labels, chunk=chunk)
-    return evaluator.evaluate(ranked, reordered)

@@ -32,7 +32,6 @@ from jaguar.errors import JaguarError
 HASH_SIZES = (8, 16)
 PHASH_MAX_DISTANCES = (10, 48)  # bits, for HASH_SIZES
 EMBEDDING_MIN_COSINE = 0.99
-METHODS = ("phash", "embedding")
 _BLOCK = 2048  # rows compared at once: memory O(block x N), never N x N
 
 

@@ -27,12 +27,6 @@ def load_manifest(shards_dir: str | Path) -> Manifest:
     return Manifest.load(shards_dir)
 
 
-def verify_shards(shards_dir: str | Path) -> list[str]:
-    """Check every shard's presence, size and sha256 and each split's index; returns the problems
-    found (empty = ok), each naming its file."""
-    return load_manifest(shards_dir).verify(shards_dir)
-
-
 def _shard_path_as_is(url: str) -> str:
     # wids copies shards to a cache dir by default; local shards are opened in place (no copy, no stale cache)
     return url
@@ -181,8 +175,3 @@ class ShardSplit:
         shard = self._shard_urls[min(int(np.searchsorted(self._shard_ends, i, side="right")), len(self._shard_urls) - 1)]
         return decode_rgba(sample, f"sample {i} ({meta['filename']}) of {self.split!r} in shard "
                                    f"{self.shards_dir / shard}", 1 if reduction is None else reduction(meta)), meta
-
-    def label_counts(self) -> dict[int, int]:
-        """Images per label (unknown = -1), e.g. for a PK sampler."""
-        values, counts = np.unique(self.labels, return_counts=True)
-        return {int(v): int(c) for v, c in zip(values, counts)}

@@ -343,3 +343,18 @@ def extract_run(run: Optional[RunDir], split_name: str, recipe: str | Path | Non
     with run.writer_lock("jaguar extract"):  # the launcher's rank 0 holds it for every process
         return extract_split(run, split_name, cfg, weights, force=force, block_size=block_size,
                              onnx_model=onnx_model)
+
+
+def require_features(run: RunDir, split_name: str, needed_by: str,
+                     onnx_path: str | Path | None = None) -> FeatureSet:
+    """The run's `split_name` features for the stage `needed_by` (e.g. "jaguar calibrate"). When they
+    are missing they are extracted first, through the same entry point as `jaguar extract RUN --split
+    SPLIT` (resolve_extraction, extract_split; the caller holds the run's writer lock), and a warning
+    names that command, so the stage never extracts unannounced."""
+    if not run.has_features(split_name):
+        command = f"jaguar extract {run.path} --split {split_name}" + (f" --model {onnx_path}" if onnx_path else "")
+        log.warning("%s needs %s, which does not exist yet: running `%s` first", needed_by,
+                    run.features_path(split_name), command)
+        run, cfg, weights, onnx_model = resolve_extraction(run, onnx_path=onnx_path)
+        extract_split(run, split_name, cfg, weights, onnx_model=onnx_model)
+    return run.load_features(split_name)

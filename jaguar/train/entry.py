@@ -4,32 +4,13 @@ and `jaguar train RECIPE_OR_YAML k=v`; both end in the same trainer."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 from jaguar.config import Config, load_config
 from jaguar.errors import JaguarError
-
-
-def _launch_rank() -> int:
-    """This process's rank as the launcher (torchrun, accelerate, srun via torchrun) set it; 0 alone."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
-def setup_logging() -> None:
-    """jaguar's INFO lines on the launcher's rank 0 only; other libraries' from WARNING up (as the
-    CLI sets it; this also serves a recipe run as a script)."""
-    rank = _launch_rank()
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    own = logging.getLogger("jaguar")
-    if rank != 0:
-        own.setLevel(logging.WARNING)
-    elif own.level == logging.NOTSET:
-        own.setLevel(logging.INFO)
-    # accelerate logs every file of every checkpoint at INFO; its warnings still show.
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
+from jaguar.lock import launch_rank
+from jaguar.logs import configure_logging
 
 
 def run_training(cfg: Config) -> int:
@@ -55,11 +36,11 @@ def run_training(cfg: Config) -> int:
         kept = f"the checkpoint of step {result['step']}, {saved}"
         if result.get("signal") == signal.SIGTERM:
             raise Interrupted(signal.SIGTERM, kept=kept)
-        if _launch_rank() == 0:
+        if launch_rank() == 0:
             log.warning("preempted at step %d: kept %s; the same command resumes from it "
                         "(train.resume=auto)", result["step"], kept)
         return 0
-    if _launch_rank() == 0:
+    if launch_rank() == 0:
         log.info("training finished in %s; next: `jaguar extract %s --split val` and `--split test`, "
                  "`jaguar tune-post %s`, `jaguar report %s`", run, run, run, run)
     return 0
@@ -67,7 +48,7 @@ def run_training(cfg: Config) -> int:
 
 def run_recipe(recipe_file: str, argv: list[str] | None = None) -> None:
     """`python recipes/x.py key=value ...` / `accelerate launch recipes/x.py key=value ...`."""
-    setup_logging()
+    configure_logging()  # a recipe run as a script (under the CLI, already done)
     args = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in args):
         print(f"usage: accelerate launch {recipe_file} [key=value ...]\n"
@@ -80,7 +61,7 @@ def run_recipe(recipe_file: str, argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt as err:  # as `jaguar train` reports it (jaguar.cli.main), without its parser
         signum = getattr(err, "signum", 2)
-        if _launch_rank() == 0:
+        if launch_rank() == 0:
             kept = getattr(err, "kept", None) or "the checkpoints already saved in the run folder"
             print(f"{recipe_file}: interrupted by signal {signum}; kept: {kept}; resume with the same "
                   f"command (train.resume=auto)", file=sys.stderr)

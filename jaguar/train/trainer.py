@@ -375,20 +375,10 @@ class Trainer:
                              self._trainer_state(), self.cfg.train.keep_last, TrainedModules.MODEL_PREFIX,
                              self.extra_state)
 
-    def _param_checksums(self) -> list[float]:
-        """A checksum of this rank's trained parameters (the model's and the centres'), gathered from
-        every rank: equal when ranks are in step."""
-        local = sum(float(p.detach().double().sum()) for p in self.accelerator.unwrap_model(self.model).parameters())
-        if self.accelerator.num_processes == 1:
-            return [local]
-        gathered = [None] * self.accelerator.num_processes
-        torch.distributed.all_gather_object(gathered, local)
-        return gathered
-
     def _write_metrics(self) -> dict:
         metrics = {"best": self.best, "history": self.history, "steps": self.step,
                    "skipped_steps": self.guard.skipped, "num_classes": self.num_classes,
-                   "world_size": self.accelerator.num_processes, "param_checksums": self._param_checksums()}
+                   "world_size": self.accelerator.num_processes}
         if self.accelerator.is_main_process:
             self.run.save_metrics(TrainingMetrics(**metrics))
         self.tb.close()

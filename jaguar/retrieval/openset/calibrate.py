@@ -167,19 +167,17 @@ def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequ
 
 def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS) -> OpenSetCalibration:
     """`jaguar calibrate`: calibrate on the run's training and validation features (each extracted
-    with the run's checkpoint when missing) and the near-duplicate groups of its split; saves and
-    returns the calibration."""
+    first when missing, announced: extract.require_features) and the near-duplicate groups of its
+    split; saves and returns the calibration."""
     from jaguar.retrieval.openset.gallery import require_trained_run
+
+    from jaguar.retrieval.extract import require_features
 
     require_trained_run(run)
     cfg = run.load_config()
-    if not run.has_features("val"):
-        from jaguar.retrieval.extract import extract_split
-
-        # first: a zero-shot run records its split here, so the training features leave these images out
-        extract_split(run, "val", cfg, run.extraction_weights())
-    val = run.load_features("val")
-    train = training_features(run)
+    # val first: a zero-shot run records its split here, so the training features leave these images out
+    val = require_features(run, "val", "jaguar calibrate")
+    train = training_features(run, needed_by="jaguar calibrate")
     groups = run.load_split().groups if run.split_path.is_file() else []
     calibration = calibrate_features(train, val, groups, folds, cfg.run.seed)
     run.save_calibration(calibration)

@@ -48,14 +48,14 @@ def individual_rows(train_labels: Sequence[int], train_label_names: dict[int, st
 def gallery_listing(run: RunDir) -> list[tuple[str, int, str]]:
     """`jaguar gallery`: (individual, images, "training" or "enrolled") for each individual, in
     gallery order. Reads the labels of the run's feature files (extracting the training features
-    first when the run has none, as `jaguar identify` does)."""
+    first when the run has none, announced, as `jaguar identify` does)."""
     from jaguar.core.features import load_identities
 
     require_trained_run(run)
     if not run.has_features("train"):
-        from jaguar.retrieval.openset.identify import training_features
+        from jaguar.retrieval.extract import require_features
 
-        training_features(run)
+        require_features(run, "train", "jaguar gallery")
     train = load_identities(run.features_path("train"), f"run `jaguar extract {run.path} --split train --force`")
     enrolled = (load_identities(run.enrolled_path, "restore it, or remove it and enrol again")
                 if run.has_enrolled() else (None, None))

@@ -89,16 +89,13 @@ def gallery_from_features(train: FeatureSet, enrolled: Optional[FeatureSet] = No
                    enrolled_names, str(train.meta.get("source", "")))
 
 
-def training_features(run: RunDir, onnx_path: str | Path | None = None) -> FeatureSet:
-    """The run's training-image features, extracted when missing with the run's checkpoint (or the
-    exported model `onnx_path`)."""
-    if not run.has_features("train"):
-        from jaguar.retrieval.extract import extract_split, resolve_extraction
+def training_features(run: RunDir, onnx_path: str | Path | None = None, needed_by: str = "jaguar identify"
+                      ) -> FeatureSet:
+    """The run's training-image features (the gallery), extracted first when missing with the run's
+    checkpoint (or the exported model `onnx_path`), announced (extract.require_features)."""
+    from jaguar.retrieval.extract import require_features
 
-        log.info("no %s yet: extracting the training images (the gallery)", run.features_path("train"))
-        run, cfg, weights, onnx_model = resolve_extraction(run, onnx_path=onnx_path)
-        extract_split(run, "train", cfg, weights, onnx_model=onnx_model)
-    return run.load_features("train")
+    return require_features(run, "train", needed_by, onnx_path)
 
 
 def load_gallery(run: RunDir, onnx_path: str | Path | None = None) -> Gallery:
