@@ -101,7 +101,7 @@ def main() -> None:
     scores = [best[str(p)][1] for p in queries]
     right = [best[str(p)][0] == truth[str(p)] and truth[str(p)] in known for p in queries]
     is_known = [truth[str(p)] in known for p in queries]
-    figures = open_set_figures(scores, right, is_known, calibration.threshold)
+    figures = open_set_figures(scores, right, is_known, calibration.figures.threshold)
     print(f"held-out photos: {figures.num_known} of known identities, {figures.num_unknown} of unseen ones")
     print(f"known rank-1 {figures.known_rank1:.3f}; at the calibrated threshold {figures.threshold:.4f}: known "
           f"accuracy {figures.known_accuracy:.3f}, unknown accuracy {figures.unknown_accuracy:.3f}, balanced "

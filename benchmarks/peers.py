@@ -108,7 +108,7 @@ def worker(tool: str, task: str, size: int, queries: int, peers: Path) -> dict:
     # jaguar's modules imported before the clock starts, as the peers' are
     from jaguar.retrieval.openset.identify import Gallery, rank_individuals
     from jaguar.core.evaluator import evaluate, evaluate_embeddings
-    from jaguar.run import OpenSetCalibration
+    from jaguar.run import OpenSetCalibration, OpenSetFigures
     if task == "evaluation":
         x, labels = features(size, seed=size)
         distance = None
@@ -138,7 +138,8 @@ def worker(tool: str, task: str, size: int, queries: int, peers: Path) -> dict:
         if tool == "jaguar":
             names = [str(i) for i in range(int(gallery_labels.max()) + 1)]
             gallery = Gallery(torch.from_numpy(gallery_x), torch.from_numpy(gallery_labels), names, [""] * size)
-            calibration = OpenSetCalibration(0.5, "max", 1.0, 1.0, 1.0, 1.0, 1.0, 1, 1, 2, [1.0, 1.0], {}, {}, "")
+            calibration = OpenSetCalibration(OpenSetFigures(0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1, 1), "max", 2, [1.0, 1.0],
+                                             {}, {}, "")
             ranked = rank_individuals(torch.from_numpy(query_x), gallery, calibration, top_k=1)
             top1 = [int(candidates[0][0]) for candidates, _ in ranked]
         else:

@@ -44,6 +44,7 @@ the command that writes it; a malformed one is a `RunDirError` naming the file a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -52,10 +53,10 @@ from jaguar.config import Config, load_config, save_config
 from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
 from jaguar.lock import NoLock, WriterLock, launch_rank
-# The records are importable from here too: callers take a RunDir and the types it returns together.
 from jaguar.run_checkpoints import CheckpointFolder
-from jaguar.run_records import (Diagnosis, EnsembleRecord, OpenSetCalibration, PostResult, RunDirError, Score,
-                                ScoreTable, SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
+# The records are importable from here too: callers take a RunDir and the types it returns together.
+from jaguar.run_records import (Diagnosis, EnsembleRecord, OpenSetCalibration, OpenSetFigures, PostResult, RunDirError,
+                                Score, ScoreTable, SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
 
 if TYPE_CHECKING:  # torch-backed: imported where features are read, so `jaguar --help` stays light
     from jaguar.core.features import FeatureSet
@@ -358,6 +359,10 @@ class RunDir:
 
     def load_calibration(self) -> OpenSetCalibration:
         raw = self._read_json(self.calibration_path, f"run `jaguar calibrate {self.path}`")
+        if isinstance(raw, dict) and "figures" not in raw and "threshold" in raw:
+            # written before 2026-12-08, the figures at the threshold spelled out flat beside the rest
+            names = [f.name for f in dataclasses.fields(OpenSetFigures)]
+            raw = {"figures": {name: raw.pop(name) for name in names if name in raw}, **raw}
         return build_record(OpenSetCalibration, raw, str(self.calibration_path))
 
     def save_calibration(self, calibration: OpenSetCalibration) -> None:

@@ -129,18 +129,18 @@ class EnsembleRecord:
 DEFAULT_CALIBRATION_FOLDS = 5  # identity hold-out folds of `jaguar calibrate` (OpenSetCalibration.folds)
 
 
-@dataclass
-class OpenSetCalibration:
-    """The open-set calibration (RunDir.load_calibration): the new-individual decision chosen on validation (`jaguar calibrate`).
+@dataclass(frozen=True)
+class OpenSetFigures:
+    """Open-set identification at one threshold (AnimalCLEF 2025): each query is decided "known"
+    (its best individual's score >= threshold, then named as that individual) or "new individual".
 
-    A photo is "known" when its best individual's score (`aggregate` of its image similarities to
-    that individual's gallery images: "max" or "mean_top<n>") is >= `threshold`. The figures are
-    pooled over `folds` hold-outs of whole identities (group-aware) from the training gallery,
-    validation images as queries; `fold_balanced` is each fold's balanced accuracy (its spread is
-    the uncertainty); `curve` holds the sweep ({"threshold", "known_accuracy", "unknown_accuracy",
-    "balanced_accuracy"} lists) and `aggregates` the figures of every aggregate tried."""
+    known_accuracy: share of queries of gallery individuals that are decided known AND named right
+    (BAKS); unknown_accuracy: share of queries of individuals absent from the gallery decided new
+    (BAUS); balanced_accuracy: their mean; geometric_mean: sqrt(known * unknown), the AnimalCLEF
+    headline; known_rank1: share of known queries whose best individual is right, whatever the
+    threshold. NaN where a side has no queries."""
+
     threshold: float
-    aggregate: str
     known_accuracy: float
     unknown_accuracy: float
     balanced_accuracy: float
@@ -148,6 +148,20 @@ class OpenSetCalibration:
     known_rank1: float
     num_known: int
     num_unknown: int
+
+
+@dataclass
+class OpenSetCalibration:
+    """The open-set calibration (RunDir.load_calibration): the new-individual decision chosen on validation (`jaguar calibrate`).
+
+    A photo is "known" when its best individual's score (`aggregate` of its image similarities to
+    that individual's gallery images: "max" or "mean_top<n>") is >= `figures.threshold`. The figures are
+    pooled over `folds` hold-outs of whole identities (group-aware) from the training gallery,
+    validation images as queries; `fold_balanced` is each fold's balanced accuracy (its spread is
+    the uncertainty); `curve` holds the sweep ({"threshold", "known_accuracy", "unknown_accuracy",
+    "balanced_accuracy"} lists) and `aggregates` the figures of every aggregate tried."""
+    figures: OpenSetFigures  # at the chosen threshold, pooled over the folds
+    aggregate: str
     folds: int
     fold_balanced: list[float]
     curve: dict[str, list[float]]

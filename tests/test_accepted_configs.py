@@ -306,7 +306,7 @@ def test_zero_shot_run_is_a_run_for_every_stage(shards_dir, synth_dir, pretraine
 def test_calibration_refuses_queries_that_are_in_the_gallery_and_never_writes_nan(tmp_path):
     from jaguar.retrieval.openset.calibrate import CalibrationError, calibrate_features
     from jaguar.core.features import FeatureSet
-    from jaguar.run import OpenSetCalibration, RunDir
+    from jaguar.run import OpenSetCalibration, OpenSetFigures, RunDir
 
     generator = torch.Generator().manual_seed(0)
     names = [f"img{i}.png" for i in range(12)]
@@ -323,9 +323,11 @@ def test_calibration_refuses_queries_that_are_in_the_gallery_and_never_writes_na
 
 
 def _calibration_fields() -> dict:
-    return dict(threshold=0.5, aggregate="max", known_accuracy=1.0, unknown_accuracy=1.0, balanced_accuracy=1.0,
-                geometric_mean=1.0, known_rank1=1.0, num_known=1, num_unknown=1, folds=2, fold_balanced=[1.0],
-                curve={}, aggregates={}, held_out_groups="", features="")
+    from jaguar.run import OpenSetFigures
+
+    return dict(figures=OpenSetFigures(threshold=0.5, known_accuracy=1.0, unknown_accuracy=1.0, balanced_accuracy=1.0,
+                                       geometric_mean=1.0, known_rank1=1.0, num_known=1, num_unknown=1),
+                aggregate="max", folds=2, fold_balanced=[1.0], curve={}, aggregates={}, held_out_groups="", features="")
 
 
 def test_a_trained_run_needs_no_pretrained_file_and_takes_search_overrides_only(shards_dir, pretrained_file, tmp_path):

@@ -121,7 +121,7 @@ def test_gallery_listing_does_not_import_torch(tmp_path):
 
 def _train_until_checkpoint(shards_dir: Path, run: Path) -> tuple[subprocess.Popen, list[str]]:
     """A `jaguar train` with many epochs, once its first complete checkpoint is on disk."""
-    from jaguar.train.checkpoint import list_checkpoints
+    from jaguar.run_checkpoints import CheckpointFolder
 
     argv = ["train", TINY, f"data.shards={shards_dir}", f"run.dir={run}", "model.img_size=[48,48]",
             "data.p_identities=2", "data.k_images=4", "data.val_fraction=0.2", "data.num_workers=0",
@@ -129,7 +129,7 @@ def _train_until_checkpoint(shards_dir: Path, run: Path) -> tuple[subprocess.Pop
     process = subprocess.Popen([sys.executable, "-m", "jaguar", *argv], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
     deadline = time.monotonic() + 300
-    while not list_checkpoints(run / "checkpoints"):
+    while not CheckpointFolder(run / "checkpoints").steps():
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.2)

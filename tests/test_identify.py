@@ -16,7 +16,7 @@ from jaguar.core.features import FeatureSet
 from jaguar.retrieval.openset.identify import (Gallery, IdentifyError, check_individual_name, gallery_from_features,
                                        individual_scores, rank_individuals)
 from jaguar.core.evaluator import MetricsError, open_set_figures, open_set_sweep
-from jaguar.run import OpenSetCalibration, RunDir, RunDirError
+from jaguar.run import OpenSetCalibration, OpenSetFigures, RunDir, RunDirError
 
 DIM = 16
 
@@ -38,7 +38,8 @@ def _features(rows: list[tuple[str, str, torch.Tensor]], meta: dict | None = Non
 
 
 def _calibration(threshold: float, aggregate: str = "max") -> OpenSetCalibration:
-    return OpenSetCalibration(threshold, aggregate, 1.0, 1.0, 1.0, 1.0, 1.0, 1, 1, 2, [1.0, 1.0], {}, {}, "test")
+    return OpenSetCalibration(OpenSetFigures(threshold, 1.0, 1.0, 1.0, 1.0, 1.0, 1, 1), aggregate, 2, [1.0, 1.0], {},
+                              {}, "test")
 
 
 # ---------------------------------------------------------------- per-individual scores
@@ -151,12 +152,12 @@ def test_calibration_separates_known_and_unseen_perfectly_when_the_features_do()
     train, val = _four_identities(with_confused=False)
     calibration = calibrate_features(train, val, folds=4, seed=0)
     assert calibration.folds == 4
-    assert (calibration.num_known, calibration.num_unknown) == (24, 8)  # 8 queries x 4 folds, 1 of 4 held out
-    assert calibration.known_accuracy == 1.0 and calibration.unknown_accuracy == 1.0
-    assert calibration.balanced_accuracy == 1.0 and calibration.geometric_mean == 1.0
-    assert calibration.known_rank1 == 1.0
+    assert (calibration.figures.num_known, calibration.figures.num_unknown) == (24, 8)  # 8 queries x 4 folds, 1 of 4 held out
+    assert calibration.figures.known_accuracy == 1.0 and calibration.figures.unknown_accuracy == 1.0
+    assert calibration.figures.balanced_accuracy == 1.0 and calibration.figures.geometric_mean == 1.0
+    assert calibration.figures.known_rank1 == 1.0
     # the threshold sits in the gap between the unknown queries' best scores (0) and the known ones' (> 0.99)
-    assert 0.0 < calibration.threshold < 0.99
+    assert 0.0 < calibration.figures.threshold < 0.99
     assert calibration.aggregate == "max"  # every aggregate is perfect: the first is kept
     assert calibration.fold_balanced == [1.0] * 4
     assert set(calibration.curve) == {"threshold", "known_accuracy", "unknown_accuracy", "balanced_accuracy"}
@@ -170,13 +171,13 @@ def test_calibration_figures_with_one_confusing_image_are_exact():
     7 of 8 unknown right, the threshold halfway between 0 and A's 0.1099."""
     train, val = _four_identities(with_confused=True)
     calibration = calibrate_features(train, val, folds=4, seed=0, aggregates=("max",))
-    assert calibration.known_accuracy == 22 / 24
-    assert calibration.unknown_accuracy == 7 / 8
-    assert calibration.balanced_accuracy == pytest.approx(43 / 48, abs=1e-12)
-    assert calibration.geometric_mean == pytest.approx(math.sqrt(22 / 24 * 7 / 8), abs=1e-12)
-    assert calibration.known_rank1 == 22 / 24
+    assert calibration.figures.known_accuracy == 22 / 24
+    assert calibration.figures.unknown_accuracy == 7 / 8
+    assert calibration.figures.balanced_accuracy == pytest.approx(43 / 48, abs=1e-12)
+    assert calibration.figures.geometric_mean == pytest.approx(math.sqrt(22 / 24 * 7 / 8), abs=1e-12)
+    assert calibration.figures.known_rank1 == 22 / 24
     score_a = float(_unit((1, 0.9), (0, 0.1)) @ _unit((0, 1.0), (4, 0.1)))
-    assert calibration.threshold == pytest.approx(score_a / 2, abs=1e-6)
+    assert calibration.figures.threshold == pytest.approx(score_a / 2, abs=1e-6)
     assert sorted(calibration.fold_balanced) == pytest.approx(sorted([0.5 * (6 / 6 + 1), 0.5 * (5 / 6 + 1),
                                                                        0.5 * (5 / 6 + 1), 0.5 * (6 / 6 + 1 / 2)]))
 
@@ -188,7 +189,7 @@ def test_a_calibration_that_cannot_tell_known_from_new_says_so():
     train, val = _four_identities(with_confused=False)
     val.embeddings[:] = val.embeddings[0]
     collapsed = calibrate_features(train, val, folds=4, seed=0)
-    assert (collapsed.known_accuracy, collapsed.unknown_accuracy, collapsed.balanced_accuracy) == (0.0, 1.0, 0.5)
+    assert (collapsed.figures.known_accuracy, collapsed.figures.unknown_accuracy, collapsed.figures.balanced_accuracy) == (0.0, 1.0, 0.5)
     assert "every validation photo 'new individual'" in uninformative(collapsed)
     assert uninformative(collapsed) in describe(collapsed)
     # A calibration that separates them carries no warning.
@@ -314,3 +315,17 @@ def test_calibrate_run_holds_out_identities_joined_by_the_splits_groups(tmp_path
     calibration = calibrate_run(run, folds=5)
     assert calibration.folds == 3 and "3 blocks of identities, 1 joined" in calibration.held_out_groups
     assert run.load_calibration() == calibration
+
+
+def test_a_calibration_written_flat_before_the_figures_record_still_loads(tmp_path):
+    """calibration.json of runs calibrated before OpenSetCalibration held an OpenSetFigures record:
+    the figures at the threshold spelled out beside the rest."""
+    import json
+
+    run = RunDir(tmp_path)
+    run.save_calibration(_calibration(0.42))
+    nested = json.loads(run.calibration_path.read_text())
+    flat = {**{k: v for k, v in nested.items() if k != "figures"}, **nested["figures"]}
+    run.calibration_path.write_text(json.dumps(flat))
+    assert run.load_calibration() == _calibration(0.42)
+

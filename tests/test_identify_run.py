@@ -66,10 +66,10 @@ def test_calibrate_identify_and_the_review_page(field, tmp_path, capsys):
     run, root = field["run"], field["root"]
     assert main(["calibrate", str(run.path), "--folds", "3"]) == 0
     calibration = run.load_calibration()
-    assert calibration.folds == 3 and calibration.num_known > 0 and calibration.num_unknown > 0
-    for value in (calibration.known_accuracy, calibration.unknown_accuracy, calibration.balanced_accuracy):
+    assert calibration.folds == 3 and calibration.figures.num_known > 0 and calibration.figures.num_unknown > 0
+    for value in (calibration.figures.known_accuracy, calibration.figures.unknown_accuracy, calibration.figures.balanced_accuracy):
         assert 0.0 <= value <= 1.0
-    assert calibration.balanced_accuracy >= 0.5  # deciding everything "new" scores 0.5: the sweep includes it
+    assert calibration.figures.balanced_accuracy >= 0.5  # deciding everything "new" scores 0.5: the sweep includes it
     assert "balanced accuracy" in capsys.readouterr().out
 
     bad = tmp_path / "broken.jpg"
@@ -96,9 +96,9 @@ def test_calibrate_identify_and_the_review_page(field, tmp_path, capsys):
         assert scores == sorted(scores, reverse=True)
         decision = candidates[0]["decision"]
         assert {r["decision"] for r in candidates} == {decision}
-        if scores[0] >= calibration.threshold + 1e-6:
+        if scores[0] >= calibration.figures.threshold + 1e-6:
             assert decision == f"known: {candidates[0]['individual']}"
-        elif scores[0] < calibration.threshold - 1e-6:
+        elif scores[0] < calibration.figures.threshold - 1e-6:
             assert decision == "new individual"
     assert not {r["individual"] for r in rows} & set(UNSEEN)  # unseen identities are nobody's candidates
 

@@ -19,7 +19,7 @@ from jaguar.core.features import FeatureSet
 from jaguar.config import PostConfig
 from jaguar.retrieval.score import labelled_test_features, stage_table_on
 from jaguar.retrieval.submission import submit_run
-from jaguar.run import OpenSetCalibration, PostResult, RunDir, StageRow, TrainingMetrics
+from jaguar.run import OpenSetCalibration, OpenSetFigures, PostResult, RunDir, StageRow, TrainingMetrics
 
 
 class _Images(HTMLParser):
@@ -102,7 +102,7 @@ def full_run(tmp_path_factory, tiny_shards) -> Path:
                                   StageRow("blend (chosen)", qe, 0.5, rank1=0.85)],
                              val_size=len(names), searched=True))
     run.save_calibration(OpenSetCalibration(
-        0.61, "max", 0.8, 0.7, 0.75, 0.7483, 0.9, 40, 10, 2, [0.7, 0.8], {
+        OpenSetFigures(0.61, 0.8, 0.7, 0.75, 0.7483, 0.9, 40, 10), "max", 2, [0.7, 0.8], {
             "threshold": [0.5, 0.61, 0.7], "known_accuracy": [0.9, 0.8, 0.5], "unknown_accuracy": [0.4, 0.7, 0.8],
             "balanced_accuracy": [0.65, 0.75, 0.65]}, {"max": {"threshold": 0.61, "balanced_accuracy": 0.75}},
         "whole identities"))

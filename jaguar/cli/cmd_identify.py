@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result.photo}: {result.decision} (best {result.candidates[0][0]} {result.candidates[0][1]:.4f})")
     new = sum(not r.known for r in found.results)
     print(f"{len(found.results)} photo(s): {len(found.results) - new} known, {new} new individual(s); "
-          f"threshold {found.calibration.threshold:.4f}; wrote {output} and {page}")
+          f"threshold {found.calibration.figures.threshold:.4f}; wrote {output} and {page}")
     warning = uninformative(found.calibration)
     if warning:
         print(f"jaguar identify: {warning} (from `jaguar calibrate`)", file=sys.stderr)

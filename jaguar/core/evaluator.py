@@ -44,6 +44,7 @@ import numpy as np
 
 from jaguar.errors import JaguarError
 from jaguar.core.ranks import match_ranks
+from jaguar.run_records import OpenSetFigures  # the record calibration.json holds; computed here
 
 ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]  # torch is imported only where tensors are made
 KINDS = ("similarity", "distance")
@@ -339,27 +340,6 @@ def chance_map_balanced(labels: ArrayLike, candidates: Optional[ArrayLike] = Non
     sums = torch.zeros(len(identities), dtype=torch.float64).index_add_(0, inverse, expected)
     counts = torch.bincount(inverse, minlength=len(identities)).double()
     return float((sums / counts).mean())
-
-
-@dataclass(frozen=True)
-class OpenSetFigures:
-    """Open-set identification at one threshold (AnimalCLEF 2025): each query is decided "known"
-    (its best individual's score >= threshold, then named as that individual) or "new individual".
-
-    known_accuracy: share of queries of gallery individuals that are decided known AND named right
-    (BAKS); unknown_accuracy: share of queries of individuals absent from the gallery decided new
-    (BAUS); balanced_accuracy: their mean; geometric_mean: sqrt(known * unknown), the AnimalCLEF
-    headline; known_rank1: share of known queries whose best individual is right, whatever the
-    threshold. NaN where a side has no queries."""
-
-    threshold: float
-    known_accuracy: float
-    unknown_accuracy: float
-    balanced_accuracy: float
-    geometric_mean: float
-    known_rank1: float
-    num_known: int
-    num_unknown: int
 
 
 def open_set_figures(best_score: ArrayLike, best_is_right: ArrayLike, is_known: ArrayLike,

@@ -28,12 +28,12 @@ def open_set_section(run: RunDir, figure: Callable[[str], Path], img: Callable[[
     except (JaguarError, OSError) as err:
         return "\n".join(parts + [f'<div class="missing">{html.escape(str(err))}</div>'])
     spread = float(np.std(calibration.fold_balanced)) if calibration.fold_balanced else float("nan")
-    rows = [("threshold", f"{calibration.threshold:.4f} on the {calibration.aggregate} score"),
-            ("known accuracy", f"{calibration.known_accuracy:.4f} ({calibration.num_known} known queries)"),
-            ("unknown accuracy", f"{calibration.unknown_accuracy:.4f} ({calibration.num_unknown} unknown queries)"),
-            ("balanced accuracy", f"{calibration.balanced_accuracy:.4f} (+- {spread:.4f} over {calibration.folds} folds)"),
-            ("geometric mean (AnimalCLEF)", f"{calibration.geometric_mean:.4f}"),
-            ("known rank-1", f"{calibration.known_rank1:.4f}"),
+    rows = [("threshold", f"{calibration.figures.threshold:.4f} on the {calibration.aggregate} score"),
+            ("known accuracy", f"{calibration.figures.known_accuracy:.4f} ({calibration.figures.num_known} known queries)"),
+            ("unknown accuracy", f"{calibration.figures.unknown_accuracy:.4f} ({calibration.figures.num_unknown} unknown queries)"),
+            ("balanced accuracy", f"{calibration.figures.balanced_accuracy:.4f} (+- {spread:.4f} over {calibration.folds} folds)"),
+            ("geometric mean (AnimalCLEF)", f"{calibration.figures.geometric_mean:.4f}"),
+            ("known rank-1", f"{calibration.figures.known_rank1:.4f}"),
             ("hold-outs", calibration.held_out_groups)]
     parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
                  + "</table>")
@@ -48,7 +48,7 @@ def open_set_section(run: RunDir, figure: Callable[[str], Path], img: Callable[[
                  "accuracy is kept):</p><table><tr><th>aggregate</th><th>threshold</th><th>balanced accuracy</th>"
                  f"<th>geometric mean</th><th>known rank-1</th></tr>{aggregates}</table>")
     if calibration.curve.get("threshold"):
-        path = plots.plot_open_set_curve(calibration.curve, calibration.threshold, figure("open_set_curve.png"),
+        path = plots.plot_open_set_curve(calibration.curve, calibration.figures.threshold, figure("open_set_curve.png"),
                                          "validation, identities held out as unseen")
         parts.append(img(path, "open-set accuracy against the threshold"))
     return "\n".join(parts)

@@ -119,7 +119,7 @@ def write_review_page(run: RunDir, identification: Identification, out_dir: str 
     page = jinja2.Environment(autoescape=True).from_string(_TEMPLATE).render(
         run_name=run.path.resolve().name, run_path=str(run.path.resolve()), photos=photos,
         problems=identification.problems, thumb=THUMB, aggregate=calibration.aggregate,
-        threshold=calibration.threshold, balanced=calibration.balanced_accuracy,
+        threshold=calibration.figures.threshold, balanced=calibration.figures.balanced_accuracy,
         now=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
     with atomic_directory(out_dir, overwrite=True) as tmp:
         for name, data in files.items():

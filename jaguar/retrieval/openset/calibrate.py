@@ -158,10 +158,7 @@ def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequ
                  "geometric_mean": v["figures"].geometric_mean, "known_rank1": v["figures"].known_rank1}
              for a, v in tried.items()}
     return OpenSetCalibration(
-        threshold=figures.threshold, aggregate=chosen, known_accuracy=figures.known_accuracy,
-        unknown_accuracy=figures.unknown_accuracy, balanced_accuracy=figures.balanced_accuracy,
-        geometric_mean=figures.geometric_mean, known_rank1=figures.known_rank1, num_known=figures.num_known,
-        num_unknown=figures.num_unknown, folds=len(held), fold_balanced=tried[chosen]["fold_balanced"],
+        figures=figures, aggregate=chosen, folds=len(held), fold_balanced=tried[chosen]["fold_balanced"],
         curve=curve, aggregates=table, held_out_groups=how, features=str(train.meta.get("source", "")))
 
 
@@ -189,13 +186,13 @@ def uninformative(calibration: OpenSetCalibration) -> str:
     side is never right (every photo gets the same decision), or the balanced accuracy is within one
     fold standard deviation of chance (0.5). A weak or collapsed model gives such a threshold."""
     spread = float(np.std(calibration.fold_balanced)) if calibration.fold_balanced else 0.0
-    if min(calibration.known_accuracy, calibration.unknown_accuracy) == 0.0:
-        side = "new individual" if calibration.known_accuracy == 0.0 else "known"
+    if min(calibration.figures.known_accuracy, calibration.figures.unknown_accuracy) == 0.0:
+        side = "new individual" if calibration.figures.known_accuracy == 0.0 else "known"
         return (f"warning: this threshold calls every validation photo '{side}' (balanced accuracy "
-                f"{calibration.balanced_accuracy:.4f}, chance is 0.5): the model's scores do not separate known "
+                f"{calibration.figures.balanced_accuracy:.4f}, chance is 0.5): the model's scores do not separate known "
                 f"from new individuals; train longer or on more identities before trusting `jaguar identify`")
-    if calibration.balanced_accuracy <= 0.5 + spread:
-        return (f"warning: balanced accuracy {calibration.balanced_accuracy:.4f} is within its fold spread "
+    if calibration.figures.balanced_accuracy <= 0.5 + spread:
+        return (f"warning: balanced accuracy {calibration.figures.balanced_accuracy:.4f} is within its fold spread "
                 f"(+- {spread:.4f}) of chance (0.5): known / new decisions are not reliable with this model")
     return ""
 
@@ -204,11 +201,11 @@ def describe(calibration: OpenSetCalibration) -> str:
     """The calibration in a few lines, for the command line (with `uninformative`'s warning, if any)."""
     spread = float(np.std(calibration.fold_balanced)) if calibration.fold_balanced else float("nan")
     warning = uninformative(calibration)
-    return (f"new-individual threshold {calibration.threshold:.4f} on the {calibration.aggregate} score "
+    return (f"new-individual threshold {calibration.figures.threshold:.4f} on the {calibration.aggregate} score "
             f"({calibration.folds} folds; {calibration.held_out_groups})\n"
-            f"known accuracy {calibration.known_accuracy:.4f} ({calibration.num_known} known queries), "
-            f"unknown accuracy {calibration.unknown_accuracy:.4f} ({calibration.num_unknown} unknown queries)\n"
-            f"balanced accuracy {calibration.balanced_accuracy:.4f} (fold spread +- {spread:.4f}), "
-            f"geometric mean {calibration.geometric_mean:.4f}, known rank-1 {calibration.known_rank1:.4f}"
+            f"known accuracy {calibration.figures.known_accuracy:.4f} ({calibration.figures.num_known} known queries), "
+            f"unknown accuracy {calibration.figures.unknown_accuracy:.4f} ({calibration.figures.num_unknown} unknown queries)\n"
+            f"balanced accuracy {calibration.figures.balanced_accuracy:.4f} (fold spread +- {spread:.4f}), "
+            f"geometric mean {calibration.figures.geometric_mean:.4f}, known rank-1 {calibration.figures.known_rank1:.4f}"
             + (f"\n{warning}" if warning else ""))
 

@@ -183,7 +183,7 @@ def rank_individuals(queries: torch.Tensor, gallery: Gallery, calibration: OpenS
     results = []
     for row in range(scores.shape[0]):
         candidates = [(gallery.individuals[i], float(scores[row, i])) for i in order[row].tolist()]
-        results.append((candidates, candidates[0][1] >= calibration.threshold))
+        results.append((candidates, candidates[0][1] >= calibration.figures.threshold))
     return results
 
 
