@@ -54,6 +54,7 @@ from jaguar.errors import MissingInputError
 from jaguar.io import atomic_write_json
 from jaguar.lock import NoLock, WriterLock, launch_rank
 from jaguar.run_checkpoints import CheckpointFolder
+from jaguar.run_features import FEATURE_PARTS, FEATURES, SPLITS, FeatureFiles
 # The records are importable from here too: callers take a RunDir and the types it returns together.
 from jaguar.run_records import (Diagnosis, EnsembleRecord, OpenSetCalibration, OpenSetFigures, PostResult, RunDirError,
                                 Score, ScoreTable, SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
@@ -64,7 +65,6 @@ if TYPE_CHECKING:  # torch-backed: imported where features are read, so `jaguar 
 __all__ = ["SPLITS", "RANK_FORMATS", "RunDir", "RunDirError", "Diagnosis", "EnsembleRecord", "OpenSetCalibration",
            "PostResult", "Score", "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
 
-SPLITS = ("train", "val", "test")
 RANK_FORMATS = ("parquet", "csv")  # `jaguar rank`'s file formats, named by their extension
 
 _CONFIG = "config.yaml"
@@ -73,13 +73,8 @@ _SPLIT = "split.json"
 _CHECKPOINTS = "checkpoints"
 _TB = "tb"
 _METRICS = "metrics.json"
-_FEATURES = "features"
-_FEATURE_PARTS = "parts"
-_FEATURE_PART = "{split}-{start:07d}-{end:07d}-{key}"  # + _FEATURE_SUFFIX: rows [start, end) of a split
-_FEATURE_SUFFIX = ".safetensors"
 _POST = "post.json"
 _SUBMISSION = "submission.csv"
-_RANKS = "ranks_{split}.{fmt}"
 _SCORE = "score.json"
 _SCORE_TABLE = "score_table.json"
 _ENSEMBLE = "ensemble.json"
@@ -96,7 +91,7 @@ _PREEMPT = "PREEMPT"
 _LOCK = ".lock"
 
 
-class RunDir:
+class RunDir(FeatureFiles):
     """One run folder (see the module docstring for its layout). Creating a RunDir touches nothing
     on disk; `save_*` create the folder as needed."""
 
@@ -108,9 +103,9 @@ class RunDir:
         self.checkpoints_dir = self.path / _CHECKPOINTS
         self.tb_dir = self.path / _TB
         self.metrics_path = self.path / _METRICS
-        self.features_dir = self.path / _FEATURES
+        self.features_dir = self.path / FEATURES
         # where the processes of a sharded extraction leave their parts until rank 0 merges them
-        self.feature_parts_dir = self.features_dir / _FEATURE_PARTS
+        self.feature_parts_dir = self.features_dir / FEATURE_PARTS
         self.post_path = self.path / _POST
         self.submission_path = self.path / _SUBMISSION
         self.score_path = self.path / _SCORE
@@ -157,18 +152,6 @@ class RunDir:
         return WriterLock(self.gallery_lock_path, f"gallery {self.gallery_dir}", command)
 
     # ------------------------------------------------------------------ paths
-
-    def features_path(self, split: str) -> Path:
-        if split not in SPLITS:
-            raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        return self.features_dir / f"{split}{_FEATURE_SUFFIX}"
-
-    def ranks_path(self, split: str, fmt: str = "parquet") -> Path:
-        """`jaguar rank`'s default output for a split: each query's top-k list, in that file format
-        ("parquet", the one the report reads, or "csv")."""
-        if split not in SPLITS:
-            raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        return self.path / _RANKS.format(split=split, fmt=fmt)
 
     def export_path(self, int8: bool = False) -> Path:
         """`jaguar export`'s default output: the embedding model as ONNX, fp32 or int8-quantised."""
@@ -251,52 +234,6 @@ class RunDir:
         atomic_write_json(self.metrics_path, record_to_json(metrics))
 
     # ------------------------------------------------------------------ features
-
-    def has_features(self, split: str) -> bool:
-        return self.features_path(split).is_file()
-
-    def feature_splits(self) -> list[str]:
-        """The splits whose features exist, in SPLITS order."""
-        return [split for split in SPLITS if self.has_features(split)]
-
-    def load_features(self, split: str) -> FeatureSet:
-        path = self.features_path(split)
-        if not path.is_file():
-            raise MissingInputError(f"feature file {path} does not exist; run `jaguar extract {self.path} "
-                                    f"--split {split}` first")
-        from jaguar.core.features import FeatureSet
-
-        return FeatureSet.load(path, f"run `jaguar extract {self.path} --split {split} --force`")
-
-    def save_features(self, split: str, features: FeatureSet) -> None:
-        features.save(self.features_path(split))
-
-    def feature_part_path(self, split: str, start: int, end: int, key: str) -> Path:
-        """A finished block of an extraction: rows [start, end) of the split's image list, computed
-        with the settings whose fingerprint is `key` (hex)."""
-        self.features_path(split)  # checks the split name
-        if not key or any(c not in "0123456789abcdef" for c in key):
-            raise RunDirError(f"feature part key {key!r} is not a hex fingerprint")
-        name = _FEATURE_PART.format(split=split, start=start, end=end, key=key)
-        return self.feature_parts_dir / f"{name}{_FEATURE_SUFFIX}"
-
-    def feature_part_files(self, split: str) -> list[Path]:
-        """Every part of `split` in the parts folder, finished or half-written (a killed process's
-        temporary file), whatever its settings."""
-        self.features_path(split)
-        if not self.feature_parts_dir.is_dir():
-            return []
-        return sorted(p for p in self.feature_parts_dir.iterdir()
-                      if p.name.startswith(f"{split}-") or p.name.startswith(f".{split}-"))
-
-    def remove_feature_parts(self, split: str) -> None:
-        """Remove `split`'s parts (once its features file is complete), and the folder when empty."""
-        for path in self.feature_part_files(split):
-            path.unlink(missing_ok=True)
-        try:
-            self.feature_parts_dir.rmdir()
-        except OSError:  # absent, or another split's parts are still there
-            pass
 
     # ------------------------------------------------------------------ post-processing, score
 

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from jaguar.config import ConfigError, load_config
-from jaguar.data.dedup import (NearDuplicates, animal_hash, carry_groups, dedup_run, embedding_groups,
-                               hash_groups)
+from jaguar.data.dedup import NearDuplicates, animal_hash, carry_groups, embedding_groups, hash_groups
 from jaguar.data.splits import groups_by_name, split_groups_of, split_train_val
 from jaguar.data.synth import make_synthetic
 from jaguar.data.synth_render import render_image
+from jaguar.retrieval.near_duplicates import dedup_run
 
 
 def _jpeg_again(rgba: np.ndarray, quality: int = 70) -> np.ndarray:

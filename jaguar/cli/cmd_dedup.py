@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jaguar.data.dedup import EMBEDDING_MIN_COSINE, dedup_run, summary_lines
+    from jaguar.data.dedup import EMBEDDING_MIN_COSINE, summary_lines
+    from jaguar.retrieval.near_duplicates import dedup_run
 
     min_cosine = EMBEDDING_MIN_COSINE if args.min_cosine is None else args.min_cosine
     found = dedup_run(args.run_dir, min_cosine)

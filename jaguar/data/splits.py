@@ -101,6 +101,7 @@ def split_groups_of(split, kind: str) -> np.ndarray | None:
     test image joins the group of its near-duplicate training images. Raises ConfigError when a
     manifest has no groups of that kind (naming it and what to run)."""
     from jaguar.data.dedup import NearDuplicates
+    from jaguar.data.manifest import MANIFEST_NAME
 
     if kind not in SPLIT_GROUPS:
         raise ConfigError(f"config key 'data.split_groups' is {kind!r}; choose one of {', '.join(SPLIT_GROUPS)}")
@@ -110,10 +111,10 @@ def split_groups_of(split, kind: str) -> np.ndarray | None:
     ids: list[str | None] = []
     for part in parts:
         entry = part.manifest.groups.get(kind)
-        where = part.shards_dir / "manifest.json"
+        where = part.shards_dir / MANIFEST_NAME
         if entry is None:
             fix = ("re-run `jaguar prep` (it finds pHash groups)" if kind == "phash"
-                   else f"run `jaguar dedup RUN_DIR` on a run trained on these shards")
+                   else "run `jaguar dedup RUN_DIR` on a run trained on these shards")
             raise ConfigError(f"{where} has no {kind!r} near-duplicate groups (data.split_groups={kind}); {fix}, "
                               f"or set data.split_groups=none to split without them")
         # a pseudo-labelled folder's group ids are those of the shards it was made from
