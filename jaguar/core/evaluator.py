@@ -271,7 +271,7 @@ def _figures(query_ids: ArrayLike, ranks: ArrayLike, q_label: ArrayLike,
     query_ids, ranks, q_label = (_array(v).astype(np.int64, copy=False) for v in (query_ids, ranks, q_label))
     n_query = q_label.size
     # By (query, rank): by rank, then stably by query (ranks may be as large as 2^53, see
-    # `metrics_ranked.list_bounds`, so no single int64 key holds both).
+    # `evaluator_ranked.list_bounds`, so no single int64 key holds both).
     order = np.argsort(ranks, kind="stable")
     order = order[np.argsort(query_ids[order], kind="stable")]
     query_ids, ranks = query_ids[order], ranks[order].astype(np.float64)

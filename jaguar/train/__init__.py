@@ -1,1 +1,3 @@
-"""Training loop, optimisation, checkpoints and logging."""
+"""Training: the trainer loop, optimisation, validation during training, checkpoint writing and
+resume, distillation, preemption and logging to TensorBoard. Below it: jaguar.core (run split,
+accelerator, evaluator, embedding); it never imports jaguar.retrieval."""
