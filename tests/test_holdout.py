@@ -115,3 +115,14 @@ def test_cli_holds_out_and_refuses_what_cannot_work(src, tmp_path, capsys):
     (challenge / "train.csv").write_text("filename,ground_truth\n")
     with pytest.raises(PrepError, match="challenge layout, whose test split is its own"):
         prepare(challenge, tmp_path / "c", workers=1, test_fraction=0.2)
+
+
+def test_a_pair_list_too_large_for_one_file_is_left_out_and_said_so(src, tmp_path, monkeypatch):
+    from jaguar.data import holdout
+
+    monkeypatch.setattr(holdout, "MAX_PAIR_ROWS", 5)
+    manifest = prepare(src, tmp_path / "out", workers=1, test_fraction=0.3, seed=0)
+    assert not (tmp_path / "out" / "test.csv").exists()
+    assert set(read_labels(tmp_path / "out" / "test_labels.csv")) == set(_sides(tmp_path / "out")["test"])
+    assert any(w.startswith("test.csv not written") and "jaguar rank RUN --split test" in w
+               for w in manifest.warnings)

@@ -24,6 +24,9 @@ from jaguar.formats import all_pairs, write_labels, write_pairs
 
 TEST_PAIRS_NAME = "test.csv"  # in the shards folder, beside manifest.json
 TEST_LABELS_NAME = "test_labels.csv"
+# An all-pairs list grows as N^2 and is written from memory (about 35 bytes a row): past this many rows
+# (about 3,200 test images, 350 MB) the pair list is not written; top-k lists (`jaguar rank`) serve instead.
+MAX_PAIR_ROWS = 10**7
 
 
 def hold_out_test(images: Sequence[SourceImage], groups: NearDuplicates, fraction: float, seed: int
@@ -58,12 +61,17 @@ def with_splits(groups: NearDuplicates, split_of: dict[str, str]) -> NearDuplica
     return NearDuplicates(groups.method, groups.threshold, moved)
 
 
-def write_test_lists(out: Path, test_images: Sequence[SourceImage]) -> tuple[Path, Path]:
-    """Write the pair list (every ordered pair, row_id from 0) and the labels of `test_images` into
-    `out` with jaguar.formats' writers; returns (pair list, labels)."""
+def write_test_lists(out: Path, test_images: Sequence[SourceImage]) -> list[str]:
+    """Write the labels of `test_images` and their pair list (every ordered pair, row_id from 0) into
+    `out` with jaguar.formats' writers; returns warnings (the pair list is left out, and said so,
+    past MAX_PAIR_ROWS rows)."""
     names = sorted(image.filename for image in test_images)
     identity_of = {image.filename: image.identity for image in test_images}
-    pairs, labels = out / TEST_PAIRS_NAME, out / TEST_LABELS_NAME
-    write_pairs(pairs, all_pairs(names))
-    write_labels(labels, [(name, identity_of[name]) for name in names])
-    return pairs, labels
+    write_labels(out / TEST_LABELS_NAME, [(name, identity_of[name]) for name in names])
+    rows = len(names) * (len(names) - 1)
+    if rows > MAX_PAIR_ROWS:
+        return [f"{TEST_PAIRS_NAME} not written: the {len(names)} test images make {rows:,} ordered pairs, more "
+                f"than an all-pairs file should hold ({MAX_PAIR_ROWS:,}); rank them instead (`jaguar extract RUN "
+                f"--split test`, `jaguar rank RUN --split test`) or hold out a smaller --test-fraction"]
+    write_pairs(out / TEST_PAIRS_NAME, all_pairs(names))
+    return []

@@ -229,7 +229,7 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
         groups = hash_groups([(image.split, image.filename) for image, _ in converted],
                              [result["phash"] for _, result in converted])
         if test_fraction:
-            groups = _hold_out(tmp, src, converted, groups, test_fraction, seed)
+            groups = _hold_out(tmp, src, converted, groups, test_fraction, seed, listing.warnings)
 
         identities = sorted({image.identity for image, _ in converted
                              if image.split == "train" and image.identity is not None})
@@ -266,15 +266,16 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
 
 
 def _hold_out(tmp: Path, src: Path, converted: list[tuple[SourceImage, dict]], groups: NearDuplicates,
-              fraction: float, seed: int) -> NearDuplicates:
+              fraction: float, seed: int, warnings: list[str]) -> NearDuplicates:
     """Hold the test split out of the converted images (their split set to "test"), write its pair list
-    and labels into `tmp`; returns the near-duplicate groups with their members' new splits."""
+    and labels into `tmp` (adding to `warnings`); returns the near-duplicate groups with their members'
+    new splits."""
     held = hold_out_test([image for image, _ in converted], groups, fraction, seed)
     if not held:
         raise PrepError(f"--test-fraction {fraction}: no identity in {src} has images in three near-duplicate "
                         f"groups (one to train on, two to test with, so each test photo has a true match): "
                         f"nothing to hold out; prepare it without --test-fraction")
-    write_test_lists(tmp, held)
+    warnings += write_test_lists(tmp, held)
     return with_splits(groups, {image.filename: image.split for image in held})
 
 
@@ -307,9 +308,12 @@ def summary(manifest: Manifest, out: str | Path) -> str:
             lines.append(f"    ... and {len(manifest.skipped) - 20} more")
     if manifest.options.get("test_fraction"):
         pairs, labels = Path(out) / TEST_PAIRS_NAME, Path(out) / TEST_LABELS_NAME
-        lines.append(f"  test: held out with --test-fraction {manifest.options['test_fraction']} --seed "
-                     f"{manifest.options['seed']}, pairs in {pairs}, truth in {labels}: `jaguar submit RUN "
-                     f"--test-csv {pairs}`, then `jaguar score RUN --test-csv {pairs} --labels {labels}`")
+        line = (f"  test: held out with --test-fraction {manifest.options['test_fraction']} --seed "
+                f"{manifest.options['seed']}, truth in {labels}")
+        if pairs.is_file():
+            line += (f", pairs in {pairs}: `jaguar submit RUN --test-csv {pairs}`, then `jaguar score RUN "
+                     f"--test-csv {pairs} --labels {labels}`")
+        lines.append(line)
     lines += summary_lines(manifest.groups)
     lines += [f"  warning: {w}" for w in manifest.warnings]
     return "\n".join(lines)
