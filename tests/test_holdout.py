@@ -74,7 +74,7 @@ def test_held_out_split_is_grouped_stratified_and_every_test_photo_has_a_match(s
 
 
 def test_test_lists_are_the_challenge_files_that_submit_and_score_read(src, tmp_path):
-    from jaguar.retrieval.stages import score_submission
+    from jaguar.retrieval.score import score_submission
 
     out = tmp_path / "out"
     prepare(src, out, workers=1, test_fraction=0.3, seed=1)
