@@ -159,3 +159,28 @@ def test_the_config_picks_the_extractor_and_a_learned_one_needs_its_local_weight
         make_extractor(cfg.retrieval.local)
     with pytest.raises(ConfigError, match="choose one of"):
         cfg.retrieval.local.geometry = "reflection"
+
+
+def test_disk_runs_from_a_local_weights_file_on_the_animal_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    kornia_feature = pytest.importorskip("kornia.feature")
+    torch.manual_seed(0)
+    # randomly initialised weights stand in for a trained checkpoint: the code path, not the quality
+    torch.save({"extractor": kornia_feature.DISK().state_dict()}, tmp_path / "disk.pth")
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    cfg = Config()
+    cfg.retrieval.local.extractor = "disk"
+    cfg.retrieval.local.max_keypoints = 64
+    cfg.retrieval.local.weights_file = str(tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="does not hold DISK's weights"):
+        make_extractor(cfg.retrieval.local, device="cpu")
+    cfg.retrieval.local.weights_file = str(tmp_path / "disk.pth")
+    disk = make_extractor(cfg.retrieval.local, device="cpu")
+    images = [photo("Ariely", 0, size=96), photo("Bagua", 1, size=80)]
+    features = disk.extract_batch(images)
+    for rgba, found in zip(images, features):
+        columns, rows = np.rint(found.keypoints).astype(int).T
+        assert 0 < len(found) <= 64 and found.image_size == rgba.shape[:2]
+        assert np.all(rgba[rows, columns, 3] >= FOREGROUND_ALPHA)
+        np.testing.assert_allclose(np.linalg.norm(found.descriptors, axis=1), 1.0, atol=1e-5)
+    assert match_pair(features[0], disk.extract(images[0])).tentative > 0
