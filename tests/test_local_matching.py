@@ -184,3 +184,25 @@ def test_disk_runs_from_a_local_weights_file_on_the_animal_only(tmp_path):
         assert np.all(rgba[rows, columns, 3] >= FOREGROUND_ALPHA)
         np.testing.assert_allclose(np.linalg.norm(found.descriptors, axis=1), 1.0, atol=1e-5)
     assert match_pair(features[0], disk.extract(images[0])).tentative > 0
+
+
+def test_lightglue_matches_from_a_local_weights_file_then_verification_follows(tmp_path, extractor):
+    torch = pytest.importorskip("torch")
+    kornia_feature = pytest.importorskip("kornia.feature")
+    from jaguar.retrieval.local.learned import LightGlueMatcher, make_matcher
+
+    cfg = Config()
+    assert make_matcher(cfg.retrieval.local) is None  # nearest neighbours, the default
+    cfg.retrieval.local.matcher = "lightglue"
+    with pytest.raises(ConfigError, match="retrieval.local.matcher_weights_file"):
+        make_matcher(cfg.retrieval.local, device="cpu")
+    torch.manual_seed(0)
+    # random weights stand in for trained ones; a zero filter threshold lets them match at all
+    model = kornia_feature.LightGlue(features=None, input_dim=128, filter_threshold=0.0)
+    torch.save(model.state_dict(), tmp_path / "lightglue.pth")
+    cfg.retrieval.local.matcher_weights_file = str(tmp_path / "lightglue.pth")
+    assert isinstance(make_matcher(cfg.retrieval.local, device="cpu"), LightGlueMatcher)
+    features = extractor.extract(photo("Ipepo", 5, size=128))
+    matched = match_pair(features, features, matcher=LightGlueMatcher(model, device="cpu"))
+    assert matched.tentative >= 0.8 * len(features) and matched.inliers >= 0.8 * len(features)
+    np.testing.assert_allclose(matched.query_xy, matched.gallery_xy)

@@ -234,6 +234,10 @@ class LocalConfig(Group):
     contrast_threshold: float = ranged(0.02, _POSITIVE)  # SIFT's contrastThreshold (OpenCV default 0.04)
     ratio: float = ranged(0.9, "(0, 1]", "1 disables Lowe's ratio test")  # nearest / second-nearest distance
     mutual: bool = True  # keep only mutual nearest neighbours
+    # tentative correspondences: nearest (descriptor nearest neighbours, ratio, mutual) or lightglue
+    # (kornia's LightGlue for the extractor's descriptors; matcher_weights_file needed)
+    matcher: Literal["nearest", "lightglue"] = "nearest"
+    matcher_weights_file: str = ""  # LightGlue's local weights file; never downloaded
     # geometric model of verification, none admitting a reflection: similarity (RANSAC), affine or
     # homography (MAGSAC++ where OpenCV has it)
     geometry: Literal["similarity", "affine", "homography"] = "affine"

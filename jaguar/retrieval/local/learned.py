@@ -153,3 +153,66 @@ class DiskExtractor:
                 filled = cv2.resize(filled, foreground.shape[::-1], interpolation=cv2.INTER_AREA)
             channels.append(fill_background(filled, foreground))
         return np.dstack(channels), detector_mask, scale
+
+
+class LightGlueMatcher:
+    """Tentative correspondences by LightGlue (Lindenberger, Sarlin, Pollefeys, "LightGlue: Local
+    Feature Matching at Light Speed", ICCV 2023) through kornia, for 128-wide descriptors (DISK's):
+    a `Matcher` for `match_pair` / `match_shortlist`, whose geometric verification follows as for
+    nearest neighbours. One pair a forward pass (kornia's LightGlue has no padding mask for pairs
+    of unequal keypoint counts), on CUDA when available. Weights from a local file only."""
+
+    def __init__(self, model: "torch.nn.Module", device: Optional[str] = None, weights_name: str = "") -> None:
+        import torch
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.weights_name = weights_name
+
+    @classmethod
+    def build(cls, input_dim: int = 128) -> "torch.nn.Module":
+        """kornia's LightGlue architecture for `input_dim`-wide descriptors, weights not loaded."""
+        from kornia.feature import LightGlue
+
+        return LightGlue(features=None, input_dim=input_dim)
+
+    @classmethod
+    def from_config(cls, local: "LocalConfig", device: Optional[str] = None) -> "LightGlueMatcher":
+        """The matcher with the weights of `retrieval.local.matcher_weights_file`; raises ConfigError
+        naming the key when the file is unset, missing or not LightGlue's weights for 128-wide input."""
+        key = "retrieval.local.matcher_weights_file"
+        state = load_state_dict(local.matcher_weights_file, key)
+        model = cls.build()
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ConfigError(f"config key '{key}': {local.matcher_weights_file} does not hold LightGlue's weights "
+                              f"for 128-wide descriptors ({str(err).splitlines()[0]})") from err
+        return cls(model, device, Path(local.matcher_weights_file).name)
+
+    def __call__(self, query: LocalFeatures, gallery: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+        """(query rows, gallery rows) int64 of LightGlue's matches of two images' features."""
+        import torch
+
+        empty = np.zeros(0, dtype=np.int64)
+        if len(query) == 0 or len(gallery) == 0:
+            return empty, empty
+
+        def side(features: LocalFeatures) -> dict:
+            height, width = features.image_size
+            return {"keypoints": torch.from_numpy(features.keypoints)[None].to(self.device),
+                    "descriptors": torch.from_numpy(features.descriptors)[None].to(self.device),
+                    "image_size": torch.tensor([[width, height]], dtype=torch.float32, device=self.device)}
+
+        with torch.inference_mode():
+            output = self.model({"image0": side(query), "image1": side(gallery)})
+        matches = output["matches"][0].cpu().numpy().astype(np.int64).reshape(-1, 2)
+        return matches[:, 0], matches[:, 1]
+
+
+def make_matcher(local: "LocalConfig", device: Optional[str] = None) -> Optional[LightGlueMatcher]:
+    """The tentative matcher `retrieval.local.matcher` names: None for nearest neighbours (the
+    default of `match_pair`), or LightGlue from its local weights file."""
+    if local.matcher == "nearest":
+        return None
+    return LightGlueMatcher.from_config(local, device)

@@ -141,13 +141,23 @@ def _robust_method() -> int:
     return getattr(cv2, "USAC_MAGSAC", cv2.RANSAC)
 
 
-def match_pair(query: LocalFeatures, gallery: LocalFeatures, settings: MatchSettings = MatchSettings()) -> PairMatch:
-    """The verified match of `query` to `gallery` (tentative matches, then `verify`). Raises
+# A learned tentative matcher (e.g. LightGlue): (query, gallery) -> (query rows, gallery rows), int64
+Matcher = Callable[[LocalFeatures, LocalFeatures], tuple[np.ndarray, np.ndarray]]
+
+
+def match_pair(query: LocalFeatures, gallery: LocalFeatures, settings: MatchSettings = MatchSettings(),
+               matcher: Optional[Matcher] = None) -> PairMatch:
+    """The verified match of `query` to `gallery`: tentative matches (`tentative_matches` with the
+    settings' ratio and mutual check, or `matcher` when given), then `verify`. Raises
     LocalFeatureError when their descriptors differ in width (features of two extractors)."""
     if len(query) and len(gallery) and query.descriptor_dim != gallery.descriptor_dim:
         raise LocalFeatureError(f"cannot match descriptors of width {query.descriptor_dim} against width "
                                 f"{gallery.descriptor_dim}: the two images' features come from different extractors")
-    query_rows, gallery_rows = tentative_matches(query.descriptors, gallery.descriptors, settings.ratio, settings.mutual)
+    if matcher is not None:
+        query_rows, gallery_rows = matcher(query, gallery)
+    else:
+        query_rows, gallery_rows = tentative_matches(query.descriptors, gallery.descriptors, settings.ratio,
+                                                     settings.mutual)
     query_xy, gallery_xy = query.keypoints[query_rows], gallery.keypoints[gallery_rows]
     threshold = settings.ransac_threshold * max(gallery.image_size)
     inliers = verify(query_xy, gallery_xy, settings.geometry, threshold)
@@ -186,13 +196,15 @@ class ShortlistMatches:
 def match_shortlist(query_features: Sequence[LocalFeatures], gallery_features: Sequence[LocalFeatures],
                     shortlist: np.ndarray, settings: MatchSettings = MatchSettings(), start: int = 0,
                     stop: Optional[int] = None, keep_best: int = 5,
-                    progress: Optional[Callable[[int], None]] = None) -> ShortlistMatches:
+                    progress: Optional[Callable[[int], None]] = None,
+                    matcher: Optional[Matcher] = None) -> ShortlistMatches:
     """Match queries [start, stop) against their shortlisted gallery images.
 
     query_features, gallery_features: indexable by image position (a list of LocalFeatures or a
     LocalFeatureSet); shortlist: (Nq, B) int, gallery positions of each query's top-B global
     candidates, -1 for none; keep_best: candidates per query whose correspondences are kept;
-    progress: called with the number of queries just finished. Cost: (stop - start) x B pair
+    progress: called with the number of queries just finished; matcher: a learned tentative matcher
+    (see `match_pair`). Cost: (stop - start) x B pair
     matches. Deterministic: a slice gives the same result whichever process computes it.
     Raises LocalFeatureError on a shortlist of the wrong shape or naming a missing gallery image."""
     shortlist = np.asarray(shortlist)
@@ -217,7 +229,7 @@ def match_shortlist(query_features: Sequence[LocalFeatures], gallery_features: S
         for column, gallery_index in enumerate(shortlist[query_index].tolist()):
             if gallery_index < 0:
                 continue
-            match = match_pair(query, gallery_features[gallery_index], settings)
+            match = match_pair(query, gallery_features[gallery_index], settings, matcher)
             scores[row, column] = match.inliers
             matches[column] = match
         order = np.argsort(-scores[row], kind="stable")[:keep]
