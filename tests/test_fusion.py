@@ -124,3 +124,20 @@ def test_a_validation_split_too_small_to_cross_fit_is_fitted_in_sample():
     shortlist = np.array([[1], [0], [0], [1]])
     search = fit_fusion(global_scores, labels, shortlist, np.array([[20.0], [25.0], [3.0], [1.0]]))
     assert search.folds == 1 and 0.0 <= search.model.weight <= 1.0
+
+
+def test_a_query_found_in_its_own_shortlist_and_unlabelled_queries_do_not_bend_the_calibration():
+    rng = np.random.default_rng(5)
+    labels, global_scores, shortlist, local = validation_set(rng)
+    clean = fit_fusion(global_scores, labels, shortlist, local)
+    with_self = np.column_stack([np.arange(len(labels)), shortlist])  # each query first in its own list
+    self_scores = np.column_stack([np.full(len(labels), 1000.0), local])
+    polluted = fit_fusion(global_scores, labels, with_self, self_scores)
+    np.testing.assert_array_equal(polluted.model.local_calibrator.scores, clean.model.local_calibrator.scores)
+    np.testing.assert_array_equal(polluted.model.local_calibrator.probabilities,
+                                  clean.model.local_calibrator.probabilities)
+    assert polluted.model.weight == clean.model.weight
+    unlabelled = labels.copy()
+    unlabelled[:2] = -1  # queries of unknown identity: no pairs to fit, still fused and scored
+    partial = fit_fusion(global_scores, unlabelled, shortlist, local)
+    assert partial.folds == 2 and all(np.isfinite(row["mAP_balanced"]) for row in partial.table())

@@ -175,19 +175,22 @@ def _shortlist_arrays(shortlist: Any, local_scores: Any, n_query: int) -> tuple[
 
 
 def shortlist_pairs(global_scores: Any, shortlist: Any, local_scores: Any, query_labels: Any,
-                    gallery_labels: Optional[Any] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    gallery_labels: Optional[Any] = None, exclude_self: Optional[bool] = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(global, local, same) of every shortlisted pair with both identities known: the pairs the
     calibrators are fitted on (where both scores exist). global_scores (Nq, G); shortlist,
     local_scores (Nq, B); labels int, -1 unknown; gallery_labels None: all-vs-all (the gallery is the
-    query set; a query's own column is skipped). Each (P,) float64, float64, bool."""
+    query set); exclude_self (default: all-vs-all) skips query i's column i. Each (P,) float64,
+    float64, bool."""
     global_scores = np.asarray(global_scores, dtype=np.float64)
     shortlist, local_scores = _shortlist_arrays(shortlist, local_scores, global_scores.shape[0])
     query_labels = np.asarray(query_labels, dtype=np.int64).reshape(-1)
+    exclude_self = gallery_labels is None if exclude_self is None else exclude_self
     gallery_labels = query_labels if gallery_labels is None else np.asarray(gallery_labels, np.int64).reshape(-1)
     rows, columns = np.nonzero(shortlist >= 0)
     gallery = shortlist[rows, columns]
     keep = (query_labels[rows] >= 0) & (gallery_labels[gallery] >= 0)
-    if gallery_labels is query_labels:
+    if exclude_self:
         keep &= gallery != rows
     rows, columns, gallery = rows[keep], columns[keep], gallery[keep]
     return (global_scores[rows, gallery], local_scores[rows, columns],
@@ -216,7 +219,8 @@ def _calibrators(global_scores: np.ndarray, shortlist: np.ndarray, local_scores:
                  rows: np.ndarray) -> tuple[IsotonicCalibrator, IsotonicCalibrator]:
     """Both calibrators fitted on the shortlisted pairs of the queries `rows` (bool (N,))."""
     query_labels = np.where(rows, labels, -1)  # other queries' pairs are left out
-    global_pairs, local_pairs, same = shortlist_pairs(global_scores, shortlist, local_scores, query_labels, labels)
+    global_pairs, local_pairs, same = shortlist_pairs(global_scores, shortlist, local_scores, query_labels, labels,
+                                                      exclude_self=True)
     return IsotonicCalibrator.fit(global_pairs, same), IsotonicCalibrator.fit(local_pairs, same)
 
 
@@ -258,6 +262,8 @@ def fit_fusion(global_scores: Any, labels: Any, shortlist: Any, local_scores: An
             fitted = []
     if not fitted:
         fitted = [(everyone, (global_calibrator, local_calibrator))]
+    elif bool((fold_of < 0).any()):  # queries of unknown identity: in no fold, fused as the final model fuses
+        fitted.append((fold_of < 0, (global_calibrator, local_calibrator)))
     results = []
     for weight in weights:
         fused = np.empty_like(global_scores)
@@ -267,4 +273,4 @@ def fit_fusion(global_scores: Any, labels: Any, shortlist: Any, local_scores: An
         results.append(evaluate(fused, labels, kind="similarity"))
     best = max(range(len(weights)), key=lambda i: (results[i].mAP_balanced, weights[i]))
     return FusionSearch(FusionModel(global_calibrator, local_calibrator, weights[best]), weights, results,
-                        folds=len(fitted))
+                        folds=folds if len(fitted) > 1 else 1)
