@@ -94,12 +94,13 @@ def main() -> None:
     search = fit_fusion(results["val"][0], val_labels, results["val"][1], results["val"][2])
     print(f"fit_fusion on validation ({search.folds} fold(s)): {time.perf_counter() - start:.2f} s; "
           f"chosen weight of the global probability {search.model.weight:g}")
-    print("validation, by weight: " + ", ".join(f"{row['weight']:g}: {row['mAP_balanced']:.3f}" for row in search.table()))
+    print("validation, by weight: "
+          + ", ".join(f"{row['weight']:g}: {row['mAP_balanced']:.3f}" for row in search.table()))
     similarity, shortlist, scores = results["test"]
     model = search.model
+    local_only = FusionModel(model.global_calibrator, model.local_calibrator, 0.0)
     rows = [("global (cosine)", similarity),
-            ("local only (val calibration, w = 0)",
-             FusionModel(model.global_calibrator, model.local_calibrator, 0.0).fuse_dense(similarity, shortlist, scores)),
+            ("local only (val calibration, w = 0)", local_only.fuse_dense(similarity, shortlist, scores)),
             (f"fused (w = {model.weight:g})", model.fuse_dense(similarity, shortlist, scores))]
     print("test (all-vs-all, self excluded), identity-balanced mAP / rank-1:")
     for label, matrix in rows:

@@ -54,9 +54,10 @@ def read_set(folder: Path) -> tuple[list[str], list[np.ndarray], list[str], list
     """(names, RGBA images, identities, flanks) of the synthetic test split."""
     with (folder / "test_labels.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    images = [cv2.cvtColor(cv2.imread(str(folder / "test" / row["filename"]), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
-              for row in rows]
-    return [row["filename"] for row in rows], images, [row["ground_truth"] for row in rows], [row["viewpoint"] for row in rows]
+    images = [cv2.cvtColor(cv2.imread(str(folder / "test" / row["filename"]), cv2.IMREAD_UNCHANGED),
+                           cv2.COLOR_BGRA2RGBA) for row in rows]
+    return ([row["filename"] for row in rows], images, [row["ground_truth"] for row in rows],
+            [row["viewpoint"] for row in rows])
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -113,7 +114,8 @@ def main() -> None:
     print(f"geometry {args.geometry}, ratio {args.ratio}: inliers median (mean) - same jaguar same flank "
           f"{np.median(same):.0f} ({same.mean():.1f}, n={same.size}); same jaguar other flank "
           f"{np.median(other_flank):.0f} ({other_flank.mean():.1f}, n={other_flank.size}); other jaguars "
-          f"{np.median(strangers):.0f} ({strangers.mean():.1f}, 99th pct {np.percentile(strangers, 99):.0f}, n={strangers.size})")
+          f"{np.median(strangers):.0f} ({strangers.mean():.1f}, 99th pct {np.percentile(strangers, 99):.0f}, "
+          f"n={strangers.size})")
     print(f"ROC AUC of the inlier count: same flank vs other jaguars {auc(same, strangers):.4f}; "
           f"same flank vs the same jaguar's other flank {auc(same, other_flank):.4f}")
     labels = np.unique(identity, return_inverse=True)[1]

@@ -96,7 +96,8 @@ def test_a_mirror_transformation_is_never_verified(geometry):
     mirrored = np.column_stack([192 - query_xy[:, 0], query_xy[:, 1]]).astype(np.float32)
     # the mirror itself is rejected; at most a few points near the axis fit some proper transformation
     assert verify(query_xy, mirrored, geometry, 3.0).sum() <= 6
-    rotated = query_xy @ np.array([[math.cos(0.3), -math.sin(0.3)], [math.sin(0.3), math.cos(0.3)]]).T.astype(np.float32)
+    rotation = np.array([[math.cos(0.3), -math.sin(0.3)], [math.sin(0.3), math.cos(0.3)]], dtype=np.float32)
+    rotated = query_xy @ rotation.T
     assert verify(query_xy, rotated + 5, geometry, 3.0).sum() == 60
 
 

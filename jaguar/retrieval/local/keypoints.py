@@ -62,7 +62,8 @@ class LocalFeatures:
         self.scales = np.ascontiguousarray(self.scales, dtype=np.float32).reshape(-1)
         self.orientations = np.ascontiguousarray(self.orientations, dtype=np.float32).reshape(-1)
         if self.scales.shape != (count,) or self.orientations.shape != (count,):
-            raise ValueError(f"{count} keypoints but {self.scales.size} scales and {self.orientations.size} orientations")
+            raise ValueError(f"{count} keypoints but {self.scales.size} scales and "
+                             f"{self.orientations.size} orientations")
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
     def __len__(self) -> int:

@@ -136,7 +136,8 @@ class DiskExtractor:
             if keep.size == 0:
                 results.append(empty_features(image.shape[:2], self.descriptor_dim))
                 continue
-            descriptors = descriptors[keep] / np.maximum(np.linalg.norm(descriptors[keep], axis=1, keepdims=True), 1e-12)
+            descriptors = descriptors[keep]
+            descriptors /= np.maximum(np.linalg.norm(descriptors, axis=1, keepdims=True), 1e-12)
             results.append(LocalFeatures((points[keep] + 0.5) / scale - 0.5, descriptors,
                                          np.zeros(keep.size, np.float32), np.full(keep.size, -1, np.float32),
                                          image.shape[:2]))

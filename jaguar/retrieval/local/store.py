@@ -57,7 +57,8 @@ class LocalFeatureSet:
                              f"and image sizes of shape {self.image_sizes.shape}")
         if self.offsets[0] != 0 or self.offsets[-1] != total or np.any(np.diff(self.offsets) < 0):
             raise ValueError(f"local feature set offsets must rise from 0 to the {total} keypoints")
-        if self.descriptors.ndim != 2 or any(len(a) != total for a in (self.descriptors, self.scales, self.orientations)):
+        per_keypoint = (self.descriptors, self.scales, self.orientations)
+        if self.descriptors.ndim != 2 or any(len(array) != total for array in per_keypoint):
             raise ValueError(f"local feature set has {total} keypoints but descriptors {self.descriptors.shape}, "
                              f"{self.scales.size} scales, {self.orientations.size} orientations")
         if len(set(self.names)) != count:
@@ -156,7 +157,8 @@ def save_matches(path: str | Path, matches: ShortlistMatches, meta: dict | None 
     _save(path, arrays, {"start": str(matches.start), "stop": str(matches.stop), "meta": json.dumps(meta or {})})
 
 
-def load_matches(path: str | Path, how_to_make: str = "re-run the command that wrote it") -> tuple[ShortlistMatches, dict]:
+def load_matches(path: str | Path, how_to_make: str = "re-run the command that wrote it"
+                 ) -> tuple[ShortlistMatches, dict]:
     """(matches, meta) saved at `path` by `save_matches`; the errors of `LocalFeatureSet.load`."""
     arrays, metadata = _load(path, how_to_make, ("scores", "query_xy", "gallery_xy"))
     try:
@@ -186,7 +188,8 @@ def _load(path: str | Path, how_to_make: str, finite: Sequence[str]) -> tuple[di
         recorded = metadata.pop("sha256", None)
         if recorded is None or _content_sha256(arrays, metadata) != recorded:
             raise LocalFeatureFileError(f"local feature file {path} does not match the checksum recorded when it "
-                                        f"was written (corrupt, changed since, or not written by jaguar): {how_to_make}")
+                                        f"was written (corrupt, changed since, or not written by jaguar): "
+                                        f"{how_to_make}")
         for name in finite:
             if not bool(np.isfinite(arrays[name].sum())):
                 raise LocalFeatureFileError(f"local feature file {path} has non-finite values in {name}: {how_to_make}")

@@ -59,7 +59,8 @@ class IsotonicCalibrator:
         if np.any(np.diff(scores) < 0) or np.any(np.diff(probabilities) < 0):
             raise FusionError("a calibrator's knots and probabilities must both be non-decreasing")
         if probabilities[0] < 0 or probabilities[-1] > 1:
-            raise FusionError(f"calibrated probabilities must lie in [0, 1], got [{probabilities[0]}, {probabilities[-1]}]")
+            raise FusionError(f"calibrated probabilities must lie in [0, 1], got "
+                              f"[{probabilities[0]}, {probabilities[-1]}]")
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "probabilities", probabilities)
 
@@ -96,7 +97,8 @@ class IsotonicCalibrator:
     def from_dict(cls, mapping: Mapping[str, Any], where: str = "a calibration") -> "IsotonicCalibrator":
         """The calibrator of `to_dict`; raises FusionError naming `where` when it is malformed."""
         try:
-            return cls(np.asarray(mapping["scores"], dtype=np.float64), np.asarray(mapping["probabilities"], np.float64))
+            return cls(np.asarray(mapping["scores"], dtype=np.float64),
+                       np.asarray(mapping["probabilities"], dtype=np.float64))
         except (KeyError, TypeError, ValueError) as err:
             raise FusionError(f"{where} is not a stored calibrator ({type(err).__name__}: {err}); re-run the "
                               f"stage that fitted it") from err
