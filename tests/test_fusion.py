@@ -141,3 +141,21 @@ def test_a_query_found_in_its_own_shortlist_and_unlabelled_queries_do_not_bend_t
     unlabelled[:2] = -1  # queries of unknown identity: no pairs to fit, still fused and scored
     partial = fit_fusion(global_scores, unlabelled, shortlist, local)
     assert partial.folds == 2 and all(np.isfinite(row["mAP_balanced"]) for row in partial.table())
+
+
+def test_top_m_lists_and_the_dense_path_fuse_every_pair_alike():
+    rng = np.random.default_rng(6)
+    labels, global_scores, shortlist, local = validation_set(rng, width=6)
+    model = fit_fusion(global_scores, labels, shortlist, local).model
+    dense = model.fuse_dense(global_scores, shortlist, local)
+    masked = global_scores.copy()
+    np.fill_diagonal(masked, -np.inf)
+    top_m = np.argsort(-masked, axis=1, kind="stable")[:, :15]  # M = 15 > B = 6: some listed pairs unmatched
+    top_m[0, -1] = -1  # a short list
+    rows = np.arange(len(labels))[:, None]
+    listed = model.fuse_lists(global_scores[rows, top_m], top_m, shortlist, local)
+    valid = top_m >= 0
+    np.testing.assert_array_equal(listed[valid], dense[rows, top_m][valid])
+    assert listed[0, -1] == -np.inf
+    with pytest.raises(FusionError, match="list"):
+        model.fuse_lists(global_scores[:, :3], top_m, shortlist, local)

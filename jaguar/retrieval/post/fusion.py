@@ -146,6 +146,33 @@ class FusionModel:
         fused[rows, gallery] = combine(global_scores[rows, gallery], local_scores[rows, columns])
         return fused
 
+    def fuse_lists(self, list_scores: Any, list_indices: Any, shortlist: Any, local_scores: Any,
+                   rank: bool = True) -> np.ndarray:
+        """(Nq, M) float64 fused scores of top-M lists (the path of large galleries): list_scores
+        (Nq, M) global scores of the gallery images list_indices (Nq, M) (-1: no entry, scored -inf);
+        shortlist, local_scores (Nq, B) as for `fuse_dense`. Each entry equals `fuse_dense`'s at that
+        gallery column, so the two paths rank alike; entries are not re-sorted."""
+        list_scores = np.asarray(list_scores, dtype=np.float64)
+        list_indices = np.asarray(list_indices, dtype=np.int64)
+        if list_indices.shape != list_scores.shape or list_scores.ndim != 2:
+            raise FusionError(f"list scores {list_scores.shape} and list indices {list_indices.shape} must both be "
+                              f"(queries, M)")
+        shortlist, local_scores = _shortlist_arrays(shortlist, local_scores, list_scores.shape[0])
+        width = int(max(list_indices.max(initial=-1), shortlist.max(initial=-1))) + 1
+        listed = list_indices >= 0
+        local_rows, local_columns = np.nonzero(shortlist >= 0)
+        local_keys = local_rows * width + shortlist[local_rows, local_columns]
+        order = np.argsort(local_keys, kind="stable")
+        local_keys, local_values = local_keys[order], local_scores[local_rows, local_columns][order]
+        keys = np.arange(list_scores.shape[0])[:, None] * width + np.where(listed, list_indices, 0)
+        position = np.minimum(np.searchsorted(local_keys, keys), max(len(local_keys) - 1, 0))
+        found = listed & (local_keys[position] == keys) if len(local_keys) else np.zeros_like(listed)
+        combine = self.rank_scores if rank else self.fuse
+        fused = np.where(listed, combine(np.where(listed, list_scores, 0.0)), -np.inf)
+        if found.any():
+            fused[found] = combine(list_scores[found], local_values[position[found]])
+        return fused
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe form (no NaN): the weight and both calibrators."""
         return {"weight": float(self.weight), "global": self.global_calibrator.to_dict(),
