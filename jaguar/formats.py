@@ -36,7 +36,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -275,6 +275,13 @@ def read_pairs(path: PathLike) -> PairList:
     table = read_table(path, PAIR_COLUMNS, "pair list")
     return PairList(table.column("row_id"), table.column("query_image"), table.column("gallery_image"),
                     table.lines, table.repeated)
+
+
+def all_pairs(images: Sequence[str]) -> Iterator[tuple[int, str, str]]:
+    """(row_id, query_image, gallery_image) of every ordered pair of distinct images, query-major,
+    row_id from 0: the challenge's test.csv for `images` (N * (N - 1) rows), lazily."""
+    pairs = ((query, gallery) for query in images for gallery in images if gallery != query)
+    return ((row, query, gallery) for row, (query, gallery) in enumerate(pairs))
 
 
 def write_pairs(path: PathLike, rows: Iterable[tuple[object, str, str]]) -> None:

@@ -194,7 +194,7 @@ def test_zero3_validates_uneven_shares_and_clips_as_configured(shards_dir, tmp_p
     out, run = tmp_path / "z3", tmp_path / "run"
     result = _accelerate("cpu_2proc_zero3.yaml", str(script), str(out),
                          *_vit(shards_dir, run, "train.epochs=1", "train.eval_every=1",
-                               "data.batch_size=1", "optim.grad_clip=0"))
+                               "data.batch_size=1", "optim.grad_clip=0", "data.val_fraction=0.25"))  # 17 val images
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
     assert reports[0]["val"] % 2 == 1, "the test needs an odd number of validation images"

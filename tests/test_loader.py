@@ -56,14 +56,17 @@ def _cfg(**data) -> Config:
     return cfg
 
 
-def test_stratified_split_keeps_every_identity_in_train_and_multi_image_ones_in_val():
+def test_stratified_split_keeps_every_identity_in_train_and_validates_those_with_three_images():
     labels = _labels()
     train, val = split_train_val(labels, 0.3, "stratified", seed=0)
     assert len(np.intersect1d(train, val)) == 0
     assert set(np.concatenate([train, val]).tolist()) == set(np.flatnonzero(labels >= 0).tolist())
     assert set(labels[train]) == set(labels[labels >= 0])
-    assert set(labels[val]) == set(labels[labels >= 0]) - {3}  # identity 3 has one image
+    # identity 3 has one image, 5 two: a validation query of theirs would have no match, so both train
+    assert set(labels[val]) == set(labels[labels >= 0]) - {3, 5}
+    assert sum(labels[val] == 21) == 2  # three images: two validate each other, one trains
     assert sum(labels[val] == 9) == 2  # round(7 * 0.3)
+    assert sum(labels[val] == 30) == 2  # round(6 * 0.3)
     again = split_train_val(labels, 0.3, "stratified", seed=0)
     assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
     assert not np.array_equal(split_train_val(labels, 0.3, "stratified", seed=1)[1], val)

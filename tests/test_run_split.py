@@ -59,3 +59,16 @@ def test_a_resumed_run_trains_on_its_saved_split_not_a_rebuilt_one(shards_dir, t
     fresh = Trainer(_cfg(shards_dir, run.path, "train.resume=none"))
     assert moved in set(fresh.run_split.train_indices.tolist())
     assert run.load_split().train == fresh.run_split.to_record(split).train
+
+
+def test_every_validation_image_of_a_run_has_a_match_and_two_photo_identities_train(shards_dir, tmp_path):
+    cfg = _cfg(shards_dir, tmp_path / "run")
+    split = open_train_split(cfg)
+    built = build_run_split(cfg, split)
+    labels = np.asarray(split.labels)
+    val_counts = np.bincount(labels[built.val_indices], minlength=labels.max() + 1)
+    assert len(built.val_indices) > 0 and (val_counts != 1).all()  # no validation query without a match
+    few = [label for label, count in enumerate(np.bincount(labels[labels >= 0])) if 0 < count < 3]
+    assert few  # the synthetic set has an identity with two photos: it trains whole
+    assert not set(few) & set(labels[built.val_indices].tolist())
+    assert set(labels[built.train_indices].tolist()) == set(labels[labels >= 0].tolist())

@@ -1,4 +1,5 @@
-"""`jaguar prep SRC OUT`: convert a challenge-layout or folder-per-identity data set into WebDataset shards."""
+"""`jaguar prep SRC OUT`: convert a challenge-layout or folder-per-identity data set into WebDataset shards
+(for the latter, optionally holding out a labelled test split: --test-fraction, --seed)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave bad files out (listed in manifest.json) instead of failing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--test-fraction", type=float, default=0.0, metavar="F",
+                        help="folder-per-identity layout: hold out about F of each identity's images (whole "
+                             "near-duplicate groups, two or more per identity, at least one left to train) as a "
+                             "labelled test split, with OUT/test.csv and OUT/test_labels.csv for submit and score "
+                             "(default 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --test-fraction draw (default 0)")
     parser.set_defaults(func=_run)
 
 
@@ -26,6 +33,6 @@ def _run(args: argparse.Namespace) -> int:
 
     manifest = prepare(args.src, args.out, max_side=args.max_side, shard_size=args.shard_size,
                        workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                       progress=True, encoding=args.encoding)
+                       progress=True, encoding=args.encoding, test_fraction=args.test_fraction, seed=args.seed)
     print(summary(manifest, args.out))
     return 0

@@ -15,7 +15,8 @@ from typing import Optional
 
 from PIL import Image
 
-from jaguar.data.dedup import hash_groups, hash_members, summary_lines
+from jaguar.data.dedup import NearDuplicates, hash_groups, hash_members, summary_lines
+from jaguar.data.holdout import TEST_LABELS_NAME, TEST_PAIRS_NAME, hold_out_test, with_splits, write_test_lists
 from jaguar.data.image_forms import ImageFormError, read_rgba
 from jaguar.data.layouts import Listing, Problem, SourceImage, read_listing
 from jaguar.data.manifest import Manifest, SampleEntry, ShardEntry, SplitEntry, file_sha256
@@ -181,10 +182,16 @@ def write_split(out: Path, split: str, samples: list[dict], spool: Path, shard_s
 
 
 def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: int = 500, workers: int = 2,
-            skip_bad: bool = False, overwrite: bool = False, progress: bool = False, encoding: str = "png") -> Manifest:
+            skip_bad: bool = False, overwrite: bool = False, progress: bool = False, encoding: str = "png",
+            test_fraction: float = 0.0, seed: int = 0) -> Manifest:
     """Convert `src` into shards in `out` (built in a temporary sibling, renamed at the end); returns the manifest.
 
-    Raises PrepError listing every bad input (unless `skip_bad`, which leaves them out and lists them)."""
+    test_fraction > 0 (folder-per-identity layout only): hold out about that fraction of each
+    identity's images as a labelled test split, in whole near-duplicate groups, drawn with `seed`
+    (jaguar.data.holdout), and write its pair list and labels into `out` (test.csv, test_labels.csv).
+    Raises PrepError listing every bad input (unless `skip_bad`, which leaves them out and lists them),
+    for a test_fraction outside [0, 1), on the challenge layout, or when no identity has the three
+    near-duplicate groups a hold-out needs."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise MissingInputError(f"source folder {src} does not exist; give the folder holding train.csv "
@@ -194,10 +201,15 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
     if max_side < 1 or shard_size < 1:
         raise PrepError(f"--max-side ({max_side}) and --shard-size ({shard_size}) must be positive")
     check_encoding(encoding)
+    if not 0.0 <= test_fraction < 1.0:
+        raise PrepError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     try:
         listing = read_listing(src)
     except ValueError as err:
         raise PrepError(str(err)) from None
+    if test_fraction and listing.layout != "folders":
+        raise PrepError(f"--test-fraction holds a test split out of a folder-per-identity data set; {src} is in the "
+                        f"{listing.layout} layout, whose test split is its own (test.csv, test/): leave the option out")
     listing.images.sort(key=lambda image: (SPLITS.index(image.split), image.filename))
     fatal = [p for p in listing.problems if p.fatal]
 
@@ -214,6 +226,10 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
             raise PrepError(_format_problems(src, problems, skip_hint=True, full_list=full_list))
         if not converted:
             raise PrepError(f"no usable images in {src}; nothing to prepare")
+        groups = hash_groups([(image.split, image.filename) for image, _ in converted],
+                             [result["phash"] for _, result in converted])
+        if test_fraction:
+            groups = _hold_out(tmp, src, converted, groups, test_fraction, seed, listing.warnings)
 
         identities = sorted({image.identity for image, _ in converted
                              if image.split == "train" and image.identity is not None})
@@ -228,8 +244,6 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
                 meta["viewpoint"] = image.viewpoint
             per_split[image.split].append({"key": image.key, "meta": meta, "spool": result["spool"],
                                            "sha256": result["sha256"]})
-        groups = hash_groups([(image.split, image.filename) for image, _ in converted],
-                             [result["phash"] for _, result in converted])
         splits = {split: write_split(tmp, split, samples, spool, shard_size)
                   for split, samples in per_split.items() if samples}
         spool.unlink()
@@ -238,7 +252,8 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
             source=str(src.resolve()),
             options={"max_side": max_side, "shard_size": shard_size, "skip_bad": skip_bad, "encoding": encoding,
                      "png_compress_level": PNG_COMPRESS_LEVEL,
-                     **({"jpeg_quality": JPEG_QUALITY} if encoding == "jpeg" else {})},
+                     **({"jpeg_quality": JPEG_QUALITY} if encoding == "jpeg" else {}),
+                     **({"test_fraction": test_fraction, "seed": seed} if test_fraction else {})},
             identities=labels,
             splits=splits,
             skipped=[{"file": p.file, "reason": p.reason} for p in problems],
@@ -248,6 +263,20 @@ def prepare(src: str | Path, out: str | Path, max_side: int = 1024, shard_size: 
         manifest.save(tmp)
     log.debug("prepared %s from %s", out, src)
     return manifest
+
+
+def _hold_out(tmp: Path, src: Path, converted: list[tuple[SourceImage, dict]], groups: NearDuplicates,
+              fraction: float, seed: int, warnings: list[str]) -> NearDuplicates:
+    """Hold the test split out of the converted images (their split set to "test"), write its pair list
+    and labels into `tmp` (adding to `warnings`); returns the near-duplicate groups with their members'
+    new splits."""
+    held = hold_out_test([image for image, _ in converted], groups, fraction, seed)
+    if not held:
+        raise PrepError(f"--test-fraction {fraction}: no identity in {src} has images in three near-duplicate "
+                        f"groups (one to train on, two to test with, so each test photo has a true match): "
+                        f"nothing to hold out; prepare it without --test-fraction")
+    warnings += write_test_lists(tmp, held)
+    return with_splits(groups, {image.filename: image.split for image in held})
 
 
 def _warnings(converted: list[tuple[SourceImage, dict]], labels: dict[str, int]) -> list[str]:
@@ -277,6 +306,14 @@ def summary(manifest: Manifest, out: str | Path) -> str:
         lines += [f"    {item['file']}: {item['reason']}" for item in manifest.skipped[:20]]
         if len(manifest.skipped) > 20:
             lines.append(f"    ... and {len(manifest.skipped) - 20} more")
+    if manifest.options.get("test_fraction"):
+        pairs, labels = Path(out) / TEST_PAIRS_NAME, Path(out) / TEST_LABELS_NAME
+        line = (f"  test: held out with --test-fraction {manifest.options['test_fraction']} --seed "
+                f"{manifest.options['seed']}, truth in {labels}")
+        if pairs.is_file():
+            line += (f", pairs in {pairs}: `jaguar submit RUN --test-csv {pairs}`, then `jaguar score RUN "
+                     f"--test-csv {pairs} --labels {labels}`")
+        lines.append(line)
     lines += summary_lines(manifest.groups)
     lines += [f"  warning: {w}" for w in manifest.warnings]
     return "\n".join(lines)

@@ -40,18 +40,34 @@ def split_train_val(labels: np.ndarray, val_fraction: float, mode: str = "strati
     """Deterministic (train_idx, val_idx), sorted positions into `labels`; unlabelled (< 0) are in neither.
 
     groups: a group number per image (equal numbers = one near-duplicate group; `None`: each image
-    alone). A group is never split: it goes to train or to validation whole.
-    stratified: each identity sends about max(1, round(n * val_fraction)) of its n images to val, in
-    whole groups (a group counts under its most frequent identity), but keeps at least one group in
-    train (identities with a single group stay wholly in train). The groups are drawn in a seeded
-    random order and one is taken while it fits the identity's quota; when none fits, the smallest.
+    alone). A group is never split: it goes to train or to validation whole. A group counts under
+    its owner, the most frequent identity among its members (ties: the smallest label).
+
+    Validation is scored all-vs-all within the validation images, so a query whose identity has no
+    other validation image has no true match and an undefined AP (the evaluator drops it, and its
+    images would be lost to training for nothing). Hence an identity is validated with at least two
+    of its groups, or not at all, and every validation query has a same-identity gallery image
+    outside its own near-duplicate group (an image in a group owned by another identity excepted);
+    an identity with too few groups stays wholly in train. The function may therefore return fewer
+    validation images than asked, or none (logged as a warning), never a match-less query.
+
+    stratified: each identity owning at least three groups sends about max(2, round(n * val_fraction))
+    of its n images to val, in at least two whole groups, and keeps at least one group in train;
+    identities with one or two groups (e.g. two photos) stay wholly in train. The groups are drawn in
+    a seeded random order and one is taken while it fits the identity's quota; then, while fewer
+    than two are taken, the smallest of the rest (the last group drawn always stays in train).
     identity: max(1, round(identities * val_fraction)) whole identities are held out (at least one
-    stays in train); a group shared with a kept identity stays in train whole.
-    val_fraction = 0 gives an empty val set. Raises ConfigError for a bad fraction or mode."""
+    stays in train), drawn among the identities owning at least two groups; a group shared with a
+    kept identity stays in train whole.
+    val_fraction = 0 gives an empty val set. Raises ConfigError for a bad fraction or mode (and for
+    mode identity with fewer than two identities), ValueError when `groups` has another shape than
+    `labels`."""
     labels = np.asarray(labels, dtype=np.int64)
     numbers = _group_numbers(labels, groups)
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in [0, 1), got {val_fraction}")
+    if mode not in ("stratified", "identity"):
+        raise ConfigError(f"config key 'data.val_split' is {mode!r}; choose stratified or identity")
     labelled = np.flatnonzero(labels >= 0)
     empty = np.zeros(0, dtype=np.int64)
     if val_fraction == 0 or len(labelled) == 0:
@@ -60,36 +76,44 @@ def split_train_val(labels: np.ndarray, val_fraction: float, mode: str = "strati
     identities = np.unique(labels[labelled])
     group_ids, inverse = np.unique(numbers[labelled], return_inverse=True)
     members = [labelled[inverse == g] for g in range(len(group_ids))]
+    owner = np.array([_owner_identity(labels, m) for m in members], dtype=np.int64)
     if mode == "stratified":
-        owner = np.array([_owner_identity(labels, m) for m in members], dtype=np.int64)
         val_parts = []
         for ident in identities:
             own = [members[g] for g in rng.permutation(np.flatnonzero(owner == ident))]
-            size = int(sum(len(m) for m in own))
-            quota = max(1, round(size * val_fraction))
-            taken: list[np.ndarray] = []
-            count = 0
-            for group in own[:-1]:  # the last group in the drawn order always stays in train
-                if count + len(group) <= quota:
-                    taken.append(group)
-                    count += len(group)
-            if not taken and len(own) > 1:
-                taken.append(min(own[:-1], key=len))
-            val_parts += taken
+            if len(own) >= 3:
+                val_parts += _stratified_pick(own, max(2, round(sum(len(m) for m in own) * val_fraction)))
         val = np.concatenate(val_parts) if val_parts else empty
-    elif mode == "identity":
+    else:
         if len(identities) < 2:
             raise ConfigError(f"data.val_split=identity needs at least 2 labelled identities, found "
                               f"{len(identities)}; use data.val_split=stratified")
-        n_val = min(len(identities) - 1, max(1, round(len(identities) * val_fraction)))
-        held_out = rng.permutation(identities)[:n_val]
+        owned = np.array([int((owner == ident).sum()) for ident in identities])
+        candidates = identities[owned >= 2]
+        n_val = min(len(identities) - 1, max(1, round(len(identities) * val_fraction)), len(candidates))
+        held_out = rng.permutation(candidates)[:n_val]
         val_groups = [m for m in members if np.isin(labels[m], held_out).all()]
         val = np.concatenate(val_groups) if val_groups else empty
-    else:
-        raise ConfigError(f"config key 'data.val_split' is {mode!r}; choose stratified or identity")
+    if len(val) == 0:
+        logger.warning("split held out no images: no identity has enough near-duplicate groups (stratified: 3, "
+                       "identity: 2) for a held-out query to have a true match")
     val = np.sort(val).astype(np.int64)
     train = np.setdiff1d(labelled, val).astype(np.int64)
     return train, val
+
+
+def _stratified_pick(own: list[np.ndarray], quota: int) -> list[np.ndarray]:
+    """The groups (in drawn order, three or more) one identity sends to validation: each that fits
+    the quota of images, then the smallest of the rest until two are taken; never the last one."""
+    taken: list[int] = []
+    count = 0
+    for position, group in enumerate(own[:-1]):
+        if count + len(group) <= quota:
+            taken.append(position)
+            count += len(group)
+    rest = sorted((p for p in range(len(own) - 1) if p not in taken), key=lambda p: len(own[p]))
+    taken += rest[:max(0, 2 - len(taken))]
+    return [own[p] for p in sorted(taken)]
 
 
 def split_groups_of(split, kind: str) -> np.ndarray | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaguar.data.synth_render import FLANKS, render_png
 from jaguar.errors import JaguarError
-from jaguar.formats import UNKNOWN_VIEWPOINT, write_labels, write_pairs
+from jaguar.formats import UNKNOWN_VIEWPOINT, all_pairs, write_labels, write_pairs
 from jaguar.io import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
         (tmp / "test").mkdir()
         write_labels(tmp / "train.csv", zip(train_files, train_names, train_views))
         write_labels(tmp / "test_labels.csv", zip(test_files, test_names, test_views))
-        write_pairs(tmp / "test.csv", _all_pairs(test_files))
+        write_pairs(tmp / "test.csv", all_pairs(test_files))
         if bursts > 0:
             with (tmp / "bursts.csv").open("w", newline="", encoding="utf-8") as handle:
                 csv.writer(handle, lineterminator="\n").writerows([("filename", "burst"), *burst_rows])
@@ -223,9 +223,3 @@ def make_synthetic(out: str | Path, identities: int = 31, train_images: int = 18
     log.debug("wrote %d train + %d test synthetic images of %d identities to %s",
              len(train_files), len(test_files), len(weights), out)
     return out
-
-
-def _all_pairs(files: list[str]):
-    """Every ordered pair of distinct test images, query-major, row_id from 0."""
-    pairs = ((query, gallery) for query in files for gallery in files if gallery != query)
-    return ((row, query, gallery) for row, (query, gallery) in enumerate(pairs))
