@@ -207,3 +207,23 @@ def test_lightglue_matches_from_a_local_weights_file_then_verification_follows(t
     matched = match_pair(features, features, matcher=LightGlueMatcher(model, device="cpu"))
     assert matched.tentative >= 0.8 * len(features) and matched.inliers >= 0.8 * len(features)
     np.testing.assert_allclose(matched.query_xy, matched.gallery_xy)
+
+
+def test_the_review_picture_joins_each_pair_of_matched_points_across_the_two_photos():
+    from jaguar.retrieval.local.draw import draw_match
+
+    query = np.zeros((100, 80, 4), np.uint8)
+    query[..., 3] = 255
+    gallery = np.zeros((50, 60, 4), np.uint8)
+    gallery[..., 3] = 255
+    picture = draw_match(query, gallery, [[40.0, 20.0]], [[10.0, 40.0]], height=200)
+    assert picture.shape[:2] == (200 + 22, 160 + 8 + 240) and picture.dtype == np.uint8
+    # the query point (scale 2) and the gallery point (scale 4, right of the query photo and the gap)
+    # are both drawn, and so is the line's midpoint; the dark photos elsewhere stay dark
+    for x, y in ((81, 41), (168 + 42, 162), ((81 + 210) // 2, (41 + 162) // 2)):
+        assert picture[y - 3:y + 4, x - 3:x + 4].max() > 100
+    assert picture[150:190, 20:60].max() == 0
+    empty = draw_match(query, gallery, np.zeros((0, 2)), np.zeros((0, 2)), height=100)
+    assert empty[:100].max() <= 24 and empty[100:].max() > 200  # no line (24: the gap); the caption
+    with pytest.raises(ValueError, match="1 query points but 2"):
+        draw_match(query, gallery, [[1, 1]], [[1, 1], [2, 2]])
