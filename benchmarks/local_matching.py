@@ -14,7 +14,10 @@ matched once (all ordered pairs' scores are symmetric enough for the AUC; each u
 - retrieval: identity-balanced mAP of the inlier count alone over all pairs, with identities as
   labels (the challenge's) and with (identity, flank) as labels;
 - throughput: `match_shortlist` of every photo against the --shortlist photos after it (mostly
-  other jaguars, as most of a real shortlist is), one thread, --repeat runs.
+  other jaguars, as most of a real shortlist is), one thread, --repeat runs;
+- with --processes P: --queries queries (the photos' features reused in turn, each against B photos
+  drawn at random) split into P contiguous slices, each matched by its own process (fork; the
+  slicing `match_shortlist` offers for sharded runs): wall time and pairs/s in all.
 Single-threaded throughout (OpenCV, BLAS), so figures are per core."""
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ def main() -> None:
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of match_shortlist (min and median printed)")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also time --queries queries x B on this many processes, one contiguous slice each")
+    parser.add_argument("--queries", type=int, default=2000,
+                        help="queries of the multi-process run (the photos' features reused in turn)")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -135,6 +142,34 @@ def main() -> None:
     print(f"match_shortlist: {n} queries x B = {width}, {len(runs)} runs: best {best:.2f} s = {n * width / best:.0f} "
           f"pairs/s on one core ({best / (n * width) * 1000:.2f} ms a pair), median {n * width / median:.0f} pairs/s; "
           f"peak RSS {max_rss_mb():.0f} MB (after reading the photos {rss_before:.0f} MB)")
+    if args.processes > 0:
+        time_processes(packed, settings, args.processes, args.queries, width, args.seed)
+
+
+_SHARED: dict = {}  # what forked workers read: features, shortlist, settings
+
+
+def _match_slice(bounds: tuple[int, int]) -> np.ndarray:
+    cv2.setNumThreads(1)
+    queries, gallery, shortlist, settings = (_SHARED[k] for k in ("queries", "gallery", "shortlist", "settings"))
+    return match_shortlist(queries, gallery, shortlist, settings, start=bounds[0], stop=bounds[1]).scores
+
+
+def time_processes(packed: LocalFeatureSet, settings: MatchSettings, processes: int, queries: int, width: int,
+                   seed: int) -> None:
+    import multiprocessing
+
+    rng = np.random.default_rng(seed)
+    _SHARED.update(queries=[packed[i % len(packed)] for i in range(queries)], gallery=packed, settings=settings,
+                   shortlist=np.stack([rng.choice(len(packed), width, replace=False) for _ in range(queries)]))
+    edges = np.linspace(0, queries, processes + 1).round().astype(int)
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        parts = pool.map(_match_slice, list(zip(edges[:-1], edges[1:])))
+    seconds = time.perf_counter() - start
+    pairs = sum(part.size for part in parts)
+    print(f"{processes} processes: {queries} queries x B = {width} ({pairs} pairs) in {seconds:.1f} s wall = "
+          f"{pairs / seconds:.0f} pairs/s in all; load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
