@@ -242,8 +242,6 @@ class LocalConfig(Group):
     # homography (MAGSAC++ where OpenCV has it)
     geometry: Literal["similarity", "affine", "homography"] = "affine"
     ransac_threshold: float = ranged(0.02, "(0, 1]")  # inlier reprojection error, a fraction of the longest image side
-    shortlist: int = ranged(50, _COUNT)  # B: each query matched against its top-B global candidates
-    keep_best: int = ranged(5, _OFF_OR_COUNT)  # candidates per query whose correspondences are kept for display
 
 
 @dataclass
