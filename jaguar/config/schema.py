@@ -232,7 +232,8 @@ class LocalConfig(Group):
     max_side: int = ranged(512, _OFF_OR_COUNT)
     mask_erode: int = ranged(2, _NON_NEGATIVE)  # pixels the alpha mask is eroded by before detection
     contrast_threshold: float = ranged(0.02, _POSITIVE)  # SIFT's contrastThreshold (OpenCV default 0.04)
-    ratio: float = ranged(0.9, "(0, 1]", "1 disables Lowe's ratio test")  # nearest / second-nearest distance
+    # Lowe's ratio test: the largest nearest / second-nearest descriptor distance kept; 1 disables it
+    ratio: float = ranged(0.9, "(0, 1]")
     mutual: bool = True  # keep only mutual nearest neighbours
     # tentative correspondences: nearest (descriptor nearest neighbours, ratio, mutual) or lightglue
     # (kornia's LightGlue for the extractor's descriptors; matcher_weights_file needed)
