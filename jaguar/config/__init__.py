@@ -18,11 +18,11 @@ from typing import Any, Literal, Optional
 import yaml
 
 from jaguar.config.fields import ConfigError, apply_mapping, field_of, leaf_keys, set_value
-from jaguar.config.schema import (Config, DataConfig, DistillConfig, LossConfig, ModelConfig, OptimConfig,
-                                  PostConfig, RetrievalConfig, RunConfig, TrainConfig)
+from jaguar.config.schema import (Config, DataConfig, DistillConfig, LocalConfig, LossConfig, ModelConfig,
+                                  OptimConfig, PostConfig, RetrievalConfig, RunConfig, TrainConfig)
 from jaguar.io import atomic_write_text
 
-__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "LossConfig", "ModelConfig", "OptimConfig",
+__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "LocalConfig", "LossConfig", "ModelConfig", "OptimConfig",
            "PostConfig", "RetrievalConfig", "RunConfig", "TrainConfig", "all_keys", "apply_overrides",
            "apply_run_overrides", "deepspeed_zero_stage", "from_dict", "refuse_ema_under_zero3",
            "get_value", "load_config", "save_config", "set_value", "to_dict", "to_yaml", "validate"]

@@ -219,12 +219,40 @@ class PostConfig(Group):
 
 
 @dataclass
+class LocalConfig(Group):
+    """Local pattern evidence (jaguar.retrieval.local): keypoints on the animal's coat, matched between
+    each query and its global shortlist with geometric verification. The group `retrieval.local`."""
+    KEY = "retrieval.local"
+
+    # rootsift: OpenCV SIFT + RootSIFT (no weights, any CPU); disk: kornia's DISK (weights_file needed)
+    extractor: Literal["rootsift", "disk"] = "rootsift"
+    weights_file: str = ""  # a learned extractor's local weights file (.pth / .safetensors); never downloaded
+    max_keypoints: int = ranged(1024, _COUNT)  # the strongest kept per image
+    # longest image side (pixels) the extractor works at; larger images are shrunk, coordinates mapped back; 0 keeps
+    max_side: int = ranged(512, _OFF_OR_COUNT)
+    mask_erode: int = ranged(2, _NON_NEGATIVE)  # pixels the alpha mask is eroded by before detection
+    contrast_threshold: float = ranged(0.02, _POSITIVE)  # SIFT's contrastThreshold (OpenCV default 0.04)
+    # Lowe's ratio test: the largest nearest / second-nearest descriptor distance kept; 1 disables it
+    ratio: float = ranged(0.9, "(0, 1]")
+    mutual: bool = True  # keep only mutual nearest neighbours
+    # tentative correspondences: nearest (descriptor nearest neighbours, ratio, mutual) or lightglue
+    # (kornia's LightGlue for the extractor's descriptors; matcher_weights_file needed)
+    matcher: Literal["nearest", "lightglue"] = "nearest"
+    matcher_weights_file: str = ""  # LightGlue's local weights file; never downloaded
+    # geometric model of verification, none admitting a reflection: similarity (RANSAC), affine or
+    # homography (MAGSAC++ where OpenCV has it)
+    geometry: Literal["similarity", "affine", "homography"] = "affine"
+    ransac_threshold: float = ranged(0.02, "(0, 1]")  # inlier reprojection error, a fraction of the longest image side
+
+
+@dataclass
 class RetrievalConfig(Group):
     KEY = "retrieval"
 
     flip_tta: bool = True
     scales: list[float] = ranged([1.0], _POSITIVE)  # test-time input scales, averaged
     post: PostConfig = field(default_factory=PostConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     tune: bool = True  # choose the post-processing on the validation split
     # tune-post adopts a stage (QE, re-ranking) only when its validation gain exceeds this many
     # standard errors of the paired per-identity AP differences; 0 adopts any gain
