@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from jaguar.retrieval.local.keypoints import RootSIFTExtractor  # noqa: E402
 from jaguar.retrieval.local.matching import MatchSettings, match_shortlist  # noqa: E402
-from jaguar.retrieval.metrics import evaluate  # noqa: E402
+from jaguar.core.evaluator import evaluate  # noqa: E402
 from jaguar.retrieval.post.fusion import FusionModel, fit_fusion  # noqa: E402
 
 

@@ -46,7 +46,7 @@ from jaguar.data.synth import make_synthetic  # noqa: E402
 from jaguar.retrieval.local.keypoints import RootSIFTExtractor  # noqa: E402
 from jaguar.retrieval.local.matching import MatchSettings, match_pair, match_shortlist  # noqa: E402
 from jaguar.retrieval.local.store import LocalFeatureSet  # noqa: E402
-from jaguar.retrieval.metrics import evaluate  # noqa: E402
+from jaguar.core.evaluator import evaluate  # noqa: E402
 
 
 def max_rss_mb() -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.isotonic import IsotonicRegression
 
-from jaguar.retrieval.metrics import evaluate
+from jaguar.core.evaluator import evaluate
 from jaguar.retrieval.post.fusion import FusionError, FusionModel, IsotonicCalibrator, fit_fusion, shortlist_pairs
 
 

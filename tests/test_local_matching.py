@@ -10,7 +10,8 @@ import pytest
 
 from jaguar.config import Config, ConfigError
 from jaguar.data.synth_render import render_image
-from jaguar.retrieval.local.keypoints import FOREGROUND_ALPHA, LocalFeatureError, RootSIFTExtractor, make_extractor
+from jaguar.retrieval.local.configured import make_extractor, make_matcher
+from jaguar.retrieval.local.keypoints import FOREGROUND_ALPHA, LocalFeatureError, RootSIFTExtractor
 from jaguar.retrieval.local.matching import MatchSettings, match_pair, match_shortlist, verify
 
 SIZE = 192  # the demo's synthetic image size
@@ -190,7 +191,7 @@ def test_disk_runs_from_a_local_weights_file_on_the_animal_only(tmp_path):
 def test_lightglue_matches_from_a_local_weights_file_then_verification_follows(tmp_path, extractor):
     torch = pytest.importorskip("torch")
     kornia_feature = pytest.importorskip("kornia.feature")
-    from jaguar.retrieval.local.learned import LightGlueMatcher, make_matcher
+    from jaguar.retrieval.local.learned import LightGlueMatcher
 
     cfg = Config()
     assert make_matcher(cfg.retrieval.local) is None  # nearest neighbours, the default

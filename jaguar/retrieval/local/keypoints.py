@@ -18,15 +18,12 @@ al., WACV 2013) restricts keypoints to the animal the same way."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import cv2
 import numpy as np
 
 from jaguar.errors import JaguarError
-
-if TYPE_CHECKING:
-    from jaguar.config import LocalConfig
 
 FOREGROUND_ALPHA = 128  # alpha at or above which a pixel belongs to the animal
 _FILL_SIGMA = 6.0  # pixels (at working size) of the smooth background fill's Gaussian
@@ -216,14 +213,3 @@ class RootSIFTExtractor:
 
     def extract_batch(self, images: Sequence[np.ndarray]) -> list[LocalFeatures]:
         return [self.extract(image) for image in images]
-
-
-def make_extractor(local: "LocalConfig", device: str | None = None) -> LocalExtractor:
-    """The extractor the config `retrieval.local` names: RootSIFT, or a learned one (DISK) with its
-    weights from `retrieval.local.weights_file` on `device` (default: CUDA when available). Raises
-    ConfigError naming the key when a learned extractor has no weights file or it does not exist."""
-    if local.extractor == "rootsift":
-        return RootSIFTExtractor(local.max_keypoints, local.max_side, local.mask_erode, local.contrast_threshold)
-    from jaguar.retrieval.local.learned import DiskExtractor
-
-    return DiskExtractor.from_config(local, device)

@@ -209,11 +209,3 @@ class LightGlueMatcher:
             output = self.model({"image0": side(query), "image1": side(gallery)})
         matches = output["matches"][0].cpu().numpy().astype(np.int64).reshape(-1, 2)
         return matches[:, 0], matches[:, 1]
-
-
-def make_matcher(local: "LocalConfig", device: Optional[str] = None) -> Optional[LightGlueMatcher]:
-    """The tentative matcher `retrieval.local.matcher` names: None for nearest neighbours (the
-    default of `match_pair`), or LightGlue from its local weights file."""
-    if local.matcher == "nearest":
-        return None
-    return LightGlueMatcher.from_config(local, device)

@@ -269,7 +269,7 @@ def fit_fusion(global_scores: Any, labels: Any, shortlist: Any, local_scores: An
     the simpler model); the returned model's calibrators are fitted on all pairs. Memory O(N^2):
     the dense validation path. Raises FusionError (see IsotonicCalibrator.fit) or MetricsError when
     no query has a true match."""
-    from jaguar.retrieval.metrics import evaluate
+    from jaguar.core.evaluator import evaluate
 
     global_scores = np.asarray(global_scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
