@@ -1,6 +1,15 @@
 """The feature files of a run folder, part of RunDir (jaguar.run; see its module docstring for the
 whole layout): each split's embeddings, the parts a sharded extraction leaves until they are merged,
-and `jaguar rank`'s lists. A mixin so that RunDir stays one class and one owner of every name."""
+`jaguar rank`'s lists, and the local pattern evidence of `jaguar match` (each split's keypoints and
+its shortlist matches, with their parts). A mixin so that RunDir stays one class and one owner of
+every name.
+
+    RUN/features/<split>.local.safetensors  keypoints + descriptors   local_features_path (LocalFeatureSet)
+    RUN/local/<split>.safetensors           each image's shortlist     local_matches_path (SplitMatches)
+                                            matched, verified inliers
+    RUN/local/parts/                        finished blocks of an      local_part_path, local_part_files,
+                                            unfinished `jaguar match`  remove_local_parts
+"""
 
 from __future__ import annotations
 
@@ -19,6 +28,10 @@ FEATURE_PARTS = "parts"
 _FEATURE_PART = "{split}-{start:07d}-{end:07d}-{key}"  # + _FEATURE_SUFFIX: rows [start, end) of a split
 _FEATURE_SUFFIX = ".safetensors"
 _RANKS = "ranks_{split}.{fmt}"
+_LOCAL_FEATURES = "{split}.local.safetensors"
+_LOCAL = "local"
+_LOCAL_PART = "{kind}-{split}-{start:07d}-{end:07d}-{key}.safetensors"  # rows [start, end) of a split
+LOCAL_PART_KINDS = ("features", "matches")
 
 
 class FeatureFiles:
@@ -27,6 +40,10 @@ class FeatureFiles:
     path: Path
     features_dir: Path
     feature_parts_dir: Path
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise RunDirError(f"split {split!r} is not one of {', '.join(SPLITS)}")
 
     def features_path(self, split: str) -> Path:
         if split not in SPLITS:
@@ -85,3 +102,49 @@ class FeatureFiles:
             self.feature_parts_dir.rmdir()
         except OSError:  # absent, or another split's parts are still there
             pass
+
+    # ------------------------------------------------------------------ local pattern evidence
+
+    @property
+    def local_dir(self) -> Path:
+        return self.path / _LOCAL
+
+    def local_features_path(self, split: str) -> Path:
+        """`jaguar match`'s keypoints and descriptors of a split (a LocalFeatureSet)."""
+        self._check_split(split)
+        return self.features_dir / _LOCAL_FEATURES.format(split=split)
+
+    def local_matches_path(self, split: str) -> Path:
+        """`jaguar match`'s result for a split searched against itself: each image's shortlist and
+        its verified inlier counts (a SplitMatches)."""
+        self._check_split(split)
+        return self.local_dir / f"{split}{_FEATURE_SUFFIX}"
+
+    def local_part_path(self, kind: str, split: str, start: int, end: int, key: str) -> Path:
+        """A finished block of `jaguar match`: `kind` "features" (images [start, end) of the split) or
+        "matches" (queries [start, end)), computed with the settings whose fingerprint is `key` (hex)."""
+        self._check_split(split)
+        if kind not in LOCAL_PART_KINDS:
+            raise RunDirError(f"local part kind {kind!r} is not one of {', '.join(LOCAL_PART_KINDS)}")
+        if not key or any(c not in "0123456789abcdef" for c in key):
+            raise RunDirError(f"local part key {key!r} is not a hex fingerprint")
+        return self.local_dir / FEATURE_PARTS / _LOCAL_PART.format(kind=kind, split=split, start=start, end=end,
+                                                                   key=key)
+
+    def local_part_files(self, kind: str, split: str) -> list[Path]:
+        """Every part of `kind` and `split`, finished or half-written (a killed process's temporary)."""
+        folder = self.local_dir / FEATURE_PARTS
+        if not folder.is_dir():
+            return []
+        prefix = f"{kind}-{split}-"
+        return sorted(p for p in folder.iterdir() if p.name.startswith(prefix) or p.name.startswith(f".{prefix}"))
+
+    def remove_local_parts(self, kind: str, split: str) -> None:
+        """Remove the parts of `kind` and `split` (once merged), and the parts folder when empty."""
+        for path in self.local_part_files(kind, split):
+            path.unlink(missing_ok=True)
+        try:
+            (self.local_dir / FEATURE_PARTS).rmdir()
+        except OSError:
+            pass
+

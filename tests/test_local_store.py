@@ -82,3 +82,33 @@ def test_matching_results_of_query_slices_store_and_join_to_the_whole(tmp_path):
     np.testing.assert_allclose(gallery_xy - query_xy, np.broadcast_to(3.0 * (gallery - 2), (40, 2)), atol=1e-4)
     with pytest.raises(ValueError, match="follow"):
         concatenate_matches([loaded[1][0], loaded[0][0]])
+
+
+def test_split_matches_round_trip_through_the_run_folder(tmp_path):
+    """`jaguar match`'s record of a split: names, shortlist and matches come back as written, from the
+    path RunDir names for it; a changed byte is refused."""
+    import numpy as np
+
+    from jaguar.retrieval.local.matching import ShortlistMatches
+    from jaguar.retrieval.local.store import LocalFeatureFileError, SplitMatches
+    from jaguar.run import RunDir
+
+    names = ["a.png", "b.png", "c.png"]
+    shortlist = np.array([[1, 2], [0, 2], [0, -1]])
+    scores = np.array([[12, 0], [12, 3], [0, 0]], dtype=np.float32)
+    matches = ShortlistMatches(0, 3, scores, np.array([[0], [0], [-1]]), np.ones((4, 2), np.float32),
+                               np.zeros((4, 2), np.float32), np.array([[0, 2], [2, 4], [4, 4]]))
+    run = RunDir(tmp_path / "run")
+    path = run.local_matches_path("val")
+    path.parent.mkdir(parents=True)
+    SplitMatches(names, shortlist, matches, {"B": 2}).save(path)
+    loaded = SplitMatches.load(path)
+    assert loaded.names == names and loaded.meta == {"B": 2}
+    np.testing.assert_array_equal(loaded.shortlist, shortlist)
+    np.testing.assert_array_equal(loaded.matches.scores, scores)
+    np.testing.assert_array_equal(loaded.matches.correspondences(1)[0], np.ones((2, 2), np.float32))
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LocalFeatureFileError, match="checksum"):
+        SplitMatches.load(path)

@@ -1,7 +1,8 @@
 """Local features of a whole split, packed: every image's keypoints and descriptors concatenated, with
 per-image offsets and the image names, so a split is one safetensors file (stored as the global
 `FeatureSet` is: atomic write, the sha256 of the content in the metadata, checked when loaded).
-The matching results of a shortlist (`ShortlistMatches`) are stored the same way."""
+The matching results of a shortlist (`ShortlistMatches`, a slice of queries) and of a whole split
+(`SplitMatches`, what `jaguar match` leaves in the run) are stored the same way."""
 
 from __future__ import annotations
 
@@ -167,6 +168,53 @@ def load_matches(path: str | Path, how_to_make: str = "re-run the command that w
         return matches, json.loads(metadata.get("meta", "{}"))
     except (KeyError, ValueError, TypeError) as err:
         raise _unreadable(path, err, how_to_make) from err
+
+
+@dataclass
+class SplitMatches:
+    """`jaguar match`'s result for one split searched against itself (RunDir.local_matches_path):
+    each image's top-B shortlist by the global similarity and its local match scores.
+
+    names: N image file names (the split's feature order); shortlist: (N, B) int64 positions into
+    names of each image's B best other images by global (cosine) similarity, best first, -1 where the
+    split has fewer; matches: the ShortlistMatches of all N queries (start 0, stop N; scores (N, B)
+    verified inliers aligned with shortlist); meta: provenance (B, the local settings' fingerprint,
+    the global features' checksum)."""
+
+    names: list[str]
+    shortlist: np.ndarray
+    matches: ShortlistMatches
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.shortlist = np.asarray(self.shortlist, dtype=np.int64)
+        n = len(self.names)
+        if self.shortlist.ndim != 2 or self.shortlist.shape[0] != n:
+            raise ValueError(f"a split's shortlist must be ({n}, B), got shape {self.shortlist.shape}")
+        if (self.matches.start, self.matches.stop) != (0, n) or self.matches.scores.shape != self.shortlist.shape:
+            raise ValueError(f"a split's matches must cover queries [0, {n}) with scores shaped like the shortlist "
+                             f"{self.shortlist.shape}, got [{self.matches.start}, {self.matches.stop}) and "
+                             f"{self.matches.scores.shape}")
+
+    def save(self, path: str | Path) -> None:
+        """Write it to `path` atomically (safetensors, content sha256 in the metadata)."""
+        m = self.matches
+        arrays = {"shortlist": self.shortlist, "scores": m.scores, "best": m.best, "query_xy": m.query_xy,
+                  "gallery_xy": m.gallery_xy, "offsets": m.offsets}
+        _save(path, arrays, {"names": json.dumps(list(self.names)), "meta": json.dumps(self.meta)})
+
+    @classmethod
+    def load(cls, path: str | Path, how_to_make: str = "re-run `jaguar match`") -> "SplitMatches":
+        """The SplitMatches saved at `path`; MissingInputError when absent, LocalFeatureFileError when
+        it does not match its checksum or cannot be read as one (both naming `how_to_make`)."""
+        arrays, metadata = _load(path, how_to_make, ("scores", "query_xy", "gallery_xy"))
+        try:
+            names = json.loads(metadata["names"])
+            matches = ShortlistMatches(0, len(names), arrays["scores"], arrays["best"], arrays["query_xy"],
+                                       arrays["gallery_xy"], arrays["offsets"])
+            return cls(names, arrays["shortlist"], matches, json.loads(metadata.get("meta", "{}")))
+        except (KeyError, ValueError, TypeError) as err:
+            raise _unreadable(path, err, how_to_make) from err
 
 
 def _save(path: str | Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
