@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from jaguar.core.blocks import DEFAULT_BLOCK_SIZE
+from jaguar.lock import launch_rank
 from jaguar.progress import LOG_INTERVAL_S
 from jaguar.run import RunDir
 
@@ -47,7 +48,8 @@ def _run(args: argparse.Namespace) -> int:
 
     result = match_run(RunDir(args.run_dir), args.split, args.overrides, force=args.force, block_size=args.block_size)
     state = "up to date" if result.reused else "wrote"
-    print(f"{state} {result.path}: {result.queries} images x B={result.shortlist} candidates")
+    if launch_rank() == 0:  # one line for all the processes of a launch
+        print(f"{state} {result.path}: {result.queries} images x B={result.shortlist} candidates")
     return 0
 
 
