@@ -53,6 +53,7 @@ UNKNOWN_VIEWPOINT = "unknown"
 PAIR_COLUMNS = ("row_id", "query_image", "gallery_image")
 SUBMISSION_COLUMNS = ("row_id", "similarity")
 IDENTIFY_COLUMNS = ("photo", "rank", "individual", "score", "decision")
+IDENTIFY_LOCAL_COLUMNS = ("inliers", "probability")  # appended when identify used local evidence
 _SHOWN = 10
 
 
@@ -355,31 +356,44 @@ def write_submission(path: PathLike, row_ids: Sequence[str], similarities: Seque
     _write(path, SUBMISSION_COLUMNS, ((r, repr(float(v))) for r, v in zip(row_ids, values)))
 
 
-# Open-set identification: photo,rank,individual,score,decision (`jaguar identify`)
+# Open-set identification: photo,rank,individual,score,decision[,inliers,probability] (`jaguar identify`)
 
 
-def write_identify(path: PathLike, rows: Iterable[tuple[str, int, str, float, str]]) -> None:
+def write_identify(path: PathLike, rows: Iterable[tuple]) -> None:
     """One row per photo and candidate: the photo as given, the candidate's rank (1 = best), the
     individual, its score (cosine similarity, 6 decimals) and the photo's decision ("known: NAME"
-    or "new individual"); written atomically with CRLF line ends, its text cells made inert for
-    spreadsheets (`spreadsheet_cell`); `read_identify` gives the rows back as they were."""
-    _write(path, IDENTIFY_COLUMNS, ((spreadsheet_cell(photo), int(rank), spreadsheet_cell(individual),
-                                     f"{float(score):.6f}", spreadsheet_cell(decision))
-                                    for photo, rank, individual, score, decision in rows), line_end="\r\n")
+    or "new individual"); with local evidence each row also holds the inlier count of the
+    candidate's best-matching gallery image and its fused probability P(same individual) (6
+    decimals), the columns IDENTIFY_LOCAL_COLUMNS (rows of 7 values; all rows alike). Written
+    atomically with CRLF line ends, its text cells made inert for spreadsheets (`spreadsheet_cell`);
+    `read_identify` gives the rows back as they were."""
+    rows = list(rows)
+    local = bool(rows) and len(rows[0]) == 7
+    if any(len(row) != (7 if local else 5) for row in rows):
+        raise ValueError("identify rows must all hold 5 values, or all 7 (with inliers and probability)")
+    _write(path, IDENTIFY_COLUMNS + (IDENTIFY_LOCAL_COLUMNS if local else ()),
+           ([spreadsheet_cell(row[0]), int(row[1]), spreadsheet_cell(row[2]), f"{float(row[3]):.6f}",
+             spreadsheet_cell(row[4])] + ([int(row[5]), f"{float(row[6]):.6f}"] if local else []) for row in rows),
+           line_end="\r\n")
 
 
-def read_identify(path: PathLike) -> list[tuple[str, int, str, float, str]]:
-    """The (photo, rank, individual, score, decision) rows of a `write_identify` file, in file order
-    (a photo has one row per candidate, so rows are not keyed as in `read_table`)."""
+def read_identify(path: PathLike) -> list[tuple]:
+    """The rows of a `write_identify` file, in file order: (photo, rank, individual, score, decision),
+    plus (inliers, probability) when the file has those columns (a photo has one row per candidate,
+    so rows are not keyed as in `read_table`)."""
     path = Path(path)
     _require_file(path, IDENTIFY_COLUMNS, "identification file")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         records = [cells for cells in csv.reader(handle) if any(c.strip() for c in cells)]
-    if not records or tuple(c.strip() for c in records[0]) != IDENTIFY_COLUMNS:
-        raise FormatError(f"{path}: expected the header '{','.join(IDENTIFY_COLUMNS)}' of `jaguar identify`")
+    header = tuple(c.strip() for c in records[0]) if records else ()
+    if header not in (IDENTIFY_COLUMNS, IDENTIFY_COLUMNS + IDENTIFY_LOCAL_COLUMNS):
+        raise FormatError(f"{path}: expected the header '{','.join(IDENTIFY_COLUMNS)}' (optionally followed by "
+                          f"'{','.join(IDENTIFY_LOCAL_COLUMNS)}') of `jaguar identify`")
     try:
-        return [(from_spreadsheet_cell(photo), int(rank), from_spreadsheet_cell(individual), float(score),
-                 from_spreadsheet_cell(decision)) for photo, rank, individual, score, decision in records[1:]]
+        if any(len(cells) != len(header) for cells in records[1:]):
+            raise ValueError(f"a row has another number of cells than the header's {len(header)}")
+        return [(from_spreadsheet_cell(c[0]), int(c[1]), from_spreadsheet_cell(c[2]), float(c[3]),
+                 from_spreadsheet_cell(c[4])) + ((int(c[5]), float(c[6])) if len(header) == 7 else ())
+                for c in records[1:]]
     except ValueError as err:
         raise FormatError(f"{path}: not a `jaguar identify` file ({err})") from None
-

@@ -25,6 +25,8 @@ report, ensemble, pseudo-label) takes a `RunDir`.
     RUN/ensemble.json             an ensemble's members        load_ensemble / save_ensemble (EnsembleRecord)
     RUN/gallery/enrolled.safetensors  enrolled individuals'    load_enrolled / save_enrolled (FeatureSet)
                                   embeddings (`jaguar enroll`)
+    RUN/gallery/enrolled.local.safetensors  their local    enrolled_local_path (a LocalFeatureSet, rows
+                                  features, in step            named by content hash as in enrolled)
     RUN/gallery/thumbnails/       their photos, small          thumbnail_path
     RUN/calibration.json          open-set threshold chosen    load_calibration / save_calibration
                                   on validation                (OpenSetCalibration)
@@ -81,6 +83,7 @@ _ENSEMBLE = "ensemble.json"
 _REPORT = "report"
 _GALLERY = "gallery"
 _ENROLLED = "enrolled.safetensors"
+_ENROLLED_LOCAL = "enrolled.local.safetensors"
 _THUMBNAILS = "thumbnails"
 _CALIBRATION = "calibration.json"
 _DIAGNOSIS = "diagnose_{split}.json"
@@ -114,6 +117,7 @@ class RunDir(FeatureFiles):
         self.report_dir = self.path / _REPORT
         self.gallery_dir = self.path / _GALLERY
         self.enrolled_path = self.gallery_dir / _ENROLLED
+        self.enrolled_local_path = self.gallery_dir / _ENROLLED_LOCAL
         self.thumbnails_dir = self.gallery_dir / _THUMBNAILS
         self.calibration_path = self.path / _CALIBRATION
         self.pseudo_dir = self.path / _PSEUDO

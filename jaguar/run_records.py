@@ -159,7 +159,14 @@ class OpenSetCalibration:
     pooled over `folds` hold-outs of whole identities (group-aware) from the training gallery,
     validation images as queries; `fold_balanced` is each fold's balanced accuracy (its spread is
     the uncertainty); `curve` holds the sweep ({"threshold", "known_accuracy", "unknown_accuracy",
-    "balanced_accuracy"} lists) and `aggregates` the figures of every aggregate tried."""
+    "balanced_accuracy"} lists) and `aggregates` the figures of every aggregate tried.
+
+    With local pattern evidence (`local_evidence`), the score is instead the aggregate of the fused
+    image probabilities P(same individual) (`fusion`: jaguar.retrieval.post.fusion.FusionModel.to_dict,
+    the isotonic calibrators of the raw cosine and of the verified inlier count and the weight),
+    matched against each photo's top `local_shortlist` gallery images by cosine; `fusion_weights`
+    holds the cross-fitted balanced accuracy of every weight tried. Calibrations written before
+    local evidence existed load with these fields at their defaults (global only)."""
     figures: OpenSetFigures  # at the chosen threshold, pooled over the folds
     aggregate: str
     folds: int
@@ -168,6 +175,10 @@ class OpenSetCalibration:
     aggregates: dict[str, dict[str, float]]
     held_out_groups: str  # how the hold-outs respected near-duplicate groups, in words
     features: str = ""  # the features' provenance (checkpoint) the threshold belongs to
+    local_evidence: bool = False  # the threshold is on the fused probability (cosine + verified inliers)
+    fusion: Optional[dict] = None  # FusionModel.to_dict() when local_evidence, else None
+    local_shortlist: int = 0  # gallery images matched locally per photo (retrieval.local.shortlist)
+    fusion_weights: dict[str, float] = field(default_factory=dict)  # weight -> balanced accuracy
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`jaguar identify RUN_DIR PHOTO_OR_FOLDER... [--top-k 5] [-o identify.csv]`: which known
 individual each photo shows, or a new one, at the threshold `jaguar calibrate` chose; writes the
-CSV (photo, rank, individual, score, decision) and a review page beside it."""
+CSV (photo, rank, individual, score, decision; with local evidence also inliers, probability) and a
+review page beside it."""
 
 from __future__ import annotations
 
@@ -35,14 +36,20 @@ def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
     found = identify_photos(run_dir, args.photos, args.top_k, args.checkpoint, args.model)
     output = Path(args.output)
-    write_identify(output, [(r.photo, rank, name, score, r.decision) for r in found.results
-                            for rank, (name, score) in enumerate(r.candidates, start=1)])
+    local = found.calibration.local_evidence
+    write_identify(output, [(r.photo, rank, name, score, r.decision)
+                            + ((r.inliers[rank - 1], r.probabilities[rank - 1]) if local else ())
+                            for r in found.results for rank, (name, score) in enumerate(r.candidates, start=1)])
     page = write_review_page(run_dir, found, args.html or output.with_name(f"{output.stem}_review"))
     for result in found.results:
-        print(f"{result.photo}: {result.decision} (best {result.candidates[0][0]} {result.candidates[0][1]:.4f})")
+        evidence = (f", {result.inliers[0]} inliers, P(same) {result.probabilities[0]:.4f}"
+                    if result.probabilities else "")
+        print(f"{result.photo}: {result.decision} (best {result.candidates[0][0]} {result.candidates[0][1]:.4f}"
+              f"{evidence})")
     new = sum(not r.known for r in found.results)
+    on = "fused probability" if local else "score"
     print(f"{len(found.results)} photo(s): {len(found.results) - new} known, {new} new individual(s); "
-          f"threshold {found.calibration.figures.threshold:.4f}; wrote {output} and {page}")
+          f"threshold {found.calibration.figures.threshold:.4f} on the {on}; wrote {output} and {page}")
     warning = uninformative(found.calibration)
     if warning:
         print(f"jaguar identify: {warning} (from `jaguar calibrate`)", file=sys.stderr)

@@ -20,7 +20,7 @@ with that identity)."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -110,9 +110,13 @@ def choose_threshold(sweep: list[OpenSetFigures], scores: np.ndarray) -> float:
 
 def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequence[str]] = (),
                        folds: int = DEFAULT_FOLDS, seed: int = 0,
-                       aggregates: Sequence[str] = AGGREGATES) -> OpenSetCalibration:
+                       aggregates: Sequence[str] = AGGREGATES, local: Optional[tuple] = None) -> OpenSetCalibration:
     """Choose aggregate and threshold (module docstring) from labelled training and validation
-    features. Raises CalibrationError when validation has no labelled images or too few identities."""
+    features. local: None for the global decision (the cosine), or (training LocalFeatureSet,
+    validation LocalFeatureSet, jaguar.retrieval.openset.evidence.LocalEvidence) for the decision on
+    the fused probability (jaguar.retrieval.openset.fused; the fusion weight chosen with the
+    aggregate, see `_fused_choice`). Raises CalibrationError when validation has no labelled images
+    or too few identities."""
     queries = val.labelled()
     if len(queries) == 0:
         raise CalibrationError("the validation features hold no labelled image; train with data.val_fraction > 0 "
@@ -131,9 +135,33 @@ def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequ
     joined = sum(len(block) > 1 for block in blocks)
     how = (f"{len(blocks)} blocks of identities, {joined} joined by shared near-duplicate groups" if groups
            else "whole identities (no near-duplicate groups recorded in the run's split)")
+    decide = (lambda aggregate: [fold_decisions(train, queries, held_out, aggregate) for held_out in held])
+    extra: dict = {}
+    if local is None:
+        tried = _sweep_aggregates(aggregates, decide)
+    else:
+        tried, extra = _fused_choice(train, queries, held, local, aggregates)
+    chosen = max(aggregates, key=lambda a: (round(tried[a]["figures"].balanced_accuracy, 12),
+                                            -list(aggregates).index(a)))
+    figures, sweep = tried[chosen]["figures"], tried[chosen]["sweep"]
+    step = max(1, len(sweep) // CURVE_POINTS)
+    points = sweep[::step] + ([sweep[-1]] if (len(sweep) - 1) % step else [])
+    curve = {key: [float(getattr(p, key)) for p in points]
+             for key in ("threshold", "known_accuracy", "unknown_accuracy", "balanced_accuracy")}
+    table = {a: {"threshold": v["figures"].threshold, "balanced_accuracy": v["figures"].balanced_accuracy,
+                 "geometric_mean": v["figures"].geometric_mean, "known_rank1": v["figures"].known_rank1}
+             for a, v in tried.items()}
+    return OpenSetCalibration(
+        figures=figures, aggregate=chosen, folds=len(held), fold_balanced=tried[chosen]["fold_balanced"],
+        curve=curve, aggregates=table, held_out_groups=how, features=str(train.meta.get("source", "")), **extra)
+
+
+def _sweep_aggregates(aggregates: Sequence[str], decide) -> dict[str, dict]:
+    """For each aggregate: the pooled figures, sweep and fold balanced accuracies at the threshold
+    `choose_threshold` picks from the folds' decisions `decide(aggregate)`."""
     tried: dict[str, dict] = {}
     for aggregate in aggregates:
-        per_fold = [fold_decisions(train, queries, held_out, aggregate) for held_out in held]
+        per_fold = decide(aggregate)
         scores, right, known = (np.concatenate([fold[i] for fold in per_fold]) for i in range(3))
         if not known.any() or known.all():
             raise CalibrationError(f"the validation images give {int(known.sum())} known and {int((~known).sum())} "
@@ -147,25 +175,44 @@ def calibrate_features(train: FeatureSet, val: FeatureSet, groups: Sequence[Sequ
                          if fold[2].any() and not fold[2].all()]
         tried[aggregate] = {"figures": figures, "sweep": sweep, "fold_balanced": fold_balanced}
         log.info("aggregate %s: threshold %.4f, balanced accuracy %.4f", aggregate, threshold, figures.balanced_accuracy)
-    chosen = max(aggregates, key=lambda a: (round(tried[a]["figures"].balanced_accuracy, 12),
-                                            -list(aggregates).index(a)))
-    figures, sweep = tried[chosen]["figures"], tried[chosen]["sweep"]
-    step = max(1, len(sweep) // CURVE_POINTS)
-    points = sweep[::step] + ([sweep[-1]] if (len(sweep) - 1) % step else [])
-    curve = {key: [float(getattr(p, key)) for p in points]
-             for key in ("threshold", "known_accuracy", "unknown_accuracy", "balanced_accuracy")}
-    table = {a: {"threshold": v["figures"].threshold, "balanced_accuracy": v["figures"].balanced_accuracy,
-                 "geometric_mean": v["figures"].geometric_mean, "known_rank1": v["figures"].known_rank1}
-             for a, v in tried.items()}
-    return OpenSetCalibration(
-        figures=figures, aggregate=chosen, folds=len(held), fold_balanced=tried[chosen]["fold_balanced"],
-        curve=curve, aggregates=table, held_out_groups=how, features=str(train.meta.get("source", "")))
+    return tried
 
 
-def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS) -> OpenSetCalibration:
+def _fused_choice(train: FeatureSet, queries: FeatureSet, held: list[set[str]], local: tuple,
+                  aggregates: Sequence[str]) -> tuple[dict[str, dict], dict]:
+    """The fused decision (jaguar.retrieval.openset.fused): every weight of DEFAULT_WEIGHTS with
+    every aggregate on the cross-fitted validation decisions; the weight whose best aggregate has
+    the highest pooled balanced accuracy is kept (ties: the larger global weight, the more
+    conservative). Returns that weight's aggregates' results and the record's local fields."""
+    from jaguar.retrieval.openset.fused import FusedFolds, fusion_model, local_inputs
+    from jaguar.retrieval.post.fusion import DEFAULT_WEIGHTS
+
+    train_local, val_local, evidence = local
+    gallery_local, query_local = local_inputs(train_local, val_local, train.labelled(), queries)
+    evidence.gallery = gallery_local
+    folds = FusedFolds(train.labelled(), queries, held, query_local, evidence)
+    log.info("local evidence: %d pairs matched (shortlist %d), calibrators %s", folds.matched_pairs,
+             evidence.shortlist, "cross-fitted over the folds" if folds.cross_fitted else "fitted on every query")
+    by_weight = {weight: _sweep_aggregates(aggregates, lambda a, w=weight: folds.decisions(w, a))
+                 for weight in DEFAULT_WEIGHTS}
+    balanced = {weight: max(v["figures"].balanced_accuracy for v in tried.values()) for weight, tried in by_weight.items()}
+    weight = max(DEFAULT_WEIGHTS, key=lambda w: (round(balanced[w], 12), w))
+    log.info("fusion weight %.1f (balanced accuracy %.4f; weight 1.0, global only: %.4f)", weight, balanced[weight],
+             balanced[1.0])
+    return by_weight[weight], {"local_evidence": True, "fusion": fusion_model(folds, weight).to_dict(),
+                               "local_shortlist": evidence.shortlist,
+                               "fusion_weights": {f"{w:.1f}": float(b) for w, b in balanced.items()}}
+
+
+def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS, local: Optional[bool] = None) -> OpenSetCalibration:
     """`jaguar calibrate`: calibrate on the run's training and validation features (each extracted
     first when missing, announced: extract.require_features) and the near-duplicate groups of its
-    split; saves and returns the calibration."""
+    split; saves and returns the calibration.
+
+    local: whether the decision uses local pattern evidence (the fused probability); None: when the
+    run has the validation split's local features (`jaguar match RUN --split val` made them). With
+    it, the validation and training local features are read (each extracted first when missing,
+    announced: jaguar.retrieval.local.split_features.local_features)."""
     from jaguar.retrieval.openset.gallery import require_trained_run
 
     from jaguar.retrieval.extract import require_features
@@ -176,7 +223,16 @@ def calibrate_run(run: RunDir, folds: int = DEFAULT_FOLDS) -> OpenSetCalibration
     val = require_features(run, "val", "jaguar calibrate")
     train = training_features(run, needed_by="jaguar calibrate")
     groups = run.load_split().groups if run.split_path.is_file() else []
-    calibration = calibrate_features(train, val, groups, folds, cfg.run.seed)
+    if local is None:
+        local = run.local_features_path("val").is_file()
+    evidence = None
+    if local:
+        from jaguar.retrieval.local.split_features import local_features
+        from jaguar.retrieval.openset.evidence import LocalEvidence
+
+        evidence = (local_features(run, "train", "jaguar calibrate"), local_features(run, "val", "jaguar calibrate"),
+                    LocalEvidence.from_config(cfg, []))
+    calibration = calibrate_features(train, val, groups, folds, cfg.run.seed, local=evidence)
     run.save_calibration(calibration)
     return calibration
 
@@ -201,7 +257,10 @@ def describe(calibration: OpenSetCalibration) -> str:
     """The calibration in a few lines, for the command line (with `uninformative`'s warning, if any)."""
     spread = float(np.std(calibration.fold_balanced)) if calibration.fold_balanced else float("nan")
     warning = uninformative(calibration)
-    return (f"new-individual threshold {calibration.figures.threshold:.4f} on the {calibration.aggregate} score "
+    score = (f"fused probability (cosine and verified inliers against the top {calibration.local_shortlist}, "
+             f"global weight {calibration.fusion['weight']:.1f})" if calibration.local_evidence and calibration.fusion
+             else "score")
+    return (f"new-individual threshold {calibration.figures.threshold:.4f} on the {calibration.aggregate} {score} "
             f"({calibration.folds} folds; {calibration.held_out_groups})\n"
             f"known accuracy {calibration.figures.known_accuracy:.4f} ({calibration.figures.num_known} known queries), "
             f"unknown accuracy {calibration.figures.unknown_accuracy:.4f} ({calibration.figures.num_unknown} unknown queries)\n"

@@ -65,3 +65,49 @@ def gallery_listing(run: RunDir) -> list[tuple[str, int, str]]:
     counts = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(individuals)).tolist()
     return [(name, count, "enrolled" if name in enrolled_names else "training")
             for name, count in zip(individuals, counts)]
+
+
+class IndividualGrouping:
+    """The gallery's columns grouped by individual (`individual`: (N,) int, each row's individual
+    among `count`): `order` sorts gallery rows by individual (stable), `present` the individuals
+    with images, `starts` their first grouped column. Used to aggregate a photo's image scores per
+    individual without a loop over individuals (jaguar.retrieval.openset.identify.individual_scores)."""
+
+    def __init__(self, individual: np.ndarray, count: int) -> None:
+        counts = np.bincount(individual, minlength=count)
+        self.present = np.nonzero(counts)[0]
+        self.starts = (np.cumsum(counts) - counts)[self.present]
+        self.counts = counts[self.present]
+        self.order = np.argsort(individual, kind="stable")
+        self.segment = np.repeat(np.arange(self.present.size), self.counts)  # grouped column -> its individual
+
+    def reduce(self, similarity: np.ndarray, top_n: int) -> np.ndarray:
+        """(rows, present individuals) max (top_n 1) or mean of the top_n best of each individual's
+        columns of `similarity` (rows, grouped columns), which is overwritten."""
+        best = np.maximum.reduceat(similarity, self.starts, axis=1)
+        if top_n == 1:
+            return best
+        wanted = np.minimum(self.counts, top_n)
+        total = np.zeros_like(best)
+        needed = np.broadcast_to(wanted, best.shape).copy()
+        for round_ in range(top_n):
+            at_best = similarity == best[:, self.segment]
+            taken = np.minimum(np.add.reduceat(at_best, self.starts, axis=1, dtype=np.int64), needed)
+            total += np.where(taken > 0, best, 0.0).astype(best.dtype) * taken
+            needed -= taken
+            if round_ == top_n - 1 or not needed.any():
+                break
+            similarity[at_best] = -np.inf
+            best = np.maximum.reduceat(similarity, self.starts, axis=1)
+        return total / wanted.astype(best.dtype)
+
+
+def aggregate_by_individual(image_scores: np.ndarray, individual: np.ndarray, count: int, top_n: int) -> np.ndarray:
+    """(Q, count) max (top_n 1) or mean of the top_n best of each individual's image scores
+    (image_scores: (Q, N) in gallery row order; individual: (N,) each row's individual); -inf for an
+    individual without images; the dtype of `image_scores`."""
+    grouping = IndividualGrouping(np.asarray(individual, dtype=np.int64), count)
+    scores = np.full((image_scores.shape[0], count), -np.inf, dtype=image_scores.dtype)
+    if image_scores.shape[0]:
+        scores[:, grouping.present] = grouping.reduce(np.array(image_scores[:, grouping.order]), top_n)
+    return scores

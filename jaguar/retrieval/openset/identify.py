@@ -28,7 +28,7 @@ import torch
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_bytes
 from jaguar.core.features import FeatureSet
-from jaguar.retrieval.openset.gallery import individual_rows
+from jaguar.retrieval.openset.gallery import IndividualGrouping, aggregate_by_individual, individual_rows
 from jaguar.core.knn import stable_top
 from jaguar.run import OpenSetCalibration, RunDir
 
@@ -128,45 +128,40 @@ def individual_scores(queries: torch.Tensor, gallery: Gallery, aggregate: str) -
     retire it. Memory O(chunk x N + Q x I), time O(Q x N x (D + n)). Raises IdentifyError for an
     unknown aggregate."""
     top_n = aggregate_top_n(aggregate)
-    individual = gallery.individual.long().numpy()
-    counts = np.bincount(individual, minlength=len(gallery.individuals))
-    present = np.nonzero(counts)[0]
-    starts = (np.cumsum(counts) - counts)[present]
-    wanted = np.minimum(counts[present], top_n)
-    grouped = gallery.embeddings.float()[torch.from_numpy(np.argsort(individual, kind="stable"))]
-    segment = np.repeat(np.arange(present.size), counts[present])  # grouped column -> its individual
+    grouping = IndividualGrouping(gallery.individual.long().numpy(), len(gallery.individuals))
+    grouped = gallery.embeddings.float()[torch.from_numpy(grouping.order)]
     scores = np.full((queries.shape[0], len(gallery.individuals)), -np.inf, dtype=np.float32)
     step = max(1, _CHUNK_BYTES // (8 * max(grouped.shape[0], 1)))
     buffer = torch.empty((min(step, queries.shape[0]), grouped.shape[0]), dtype=torch.float32)
     for start in range(0, queries.shape[0], step):
         rows = queries[start:start + step].float()
         similarity = torch.matmul(rows, grouped.T, out=buffer[:rows.shape[0]]).numpy()
-        best = np.maximum.reduceat(similarity, starts, axis=1)
-        if top_n == 1:
-            scores[start:start + step, present] = best
-            continue
-        total = np.zeros_like(best)
-        needed = np.broadcast_to(wanted, best.shape).copy()
-        for round_ in range(top_n):
-            at_best = similarity == best[:, segment]
-            taken = np.minimum(np.add.reduceat(at_best, starts, axis=1, dtype=np.int64), needed)
-            total += np.where(taken > 0, best, 0.0).astype(np.float32) * taken
-            needed -= taken
-            if round_ == top_n - 1 or not needed.any():
-                break
-            similarity[at_best] = -np.inf  # the buffer's rows: refilled by the next chunk
-            best = np.maximum.reduceat(similarity, starts, axis=1)
-        scores[start:start + step, present] = total / wanted.astype(np.float32)
+        scores[start:start + step, grouping.present] = grouping.reduce(similarity, top_n)
     return torch.from_numpy(scores)
+
+
+def aggregate_image_scores(image_scores: np.ndarray, gallery: Gallery, aggregate: str) -> np.ndarray:
+    """(Q, I) per-individual `aggregate` of image scores (Q, N) given in gallery row order (e.g. the
+    fused probabilities of jaguar.retrieval.openset.evidence), the way `individual_scores` aggregates
+    cosines; -inf for an individual without images; the dtype of `image_scores`."""
+    return aggregate_by_individual(image_scores, gallery.individual.long().numpy(), len(gallery.individuals),
+                                   aggregate_top_n(aggregate))
 
 
 @dataclass
 class PhotoResult:
-    """One identified photo: its candidates (individual, score), best first, and the decision."""
+    """One identified photo: its candidates (individual, aggregated cosine score), best first, and the
+    decision. With local evidence (the calibration's): each candidate's fused probability (what the
+    decision and the order use), the inliers of its best-matching gallery image and that match
+    (jaguar.retrieval.openset.evidence.Correspondence), and the photo's picture to draw it on."""
     photo: str
     candidates: list[tuple[str, float]]
     known: bool
     thumbnail: bytes = b""
+    probabilities: list[float] = field(default_factory=list)
+    inliers: list[int] = field(default_factory=list)
+    correspondences: list = field(default_factory=list)
+    picture: bytes = b""
 
     @property
     def decision(self) -> str:
@@ -210,16 +205,47 @@ def identify_photos(run: RunDir, items: Sequence[str | Path], top_k: int = 5,
     calibration = run.load_calibration()
     photos, problems = require_photos(items)
     gallery = load_gallery(run, onnx_path)
-    embedder = PhotoEmbedder(run, checkpoint, onnx_path=onnx_path)
+    local = calibration.local_evidence and calibration.fusion is not None
+    embedder = PhotoEmbedder(run, checkpoint, onnx_path=onnx_path, local_extractor=_extractor(run) if local else None)
     check_same_weights(gallery, embedder.source, run)
     embedded = embedder.embed(photos)
     problems = problems + embedded.problems
     if not embedded.paths:
         raise PhotoError("no photo could be read: " + "; ".join(f"{p.path}: {p.reason}" for p in problems))
+    if local:
+        return Identification(_identify_with_evidence(run, embedded, gallery, calibration, top_k), problems, gallery,
+                              calibration)
     ranked = rank_individuals(embedded.embeddings, gallery, calibration, top_k)
     results = [PhotoResult(str(path), candidates, known, thumb)
                for path, (candidates, known), thumb in zip(embedded.paths, ranked, embedded.thumbnails)]
     return Identification(results, problems, gallery, calibration)
+
+
+def _extractor(run: RunDir):
+    from jaguar.retrieval.local.configured import make_extractor
+
+    return make_extractor(run.load_config().retrieval.local)
+
+
+def _identify_with_evidence(run: RunDir, embedded, gallery: Gallery, calibration: OpenSetCalibration,
+                            top_k: int) -> list[PhotoResult]:
+    """The photos decided on the fused probability of the calibration's model (local evidence:
+    jaguar.retrieval.openset.evidence.rank_with_evidence against the gallery's local features)."""
+    from jaguar.retrieval.openset.evidence import LocalEvidence, rank_with_evidence
+    from jaguar.retrieval.openset.local_gallery import gallery_local_features
+    from jaguar.retrieval.post.fusion import FusionModel
+
+    model = FusionModel.from_dict(calibration.fusion, f"{run.calibration_path} fusion")
+    cfg = run.load_config()
+    evidence = LocalEvidence.from_config(cfg, gallery_local_features(run, gallery.refs))
+    evidence.shortlist = calibration.local_shortlist or evidence.shortlist  # the width the threshold was chosen at
+    similarity = (embedded.embeddings.float() @ gallery.embeddings.float().T).numpy()
+    ranked = rank_with_evidence(similarity, embedded.local, evidence, model, gallery.individual.long().numpy(),
+                                len(gallery.individuals), gallery.refs, aggregate_top_n(calibration.aggregate),
+                                calibration.figures.threshold, top_k)
+    return [PhotoResult(str(path), [(gallery.individuals[i], cos) for i, cos in zip(r.candidates, r.cosine)], r.known,
+                        thumb, r.probability, r.inliers, r.correspondences, picture)
+            for path, r, thumb, picture in zip(embedded.paths, ranked, embedded.thumbnails, embedded.pictures)]
 
 
 def check_same_weights(gallery: Gallery, source: str, run: RunDir) -> None:
@@ -264,7 +290,9 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
     """`jaguar enroll`: add individual `name` to the run's gallery from the photos `items`, without
     retraining. All or nothing: any unreadable photo, a photo already in the gallery or a taken name
     raises IdentifyError/PhotoError naming it, and the gallery is left as it was; the new
-    embeddings are appended to the run's enrolled gallery (RunDir.save_enrolled) in one atomic write."""
+    embeddings are appended to the run's enrolled gallery (RunDir.save_enrolled) in one atomic write,
+    after their local features (retrieval.local's extractor, on the photo as read for embedding) are
+    appended to RunDir.enrolled_local_path, kept in step row for row (local_gallery.enrolled_local_in_step)."""
     from jaguar.retrieval.openset.gallery import require_trained_run
     from jaguar.retrieval.openset.photos import PhotoEmbedder, PhotoError, require_photos
 
@@ -272,7 +300,7 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
     photos, problems = require_photos(items)
     gallery = load_gallery(run, onnx_path)
     name = check_individual_name(name, gallery)
-    embedder = PhotoEmbedder(run, checkpoint, onnx_path=onnx_path)
+    embedder = PhotoEmbedder(run, checkpoint, onnx_path=onnx_path, local_extractor=_extractor(run))
     check_same_weights(gallery, embedder.source, run)
     embedded = embedder.embed(photos)
     problems += embedded.problems
@@ -301,5 +329,11 @@ def enroll(run: RunDir, name: str, items: Sequence[str | Path], checkpoint: str 
         labels = torch.cat([existing.labels, new.labels])
     else:
         names, embeddings, labels = new.names, new.embeddings, new.labels
+    from jaguar.retrieval.openset.local_gallery import enrolled_local_in_step
+
+    # the local features first: an enrolled row without them only counts 0 inliers, never the reverse
+    enrolled_local_in_step(run, existing.names if existing is not None else [], meta["photos"], embedded.hashes,
+                           embedded.local, lambda path: embedder.local_extractor.extract(embedder.read_rgba(path)[0])
+                           ).save(run.enrolled_local_path)
     run.save_enrolled(FeatureSet(names, embeddings, labels, label_names, meta))
     return Enrolment(name, embedded.paths, len(embedded.paths))

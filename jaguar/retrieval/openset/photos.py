@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,6 +31,7 @@ from jaguar.core.embedding import embed_batches
 from jaguar.run import RunDir
 
 THUMBNAIL_SIDE = 192  # pixels, long side of the thumbnails kept for review pages
+REVIEW_SIDE = 512  # pixels, long side of the picture a review page draws correspondences on
 
 
 class PhotoError(JaguarError, ValueError):
@@ -46,12 +47,16 @@ class PhotoProblem:
 @dataclass
 class EmbeddedPhotos:
     """The readable photos in the order given, their L2-normalised embeddings (N x D float32),
-    their thumbnails (PNG bytes, long side THUMBNAIL_SIDE) and content hashes (sha256, hex)."""
+    their thumbnails (PNG bytes, long side THUMBNAIL_SIDE) and content hashes (sha256, hex); with a
+    local extractor, each photo's local features (in its pixels, as converted by prep) and a
+    larger picture (PNG, long side REVIEW_SIDE) to draw correspondences on, else empty lists."""
     paths: list[Path]
     embeddings: torch.Tensor
     thumbnails: list[bytes]
     hashes: list[str]
     problems: list[PhotoProblem]
+    local: list = field(default_factory=list)  # LocalFeatures
+    pictures: list[bytes] = field(default_factory=list)
 
 
 def list_photos(items: Sequence[str | Path]) -> tuple[list[Path], list[PhotoProblem]]:
@@ -73,9 +78,9 @@ def list_photos(items: Sequence[str | Path]) -> tuple[list[Path], list[PhotoProb
     return photos, problems
 
 
-def _thumbnail(rgba) -> bytes:
+def _thumbnail(rgba, side: int = THUMBNAIL_SIDE) -> bytes:
     image = Image.fromarray(rgba, "RGBA")
-    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -85,10 +90,13 @@ class PhotoEmbedder:
     """The run's model (its extraction checkpoint: best, else the newest; or `checkpoint`; the
     pretrained backbone of a zero-shot run) on CPU
     or the first GPU, or an exported model (`onnx_path`, run by onnxruntime on the CPU, its
-    preprocessing from its metadata; no checkpoint read), with the prep settings of the run's shards."""
+    preprocessing from its metadata; no checkpoint read), with the prep settings of the run's shards.
+    local_extractor: a jaguar.retrieval.local extractor run on each photo's RGBA as read here (the
+    photo is read once for both), or None."""
 
     def __init__(self, run: RunDir, checkpoint: str | Path | None = None, batch_size: int = 16,
-                 onnx_path: str | Path | None = None) -> None:
+                 onnx_path: str | Path | None = None, local_extractor=None) -> None:
+        self.local_extractor = local_extractor
         cfg: Config = run.load_config()
         self.device = torch.device("cuda" if torch.cuda.is_available() and onnx_path is None else "cpu")
         if onnx_path is not None:
@@ -116,20 +124,28 @@ class PhotoEmbedder:
         self.max_side = int(options.get("max_side", 1024))
         self.encoding = str(options.get("encoding", "png"))
 
-    def _prepare(self, path: Path) -> tuple[torch.Tensor, bytes, str]:
+    def read_rgba(self, path: Path) -> tuple[object, dict]:
+        """(H x W x 4 uint8 RGBA, prep's result) of a photo as `jaguar prep` would store it; PhotoError
+        when prep cannot convert it."""
         result = convert_image(str(path), False, self.max_side, self.encoding)
         if "error" in result:
             raise PhotoError(result["error"])
-        rgba = decode_rgba({f".{name}": data for name, data in result["members"].items()}, str(path))
+        return decode_rgba({f".{name}": data for name, data in result["members"].items()}, str(path)), result
+
+    def _prepare(self, path: Path) -> tuple[torch.Tensor, bytes, str, object, bytes]:
+        rgba, result = self.read_rgba(path)
         image = self.transform(rgba, {"alpha_bbox": result["alpha_bbox"]})
-        return image, _thumbnail(rgba), hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        local, picture = None, b""
+        if self.local_extractor is not None:
+            local, picture = self.local_extractor.extract(rgba), _thumbnail(rgba, REVIEW_SIDE)
+        return image, _thumbnail(rgba), hashlib.sha256(path.read_bytes()).hexdigest()[:32], local, picture
 
     def embed(self, photos: Sequence[Path]) -> EmbeddedPhotos:
         """Embed `photos`; an unreadable one becomes a PhotoProblem (file and reason), the rest go on."""
-        tensors, kept, thumbs, hashes, problems = [], [], [], [], []
+        tensors, kept, thumbs, hashes, problems, local, pictures = [], [], [], [], [], [], []
         for path in photos:
             try:
-                image, thumb, digest = self._prepare(Path(path))
+                image, thumb, digest, features, picture = self._prepare(Path(path))
             except (PhotoError, OSError, JaguarError) as err:
                 problems.append(PhotoProblem(Path(path), str(err)))
                 continue
@@ -137,6 +153,9 @@ class PhotoEmbedder:
             kept.append(Path(path))
             thumbs.append(thumb)
             hashes.append(digest)
+            if features is not None:
+                local.append(features)
+                pictures.append(picture)
         batches = [(torch.stack(tensors[i:i + self.batch_size]), list(range(i, min(i + self.batch_size, len(tensors)))))
                    for i in range(0, len(tensors), self.batch_size)]
         # the autocast extraction uses (extract_split): bf16 on a GPU that has it, else fp32
@@ -146,7 +165,7 @@ class PhotoEmbedder:
                                       size_multiple=self.model.size_multiple)
         if embeddings.numel() == 0:
             embeddings = torch.zeros(0, self.model.embed_dim)
-        return EmbeddedPhotos(kept, embeddings, thumbs, hashes, problems)
+        return EmbeddedPhotos(kept, embeddings, thumbs, hashes, problems, local, pictures)
 
 
 def require_photos(items: Sequence[str | Path]) -> tuple[list[Path], list[PhotoProblem]]:
