@@ -1,8 +1,10 @@
 """Open-set identification on a synthetic set: train on some identities, then identify photos of
 known and unseen ones. Prints the calibration (validation, identity hold-outs) and the figures on
 held-out photos: known rank-1, known / unknown accuracy, balanced accuracy and geometric mean at the
-calibrated threshold; then enrols one unseen identity from two photos and prints how many of its
-other photos are identified as it.
+calibrated threshold, first on the cosine alone (`jaguar calibrate --no-local`), then, unless
+--no-local, with local pattern evidence (`jaguar match RUN --split val`, then `jaguar calibrate`:
+the decision on the fused probability of the cosine and the verified keypoint inliers); then enrols
+one unseen identity from two photos and prints how many of its other photos are identified as it.
 
     python benchmarks/openset_synth.py --identities 8 --train-images 240 --size 128 --epochs 40
 
@@ -62,12 +64,29 @@ def jaguar(*args: str) -> str:
 
 
 def decisions(csv_path: Path) -> dict[str, tuple[str, float, str]]:
-    """photo -> (best individual, score, decision) from an identify CSV."""
+    """photo -> (best individual, score the decision is taken on, decision) from an identify CSV:
+    the fused probability where the CSV has it, else the cosine score."""
     best = {}
     for row in csv.DictReader(open(csv_path, newline="")):
         if row["rank"] == "1":
-            best[row["photo"]] = (row["individual"], float(row["score"]), row["decision"])
+            best[row["photo"]] = (row["individual"], float(row.get("probability") or row["score"]), row["decision"])
     return best
+
+
+def held_out_figures(run: RunDir, queries: list[Path], truth: dict[str, str], known: list[str], out: Path,
+                     label: str) -> None:
+    """Identify `queries` with the run's current calibration and print the open-set figures."""
+    jaguar("identify", str(run.path), *map(str, queries), "-o", str(out))
+    best = decisions(out)
+    calibration = run.load_calibration()
+    scores = [best[str(p)][1] for p in queries]
+    right = [best[str(p)][0] == truth[str(p)] and truth[str(p)] in known for p in queries]
+    is_known = [truth[str(p)] in known for p in queries]
+    figures = open_set_figures(scores, right, is_known, calibration.figures.threshold)
+    print(f"{label}: held-out photos: {figures.num_known} of known identities, {figures.num_unknown} of unseen ones")
+    print(f"{label}: known rank-1 {figures.known_rank1:.3f}; at the calibrated threshold {figures.threshold:.4f}: known "
+          f"accuracy {figures.known_accuracy:.3f}, unknown accuracy {figures.unknown_accuracy:.3f}, balanced "
+          f"{figures.balanced_accuracy:.3f}, geometric mean {figures.geometric_mean:.3f} (chance: balanced 0.5)")
 
 
 def main() -> None:
@@ -80,6 +99,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--img-size", default="[80,160]")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--no-local", action="store_true", help="the cosine decision only (no `jaguar match`)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="jaguar-openset-"))
     started = time.time()
@@ -90,22 +110,16 @@ def main() -> None:
     run = RunDir(work / "run")
     jaguar("train", str(ROOT / "recipes" / "tiny_cpu.py"), f"data.shards={work / 'shards'}", f"run.dir={run.path}",
            f"train.epochs={args.epochs}", f"model.img_size={args.img_size}", "data.val_fraction=0.25")
-    print(jaguar("calibrate", str(run.path)).strip())
+    print("global only: " + jaguar("calibrate", str(run.path), "--no-local").strip())
     unseen = sorted(set(photos) - set(known))
     enrol_name, enrol_photos = unseen[0], photos[unseen[0]][:2]
     queries = [p for name in sorted(photos) for p in photos[name] if p not in enrol_photos]
     truth = {str(p): name for name in photos for p in photos[name]}
-    jaguar("identify", str(run.path), *map(str, queries), "-o", str(work / "before.csv"))
-    best = decisions(work / "before.csv")
-    calibration = run.load_calibration()
-    scores = [best[str(p)][1] for p in queries]
-    right = [best[str(p)][0] == truth[str(p)] and truth[str(p)] in known for p in queries]
-    is_known = [truth[str(p)] in known for p in queries]
-    figures = open_set_figures(scores, right, is_known, calibration.figures.threshold)
-    print(f"held-out photos: {figures.num_known} of known identities, {figures.num_unknown} of unseen ones")
-    print(f"known rank-1 {figures.known_rank1:.3f}; at the calibrated threshold {figures.threshold:.4f}: known "
-          f"accuracy {figures.known_accuracy:.3f}, unknown accuracy {figures.unknown_accuracy:.3f}, balanced "
-          f"{figures.balanced_accuracy:.3f}, geometric mean {figures.geometric_mean:.3f} (chance: balanced 0.5)")
+    held_out_figures(run, queries, truth, known, work / "before.csv", "global only")
+    if not args.no_local:
+        print(jaguar("match", str(run.path), "--split", "val").strip())
+        print("fused: " + jaguar("calibrate", str(run.path)).strip())
+        held_out_figures(run, queries, truth, known, work / "before_fused.csv", "fused")
     jaguar("enroll", str(run.path), "--name", enrol_name, *map(str, enrol_photos))
     others = [p for p in photos[enrol_name] if p not in enrol_photos]
     jaguar("identify", str(run.path), *map(str, others), "-o", str(work / "after.csv"))

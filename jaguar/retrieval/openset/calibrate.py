@@ -11,6 +11,11 @@ the balanced accuracy of known and unknown queries are kept; AnimalCLEF 2025's f
 unknown accuracy, their geometric mean) are reported with each fold's balanced accuracy as the
 spread.
 
+With local pattern evidence (`calibrate_run(local=...)`: the run's validation local features, made by
+`jaguar match RUN --split val`), the score is the aggregate of fused image probabilities instead of
+cosines, and the fusion weight is chosen with the aggregate and threshold on cross-fitted decisions
+(jaguar.retrieval.openset.fused); without it everything here is as it was.
+
 Group-aware: identities are held out in connected blocks, two identities joined when a
 near-duplicate group of the run's split (the split record's "groups", written by a group-aware split)
 holds images of both, so no held-out image has a near-duplicate left in the gallery. Without

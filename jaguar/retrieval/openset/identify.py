@@ -7,6 +7,12 @@ scored per individual by aggregating its cosine similarities to that individual'
 decided "known: NAME" when its best individual's score reaches the threshold `jaguar calibrate`
 chose on validation, else "new individual" (AnimalCLEF's open-set task).
 
+With local pattern evidence (a calibration made with it: calibration.local_evidence), each photo's
+keypoints are also matched against its top-B gallery images by cosine and the photo is decided on
+the aggregate of its fused image probabilities P(same individual) instead
+(jaguar.retrieval.openset.evidence; the gallery's local features: local_gallery); each candidate
+then carries the verified correspondences of its best-matching gallery image for the review page.
+
 Post-processing: the run's query expansion and k-reciprocal re-ranking rank a set of queries
 against each other; a field photo is identified on its own, so identification scores the plain
 cosine similarity, the same score the threshold was calibrated on.
