@@ -1,6 +1,7 @@
 """The report's open-set section: the new-individual threshold `jaguar calibrate` chose on
 validation, its figures (known / unknown accuracy, balanced accuracy, geometric mean, per-fold
-spread) and the accuracy-vs-threshold curve; read from the run, never recomputed."""
+spread) and the accuracy-vs-threshold curve, and with local pattern evidence the fusion weight and
+the balanced accuracy at each weight tried; read from the run, never recomputed."""
 
 from __future__ import annotations
 
@@ -28,13 +29,19 @@ def open_set_section(run: RunDir, figure: Callable[[str], Path], img: Callable[[
     except (JaguarError, OSError) as err:
         return "\n".join(parts + [f'<div class="missing">{html.escape(str(err))}</div>'])
     spread = float(np.std(calibration.fold_balanced)) if calibration.fold_balanced else float("nan")
-    rows = [("threshold", f"{calibration.figures.threshold:.4f} on the {calibration.aggregate} score"),
+    fused = calibration.local_evidence and calibration.fusion is not None
+    score = (f"fused probability P(same individual) (cosine weight {calibration.fusion['weight']:.1f}, verified "
+             f"keypoint inliers against the top {calibration.local_shortlist})" if fused else "score")
+    rows = [("threshold", f"{calibration.figures.threshold:.4f} on the {calibration.aggregate} {score}"),
             ("known accuracy", f"{calibration.figures.known_accuracy:.4f} ({calibration.figures.num_known} known queries)"),
             ("unknown accuracy", f"{calibration.figures.unknown_accuracy:.4f} ({calibration.figures.num_unknown} unknown queries)"),
             ("balanced accuracy", f"{calibration.figures.balanced_accuracy:.4f} (+- {spread:.4f} over {calibration.folds} folds)"),
             ("geometric mean (AnimalCLEF)", f"{calibration.figures.geometric_mean:.4f}"),
             ("known rank-1", f"{calibration.figures.known_rank1:.4f}"),
             ("hold-outs", calibration.held_out_groups)]
+    if fused:  # the cross-fitted balanced accuracy at each weight; 1.0: the calibrated cosine alone
+        rows.append(("balanced accuracy by cosine weight", ", ".join(
+            f"{weight}: {value:.4f}" for weight, value in sorted(calibration.fusion_weights.items()))))
     parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
                  + "</table>")
     warning = uninformative(calibration)
