@@ -264,7 +264,3 @@ def format_stage_table(table: list[StageRow]) -> str:
                      f"{row.decision_text():<22}  {row.config.describe()}")
     return "\n".join(lines)
 
-
-def chosen_post(run: RunDir) -> Optional[PostConfig]:
-    """The run's chosen post-processing, or None when tune-post has not run (raw cosine)."""
-    return run.load_post().chosen if run.has_post() else None
