@@ -137,6 +137,11 @@ def test_local_matches_of_other_features_are_refused(tmp_path):
     synthetic_matches(other).save(run.local_matches_path("val"))
     with pytest.raises(LocalEvidenceError, match=r"jaguar match .* --split val --force"):
         tune_post_run(run)
+    stale = synthetic_matches(run.load_features("val"))
+    stale.meta["features_sha256"] = "0" * 64  # matched on features extracted before these
+    stale.save(run.local_matches_path("val"))
+    with pytest.raises(LocalEvidenceError, match=r"earlier val features .* re-run `jaguar match .* --split val`"):
+        tune_post_run(run)
 
 
 def test_a_post_json_written_before_fusion_loads(tmp_path):

@@ -73,6 +73,17 @@ class LocalEvidence:
         return query_xy, gallery_xy, int(self.scores[query, columns[0]])
 
 
+def _features_sha256(path) -> str:
+    """The content checksum a features file records in its metadata ("" when it records none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            return (handle.metadata() or {}).get("sha256", "")
+    except (OSError, ValueError):
+        return ""
+
+
 def match_command(run: "RunDir", split: str) -> str:
     return f"jaguar match {run.path} --split {split}"
 
@@ -81,7 +92,8 @@ def load_local_evidence(run: "RunDir", split: str, names: Sequence[str], require
                         ) -> Optional[LocalEvidence]:
     """The split's local matches (RUN/local/<split>.safetensors) lined up with `names`, the split's
     feature names in the features file's order (which the matches must have been made for: same
-    names, same order). None when the file is absent and not `required`; MissingInputError naming
+    names, same order, and, where the matches record it, the features file's checksum: `jaguar match`
+    shortlists by them). None when the file is absent and not `required`; MissingInputError naming
     `jaguar match RUN --split SPLIT` when it is; LocalEvidenceError when it belongs to other features."""
     path = run.local_matches_path(split)
     if not path.is_file():
@@ -94,6 +106,10 @@ def load_local_evidence(run: "RunDir", split: str, names: Sequence[str], require
         raise LocalEvidenceError(f"{path} was matched for other {split} features ({len(matches.names)} images, "
                                  f"the features file holds {len(names)}, or in another order): re-run "
                                  f"`{match_command(run, split)} --force`")
+    recorded, current = matches.meta.get("features_sha256", ""), _features_sha256(run.features_path(split))
+    if recorded and current and recorded != current:  # the same images, features extracted again since
+        raise LocalEvidenceError(f"{path} was matched on shortlists of earlier {split} features than "
+                                 f"{run.features_path(split)}: re-run `{match_command(run, split)}`")
     return LocalEvidence(matches.shortlist, np.where(matches.shortlist >= 0, matches.matches.scores, 0.0)
                          .astype(np.float64), matches, np.arange(len(names), dtype=np.int64))
 
