@@ -310,6 +310,19 @@ def test_extract_runs_jaguar_extract_on_every_node(cluster: dict) -> None:
         assert argv[argv.index("-m"):] == ["-m", "jaguar.cli.main", "extract", "runs/r1", "--split", "test"]
 
 
+def test_extract_sh_runs_jaguar_match_with_command_match(cluster: dict) -> None:
+    (cluster["submit"] / "runs" / "r1").mkdir(parents=True)
+    result = _sbatch(cluster, "--nodes=2", "slurm/extract.sh", "runs/r1", "--split", "val", COMMAND="match")
+    assert result.returncode == 0, result.stderr
+    calls = _calls(cluster)
+    assert sorted(_option(c["argv"], "--machine_rank") for c in calls) == ["0", "1"]
+    for call in calls:
+        argv = call["argv"]
+        assert argv[argv.index("-m"):] == ["-m", "jaguar.cli.main", "match", "runs/r1", "--split", "val"]
+    refused = _sbatch(cluster, "slurm/extract.sh", "runs/r1", COMMAND="train")
+    assert refused.returncode == 2 and "COMMAND=train: it must be extract or match" in refused.stderr
+
+
 @pytest.mark.parametrize("args, message", [([], "no run directory given"),
                                            (["runs/nope"], "run directory 'runs/nope' not found")])
 def test_extract_needs_an_existing_run_dir(cluster: dict, args: list[str], message: str) -> None:

@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "jaguar.cli.cmd_train",
     "jaguar.cli.cmd_extract",
     "jaguar.cli.cmd_export",
+    "jaguar.cli.cmd_match",
     "jaguar.cli.cmd_tune_post",
     "jaguar.cli.cmd_submit",
     "jaguar.cli.cmd_rank",

@@ -243,6 +243,10 @@ class LocalConfig(Group):
     # homography (MAGSAC++ where OpenCV has it)
     geometry: Literal["similarity", "affine", "homography"] = "affine"
     ransac_threshold: float = ranged(0.02, "(0, 1]")  # inlier reprojection error, a fraction of the longest image side
+    # `jaguar match`: each image is matched against this many other images of its split, its top by the
+    # global (raw cosine) similarity (clipped to the split's size less one); cost grows as N x shortlist
+    shortlist: int = ranged(50, _COUNT)
+    keep_best: int = ranged(5, _COUNT)  # candidates a query keeps the verified correspondences of (to draw)
 
 
 @dataclass

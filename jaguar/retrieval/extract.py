@@ -24,9 +24,7 @@ from jaguar.data.loader import build_eval_loader
 from jaguar.data.manifest import file_sha256
 from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
-from jaguar.formats import UNKNOWN_VIEWPOINT
-from jaguar.progress import progress_bar
-from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, block_grid, fingerprint, rank_blocks
+from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, fingerprint
 from jaguar.core.features import FeatureFileError, FeatureSet
 from jaguar.run import RunDir
 from jaguar.run_checkpoints import EMA_WEIGHTS_FILE, WEIGHTS_FILE
@@ -34,6 +32,7 @@ from jaguar.core.accelerator import build_accelerator
 from jaguar.core.run_split import build_run_split, open_train_split
 
 from jaguar.core.embedding import Embedder, autocast_for, embed_batch, load_embedder
+from jaguar.retrieval.blockwork import images_fingerprint, plan_blocks, split_viewpoints
 
 if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
     from jaguar.core.onnx_model import OnnxEmbedding
@@ -56,16 +55,6 @@ def merge_parts(part_files: list[Path], expected_names: list[str], label_names: 
     embeddings = torch.cat([part.embeddings for part in parts]) if parts else torch.zeros(0, 0)
     labels = torch.cat([part.labels for part in parts]) if parts else torch.zeros(0, dtype=torch.long)
     return FeatureSet(names, embeddings, labels, dict(label_names), dict(meta), viewpoints)
-
-
-def split_viewpoints(split, positions: Sequence[int]) -> Optional[list[str]]:
-    """The viewpoint of each image at `positions` of a shard split (a ShardSplit, or a ConcatSplit of
-    several), None when no part of it has a viewpoint column; an image without one is unknown."""
-    parts = getattr(split, "splits", [split])
-    if all(getattr(part, "viewpoints", None) is None for part in parts):
-        return None
-    flat = [view for part in parts for view in (part.viewpoints or [None] * len(part))]
-    return [flat[p] or UNKNOWN_VIEWPOINT for p in positions]
 
 
 def resolve_source(run: Optional[RunDir], recipe: str | Path | None = None, overrides: Sequence[str] = (),
@@ -147,23 +136,13 @@ def weights_digest(checkpoint: Optional[Path], cfg: Config) -> str:
     return ",".join(f"{f.name}:{file_sha256(f)}" for f in files if f.is_file()) or f"{checkpoint} (missing)"
 
 
-def _image_digests(split) -> list[str]:
-    """The sha256 of every image of a shard split (a ShardSplit, or a ConcatSplit of several), from
-    the manifest: re-prepared images under the same names are other images."""
-    return [sample.sha256 for part in getattr(split, "splits", [split])
-            for sample in part.manifest.splits[part.split].samples]
-
-
 def extraction_key(cfg: Config, split_name: str, split, positions: Sequence[int], checkpoint: Optional[Path],
                    autocast: Optional[torch.dtype], onnx_model: Optional[OnnxEmbedding] = None) -> str:
     """The fingerprint of everything an extracted embedding depends on: the images in order (names
     and content), the weights (content; an exported model's file), the model and eval-transform
     settings, flip TTA and scales, the batch size and the autocast type. A part or features file
     made under another key is stale."""
-    digests = _image_digests(split)
-    views = split_viewpoints(split, positions)
-    images = fingerprint([[split.filenames[p], digests[p]] for p in positions]
-                         + ([["viewpoints", views]] if views is not None else []))
+    images = images_fingerprint(split, positions)
     data = {k: v for k, v in asdict(cfg.data).items() if k not in _TRAINING_ONLY_DATA}
     weights = f"onnx:{onnx_model.digest}" if onnx_model is not None else weights_digest(checkpoint, cfg)
     return fingerprint({"format": 2, "split": split_name, "images": images, "weights": weights,
@@ -270,24 +249,17 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     model = load_embedder(cfg, checkpoint, onnx_model, accelerator.device)
     source = model.source
     rank, world = accelerator.process_index, accelerator.num_processes
-    blocks = block_grid(len(positions), world, block_size, cfg.data.batch_size)
-    mine = rank_blocks(blocks, rank, world)
     # --force replaces the features file: blocks older than it are recomputed, those written after it
     # (by a forced attempt that was interrupted) are this recomputation's own and are reused.
     replaced = out.stat().st_mtime_ns if force and out.is_file() else None
-    todo = [(start, end) for start, end in mine
-            if not _finished_part(run.feature_part_path(split_name, start, end, key), names[start:end], key,
-                                  newer_than=replaced)]
-    total, left = sum(e - s for s, e in mine), sum(e - s for s, e in todo)
-    if left < total:
-        log.info("rank %d: %d of its %d images were extracted by an earlier attempt; %d to go",
-                 rank, total - left, total, left)
-    bar = progress_bar(total=total, initial=total - left, unit="img", enabled=accelerator.is_main_process,
-                       desc=f"extract {split_name}" + (f" (rank 0 of {world})" if world > 1 else ""))
-    with bar:
-        if todo:
-            _embed_blocks(run, split_name, key, model, split, positions, names, todo, cfg, accelerator.device,
-                          autocast, bar)
+    plan = plan_blocks(len(positions), rank, world, block_size, cfg.data.batch_size,
+                       lambda start, end: _finished_part(run.feature_part_path(split_name, start, end, key),
+                                                         names[start:end], key, newer_than=replaced))
+    blocks = plan.blocks
+    with plan.progress(f"extract {split_name}", "img", rank, world) as bar:
+        if plan.todo:
+            _embed_blocks(run, split_name, key, model, split, positions, names, plan.todo, cfg,
+                          accelerator.device, autocast, bar)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         meta = {"split": split_name, "source": source, "key": key, "flip_tta": cfg.retrieval.flip_tta,
