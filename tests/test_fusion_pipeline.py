@@ -149,8 +149,9 @@ def test_a_post_json_written_before_fusion_loads(tmp_path):
     run.path.mkdir()
     row = {"name": "raw", "config": PostConfig().to_dict(), "mAP_balanced": 0.5, "mAP": 0.4, "rank1": 0.6,
            "rank5": 0.8, "rank10": 0.9, "mINP": 0.2, "gain": None, "gain_se": None, "adopted": None}
-    run.post_path.write_text(json.dumps({"chosen": PostConfig().to_dict(), "table": [row, {**row, "name": "blend (chosen)"}],
-                                         "val_size": 50, "searched": True}))
+    table = [row, {**row, "name": "blend (chosen)"}]
+    run.post_path.write_text(json.dumps({"chosen": PostConfig().to_dict(), "table": table, "val_size": 50,
+                                         "searched": True}))
     post = run.load_post()
     assert post.fusion is None and not post.fuses and post.table[0].fusion_weight is None
     assert post.table[1].label() == "chosen: cosine similarity"

@@ -243,9 +243,9 @@ def _evaluation_sections(page: _Page, evaluation: SplitFigures, shards: Any, sha
             figure = plots.stack_pictures(pictures, page.figure(f"matches_{which}_{split}.png"))
             parts.append(f"<p class='sub'>Pattern evidence of these {which} queries: the verified correspondences "
                          f"(<code>jaguar match</code>, {_esc(page.run.local_matches_path(split).name)} in "
-                         f"{_esc(page.run.local_dir.name)}/) between each query and its top candidates, a line between "
-                         f"each pair of matched spots. Same rosettes joined by many parallel lines confirm a match by "
-                         f"eye.</p>")
+                         f"{_esc(page.run.local_dir.name)}/) between each query and its top candidates (one row a "
+                         f"query, in the order of the grid above), a line between each pair of matched spots. Same "
+                         f"rosettes joined by many parallel lines confirm a match by eye.</p>")
             parts.append(page.img(figure, f"verified correspondences, {which} queries {split}"))
 
     parts.append(f"<h2>Similarity distributions — {_esc(split)}</h2>")
