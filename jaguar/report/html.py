@@ -113,7 +113,8 @@ def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
                      f'identity-balanced mAP, cosine{flip}, no post-processing ({_esc(run.metrics_path.name)})'
                      '</div></div>')
     if score is not None:
-        scored = score_table.table[-1].config.describe() if score_table is not None and score_table.table else None
+        last = score_table.table[-1] if score_table is not None and score_table.table else None
+        scored = last.config.describe() + last.fusion_text() if last is not None else None
         how = f"the submission ({scored})" if scored else "the submission"
         parts.append(f'<div class="card"><div class="v">{_fmt(score.mAP_balanced)}</div>'
                      f'<div class="k">test, identity-balanced mAP of {_esc(how)}<br>'
@@ -157,7 +158,7 @@ def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
                      + ". The raw row comes from the extracted features, an embedding pass of its own, not "
                      "from the validation training ran at each epoch (the card above); where the two differ, the "
                      "extracted features are what tune-post, submit and identify use. "
-                     f"Chosen settings: {_esc(post.chosen.describe())}{settings}</p>")
+                     f"Chosen settings: {_esc(post.chosen.describe() + post.table[-1].fusion_text())}{settings}</p>")
         parts.append("<table>" + "".join(rows) + "</table>")
     else:
         parts.append(_missing(post_problem or f"No post-processing table ({run.post_path})",
