@@ -101,7 +101,7 @@ def test_rerun_is_a_noop_and_force_recomputes(matched, monkeypatch):
     np.testing.assert_array_equal(after.matches.scores, before.matches.scores)
 
 
-def test_killed_matching_resumes_with_identical_scores(matched, shards_dir, tmp_path, monkeypatch):
+def test_killed_matching_resumes_with_identical_scores(matched, shards_dir, tmp_path, monkeypatch, caplog, capsys):
     reference = SplitMatches.load(matched.local_matches_path("test"))
     run = _make_run(shards_dir, tmp_path / "run")
     original = stage.match_shortlist
@@ -120,9 +120,14 @@ def test_killed_matching_resumes_with_identical_scores(matched, shards_dir, tmp_
     assert len(run.local_part_files("matches", "test")) == 2
 
     computed.clear()
+    capsys.readouterr()
     monkeypatch.setattr(stage, "match_shortlist", lambda *a, **k: computed.append((a[4], a[5])) or original(*a, **k))
-    _match(run, block_size=4)
+    with caplog.at_level("INFO"):
+        _match(run, block_size=4)
     assert computed == [(8, 12)]  # the finished blocks were reused
+    assert "rank 0: 8 of its 12 queries were done by an earlier attempt; 4 to go" in caplog.text
+    progress = capsys.readouterr().err  # not a terminal: plain progress lines, starting at the reused queries
+    assert "match test (B=5): 8/12 query" in progress and "match test (B=5): 12/12 query" in progress
     resumed = SplitMatches.load(run.local_matches_path("test"))
     np.testing.assert_array_equal(resumed.shortlist, reference.shortlist)
     np.testing.assert_array_equal(resumed.matches.scores, reference.matches.scores)
@@ -183,6 +188,8 @@ def test_one_and_two_processes_agree(matched, tmp_path):
                              "--split", "test", "--block-size", "4"],
                             capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "local features test (rank 0 of 2): 6/6 img" in result.stderr  # rank 0's progress lines
+    assert "match test (B=5) (rank 0 of 2): 6/6 query" in result.stderr
     one_result = SplitMatches.load(matched.local_matches_path("test"))
     two_result = SplitMatches.load(RunDir(two).local_matches_path("test"))
     assert two_result.meta["world_size"] == 2 and one_result.meta["world_size"] == 1
