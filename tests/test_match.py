@@ -188,8 +188,9 @@ def test_one_and_two_processes_agree(matched, tmp_path):
                              "--split", "test", "--block-size", "4"],
                             capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "local features test (rank 0 of 2): 6/6 img" in result.stderr  # rank 0's progress lines
-    assert "match test (B=5) (rank 0 of 2): 6/6 query" in result.stderr
+    # rank 0's progress lines: 3 blocks of 4, rank 0 the first 2
+    assert "local features test (rank 0 of 2): 8/8 img" in result.stderr
+    assert "match test (B=5) (rank 0 of 2): 8/8 query" in result.stderr
     one_result = SplitMatches.load(matched.local_matches_path("test"))
     two_result = SplitMatches.load(RunDir(two).local_matches_path("test"))
     assert two_result.meta["world_size"] == 2 and one_result.meta["world_size"] == 1
