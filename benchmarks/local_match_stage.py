@@ -137,6 +137,8 @@ def main() -> None:
         subprocess.run(command, check=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - started
         records = [json.loads(path.read_text()) for path in sorted(run_path.glob("benchmark-rank*.json"))]
+        import numpy as np
+
         from jaguar.retrieval.local.store import SplitMatches
 
         result = SplitMatches.load(run_path / "local" / "test.safetensors")
@@ -149,10 +151,10 @@ def main() -> None:
         print(f"matching stage (shortlist, blocks, parts, merge): {stage:.1f} s = {pairs / stage:.0f} pairs/s in all, "
               f"{pairs / stage / args.processes:.0f} pairs/s per process (core); launch wall {wall:.1f} s")
         for record in records:
-            print(f"  rank {record['rank']}: features loaded in {record['load_s']:.1f} s, stage {record['stage_s']:.1f} s, "
-                  f"peak RSS {record['peak_rss_mb']:.0f} MB")
-        print(f"verified inliers a candidate: median {float(__import__('numpy').median(result.matches.scores)):.0f}, "
-              f"max {float(result.matches.scores.max()):.0f}")
+            print(f"  rank {record['rank']}: features loaded in {record['load_s']:.1f} s, "
+                  f"stage {record['stage_s']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MB")
+        scores = result.matches.scores
+        print(f"verified inliers a candidate: median {float(np.median(scores)):.0f}, max {float(scores.max()):.0f}")
 
 
 if __name__ == "__main__":
