@@ -121,7 +121,6 @@ def match_split(run: RunDir, split_name: str, cfg: Config, force: bool = False,
         raise JaguarError(f"the block size must be >= 1, got {block_size}")
     cfg.train.precision = "fp32"
     accelerator = build_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
     global_features = require_features(run, split_name, "jaguar match")
     global_sha = global_features_sha256(run.features_path(split_name))
     local_features = extract_local_split(run, split_name, cfg, accelerator, force=force, block_size=block_size)
@@ -129,6 +128,21 @@ def match_split(run: RunDir, split_name: str, cfg: Config, force: bool = False,
         raise JaguarError(f"{run.features_path(split_name)} does not hold the {split_name} images of the run in "
                           f"their order ({len(global_features.names)} against {len(local_features.names)}); "
                           f"re-extract them: `jaguar extract {run.path} --split {split_name} --force`")
+    return match_features(run, split_name, global_features, global_sha, local_features, cfg, accelerator,
+                          force=force, block_size=block_size)
+
+
+def match_features(run: RunDir, split_name: str, global_features: FeatureSet, global_sha: str,
+                   local_features: LocalFeatureSet, cfg: Config, accelerator, force: bool = False,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> MatchResult:
+    """Steps 2 and 3 of `jaguar match` on features in hand: the shortlist (split_shortlist of
+    `global_features`, N x D, B = retrieval.local.shortlist clipped to N - 1) and the matching of
+    `local_features` (the same N images in the same order; `local_features.meta["key"]` their
+    fingerprint) in blocks of `block_size` queries, each process of `accelerator` its contiguous run,
+    merged by rank 0 into run.local_matches_path(split_name). `global_sha`: the global features'
+    checksum, recorded so that re-extracted features invalidate the matches. Collective: every
+    process calls it."""
+    rank, world = accelerator.process_index, accelerator.num_processes
     local = cfg.retrieval.local
     out = run.local_matches_path(split_name)
     shortlist = split_shortlist(global_features, local.shortlist)
