@@ -124,6 +124,25 @@ def test_tune_post_with_local_matches_adds_local_only_and_fused_rows_and_adopts_
     assert f"chosen: {chosen.config.describe()} + fused with local (w = {fused.fusion_weight:g})" in text
 
 
+def test_tune_post_fuses_in_top_m_form_too(tmp_path):
+    run = _run(tmp_path)
+    run.config_path.write_text("retrieval:\n  mode: topm\n  top_m: 12\n")
+    result = tune_post_run(run)
+    rows = {row.name: row for row in result.table}
+    assert list(rows) == ["raw", "+QE", "+re-ranking", "local only", "fused", "blend (chosen)"]
+    assert rows["fused"].adopted and result.fuses and result.fusion.folds == 2
+    assert rows["local only"].mAP_balanced > rows["raw"].mAP_balanced + 0.1
+    # the top-M figures of the chosen fusion are those of the fused lists the pipeline ranks by
+    from jaguar.retrieval.post.search import score_setting, tuning_space
+
+    features = run.load_features("val").normalized()
+    local = load_local_evidence(run, "val", features.names)
+    model = FusionModel.from_dict(result.fusion.model)
+    space = tuning_space(features, features.labels, run.load_config().retrieval)
+    whole = score_setting(space, result.chosen, model, local)  # calibrators fitted on every pair
+    assert whole.mAP_balanced == pytest.approx(rows["fused"].mAP_balanced, abs=0.1)  # vs cross-fitted
+
+
 def test_uninformative_local_matches_are_not_adopted(tmp_path):
     result = tune_post_run(_run(tmp_path, informative=False))
     rows = {row.name: row for row in result.table}

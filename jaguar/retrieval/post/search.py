@@ -25,7 +25,8 @@ from jaguar.config import PostConfig, RetrievalConfig
 from jaguar.core.evaluator import RetrievalMetrics
 from jaguar.core.features import FeatureSet
 from jaguar.retrieval.post.dense import DenseSpace, final_distance
-from jaguar.retrieval.post.fusion import FusionError, FusionModel
+from jaguar.retrieval.post.fusion import (FusionError, FusionModel, FusionSearch, IsotonicCalibrator, fit_fusion,
+                                          search_weights)
 from jaguar.retrieval.post.local_evidence import LocalEvidence
 from jaguar.retrieval.post.space import SearchSpace
 from jaguar.retrieval.post.topm import RankedLists, TopMSpace, final_topm
@@ -135,27 +136,45 @@ def final_ranking(features: FeatureSet, post: Optional[PostConfig],
     return FinalRanking(features, post, search_mode(retrieval, len(features)), int(retrieval.top_m), fusion, local)
 
 
-def fuse_ranked_lists(lists: RankedLists, fusion: FusionModel, local: LocalEvidence) -> RankedLists:
-    """Top-M lists (N x M, global scores 1 - distance) fused with the set's local evidence: each
-    list joined with the query's shortlisted candidates it lacks (their global score: the cosine of
-    `lists.base` when the lists are not re-ranked, exact; else the list's last score, an upper
-    bound), scored by `FusionModel.fuse_lists` (rank scores) and cut back to M, best first, ties by
-    lower index. distance = 1 - fused score; `reordered` (the evaluator ranks them in this order)."""
+def shortlist_global(lists: RankedLists, local: LocalEvidence) -> tuple[np.ndarray, np.ndarray]:
+    """(global, listed): the global score (1 - final distance) of each shortlisted pair (N, B) float64
+    (0 where the shortlist has no candidate) as the top-M form knows it: the list's value where the
+    pair is in the query's top-M list (`listed`, (N, B) bool), else the cosine of `lists.base` when
+    the lists are not re-ranked (exact), else the list's last score (an upper bound)."""
     index = lists.index.numpy().astype(np.int64)
     n, width = index.shape
     list_global = 1.0 - lists.distance.double().numpy()
     shortlist = local.shortlist
     rows = np.arange(n)[:, None]
-    listed_keys = np.sort((rows * n + index).reshape(-1))
-    missing = (shortlist >= 0) & (shortlist != rows) & ~np.isin(rows * n + shortlist, listed_keys)
+    keys = (rows * n + index).reshape(-1)
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], list_global.reshape(-1)[order]
+    wanted = rows * n + np.maximum(shortlist, 0)
+    position = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    listed = (shortlist >= 0) & (keys[position] == wanted) if len(keys) else np.zeros(shortlist.shape, bool)
     if lists.reordered:
-        extra = np.broadcast_to(list_global[:, -1:] if width else np.zeros((n, 1)), shortlist.shape)
+        outside = np.broadcast_to(list_global[:, -1:] if width else np.zeros((n, 1)), shortlist.shape)
     else:
         base = lists.base.double()
         gathered = base[torch.from_numpy(np.maximum(shortlist, 0))]  # (N, B, D)
-        extra = torch.einsum("nd,nbd->nb", base, gathered).numpy()
+        outside = torch.einsum("nd,nbd->nb", base, gathered).numpy()
+    scores = np.where(listed, values[position], outside)
+    return np.where(shortlist >= 0, scores, 0.0), listed
+
+
+def fuse_ranked_lists(lists: RankedLists, fusion: FusionModel, local: LocalEvidence) -> RankedLists:
+    """Top-M lists (N x M, global scores 1 - distance) fused with the set's local evidence: each
+    list joined with the query's shortlisted candidates it lacks (their global score as
+    `shortlist_global` gives it), scored by `FusionModel.fuse_lists` (rank scores) and cut back to
+    M, best first, ties by lower index. distance = 1 - fused score; `reordered` (the evaluator ranks
+    them in this order)."""
+    index = lists.index.numpy().astype(np.int64)
+    n, width = index.shape
+    shortlist = local.shortlist
+    pair_global, listed = shortlist_global(lists, local)
+    missing = (shortlist >= 0) & (shortlist != np.arange(n)[:, None]) & ~listed
     candidates = np.concatenate([index, np.where(missing, shortlist, -1)], axis=1)
-    scores = np.concatenate([list_global, np.where(missing, extra, 0.0)], axis=1)
+    scores = np.concatenate([1.0 - lists.distance.double().numpy(), np.where(missing, pair_global, 0.0)], axis=1)
     fused = fusion.fuse_lists(scores, candidates, shortlist, local.scores)
     by_index = np.argsort(np.where(candidates >= 0, candidates, n), axis=1, kind="stable")
     candidates, fused = np.take_along_axis(candidates, by_index, 1), np.take_along_axis(fused, by_index, 1)
@@ -177,3 +196,37 @@ def score_setting(space: SearchSpace, post: PostConfig, fusion: Optional[FusionM
             global_scores = 1.0 - torch.as_tensor(candidate).double().numpy()
             candidate = torch.from_numpy(1.0 - fusion.fuse_dense(global_scores, local.shortlist, local.scores))
     return space.metrics(candidate)
+
+
+def fit_setting_fusion(space: SearchSpace, post: PostConfig, labels: np.ndarray, local: LocalEvidence
+                       ) -> tuple[FusionSearch, RetrievalMetrics]:
+    """(the fusion search, the global setting's figures) of setting `post` with the labelled set's
+    `local` evidence in its tuning space: dense, `fit_fusion` over the N x N global scores (1 - final
+    distance); top-M, the same search (`search_weights`: cross-fitted calibrators, weights by
+    identity-balanced mAP) over each image's top-M list joined with its shortlist
+    (`shortlist_global`, `fuse_ranked_lists`), scored by the evaluator's ranked-list mode. Raises
+    FusionError when the shortlisted pairs are all of one kind."""
+    candidate = space.final(post)
+    if not isinstance(candidate, RankedLists):
+        global_scores = 1.0 - torch.as_tensor(candidate).double().numpy()
+        return fit_fusion(global_scores, labels, local.shortlist, local.scores), space.metrics(candidate)
+    pair_global, _ = shortlist_global(candidate, local)
+    query_rows, columns = np.nonzero(local.shortlist >= 0)
+    gallery = local.shortlist[query_rows, columns]
+    usable = (gallery != query_rows) & (labels[gallery] >= 0)
+
+    def calibrate(rows: np.ndarray) -> tuple[IsotonicCalibrator, IsotonicCalibrator]:
+        keep = usable & rows[query_rows] & (labels[query_rows] >= 0)
+        same = labels[query_rows[keep]] == labels[gallery[keep]]
+        return (IsotonicCalibrator.fit(pair_global[query_rows[keep], columns[keep]], same),
+                IsotonicCalibrator.fit(local.scores[query_rows[keep], columns[keep]], same))
+
+    def fused_metrics(weight: float, fitted: list) -> RetrievalMetrics:
+        index, distance = candidate.index.clone(), candidate.distance.clone().float()
+        for rows, (global_calibrator, local_calibrator) in fitted:
+            fused = fuse_ranked_lists(candidate, FusionModel(global_calibrator, local_calibrator, weight), local)
+            take = torch.from_numpy(np.asarray(rows, dtype=bool))
+            index[take], distance[take] = fused.index[take].to(index.dtype), fused.distance[take]
+        return space.metrics(RankedLists(index, distance, candidate.base, reordered=True))
+
+    return search_weights(labels, calibrate, fused_metrics), space.metrics(candidate)

@@ -20,10 +20,9 @@ from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.core.evaluator import RetrievalMetrics
 from jaguar.core.features import FeatureSet
 from jaguar.errors import JaguarError
-from jaguar.core.evaluator import evaluate
-from jaguar.retrieval.post.fusion import FusionError, FusionModel, fit_fusion
+from jaguar.retrieval.post.fusion import FusionError, FusionModel
 from jaguar.retrieval.post.local_evidence import LocalEvidence, load_local_evidence
-from jaguar.retrieval.post.search import final_ranking, tuning_space
+from jaguar.retrieval.post.search import fit_setting_fusion, score_setting, tuning_space
 from jaguar.retrieval.post.space import BLENDS, DBA_KS, K1S, K2S, LAMBDAS, QE_ALPHAS, QE_KS, SearchSpace
 from jaguar.run import FusionRecord, PostResult, RunDir, StageRow
 
@@ -182,34 +181,27 @@ def fusion_stage(features: FeatureSet, chosen: PostConfig, table: list[dict[str,
                  base: RetrievalConfig, search: bool = True) -> tuple[list[dict[str, Any]], Optional[FusionRecord]]:
     """The fusion stage after the global ones (WildFusion's route, jaguar.retrieval.post.fusion): both
     scores calibrated on the validation split's shortlisted pairs and the weight of the global
-    probability chosen by identity-balanced mAP (`fit_fusion`, cross-fitted over identities), over
+    probability chosen by identity-balanced mAP (`fit_fusion`'s search, cross-fitted over identities), over
     the chosen global setting's similarity. Adds the rows "local only" (weight 0: the calibrated local
     probability ranks; pairs it cannot tell apart, those outside the shortlist among them, keep the
     global order below) and "fused" (the chosen weight), and adopts the fusion only when its gain over
     the chosen global setting clears `base.tune_min_gain_se` standard errors of the paired per-identity
-    AP differences (never with search=False: retrieval.tune is off). Returns the table (the chosen
-    row last) and the record for post.json; (table, None) when the set is searched in top-M form
-    (the fit needs the N x N scores) or the shortlists hold pairs of one kind only, with a warning."""
-    ranking = final_ranking(features, chosen, base)
-    if ranking.mode == "topm":
-        logger.warning("fusion with local matches is tuned in N x N form only; the %d validation images are "
-                       "searched in top-M form (retrieval.mode / retrieval.topm_above), so it is not tuned",
-                       len(features))
-        return table, None
-    global_scores, labels = ranking.global_scores(), features.labels.numpy()
+    AP differences (never with search=False: retrieval.tune is off). In the set's tuning space (N x N
+    or top-M lists, jaguar.retrieval.post.search.fit_setting_fusion). Returns the table (the chosen
+    row last) and the record for post.json; (table, None) when the shortlists hold pairs of one kind
+    only, with a warning."""
+    labels, space = features.labels.numpy(), tuning_space(features, features.labels, base)
     try:
-        found = fit_fusion(global_scores, labels, local.shortlist, local.scores)
+        found, global_metrics = fit_setting_fusion(space, chosen, labels, local)
     except FusionError as err:
         logger.warning("fusion with local matches not tuned: %s", err)
         return table, None
     weights, model = found.weights, found.model
-    global_metrics = evaluate(global_scores, labels, kind="similarity")
     if 0.0 in weights:
         local_metrics = found.metrics[weights.index(0.0)]
     else:
         local_model = FusionModel(model.global_calibrator, model.local_calibrator, 0.0)
-        local_metrics = evaluate(local_model.fuse_dense(global_scores, local.shortlist, local.scores), labels,
-                                 kind="similarity")
+        local_metrics = score_setting(space, chosen, local_model, local)
     local_row = {**_row("local only", local_metrics, chosen), "fusion_weight": 0.0}
     fused_metrics = found.metrics[weights.index(model.weight)]
     fused_row = {**_row("fused", fused_metrics, chosen), "fusion_weight": model.weight}
