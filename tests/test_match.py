@@ -158,7 +158,7 @@ def test_killed_matching_resumes_with_identical_scores(matched, shards_dir, tmp_
     with caplog.at_level("INFO"):
         _match(run, block_size=4)
     assert computed == [(8, 12)]  # the finished blocks were reused
-    assert "rank 0: 8 of its 12 queries were done by an earlier attempt; 4 to go" in caplog.text
+    assert "rank 0: 8 of its 12 queries were matched by an earlier attempt; 4 to go" in caplog.text
     progress = capsys.readouterr().err  # not a terminal: plain progress lines, starting at the reused queries
     assert "match test (B=5): 8/12 query" in progress and "match test (B=5): 12/12 query" in progress
     resumed = SplitMatches.load(run.local_matches_path("test"))

@@ -26,7 +26,7 @@ from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, fingerprint
 from jaguar.core.features import FeatureSet
 from jaguar.core.knn import knn
 from jaguar.errors import JaguarError
-from jaguar.retrieval.blockwork import plan_blocks
+from jaguar.retrieval.blockwork import finished_part, plan_blocks
 from jaguar.retrieval.extract import require_features
 from jaguar.retrieval.local.configured import make_matcher
 from jaguar.retrieval.local.matching import MatchSettings, match_shortlist
@@ -81,18 +81,10 @@ def matching_key(split_name: str, local_key: str, global_sha: str, width: int, c
 
 def _finished_part(path: Path, start: int, end: int, key: str, newer_than: Optional[int]):
     """The matches of queries [start, end) at `path` when complete and made under `key` (after
-    `newer_than` ns, if given); None otherwise (an unreadable part is logged)."""
-    if not path.is_file() or (newer_than is not None and path.stat().st_mtime_ns <= newer_than):
-        return None
-    try:
-        matches, meta = load_matches(path)
-    except JaguarError as err:
-        log.warning("match part %s is unreadable (%s); recomputing it", path, err)
-        return None
-    if (matches.start, matches.stop) != (start, end) or meta.get("key") != key:
-        log.warning("match part %s does not hold queries [%d, %d) of these settings; recomputing it", path, start, end)
-        return None
-    return matches
+    `newer_than` ns, if given); None otherwise."""
+    part = finished_part(path, load_matches, lambda loaded: (loaded[0].start, loaded[0].stop) == (start, end)
+                         and loaded[1].get("key") == key, "match part", newer_than)
+    return None if part is None else part[0]
 
 
 def _up_to_date(path: Path, key: str) -> bool:
@@ -162,7 +154,7 @@ def match_features(run: RunDir, split_name: str, global_features: FeatureSet, gl
     part_path = (lambda start, end: run.local_part_path("matches", split_name, start, end, key))
     plan = plan_blocks(len(shortlist), rank, world, block_size, 1,
                        lambda start, end: _finished_part(part_path(start, end), start, end, key, replaced) is not None,
-                       what="queries")
+                       what="queries were matched")
     with plan.progress(f"match {split_name} (B={width})", "query", rank, world) as bar:
         for start, end in plan.todo:
             matches = match_shortlist(local_features, local_features, shortlist, settings, start, end,
