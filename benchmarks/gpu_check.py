@@ -23,6 +23,9 @@ OUT/gpu_check.json. Prints figures; not a test. Run it through `bash benchmarks/
 5. k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3): k_reciprocal_rerank_single on the CPU and its
    torch-only path on the GPU at each N (time, max |diff|), and the bounded top-M mode
    (k_reciprocal_rerank_topm, M=100) on the GPU at --topm-size, checked against the CPU at 5,000.
+6. Local pattern matching (benchmarks/gpu_check_local.py): the learned extractor and matcher (DISK
+   batched, LightGlue, random weights from a local file) on the GPU beside RootSIFT and
+   nearest-neighbour matching on the CPU: images/s, pairs/s, peak memory.
 
 Without CUDA it says so, writes {"cuda": false, ...} and exits 0.
 """
@@ -43,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "recipes" / "eva02_large.py"
-SECTIONS = ("train", "deepspeed", "extract", "rerank")
+SECTIONS = ("train", "deepspeed", "extract", "rerank", "local")
 FORWARD_GMAC_EVA02_L_448 = 362.0  # published figure, printed beside the counted one
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets; the first
@@ -305,6 +308,10 @@ def _table(results: dict) -> str:
                              f"{t['check_same_indices']}, max abs diff {t['check_max_abs_diff']:.1e}"
                              + (f"; N={t['n']:,} on the GPU in {t['gpu_s']:.2f} s, "
                                 f"peak {t['peak_allocated_gib']:.1f} GiB" if "n" in t else ""))
+    if "local" in results:
+        from gpu_check_local import table_lines
+
+        lines += table_lines(results["local"])
     return "\n".join(lines)
 
 
@@ -318,7 +325,7 @@ def main() -> int:
     parser.add_argument("--topm-size", type=int, default=100000, help="0 skips the large top-M run")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
-    parser.add_argument("--child", choices=("train", "extract", "rerank"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("train", "extract", "rerank", "local"), help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
@@ -334,6 +341,11 @@ def main() -> int:
         return 0
     if args.child == "rerank":
         _result(rerank_compare(args.rerank_sizes, args.topm_size))
+        return 0
+    if args.child == "local":
+        from gpu_check_local import local_gpu
+
+        _result(local_gpu())
         return 0
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -386,6 +398,10 @@ def main() -> int:
             print("gpu_check: re-ranking CPU vs GPU", flush=True)
             results["rerank"] = _child(["--child", "rerank", "--rerank-sizes", *map(str, args.rerank_sizes),
                                         "--topm-size", str(args.topm_size)])
+            save()
+        if "local" not in args.skip:
+            print("gpu_check: local matching (DISK, LightGlue) on the GPU vs RootSIFT on the CPU", flush=True)
+            results["local"] = _child(["--child", "local"])
             save()
     save()
     print()

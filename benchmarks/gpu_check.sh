@@ -2,8 +2,9 @@
 # The GPU check, one command: versions; EVA-02-L/448 training steps through the real Trainer (bf16,
 # gradient checkpointing on/off, micro-batch 8/16: s/step, images/s, peak memory, MFU); a DeepSpeed
 # ZeRO-2 step via accelerate launch; `jaguar extract` throughput at 448 px with flip TTA; re-ranking's
-# torch path on the GPU against the CPU. Prints a table, writes OUT/gpu_check.json (under 8 minutes
-# on one GPU). Without a GPU it says so and exits 0 at once.
+# torch path on the GPU against the CPU; local matching (DISK + LightGlue on the GPU, RootSIFT on the
+# CPU). Prints a table, writes OUT/gpu_check.json (under 8 minutes on one GPU). Without a GPU it says
+# so and exits 0 at once.
 #
 #   bash benchmarks/gpu_check.sh OUT [benchmarks/gpu_check.py options, e.g. --skip deepspeed]
 #

@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from jaguar.errors import JaguarError
 
@@ -32,6 +32,24 @@ def file_sha256(path: Path) -> str:
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def arrays_sha256(arrays: dict, metadata: dict[str, str], dtype_name: Callable[[Any], str] = lambda dtype: dtype.str
+                  ) -> str:
+    """sha256 of a tensor file's content, independent of how the file lays it out: each numpy array's
+    name, dtype (as `dtype_name` spells it), shape and bytes, then each metadata entry, in sorted
+    order. Feature files (jaguar.core.features) and local-feature files (jaguar.retrieval.local.store)
+    record it in their metadata and check it when read."""
+    import numpy as np  # only where tensor files are written or read
+
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{dtype_name(array.dtype)}|{tuple(array.shape)}|".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    for key in sorted(metadata):
+        digest.update(f"{key}={metadata[key]}|".encode())
     return digest.hexdigest()
 
 

@@ -58,14 +58,15 @@ from jaguar.lock import NoLock, WriterLock, launch_rank
 from jaguar.run_checkpoints import CheckpointFolder
 from jaguar.run_features import FEATURE_PARTS, FEATURES, SPLITS, FeatureFiles
 # The records are importable from here too: callers take a RunDir and the types it returns together.
-from jaguar.run_records import (Diagnosis, EnsembleRecord, OpenSetCalibration, OpenSetFigures, PostResult, RunDirError,
-                                Score, ScoreTable, SplitRecord, StageRow, TrainingMetrics, build_record, record_to_json)
+from jaguar.run_records import (Diagnosis, EnsembleRecord, FusionRecord, OpenSetCalibration, OpenSetFigures,
+                                PostResult, RunDirError, Score, ScoreTable, SplitRecord, StageRow, TrainingMetrics,
+                                build_record, record_to_json)
 
 if TYPE_CHECKING:  # torch-backed: imported where features are read, so `jaguar --help` stays light
     from jaguar.core.features import FeatureSet
 
 __all__ = ["SPLITS", "RANK_FORMATS", "RunDir", "RunDirError", "Diagnosis", "EnsembleRecord", "OpenSetCalibration",
-           "PostResult", "Score", "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
+           "FusionRecord", "PostResult", "Score", "ScoreTable", "SplitRecord", "StageRow", "TrainingMetrics"]
 
 RANK_FORMATS = ("parquet", "csv")  # `jaguar rank`'s file formats, named by their extension
 
@@ -249,7 +250,8 @@ class RunDir(FeatureFiles):
         return build_record(PostResult, raw, str(self.post_path))
 
     def save_post(self, post: PostResult) -> None:
-        atomic_write_json(self.post_path, record_to_json(post))
+        # strict JSON (the fusion's calibrators included): a NaN is an error here, never a bare NaN in the file
+        atomic_write_json(self.post_path, record_to_json(post), allow_nan=False)
 
     def has_score(self) -> bool:
         return self.score_path.is_file()

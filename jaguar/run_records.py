@@ -44,8 +44,8 @@ class StageRow:
     """One row of a post-processing stage table: the settings and their scores on one labelled
     split; a validation row of `jaguar tune-post` also says whether the stage was adopted, with its
     identity-balanced mAP gain over the previous stage and that gain's standard error."""
-    name: str  # "raw", "+QE", "+re-ranking" or "blend (chosen)"
-    config: PostConfig
+    name: str  # "raw", "+QE", "+re-ranking", "local only", "fused" or "blend (chosen)"
+    config: PostConfig  # the global post-processing (a fused row fuses its similarity with local evidence)
     mAP_balanced: float
     mAP: Optional[float] = None
     rank1: Optional[float] = None
@@ -55,6 +55,9 @@ class StageRow:
     gain: Optional[float] = None
     gain_se: Optional[float] = None
     adopted: Optional[bool] = None
+    # the weight of the calibrated global probability when the row fuses it with the calibrated local
+    # score (PostResult.fusion's calibrators): 0 for "local only"; None for a global-only row
+    fusion_weight: Optional[float] = None
 
     @property
     def is_chosen(self) -> bool:
@@ -67,7 +70,11 @@ class StageRow:
         if self.name == "raw":
             return "raw (cosine)"
         if self.is_chosen:
-            return f"chosen: {self.config.describe()}"
+            return f"chosen: {self.config.describe()}{self.fusion_text()}"
+        if self.name == "local only":
+            return "local only (inliers; global order after)"
+        if self.name == "fused":
+            return f"fused with local (w = {self.fusion_weight:g})"
         active = self.config.active()
         expansion = "+".join(name for name, key in (("QE", "qe_k"), ("DBA", "dba_k")) if key in active)
         if self.config.rerank:
@@ -75,6 +82,12 @@ class StageRow:
         if self.name == "+re-ranking":  # tune-post could not re-rank (too few validation images)
             return "re-ranking: not run"
         return expansion or ("QE/DBA: none better" if self.name == "+QE" else self.name)
+
+    def fusion_text(self) -> str:
+        """" + fused with local (w = 0.7)" for a row that fuses, w the global probability's weight; ""."""
+        if self.fusion_weight is None or self.name == "local only":
+            return ""
+        return f" + fused with local (w = {self.fusion_weight:g})"
 
     def decision_text(self) -> str:
         """The stage decision, e.g. "no, +0.0188 +- 0.0451"; "" for rows without one."""
@@ -87,12 +100,38 @@ class StageRow:
 
 
 @dataclass
+class FusionRecord:
+    """The calibrated fusion of the global similarity with local pattern evidence that tune-post fitted
+    on the validation split's shortlist matches (jaguar.retrieval.post.fusion, WildFusion's route).
+
+    model: FusionModel.to_dict() (the chosen weight of the global probability and both isotonic
+    calibrators; the global one maps the chosen global setting's similarity, 1 - its final distance);
+    shortlist: B, the shortlist width the local scores were matched at; adopted: whether the chosen
+    setting fuses (the 1-SE rule against the chosen global setting); folds: 2 when the weight's
+    validation figures were cross-fitted over identities, 1 when not; by_weight: identity-balanced mAP
+    on validation at each weight tried ({"weight", "mAP_balanced"})."""
+    model: dict[str, Any]
+    shortlist: int
+    adopted: bool
+    folds: int = 1
+    by_weight: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class PostResult:
-    """The post-processing chosen (RunDir.load_post / save_post) on validation and the stage table behind it."""
+    """The post-processing chosen (RunDir.load_post / save_post) on validation and the stage table behind it.
+    fusion: the fitted fusion with local evidence (None: no local matches of the validation split when
+    tune-post ran, or a post.json written before fusion existed); the chosen setting fuses when
+    `fusion.adopted`."""
     chosen: PostConfig
     table: list[StageRow]
     val_size: int
     searched: bool
+    fusion: Optional[FusionRecord] = None
+
+    @property
+    def fuses(self) -> bool:
+        return self.fusion is not None and self.fusion.adopted
 
 
 @dataclass
@@ -247,6 +286,11 @@ def build_record(cls: type[T], mapping: Any, where: str) -> T:
     values = {}
     for name, value in mapping.items():
         hint = hints[name]
+        if typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint):
+            if value is None:
+                values[name] = None
+                continue
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))  # Optional[X]: X
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
         if hint is PostConfig:
             try:

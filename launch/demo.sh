@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on an embedded synthetic default, on 2 CPU processes:
 #   synth -> prep -> train (recipes/tiny_cpu.py, 2 processes) -> extract (2 processes) -> diagnose
-#   -> tune-post -> submission.csv -> local score -> report.
+#   -> local pattern matching (2 processes) -> tune-post (with the fusion) -> submission.csv -> local score
+#   -> report.
 # Re-running skips finished stages. Usage: bash launch/demo.sh [--fast] [--dir DIR]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,7 +12,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --fast) FAST=1 ;;
     --dir) DEMO="$2"; shift ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (expected --fast or --dir DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -32,25 +33,28 @@ LAUNCH=(accelerate launch --config_file "$ROOT/launch/cpu_2proc.yaml")
 stage() { printf '\n==> %s\n' "$*"; }
 t0=$(date +%s)
 
-stage "1/9 synthetic jaguars -> $RAW"
+stage "1/10 synthetic jaguars -> $RAW"
 [ -f "$RAW/test_labels.csv" ] && echo "exists, skipped" || jaguar synth "$RAW" "${SYNTH[@]}" --seed 0
-stage "2/9 prepare shards -> $SHARDS"
+stage "2/10 prepare shards -> $SHARDS"
 [ -f "$SHARDS/manifest.json" ] && echo "exists, skipped" || jaguar prep "$RAW" "$SHARDS" --max-side 256 --workers 2
-stage "3/9 train recipes/tiny_cpu.py on 2 CPU processes -> $RUN"
+stage "3/10 train recipes/tiny_cpu.py on 2 CPU processes -> $RUN"
 "${LAUNCH[@]}" recipes/tiny_cpu.py data.shards="$SHARDS" run.dir="$RUN" train.resume=auto "${TRAIN[@]}"
-stage "4/9 extract validation and test features on 2 processes"
+stage "4/10 extract validation and test features on 2 processes"
 "${LAUNCH[@]}" -m jaguar.cli.main extract "$RUN" --split val
 "${LAUNCH[@]}" -m jaguar.cli.main extract "$RUN" --split test
-stage "5/9 does the model see the coat? (shortcut diagnostics on validation and test)"
+stage "5/10 does the model see the coat? (shortcut diagnostics on validation and test)"
 jaguar diagnose "$RUN" --split val
 jaguar diagnose "$RUN" --split test
-stage "6/9 tune post-processing on the validation split"
+stage "6/10 local pattern evidence: each image's coat matched against its global shortlist, on 2 processes"
+"${LAUNCH[@]}" -m jaguar.cli.main match "$RUN" --split val
+"${LAUNCH[@]}" -m jaguar.cli.main match "$RUN" --split test
+stage "7/10 tune post-processing on the validation split (QE, re-ranking, fusion with the local matches)"
 jaguar tune-post "$RUN"
-stage "7/9 write the submission for every ordered test pair"
+stage "8/10 write the submission for every ordered test pair"
 jaguar submit "$RUN" --test-csv "$RAW/test.csv" -o "$RUN/submission.csv"
-stage "8/9 score it locally against the hidden labels"
+stage "9/10 score it locally against the hidden labels"
 jaguar score "$RUN" --test-csv "$RAW/test.csv" --labels "$RAW/test_labels.csv"
-stage "9/9 report"
+stage "10/10 report"
 jaguar report "$RUN" --test-labels "$RAW/test_labels.csv"
 
 cat <<EOT

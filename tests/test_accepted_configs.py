@@ -108,6 +108,8 @@ _DDP_SCRIPT = textwrap.dedent("""
     with open(f"{out}.{acc.process_index}.json", "w") as handle:
         json.dump({"init": built["init"], "mask": mask, "metrics": metrics,
                    "checksum": sum(float(p.detach().double().sum()) for p in trainer.accelerator.unwrap_model(trainer.model).parameters())}, handle)
+    from jaguar.core.accelerator import end_process_group
+    end_process_group()
 """)
 
 
@@ -184,6 +186,8 @@ _ZERO3_SCRIPT = textwrap.dedent("""
     metrics = trainer.train()
     with open(f"{out}.{trainer.accelerator.process_index}.json", "w") as handle:
         json.dump({"clipping": clipping, "metrics": metrics, "val": len(trainer.run_split.val_indices)}, handle)
+    from jaguar.core.accelerator import end_process_group
+    end_process_group()
 """)
 
 

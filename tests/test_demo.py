@@ -24,7 +24,10 @@ def test_demo_fast_runs_every_stage_and_skips_them_when_rerun(tmp_path):
     score = json.loads((run / "score.json").read_text())
     assert 0.0 < score["mAP_balanced"] <= 1.0
     table = json.loads((run / "score_table.json").read_text())["table"]
-    assert {row["name"] for row in table} >= {"raw", "+QE", "+re-ranking"}
+    assert {row["name"] for row in table} >= {"raw", "+QE", "+re-ranking", "local only", "fused"}
+    assert (run / "local" / "val.safetensors").is_file() and (run / "local" / "test.safetensors").is_file()
+    for words in ("local only (inliers", "fused with local (w = "):  # tune-post's and score's rows
+        assert result.stdout.count(words) >= 2, f"the demo does not print the {words} rows"
     assert (run / "report" / "index.html").is_file()
     from jaguar.run import RunDir
 

@@ -154,6 +154,8 @@ _RANK_SCRIPT = textwrap.dedent("""
                   train=sorted(int(p) for p in trainer.run_split.train_indices))
     with open(f"{out}.{trainer.accelerator.process_index}.json", "w") as handle:
         json.dump(record, handle)
+    from jaguar.core.accelerator import end_process_group
+    end_process_group()
 """)
 
 

@@ -42,8 +42,8 @@ def _make_run(shards_dir: Path, path: Path, split: str = "test", seed: int = 0) 
 
 def _save_global(run: RunDir, shards_dir: Path, split: str, seed: int) -> FeatureSet:
     images = ShardSplit(shards_dir, split)
-    embeddings = torch.nn.functional.normalize(torch.randn(len(images), 16, generator=torch.Generator().manual_seed(seed)),
-                                               dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.nn.functional.normalize(torch.randn(len(images), 16, generator=generator), dim=1)
     features = FeatureSet(list(images.filenames), embeddings, torch.as_tensor(images.labels))
     run.save_features(split, features)
     return features
@@ -67,6 +67,39 @@ def test_local_features_hold_the_split_in_the_features_order(matched, shards_dir
     assert len(local.keypoints) > 0 and local.meta["extractor"]["extractor"] == "rootsift"
     assert not matched.local_part_files("features", "test")  # merged and cleaned up
     assert local_features(matched, "test", "a test").names == local.names  # the entry point of later stages
+
+
+def test_killed_local_extraction_resumes_and_later_stages_extract_announced(matched, shards_dir, tmp_path,
+                                                                            monkeypatch, caplog):
+    reference = LocalFeatureSet.load(matched.local_features_path("test"))
+    run = _make_run(shards_dir, tmp_path / "run")
+    original, reads = ShardSplit.read_rgba, []
+
+    def read_until_killed(self, i, reduction=None):
+        if len(reads) == 6:
+            raise KeyboardInterrupt  # a kill in the middle of the second block of 4
+        reads.append(i)
+        return original(self, i, reduction)
+
+    monkeypatch.setattr(ShardSplit, "read_rgba", read_until_killed)
+    with pytest.raises(KeyboardInterrupt):
+        _match(run, block_size=4)
+    parts = run.local_part_files("features", "test")
+    assert [p.name.startswith("features-test-0000000-0000004-") for p in parts] == [True]
+    reads.clear()
+    monkeypatch.setattr(ShardSplit, "read_rgba", lambda self, i, reduction=None: reads.append(i) or original(self, i))
+    _match(run, block_size=4)
+    assert reads == list(range(4, 12))  # the finished block was not read again
+    resumed = LocalFeatureSet.load(run.local_features_path("test"))
+    np.testing.assert_array_equal(resumed.descriptors, reference.descriptors)
+    np.testing.assert_array_equal(resumed.offsets, reference.offsets)
+
+    fresh = _make_run(shards_dir, tmp_path / "fresh")
+    with caplog.at_level("WARNING"):
+        features = local_features(fresh, "test", "jaguar identify")
+    assert f"jaguar identify needs {fresh.local_features_path('test')}" in caplog.text
+    assert f"`jaguar match {fresh.path} --split test`" in caplog.text
+    np.testing.assert_array_equal(features.descriptors, reference.descriptors)
 
 
 def test_shortlist_is_each_images_top_b_others_by_raw_cosine(matched):
@@ -101,7 +134,7 @@ def test_rerun_is_a_noop_and_force_recomputes(matched, monkeypatch):
     np.testing.assert_array_equal(after.matches.scores, before.matches.scores)
 
 
-def test_killed_matching_resumes_with_identical_scores(matched, shards_dir, tmp_path, monkeypatch):
+def test_killed_matching_resumes_with_identical_scores(matched, shards_dir, tmp_path, monkeypatch, caplog, capsys):
     reference = SplitMatches.load(matched.local_matches_path("test"))
     run = _make_run(shards_dir, tmp_path / "run")
     original = stage.match_shortlist
@@ -120,9 +153,14 @@ def test_killed_matching_resumes_with_identical_scores(matched, shards_dir, tmp_
     assert len(run.local_part_files("matches", "test")) == 2
 
     computed.clear()
+    capsys.readouterr()
     monkeypatch.setattr(stage, "match_shortlist", lambda *a, **k: computed.append((a[4], a[5])) or original(*a, **k))
-    _match(run, block_size=4)
+    with caplog.at_level("INFO"):
+        _match(run, block_size=4)
     assert computed == [(8, 12)]  # the finished blocks were reused
+    assert "rank 0: 8 of its 12 queries were matched by an earlier attempt; 4 to go" in caplog.text
+    progress = capsys.readouterr().err  # not a terminal: plain progress lines, starting at the reused queries
+    assert "match test (B=5): 8/12 query" in progress and "match test (B=5): 12/12 query" in progress
     resumed = SplitMatches.load(run.local_matches_path("test"))
     np.testing.assert_array_equal(resumed.shortlist, reference.shortlist)
     np.testing.assert_array_equal(resumed.matches.scores, reference.matches.scores)
@@ -183,6 +221,9 @@ def test_one_and_two_processes_agree(matched, tmp_path):
                              "--split", "test", "--block-size", "4"],
                             capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # rank 0's progress lines: 3 blocks of 4, rank 0 the first 2
+    assert "local features test (rank 0 of 2): 8/8 img" in result.stderr
+    assert "match test (B=5) (rank 0 of 2): 8/8 query" in result.stderr
     one_result = SplitMatches.load(matched.local_matches_path("test"))
     two_result = SplitMatches.load(RunDir(two).local_matches_path("test"))
     assert two_result.meta["world_size"] == 2 and one_result.meta["world_size"] == 1

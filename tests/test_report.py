@@ -237,3 +237,30 @@ def test_tb_reader_keeps_the_last_value_of_a_repeated_step(tmp_path):
     series = read_scalars(tmp_path / "tb")["train/loss"]
     assert series.steps == [1, 2, 3, 4]
     assert series.values == [1.0, 2.0, 30.0, 40.0]
+
+
+def test_report_shows_the_fused_rows_and_draws_the_verified_correspondences(full_run, tmp_path):
+    """With the split's local matches the report's table has tune-post's local only and fused rows,
+    and its retrieval examples draw the correspondences between each query and its top candidates."""
+    import shutil
+
+    from jaguar.retrieval.post.tune import tune_post_run
+    from synthetic_matches import synthetic_matches
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(full_run, run.path, ignore=shutil.ignore_patterns("report"))
+    val = run.load_features("val")
+    run.local_dir.mkdir()
+    synthetic_matches(val, width=6).save(run.local_matches_path("val"))
+    post = tune_post_run(run)
+    index = build_report(run)
+    text = html.unescape(index.read_text())
+    assert "local only (inliers; global order after)" in text
+    assert f"fused with local (w = {post.fusion.model['weight']:g})" in text
+    sources = _image_sources(index)
+    assert {"matches_best_val.png", "matches_worst_val.png"} <= set(sources)
+    assert "verified correspondences" in text and "jaguar match" in text
+    from PIL import Image
+
+    picture = np.asarray(Image.open(index.parent / "matches_best_val.png"))
+    assert picture.shape[0] > 200 and picture.std() > 10  # photos and lines, not an empty canvas

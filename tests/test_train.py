@@ -69,6 +69,8 @@ _IN_STEP_SCRIPT = textwrap.dedent("""
     checksum = sum(float(p.detach().double().sum()) for p in trainer.accelerator.unwrap_model(trainer.model).parameters())
     with open(f"{out}.{trainer.accelerator.process_index}.json", "w") as handle:
         json.dump({"world_size": metrics["world_size"], "checksum": checksum}, handle)
+    from jaguar.core.accelerator import end_process_group
+    end_process_group()
 """)
 
 
@@ -197,6 +199,8 @@ _GA_SCRIPT = textwrap.dedent("""
     cfg.data.mixup_alpha, cfg.data.mixup_prob = 0.4, 1.0 if acc.process_index == 0 else 0.0
     trainer._optimizer_step(iter(batches))
     save_file(trained(), out + ".mixed" + suffix)
+    from jaguar.core.accelerator import end_process_group
+    end_process_group()
 """)
 
 
@@ -429,6 +433,8 @@ _NAN_SCRIPT = textwrap.dedent("""
     trainer.tb.close()
     with open(f"{out}.{acc.process_index}.json", "w") as handle:
         json.dump(report, handle)
+    from jaguar.core.accelerator import end_process_group
+    end_process_group()
 """)
 
 

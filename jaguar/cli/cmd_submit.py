@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     if result.post is None:
         print(f"note: {run_dir.post_path} not found; using raw cosine similarity (run `jaguar tune-post` to tune)")
     else:
-        print(f"post-processing from {run_dir.post_path}: {result.post.describe()}")
+        fused = f", fused with local matches ({run_dir.local_matches_path('test')})" if result.fused else ""
+        print(f"post-processing from {run_dir.post_path}: {result.post.describe()}{fused}")
     if result.repeated:
         print(f"note: {len(result.repeated)} row(s) of {args.test_csv} repeat an earlier row exactly and were read "
               f"once: line(s) {examples(result.repeated)}")

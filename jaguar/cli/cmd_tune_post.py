@@ -1,5 +1,6 @@
-"""`jaguar tune-post RUN_DIR`: choose QE / re-ranking / blend on the validation features and
-save the chosen settings and the raw / +QE / +re-ranking / blend table in the run."""
+"""`jaguar tune-post RUN_DIR`: choose QE / re-ranking / blend on the validation features, and the
+fusion with local matches when the run has them (RUN/local/val.safetensors, `jaguar match`), and
+save the chosen settings and the raw / +QE / +re-ranking / local only / fused / chosen table in the run."""
 
 from __future__ import annotations
 

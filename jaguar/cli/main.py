@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         _set_handler(signal.SIGTERM, _raise_interrupted)
     try:
         check_folder_arguments(args)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if "torch.distributed" in sys.modules:  # a launched command's processes leave their group cleanly
+            from jaguar.core.accelerator import end_process_group
+
+            end_process_group()
+        return code
     except (JaguarError, FileNotFoundError, FileExistsError) as err:
         # JaguarError: every user-facing failure; the OS errors: a file or folder the user named
         # is absent or already there. Either way the message names it: no traceback.

@@ -94,6 +94,15 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
+def end_process_group() -> None:
+    """Destroy the default process group, if this process has one, once its work is done: a gloo
+    process that exits without it can abort at interpreter exit ("terminate called without an
+    active exception": gloo's worker threads outlive Python, pytorch#190489), failing a finished
+    command. Called on success only: ranks that failed may be stuck in a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def set_deepspeed_micro_batch(accelerator: Accelerator, micro_batch: int) -> None:
     """DeepSpeed's "auto" micro-batch is filled from a prepared DataLoader; ours is rank-aware and
     is not prepared, so state it."""

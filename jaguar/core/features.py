@@ -6,7 +6,6 @@ non-finite embeddings, so a bit flip or an edited file is named instead of used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ if TYPE_CHECKING:  # torch is imported where a FeatureSet is made: reading a fil
     import torch
 
 from jaguar.io import atomic_write_bytes
+from jaguar.checksums import arrays_sha256
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.formats import UNKNOWN_VIEWPOINT, VIEWPOINTS
 
@@ -196,13 +196,5 @@ _DTYPE_NAMES = {np.dtype(np.float32): "torch.float32", np.dtype(np.int64): "torc
 
 
 def _content_sha256(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
-    """sha256 of a feature file's content: each array's name, dtype, shape and bytes, and each
-    metadata entry, in sorted order (independent of how safetensors lays the file out)."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{_DTYPE_NAMES.get(array.dtype, array.dtype)}|{tuple(array.shape)}|".encode())
-        digest.update(array.reshape(-1).view(np.uint8))
-    for key in sorted(metadata):
-        digest.update(f"{key}={metadata[key]}|".encode())
-    return digest.hexdigest()
+    """sha256 of a feature file's content (jaguar.checksums.arrays_sha256), dtypes named as torch names them."""
+    return arrays_sha256(arrays, metadata, lambda dtype: str(_DTYPE_NAMES.get(dtype, dtype)))

@@ -18,7 +18,7 @@ from jaguar.config import Config, RetrievalConfig, get_value
 from jaguar.errors import JaguarError
 from jaguar.io import atomic_write_text
 from jaguar.report import plots
-from jaguar.report.grids import find_shards, grid_rows
+from jaguar.report.grids import find_shards, grid_rows, match_pictures
 from jaguar.report.diagnosis import diagnosis_section
 from jaguar.report.openset import open_set_section
 from jaguar.report.tb_reader import read_scalars
@@ -113,7 +113,8 @@ def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
                      f'identity-balanced mAP, cosine{flip}, no post-processing ({_esc(run.metrics_path.name)})'
                      '</div></div>')
     if score is not None:
-        scored = score_table.table[-1].config.describe() if score_table is not None and score_table.table else None
+        last = score_table.table[-1] if score_table is not None and score_table.table else None
+        scored = last.config.describe() + last.fusion_text() if last is not None else None
         how = f"the submission ({scored})" if scored else "the submission"
         parts.append(f'<div class="card"><div class="v">{_fmt(score.mAP_balanced)}</div>'
                      f'<div class="k">test, identity-balanced mAP of {_esc(how)}<br>'
@@ -157,7 +158,7 @@ def _summary_section(page: _Page, post: Optional[PostResult], post_problem: str,
                      + ". The raw row comes from the extracted features, an embedding pass of its own, not "
                      "from the validation training ran at each epoch (the card above); where the two differ, the "
                      "extracted features are what tune-post, submit and identify use. "
-                     f"Chosen settings: {_esc(post.chosen.describe())}{settings}</p>")
+                     f"Chosen settings: {_esc(post.chosen.describe() + post.table[-1].fusion_text())}{settings}</p>")
         parts.append("<table>" + "".join(rows) + "</table>")
     else:
         parts.append(_missing(post_problem or f"No post-processing table ({run.post_path})",
@@ -215,13 +216,13 @@ def _curves_section(page: _Page, is_ensemble: bool) -> str:
 
 
 def _evaluation_sections(page: _Page, evaluation: SplitFigures, shards: Any, shards_problem: str,
-                         notes: list[str], extraction: str) -> str:
+                         notes: list[tuple[str, str]], extraction: str) -> str:
     split = evaluation.split
     parts = [f"<h2>Per-identity AP — {_esc(split)}</h2>",
              f"<p class='sub'>{len(evaluation.features):,} images, extracted features ({_esc(extraction)}), "
              f"scored with {_esc(evaluation.scored_with)}; "
              f"{_esc(evaluation.figures_text)}</p>"]
-    parts.extend(_missing(note, f"jaguar rank {page.run} --split {split}") for note in notes)
+    parts.extend(_missing(note, command) for note, command in notes)
     chart = plots.plot_per_identity_ap(evaluation.ap_by_identity, page.figure(f"per_identity_ap_{split}.png"),
                                        f"Per-identity {evaluation.ap_name} ({split})",
                                        evaluation.ap_upper_by_identity)
@@ -238,6 +239,15 @@ def _evaluation_sections(page: _Page, evaluation: SplitFigures, shards: Any, sha
                                            f"{which.capitalize()} {len(rows)} queries ({split}): "
                                            f"top-{GRID_TOP_K}, green = same identity, red = different")
         parts.append(page.img(grid, f"{which} queries {split}"))
+        pictures = match_pictures(evaluation, shards, which, GRID_QUERIES, GRID_TOP_K)
+        if pictures:
+            figure = plots.stack_pictures(pictures, page.figure(f"matches_{which}_{split}.png"))
+            parts.append(f"<p class='sub'>Pattern evidence of these {which} queries: the verified correspondences "
+                         f"(<code>jaguar match</code>, {_esc(page.run.local_matches_path(split).name)} in "
+                         f"{_esc(page.run.local_dir.name)}/) between each query and its top candidates (one row a "
+                         f"query, in the order of the grid above), a line between each pair of matched spots. Same "
+                         f"rosettes joined by many parallel lines confirm a match by eye.</p>")
+            parts.append(page.img(figure, f"verified correspondences, {which} queries {split}"))
 
     parts.append(f"<h2>Similarity distributions — {_esc(split)}</h2>")
     histogram = plots.plot_similarity_histograms(evaluation.cosine_sample, evaluation.sample_labels,
@@ -291,11 +301,11 @@ def build_report(run_dir: str | Path | RunDir, test_labels: str | Path | None = 
     else:
         shards, shards_problem = find_shards(run.path, config.data.shards if config is not None else "")
 
-    evaluations: list[tuple[SplitFigures, list[str]]] = []
+    evaluations: list[tuple[SplitFigures, list[tuple[str, str]]]] = []
     eval_notes: list[str] = []
 
     def add(split: str, features: FeatureSet) -> None:
-        evaluations.append(run_split_figures(run, split, features, chosen, retrieval, post is not None))
+        evaluations.append(run_split_figures(run, split, features, chosen, retrieval, post is not None, post))
 
     if run.has_features("val"):
         add("val", run.load_features("val"))

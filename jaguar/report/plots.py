@@ -250,3 +250,17 @@ def plot_mirror_similarity(edges: Sequence[float], counts: Sequence[int], same_i
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, Path(path))
+
+
+def stack_pictures(pictures: Sequence[np.ndarray], path: str | Path, gap: int = 6) -> Path:
+    """RGB uint8 pictures (H_i x W_i x 3) one above the other, left-aligned on a dark ground, as a PNG."""
+    width = max(picture.shape[1] for picture in pictures)
+    height = sum(picture.shape[0] for picture in pictures) + gap * (len(pictures) - 1)
+    canvas = np.full((height, width, 3), 24, dtype=np.uint8)
+    top = 0
+    for picture in pictures:
+        canvas[top:top + picture.shape[0], :picture.shape[1]] = picture
+        top += picture.shape[0] + gap
+    path = Path(path)
+    Image.fromarray(canvas).save(path)
+    return path

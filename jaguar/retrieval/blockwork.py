@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TypeVar
 
 from jaguar.core.blocks import block_grid, fingerprint, rank_blocks
+from jaguar.errors import JaguarError
 from jaguar.formats import UNKNOWN_VIEWPOINT
 from jaguar.progress import progress_bar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def split_viewpoints(split, positions: Sequence[int]) -> Optional[list[str]]:
@@ -72,15 +75,33 @@ class BlockPlan:
 
 
 def plan_blocks(count: int, rank: int, world: int, block_size: int, batch_size: int,
-                finished: Callable[[int, int], bool], what: str = "images") -> BlockPlan:
+                finished: Callable[[int, int], bool], what: str = "images were extracted") -> BlockPlan:
     """The plan of process `rank` of `world` over `count` items: block_grid(count, world, block_size,
     batch_size), its rank_blocks, and the blocks `finished(start, end)` does not accept as done
     (a stage's check of its part file: present, readable, made under the same fingerprint). Logs how
-    many of its `what` an earlier attempt finished, when any."""
+    many of its items an earlier attempt finished, when any (`what`: the items and their verb)."""
     blocks = block_grid(count, world, block_size, batch_size)
     mine = rank_blocks(blocks, rank, world)
     plan = BlockPlan(blocks, mine, [(start, end) for start, end in mine if not finished(start, end)])
     if plan.left < plan.total:
-        log.info("rank %d: %d of its %d %s were done by an earlier attempt; %d to go",
+        log.info("rank %d: %d of its %d %s by an earlier attempt; %d to go",
                  rank, plan.total - plan.left, plan.total, what, plan.left)
     return plan
+
+
+def finished_part(path: Path, load: Callable[[Path], T], fits: Callable[[T], bool], what: str,
+                  newer_than: Optional[int] = None) -> Optional[T]:
+    """The part at `path` (read with `load`) when it is complete, `fits` it (holds the block's images or
+    queries, made under the block's key) and was written after `newer_than` (ns since the epoch) if
+    given; None otherwise. An unreadable or mismatched part is logged, `what` naming it, and recomputed."""
+    if not path.is_file() or (newer_than is not None and path.stat().st_mtime_ns <= newer_than):
+        return None
+    try:
+        part = load(path)
+    except JaguarError as err:  # every reader's file errors (checksum, truncation) are JaguarErrors
+        log.warning("%s %s is unreadable (%s); recomputing it", what, path, err)
+        return None
+    if not fits(part):
+        log.warning("%s %s does not hold this block of these settings; recomputing it", what, path)
+        return None
+    return part

@@ -32,7 +32,7 @@ from jaguar.core.accelerator import build_accelerator
 from jaguar.core.run_split import build_run_split, open_train_split
 
 from jaguar.core.embedding import Embedder, autocast_for, embed_batch, load_embedder
-from jaguar.retrieval.blockwork import images_fingerprint, plan_blocks, split_viewpoints
+from jaguar.retrieval.blockwork import finished_part, images_fingerprint, plan_blocks, split_viewpoints
 
 if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
     from jaguar.core.onnx_model import OnnxEmbedding
@@ -172,19 +172,9 @@ def _passes_check(path: Path) -> bool:
 
 
 def _finished_part(path: Path, names: list[str], key: str, newer_than: Optional[int] = None) -> bool:
-    """Whether `path` is a complete part of these images made under `key` (an unreadable or
-    mismatched one is logged and recomputed), written after `newer_than` (ns since the epoch) if given."""
-    if not path.is_file() or (newer_than is not None and path.stat().st_mtime_ns <= newer_than):
-        return False
-    try:
-        part = FeatureSet.load(path)
-    except FeatureFileError as err:
-        log.warning("feature part %s is unreadable (%s); recomputing it", path, err)
-        return False
-    if part.names != names or part.meta.get("key") != key:
-        log.warning("feature part %s does not hold the expected images; recomputing it", path)
-        return False
-    return True
+    """Whether `path` is a complete part of these images made under `key`, written after `newer_than`."""
+    return finished_part(path, FeatureSet.load, lambda part: part.names == names and part.meta.get("key") == key,
+                         "feature part", newer_than) is not None
 
 
 def _embed_blocks(run: RunDir, split_name: str, key: str, model: Embedder, split, positions: Sequence[int],

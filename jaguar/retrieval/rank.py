@@ -4,8 +4,10 @@ atomically. The challenge's all-pairs submission stays with `jaguar submit`; thi
 catalogue of a hundred thousand images needs instead.
 
 A split's images search each other (all-vs-all, the query itself excluded), post-processed with
-the run's chosen settings (tune-post; raw cosine without it), in top-M form above the dense
-threshold (`retrieval.mode`; jaguar.retrieval.post.search decides) and from the N x N matrix below it."""
+the run's chosen settings (tune-post; raw cosine without it; fused with the split's local matches,
+RUN/local/<split>.safetensors, when tune-post chose a fusion: the similarity column is then the fused
+probability), in top-M form above the dense threshold (`retrieval.mode`; jaguar.retrieval.post.search
+decides) and from the N x N matrix below it."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from jaguar.errors import JaguarError
 from jaguar.formats import spreadsheet_cell
 from jaguar.io import atomic_file
 from jaguar.core.evaluator import ranked_basis
+from jaguar.retrieval.post.local_evidence import run_fusion
 from jaguar.retrieval.post.search import final_ranking
 from jaguar.run import RANK_FORMATS as FORMATS, RunDir
 
@@ -103,9 +106,11 @@ def rank_run(run: RunDir, split: str, top_k: int = 100, output: str | Path | Non
     if len(features) < 2:
         raise RankError(f"{run.features_path(split)} holds {len(features)} image(s); ranking needs two or more")
     config = run.load_config() if run.has_config() else Config()
-    post = run.load_post().chosen if run.has_post() else None
+    result = run.load_post() if run.has_post() else None
+    post = result.chosen if result is not None else None
+    fusion, local = run_fusion(run, result, split, features.names)
     top_k = min(top_k, len(features) - 1)
-    ranking = final_ranking(features, post or PostConfig(), config.retrieval)
+    ranking = final_ranking(features, post or PostConfig(), config.retrieval, fusion, local)
     lists = ranking.lists(top_k)
     rows = write_ranks(output, list(features.names), lists.index, lists.distance, fmt)
     basis = ranked_basis(max(top_k, ranking.top_m) if lists.reordered else None)

@@ -4,6 +4,8 @@ the labelled test images (`score_run`), in the space jaguar.retrieval.post.searc
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -15,6 +17,9 @@ from jaguar.run import RunDir, Score, ScoreTable, StageRow
 
 if TYPE_CHECKING:  # the feature and post-processing stages import torch; scoring a file needs none
     from jaguar.core.features import FeatureSet
+    from jaguar.retrieval.post.local_evidence import LocalEvidence
+
+logger = logging.getLogger(__name__)
 
 
 def score_submission(submission: str | Path, test_csv: str | Path, labels_csv: str | Path) -> Score:
@@ -62,19 +67,31 @@ def labelled_test_features(run: RunDir, labels_csv: str | Path | None) -> Option
     return labelled if len(labelled) >= 2 else None
 
 
-def stage_table_on(features: FeatureSet, table: list[StageRow],
-                   retrieval: Optional[RetrievalConfig] = None) -> list[StageRow]:
+def stage_table_on(features: FeatureSet, table: list[StageRow], retrieval: Optional[RetrievalConfig] = None,
+                   fusion: Optional[dict] = None, local: Optional["LocalEvidence"] = None) -> list[StageRow]:
     """Each row's post-processing re-scored on another labelled set (e.g. the test images), with
     the evaluator's all-vs-all figures; the stage decisions stay with the validation table. The set
     is searched in the space jaguar.retrieval.post.search gives it under `retrieval` (the run's
     settings), as tune-post does: above the threshold each row is scored on its top-M lists
-    (O(N * M) memory), never an N x N matrix."""
+    (O(N * M) memory), never an N x N matrix. A row that fuses (local only, fused, a chosen fusion)
+    is scored with post.json's calibrators (`fusion`, FusionModel.to_dict) at its weight and the
+    set's `local` evidence (its shortlist matches, lined up with `features`); without them it is
+    left out."""
+    from jaguar.retrieval.post.fusion import FusionModel
     from jaguar.retrieval.post.search import score_setting, tuning_space
     from jaguar.retrieval.post.tune import stage_figures
 
     space = tuning_space(features, features.labels, retrieval or RetrievalConfig())
-    return [StageRow(row.name, row.config, **stage_figures(score_setting(space, row.config).summary()))
-            for row in table]
+    rows = []
+    for row in table:
+        model = None
+        if row.fusion_weight is not None:
+            if fusion is None or local is None:
+                continue
+            model = dataclasses.replace(FusionModel.from_dict(fusion), weight=row.fusion_weight)
+        figures = score_setting(space, row.config, model, local).summary()
+        rows.append(StageRow(row.name, row.config, **stage_figures(figures), fusion_weight=row.fusion_weight))
+    return rows
 
 
 def score_run(run: RunDir, test_csv: str | Path, labels_csv: str | Path,
@@ -89,7 +106,19 @@ def score_run(run: RunDir, test_csv: str | Path, labels_csv: str | Path,
         labelled = labelled_test_features(run, labels_csv)
         if labelled is not None:
             retrieval = run.load_config().retrieval if run.has_config() else None
+            post = run.load_post()
+            fusion, local = (post.fusion.model if post.fusion is not None else None), None
+            if fusion is not None:
+                from jaguar.retrieval.post.local_evidence import load_local_evidence
+
+                local = load_local_evidence(run, "test", run.load_features("test").names)
+                if local is None:
+                    logger.warning("%s does not exist: the local only and fused rows are left out of the test "
+                                   "table; run `jaguar match %s --split test` first", run.local_matches_path("test"),
+                                   run.path)
+                else:
+                    local = local.subset(labelled.names)
             table = ScoreTable(labels=str(labels_csv),
-                               table=stage_table_on(labelled, run.load_post().table, retrieval))
+                               table=stage_table_on(labelled, post.table, retrieval, fusion, local))
             run.save_score_table(table)
     return score, table

@@ -18,9 +18,12 @@ from jaguar.core import evaluator
 from jaguar.core.evaluator import CMC_RANKS, RetrievalMetrics
 from jaguar.core.evaluator_ranked import list_bounds
 from jaguar.core.features import FeatureSet
+from jaguar.errors import JaguarError
+from jaguar.retrieval.post.fusion import FusionModel
+from jaguar.retrieval.post.local_evidence import LocalEvidence, split_evidence
 from jaguar.retrieval.post.search import final_ranking
 from jaguar.retrieval.rank import RankError, read_ranks
-from jaguar.run import RunDir
+from jaguar.run import PostResult, RunDir
 
 RANKED_KEPT = 50  # each query's best images kept for the grids (the grids show fewer)
 HISTOGRAM_SAMPLE = 3000  # images whose ordered pairs make the similarity histograms
@@ -42,6 +45,12 @@ class SplitFigures:
     metrics: Optional[RetrievalMetrics] = None  # the evaluator's all-vs-all result (dense path only)
     ap_upper_by_identity: Optional[dict[str, float]] = None  # from lists: the upper bound of each identity's AP
     ap_name: str = "AP"  # what query_ap is: "AP", or "AP@k" from top-k lists
+    local: Optional[LocalEvidence] = None  # the split's shortlist matches (`jaguar match`), lined up with features
+
+    def correspondences(self, query: int, gallery: int) -> Optional[tuple[np.ndarray, np.ndarray, int]]:
+        """(query_xy, gallery_xy, inliers): the verified correspondences `jaguar match` kept between
+        images `query` and `gallery` (positions into features), None when there are none to show."""
+        return None if self.local is None else self.local.correspondences(query, gallery)
 
 
 def _cosine_sample(features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
@@ -85,24 +94,28 @@ def _from_lists(split: str, features: FeatureSet, lists: np.ndarray, scored_with
 
 
 def split_figures(split: str, features: FeatureSet, chosen: Optional[PostConfig],
-                  retrieval: Optional[RetrievalConfig] = None, lists: Optional[tuple[torch.Tensor, str]] = None
-                  ) -> SplitFigures:
+                  retrieval: Optional[RetrievalConfig] = None, lists: Optional[tuple[torch.Tensor, str]] = None,
+                  fusion: Optional[FusionModel] = None, local: Optional[LocalEvidence] = None) -> SplitFigures:
     """The figures, grids' lists and histogram sample of one labelled set (features N x D, labels
     known), ranked under `chosen` (None: raw cosine) by jaguar.retrieval.post.search: in N x N form,
     the evaluator's exact figures; in top-M form, figures of top-k lists (`evaluator_ranked.list_bounds`,
     never N x N and no N^2 work): `lists` (N x k indices, what they are) when given, e.g. read from
-    `jaguar rank`'s file (`stored_lists`), else each query's top-M list searched here."""
+    `jaguar rank`'s file (`stored_lists`), else each query's top-M list searched here. `fusion` with
+    the set's `local` evidence ranks by the fused score; `local` alone is kept for the pictures."""
     features = features.normalized()
     labels = features.labels.numpy()
-    ranking = final_ranking(features, chosen, retrieval)
-    method = "the chosen post-processing (tune-post)" if chosen is not None else "raw cosine similarity"
+    ranking = final_ranking(features, chosen, retrieval, fusion, local)
+    fused = f", fused with local matches (w = {fusion.weight:g})" if fusion is not None else ""
+    method = f"the chosen post-processing (tune-post){fused}" if chosen is not None else "raw cosine similarity"
     if ranking.mode == "topm":
         if lists is None:
             searched = ranking.lists()
             lists = (searched.index, f"{method}, top-{searched.index.shape[1]} lists searched for this report")
-        return _from_lists(split, features, lists[0].numpy(), lists[1])
+        figures = _from_lists(split, features, lists[0].numpy(), lists[1])
+        figures.local = local
+        return figures
     scores = ranking.similarity()
-    scored_with = (f"the chosen post-processing (tune-post): {chosen.describe()}" if chosen is not None
+    scored_with = (f"the chosen post-processing (tune-post): {chosen.describe()}{fused}" if chosen is not None
                    else "raw cosine similarity (no tune-post result)")
     metrics = evaluator.evaluate(scores, labels, kind="similarity")
     np.fill_diagonal(scores, -np.inf)
@@ -112,7 +125,7 @@ def split_figures(split: str, features: FeatureSet, chosen: Optional[PostConfig]
     text = (f"identity-balanced mAP {metrics.mAP_balanced:.4f}, mAP {metrics.mAP:.4f}, rank-1 {metrics.rank1:.4f}, "
             f"rank-5 {metrics.rank5:.4f}, mINP {metrics.mINP:.4f}.")
     return SplitFigures(split, features, ranked, *_cosine_sample(features), labels, metrics.query_ap,
-                        ap_by_identity, text, scored_with, metrics)
+                        ap_by_identity, text, scored_with, metrics, local=local)
 
 
 def stored_lists(run: RunDir, split: str, features: FeatureSet, has_post: bool
@@ -135,13 +148,30 @@ def stored_lists(run: RunDir, split: str, features: FeatureSet, has_post: bool
 
 
 def run_split_figures(run: RunDir, split: str, features: FeatureSet, chosen: Optional[PostConfig],
-                      retrieval: Optional[RetrievalConfig], has_post: bool) -> tuple[SplitFigures, list[str]]:
-    """`split_figures` of a run's labelled split, with notes for the page: at gallery scale (top-M
-    form) the lists of `jaguar rank`'s file when it is usable (`stored_lists`), else searched here."""
-    lists, note = None, ""
+                      retrieval: Optional[RetrievalConfig], has_post: bool, post: Optional[PostResult] = None
+                      ) -> tuple[SplitFigures, list[tuple[str, str]]]:
+    """`split_figures` of a run's labelled split, with notes for the page ((text, the command that
+    makes what is missing)): at gallery scale (top-M
+    form) the lists of `jaguar rank`'s file when it is usable (`stored_lists`), else searched here;
+    the split's local matches (RUN/local/<split>.safetensors) when it has them, fused as post.json
+    says (`post`), else for the pictures only; unusable matches become a note, never a crash."""
+    lists, notes, local, fusion = None, [], None, None
+    try:
+        local = split_evidence(run, split, features.names)
+        if post is not None and post.fuses:
+            fusion = FusionModel.from_dict(post.fusion.model, f"{run.post_path} fusion")
+            if local is None:
+                fusion = None
+                notes.append((f"{run.post_path.name} fuses local matches but {run.local_matches_path(split)} does "
+                              f"not exist: these figures rank by the global setting alone",
+                              f"jaguar match {run.path} --split {split}"))
+    except JaguarError as err:
+        local, fusion = None, None
+        notes.append((f"Local matches not used: {err}", f"jaguar match {run.path} --split {split} --force"))
     if final_ranking(features, chosen, retrieval).mode == "topm":
         lists, note = stored_lists(run, split, features, has_post)
         if lists is None and not note:
             note = (f"No ranked lists ({run.ranks_path(split).name}) for these {len(features):,} images: "
                     f"the report searched them itself (a kNN pass); with the file it only reads them")
-    return split_figures(split, features, chosen, retrieval, lists), [note] if note else []
+        notes += [(note, f"jaguar rank {run.path} --split {split}")] if note else []
+    return split_figures(split, features, chosen, retrieval, lists, fusion, local), notes

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
     from jaguar.core.features import FeatureSet
+    from jaguar.retrieval.post.fusion import FusionModel
+    from jaguar.retrieval.post.local_evidence import LocalEvidence
 
 
 class SubmissionError(JaguarError, ValueError):
@@ -62,11 +64,19 @@ def pair_similarity_matrix(query_names: Sequence[str], gallery_names: Sequence[s
 
 
 def pair_similarities(features: "FeatureSet", row_ids: Sequence[str], query_names: Sequence[str],
-                      gallery_names: Sequence[str], post: "PostConfig") -> np.ndarray:
+                      gallery_names: Sequence[str], post: "PostConfig", fusion: Optional["FusionModel"] = None,
+                      local: Optional["LocalEvidence"] = None) -> np.ndarray:
     """Similarity in [0, 1] for every pair row: the post-processed all-vs-all distance over the
     images of the pair list (in feature-file order), mapped by similarity_from_distance over the
     requested pairs. Images without features are an error naming the rows. Where re-ranking cannot
-    run (a pair list of 2-3 images) the pairs are scored without it, and a warning says so."""
+    run (a pair list of 2-3 images) the pairs are scored without it, and a warning says so.
+
+    With `fusion` (and `local`, the split's shortlist matches): each pair's fused P(same individual)
+    (`FusionModel.fuse`: the calibrated global score 1 - distance and the calibrated inliers; a pair
+    outside its query's shortlist gets the local floor, so every row is on the same scale) with the
+    tie-break of `FusionModel.rank_scores` (1e-6 x the global score), mapped by one affine map over
+    all requested pairs into [0, 1]: the ranking of rank_scores exactly, each value within about
+    1e-6 of the probability."""
     import torch
 
     from jaguar.retrieval.post.dense import final_distance
@@ -90,7 +100,17 @@ def pair_similarities(features: "FeatureSet", row_ids: Sequence[str], query_name
         distance = final_distance(subset, dataclasses.replace(post, rerank=False))
     q = torch.tensor([position[name] for name in query_names])
     g = torch.tensor([position[name] for name in gallery_names])
-    return similarity_from_distance(distance[q, g])
+    if fusion is None:
+        return similarity_from_distance(distance[q, g])
+    from jaguar.retrieval.post.fusion import TIE_BREAK
+
+    subset_local = local.subset(subset.names)
+    global_scores = 1.0 - distance.double().numpy()
+    ranked = fusion.fuse_dense(global_scores, subset_local.shortlist, subset_local.scores)[q.numpy(), g.numpy()]
+    pair_global = global_scores[q.numpy(), g.numpy()]
+    low, spread = float(pair_global.min()), float(pair_global.max() - pair_global.min())
+    # rank_scores = P + 1e-6 x global, mapped affinely into [0, 1]: the same order, within ~1e-6 of P
+    return np.clip((ranked - TIE_BREAK * low) / (1.0 + TIE_BREAK * spread), 0.0, 1.0)
 
 
 @dataclass
@@ -99,6 +119,7 @@ class SubmitResult:
     rows: int
     post: Optional[PostConfig]  # None: raw cosine, tune-post has not run
     repeated: list[int] = dataclasses.field(default_factory=list)  # pair-list lines repeating a row exactly (read once)
+    fused: bool = False  # fused with the test split's local matches (post.json's fusion adopted)
 
 
 MAX_SUBMISSION_ROWS = 10**8  # an all-pairs file past this (~10,000 images) is the wrong tool: `jaguar rank`
@@ -107,7 +128,9 @@ MAX_SUBMISSION_ROWS = 10**8  # an all-pairs file past this (~10,000 images) is t
 def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = None,
                max_rows: int = MAX_SUBMISSION_ROWS) -> SubmitResult:
     """Score every pair of `test_csv` with the run's test features and chosen post-processing (raw
-    cosine when tune-post has not run) and write a validated submission (default: the run's).
+    cosine when tune-post has not run; fused with RUN/local/test.safetensors when it chose a fusion,
+    MissingInputError naming `jaguar match RUN --split test` when that file is absent) and write a
+    validated submission (default: the run's).
     A pair list of more than `max_rows` rows is refused (SubmissionError) before it is read: the
     all-pairs file is for the challenge; large galleries take `jaguar rank`'s top-k lists."""
     output = Path(output) if output else run.submission_path
@@ -116,12 +139,14 @@ def submit_run(run: RunDir, test_csv: str | Path, output: str | Path | None = No
         raise SubmissionError(f"{test_csv} has {rows:,} pair rows, more than an all-pairs submission should hold "
                               f"({max_rows:,}); write each image's top-k list instead: "
                               f"`jaguar rank {run.path} --split test --top-k 100`")
-    from jaguar.retrieval.post.tune import chosen_post
+    from jaguar.retrieval.post.local_evidence import run_fusion
 
     features = run.load_features("test")
-    post = chosen_post(run)
+    result = run.load_post() if run.has_post() else None
+    post = result.chosen if result is not None else None
+    fusion, local = run_fusion(run, result, "test", features.names)
     pairs = read_pairs(test_csv)
     similarity = pair_similarities(features, pairs.row_ids, pairs.query_images, pairs.gallery_images,
-                                   post or PostConfig())
+                                   post or PostConfig(), fusion, local)
     write_submission(output, pairs.row_ids, similarity, expected_row_ids=pairs.row_ids)
-    return SubmitResult(output, len(pairs), post, list(pairs.repeated))
+    return SubmitResult(output, len(pairs), post, list(pairs.repeated), fused=fusion is not None)

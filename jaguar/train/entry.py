@@ -66,4 +66,7 @@ def run_recipe(recipe_file: str, argv: list[str] | None = None) -> None:
             print(f"{recipe_file}: interrupted by signal {signum}; kept: {kept}; resume with the same "
                   f"command (train.resume=auto)", file=sys.stderr)
         sys.exit(128 + signum)
+    from jaguar.core.accelerator import end_process_group
+
+    end_process_group()  # the processes of a launch leave their group cleanly
     sys.exit(code)

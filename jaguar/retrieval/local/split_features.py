@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from jaguar.config import Config
 from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, fingerprint
 from jaguar.errors import JaguarError
-from jaguar.retrieval.blockwork import images_fingerprint, plan_blocks
+from jaguar.retrieval.blockwork import finished_part, images_fingerprint, plan_blocks
 from jaguar.retrieval.extract import split_positions
 from jaguar.retrieval.local.configured import make_extractor
 from jaguar.retrieval.local.store import LocalFeatureSet
@@ -52,19 +52,9 @@ def stored_meta(path: Path) -> dict:
 
 
 def _load_part(path: Path, names: list[str], key: str, newer_than: Optional[int]) -> Optional[LocalFeatureSet]:
-    """The part at `path` when it is complete, holds `names` and was made under `key` (after
-    `newer_than` ns since the epoch, if given); None otherwise (an unreadable one is logged)."""
-    if not path.is_file() or (newer_than is not None and path.stat().st_mtime_ns <= newer_than):
-        return None
-    try:
-        part = LocalFeatureSet.load(path)
-    except JaguarError as err:
-        log.warning("local feature part %s is unreadable (%s); recomputing it", path, err)
-        return None
-    if part.names != names or part.meta.get("key") != key:
-        log.warning("local feature part %s does not hold the expected images; recomputing it", path)
-        return None
-    return part
+    """The part at `path` when complete, holding `names`, made under `key` (after `newer_than`, if given)."""
+    return finished_part(path, LocalFeatureSet.load, lambda part: part.names == names and part.meta.get("key") == key,
+                         "local feature part", newer_than)
 
 
 def _up_to_date(path: Path, key: str, names: list[str]) -> Optional[LocalFeatureSet]:
@@ -109,7 +99,8 @@ def extract_local_split(run: RunDir, split_name: str, cfg: Config, accelerator, 
     part_path = (lambda start, end: run.local_part_path("features", split_name, start, end, key))
     plan = plan_blocks(len(positions), rank, world, block_size, 1,
                        lambda start, end: _load_part(part_path(start, end), names[start:end], key,
-                                                     replaced) is not None)
+                                                     replaced) is not None,
+                       what="images' local features were extracted")
     with plan.progress(f"local features {split_name}", "img", rank, world) as bar:
         for start, end in plan.todo:
             records = []

@@ -26,7 +26,7 @@ from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, fingerprint
 from jaguar.core.features import FeatureSet
 from jaguar.core.knn import knn
 from jaguar.errors import JaguarError
-from jaguar.retrieval.blockwork import plan_blocks
+from jaguar.retrieval.blockwork import finished_part, plan_blocks
 from jaguar.retrieval.extract import require_features
 from jaguar.retrieval.local.configured import make_matcher
 from jaguar.retrieval.local.matching import MatchSettings, match_shortlist
@@ -81,18 +81,10 @@ def matching_key(split_name: str, local_key: str, global_sha: str, width: int, c
 
 def _finished_part(path: Path, start: int, end: int, key: str, newer_than: Optional[int]):
     """The matches of queries [start, end) at `path` when complete and made under `key` (after
-    `newer_than` ns, if given); None otherwise (an unreadable part is logged)."""
-    if not path.is_file() or (newer_than is not None and path.stat().st_mtime_ns <= newer_than):
-        return None
-    try:
-        matches, meta = load_matches(path)
-    except JaguarError as err:
-        log.warning("match part %s is unreadable (%s); recomputing it", path, err)
-        return None
-    if (matches.start, matches.stop) != (start, end) or meta.get("key") != key:
-        log.warning("match part %s does not hold queries [%d, %d) of these settings; recomputing it", path, start, end)
-        return None
-    return matches
+    `newer_than` ns, if given); None otherwise."""
+    part = finished_part(path, load_matches, lambda loaded: (loaded[0].start, loaded[0].stop) == (start, end)
+                         and loaded[1].get("key") == key, "match part", newer_than)
+    return None if part is None else part[0]
 
 
 def _up_to_date(path: Path, key: str) -> bool:
@@ -121,7 +113,6 @@ def match_split(run: RunDir, split_name: str, cfg: Config, force: bool = False,
         raise JaguarError(f"the block size must be >= 1, got {block_size}")
     cfg.train.precision = "fp32"
     accelerator = build_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
     global_features = require_features(run, split_name, "jaguar match")
     global_sha = global_features_sha256(run.features_path(split_name))
     local_features = extract_local_split(run, split_name, cfg, accelerator, force=force, block_size=block_size)
@@ -129,6 +120,21 @@ def match_split(run: RunDir, split_name: str, cfg: Config, force: bool = False,
         raise JaguarError(f"{run.features_path(split_name)} does not hold the {split_name} images of the run in "
                           f"their order ({len(global_features.names)} against {len(local_features.names)}); "
                           f"re-extract them: `jaguar extract {run.path} --split {split_name} --force`")
+    return match_features(run, split_name, global_features, global_sha, local_features, cfg, accelerator,
+                          force=force, block_size=block_size)
+
+
+def match_features(run: RunDir, split_name: str, global_features: FeatureSet, global_sha: str,
+                   local_features: LocalFeatureSet, cfg: Config, accelerator, force: bool = False,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> MatchResult:
+    """Steps 2 and 3 of `jaguar match` on features in hand: the shortlist (split_shortlist of
+    `global_features`, N x D, B = retrieval.local.shortlist clipped to N - 1) and the matching of
+    `local_features` (the same N images in the same order; `local_features.meta["key"]` their
+    fingerprint) in blocks of `block_size` queries, each process of `accelerator` its contiguous run,
+    merged by rank 0 into run.local_matches_path(split_name). `global_sha`: the global features'
+    checksum, recorded so that re-extracted features invalidate the matches. Collective: every
+    process calls it."""
+    rank, world = accelerator.process_index, accelerator.num_processes
     local = cfg.retrieval.local
     out = run.local_matches_path(split_name)
     shortlist = split_shortlist(global_features, local.shortlist)
@@ -148,7 +154,7 @@ def match_split(run: RunDir, split_name: str, cfg: Config, force: bool = False,
     part_path = (lambda start, end: run.local_part_path("matches", split_name, start, end, key))
     plan = plan_blocks(len(shortlist), rank, world, block_size, 1,
                        lambda start, end: _finished_part(part_path(start, end), start, end, key, replaced) is not None,
-                       what="queries")
+                       what="queries were matched")
     with plan.progress(f"match {split_name} (B={width})", "query", rank, world) as bar:
         for start, end in plan.todo:
             matches = match_shortlist(local_features, local_features, shortlist, settings, start, end,

@@ -6,7 +6,6 @@ The matching results of a shortlist (`ShortlistMatches`, a slice of queries) and
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save as save_bytes
 
+from jaguar.checksums import arrays_sha256
 from jaguar.errors import JaguarError, MissingInputError
 from jaguar.io import atomic_write_bytes
 from jaguar.retrieval.local.keypoints import LocalFeatures
@@ -219,7 +219,7 @@ class SplitMatches:
 
 def _save(path: str | Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
-    metadata = dict(metadata, sha256=_content_sha256(arrays, metadata))
+    metadata = dict(metadata, sha256=arrays_sha256(arrays, metadata))
     atomic_write_bytes(Path(path), save_bytes(arrays, metadata=metadata))
 
 
@@ -234,7 +234,7 @@ def _load(path: str | Path, how_to_make: str, finite: Sequence[str]) -> tuple[di
             metadata = dict(handle.metadata() or {})
         arrays = load_file(str(path))
         recorded = metadata.pop("sha256", None)
-        if recorded is None or _content_sha256(arrays, metadata) != recorded:
+        if recorded is None or arrays_sha256(arrays, metadata) != recorded:
             raise LocalFeatureFileError(f"local feature file {path} does not match the checksum recorded when it "
                                         f"was written (corrupt, changed since, or not written by jaguar): "
                                         f"{how_to_make}")
@@ -251,15 +251,3 @@ def _load(path: str | Path, how_to_make: str, finite: Sequence[str]) -> tuple[di
 def _unreadable(path: str | Path, err: Exception, how_to_make: str) -> LocalFeatureFileError:
     return LocalFeatureFileError(f"local feature file {path} could not be read ({type(err).__name__}: {err}); it "
                                  f"is truncated or not written by jaguar: {how_to_make}")
-
-
-def _content_sha256(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
-    """sha256 over each array's name, dtype, shape and bytes and each metadata entry, in sorted order."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{tuple(array.shape)}|".encode())
-        digest.update(array.reshape(-1).view(np.uint8))
-    for key in sorted(metadata):
-        digest.update(f"{key}={metadata[key]}|".encode())
-    return digest.hexdigest()

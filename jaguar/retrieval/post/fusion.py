@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -274,32 +274,44 @@ def fit_fusion(global_scores: Any, labels: Any, shortlist: Any, local_scores: An
     global_scores = np.asarray(global_scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     shortlist, local_scores = _shortlist_arrays(shortlist, local_scores, global_scores.shape[0])
+
+    def fused_metrics(weight: float, fitted: list) -> Any:
+        fused = np.empty_like(global_scores)
+        for rows, (fold_global, fold_local) in fitted:
+            model = FusionModel(fold_global, fold_local, weight)
+            fused[rows] = model.fuse_dense(global_scores[rows], shortlist[rows], local_scores[rows])
+        return evaluate(fused, labels, kind="similarity")
+
+    return search_weights(labels, lambda rows: _calibrators(global_scores, shortlist, local_scores, labels, rows),
+                          fused_metrics, weights, folds)
+
+
+def search_weights(labels: np.ndarray, calibrate: Callable[[np.ndarray], tuple[IsotonicCalibrator, IsotonicCalibrator]],
+                   fused_metrics: Callable[[float, list], Any], weights: Sequence[float] = DEFAULT_WEIGHTS,
+                   folds: int = 2) -> FusionSearch:
+    """`fit_fusion`'s search in any form of the scores: `calibrate(rows)` fits both calibrators on
+    the shortlisted pairs of the queries `rows` (bool (N,)); `fused_metrics(weight, fitted)` is the
+    evaluator's result of the whole set fused at `weight`, each (rows, (global, local calibrators))
+    of `fitted` fusing its rows. Folds, ties and the returned model as `fit_fusion` says."""
     weights = [float(w) for w in weights]
     if not weights or any(not 0.0 <= w <= 1.0 for w in weights):
         raise FusionError(f"fusion weights must be a non-empty list in [0, 1], got {weights}")
     everyone = np.ones(len(labels), dtype=bool)
-    global_calibrator, local_calibrator = _calibrators(global_scores, shortlist, local_scores, labels, everyone)
+    global_calibrator, local_calibrator = calibrate(everyone)
     identities = np.unique(labels[labels >= 0])
     fold_of = np.full(len(labels), -1, dtype=np.int64)
     fold_of[labels >= 0] = np.searchsorted(identities, labels[labels >= 0]) % max(folds, 1)
     fitted = []  # (rows fused, calibrators fitted on the other rows)
     if folds > 1:
         try:
-            fitted = [(fold_of == k, _calibrators(global_scores, shortlist, local_scores, labels,
-                                                  (fold_of != k) & (fold_of >= 0))) for k in range(folds)]
+            fitted = [(fold_of == k, calibrate((fold_of != k) & (fold_of >= 0))) for k in range(folds)]
         except FusionError:  # a fold with pairs of one kind only: too few identities to cross-fit
             fitted = []
     if not fitted:
         fitted = [(everyone, (global_calibrator, local_calibrator))]
     elif bool((fold_of < 0).any()):  # queries of unknown identity: in no fold, fused as the final model fuses
         fitted.append((fold_of < 0, (global_calibrator, local_calibrator)))
-    results = []
-    for weight in weights:
-        fused = np.empty_like(global_scores)
-        for rows, (fold_global, fold_local) in fitted:
-            model = FusionModel(fold_global, fold_local, weight)
-            fused[rows] = model.fuse_dense(global_scores[rows], shortlist[rows], local_scores[rows])
-        results.append(evaluate(fused, labels, kind="similarity"))
+    results = [fused_metrics(weight, fitted) for weight in weights]
     best = max(range(len(weights)), key=lambda i: (results[i].mAP_balanced, weights[i]))
     return FusionSearch(FusionModel(global_calibrator, local_calibrator, weights[best]), weights, results,
                         folds=folds if len(fitted) > 1 else 1)

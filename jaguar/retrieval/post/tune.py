@@ -1,6 +1,7 @@
 """tune-post: the post-processing of a run chosen on its validation features by identity-balanced mAP
-(QE/DBA, then k-reciprocal re-ranking and its blend with the raw distance), each stage adopted only
-when its gain clears `retrieval.tune_min_gain_se` standard errors, in whichever space
+(QE/DBA, then k-reciprocal re-ranking and its blend with the raw distance, then, when the split has
+local matches, the calibrated fusion with local pattern evidence), each stage adopted only when its
+gain clears `retrieval.tune_min_gain_se` standard errors, in whichever space
 jaguar.retrieval.post.search gives the set (N x N or top-M lists); and the stage table it writes to
 the run (post.json) and prints."""
 
@@ -19,9 +20,11 @@ from jaguar.config import Config, PostConfig, RetrievalConfig
 from jaguar.core.evaluator import RetrievalMetrics
 from jaguar.core.features import FeatureSet
 from jaguar.errors import JaguarError
-from jaguar.retrieval.post.search import tuning_space
+from jaguar.retrieval.post.fusion import FusionError, FusionModel
+from jaguar.retrieval.post.local_evidence import LocalEvidence, load_local_evidence
+from jaguar.retrieval.post.search import fit_setting_fusion, score_setting, tuning_space
 from jaguar.retrieval.post.space import BLENDS, DBA_KS, K1S, K2S, LAMBDAS, QE_ALPHAS, QE_KS, SearchSpace
-from jaguar.run import PostResult, RunDir, StageRow
+from jaguar.run import FusionRecord, PostResult, RunDir, StageRow
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +177,51 @@ def stage_row(row: dict[str, Any]) -> StageRow:
     return StageRow(row["name"], PostConfig.from_dict(row.get("config", {})), **stage_figures(row))
 
 
+def fusion_stage(features: FeatureSet, chosen: PostConfig, table: list[dict[str, Any]], local: LocalEvidence,
+                 base: RetrievalConfig, search: bool = True) -> tuple[list[dict[str, Any]], Optional[FusionRecord]]:
+    """The fusion stage after the global ones (WildFusion's route, jaguar.retrieval.post.fusion): both
+    scores calibrated on the validation split's shortlisted pairs and the weight of the global
+    probability chosen by identity-balanced mAP (`fit_fusion`'s search, cross-fitted over identities), over
+    the chosen global setting's similarity. Adds the rows "local only" (weight 0: the calibrated local
+    probability ranks; pairs it cannot tell apart, those outside the shortlist among them, keep the
+    global order below) and "fused" (the chosen weight), and adopts the fusion only when its gain over
+    the chosen global setting clears `base.tune_min_gain_se` standard errors of the paired per-identity
+    AP differences (never with search=False: retrieval.tune is off). In the set's tuning space (N x N
+    or top-M lists, jaguar.retrieval.post.search.fit_setting_fusion). Returns the table (the chosen
+    row last) and the record for post.json; (table, None) when the shortlists hold pairs of one kind
+    only, with a warning."""
+    labels, space = features.labels.numpy(), tuning_space(features, features.labels, base)
+    try:
+        found, global_metrics = fit_setting_fusion(space, chosen, labels, local)
+    except FusionError as err:
+        logger.warning("fusion with local matches not tuned: %s", err)
+        return table, None
+    weights, model = found.weights, found.model
+    if 0.0 in weights:
+        local_metrics = found.metrics[weights.index(0.0)]
+    else:
+        local_model = FusionModel(model.global_calibrator, model.local_calibrator, 0.0)
+        local_metrics = score_setting(space, chosen, local_model, local)
+    local_row = {**_row("local only", local_metrics, chosen), "fusion_weight": 0.0}
+    fused_metrics = found.metrics[weights.index(model.weight)]
+    fused_row = {**_row("fused", fused_metrics, chosen), "fusion_weight": model.weight}
+    gain = identity_gain(fused_metrics.per_identity_ap, global_metrics.per_identity_ap)
+    if search:
+        adopted = _decide("fused", gain, float(base.tune_min_gain_se), fused_row)
+    else:  # retrieval.tune is off: the settings as configured, which name no fusion
+        adopted = False
+        fused_row.update(gain=gain.gain, gain_se=gain.se, adopted=False)
+    chosen_row = _as_chosen(fused_row) if adopted else table[-1]
+    record = FusionRecord(model.to_dict(), local.width, adopted, found.folds,
+                          [{"weight": w, "mAP_balanced": m.mAP_balanced} for w, m in zip(weights, found.metrics)])
+    return table[:-1] + [local_row, fused_row, chosen_row], record
+
+
 def tune_post_run(run: RunDir) -> PostResult:
     """Choose the post-processing on the run's validation features (`tune_post`) with the run's
-    retrieval settings (defaults when it has no config) and write it to the run."""
+    retrieval settings (defaults when it has no config), then the fusion with local evidence when the
+    run has the validation split's local matches (RUN/local/val.safetensors, `jaguar match RUN --split
+    val`; `fusion_stage`), and write it to the run."""
     run.require()
     if run.has_config():
         config = run.load_config()
@@ -184,12 +229,17 @@ def tune_post_run(run: RunDir) -> PostResult:
         logger.warning("%s not found; using the default retrieval settings", run.config_path)
         config = Config()
     features = run.load_features("val")
+    local = load_local_evidence(run, "val", features.names)
     try:
         chosen, table = tune_post(features, config.retrieval, search=config.retrieval.tune)
     except ValueError as err:
         raise JaguarError(f"{run.features_path('val')}: {err}") from None
+    fusion = None
+    if local is not None:
+        table, fusion = fusion_stage(features.normalized(), chosen, table, local, config.retrieval,
+                                     search=config.retrieval.tune)
     result = PostResult(chosen, [stage_row(row) for row in table], val_size=len(features),
-                        searched=config.retrieval.tune)
+                        searched=config.retrieval.tune, fusion=fusion)
     run.save_post(result)
     return result
 
@@ -206,7 +256,3 @@ def format_stage_table(table: list[StageRow]) -> str:
                      f"{row.decision_text():<22}  {row.config.describe()}")
     return "\n".join(lines)
 
-
-def chosen_post(run: RunDir) -> Optional[PostConfig]:
-    """The run's chosen post-processing, or None when tune-post has not run (raw cosine)."""
-    return run.load_post().chosen if run.has_post() else None
