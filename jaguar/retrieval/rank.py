@@ -114,6 +114,9 @@ def rank_run(run: RunDir, split: str, top_k: int = 100, output: str | Path | Non
     lists = ranking.lists(top_k)
     rows = write_ranks(output, list(features.names), lists.index, lists.distance, fmt)
     basis = ranked_basis(max(top_k, ranking.top_m) if lists.reordered else None)
+    if fusion is not None and lists.reordered:
+        basis = (f"over fused top-{max(top_k, ranking.top_m)} lists (each image's top-{ranking.top_m} list joined "
+                 f"with its shortlist, ordered by the fused score; the rest keep their global order)")
     return RankResult(output, len(features), rows, top_k, ranking.mode, post, basis)
 
 
