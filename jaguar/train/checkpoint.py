@@ -131,6 +131,10 @@ def save_checkpoint(accelerator: Accelerator, model, ema, folder: CheckpointFold
         accelerator.save_state(str(tmp))
     except Exception as err:  # a full disk comes as torch's RuntimeError or safetensors' own error type
         write_failed(final, err, "its partial folder was removed, the earlier checkpoints are kept", remove=tmp)
+    # accelerate's save_state has no barrier at its end (1.16: each rank writes its random_states_<rank>.pkl
+    # and returns): without one, rank 0 could record the folder before another rank's file is there,
+    # and resuming would refuse that file as not written by jaguar (seen on a loaded 2-core machine).
+    accelerator.wait_for_everyone()
     # Gathering the full weights is collective under ZeRO: every rank calls it.
     weights = model_weights(accelerator, model, weights_prefix)
     if accelerator.is_main_process:
@@ -140,7 +144,7 @@ def save_checkpoint(accelerator: Accelerator, model, ema, folder: CheckpointFold
                 save_file(_state_dict_to_cpu(ema.module.state_dict()), str(tmp / EMA_WEIGHTS_FILE))
             if extra_state:
                 torch.save({key: obj.state_dict() for key, obj in extra_state.items()}, tmp / EXTRA_STATE_FILE)
-            # every rank's files are there (save_state ends with a barrier): record them all
+            # every rank's files are there (the barrier after save_state): record them all
             records = checksums.folder_records(tmp)
             atomic_write_json(tmp / STATE_FILE, {**trainer_state, "files": records,
                                                  "signature": checksums.sign(records)})
