@@ -407,3 +407,42 @@ def test_submit_on_a_tiny_pair_list_with_re_ranking_falls_back_and_reports_repea
     captured = capsys.readouterr()
     assert "1 row(s) of" in captured.out and "line(s) 4" in captured.out
     assert run.submission_path.read_text().count("\n") == 3
+
+
+class _TwoRankAccelerator:
+    """Rank 0 of a two-process launch, as save_checkpoint sees it: accelerate's save_state writes this
+    rank's files and returns; the other rank's random state lands whenever it gets there, at the
+    latest by the next barrier (accelerate 1.16's save_state has none of its own at its end)."""
+
+    is_main_process = True
+    mixed_precision = "no"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.pending = model, []
+        self.state = type("State", (), {"deepspeed_plugin": None})()
+
+    def wait_for_everyone(self) -> None:
+        for write in self.pending:
+            write()
+        self.pending.clear()
+
+    def save_state(self, folder: str) -> None:
+        save_file(self.model.state_dict(), str(Path(folder) / "model.safetensors"))
+        (Path(folder) / "random_states_0.pkl").write_bytes(b"rank 0")
+        self.pending.append(lambda: (Path(folder) / "random_states_1.pkl").write_bytes(b"rank 1"))
+
+    def get_state_dict(self, model, unwrap: bool = True) -> dict:
+        return model.state_dict()
+
+
+def test_a_checkpoint_records_every_ranks_files_so_it_resumes(tmp_path):
+    """The checksums of a checkpoint are recorded once every rank's files are written: the other
+    rank's random state is in the records, and the checkpoint passes the resume check."""
+    from jaguar.run_checkpoints import CheckpointFolder
+
+    model = torch.nn.Linear(3, 2)
+    folder = CheckpointFolder(tmp_path / "checkpoints")
+    saved = ckpt.save_checkpoint(_TwoRankAccelerator(model), model, None, folder, "step-000001", {"step": 1},
+                                 keep_last=2)
+    assert "random_states_1.pkl" in json.loads((saved / STATE_FILE).read_text())["files"]
+    ckpt.check_resumable(saved, deepspeed=False)
