@@ -183,13 +183,13 @@ def test_verify_run_checks_checkpoints_features_and_gallery(tmp_path, capsys):
 
 
 def test_extract_recomputes_a_features_file_that_fails_its_check(tmp_path):
-    from jaguar.retrieval.extract import _passes_check
+    from jaguar.retrieval.blockwork import reads_back
 
     path = tmp_path / "val.safetensors"
     _features([f"v{i}.png" for i in range(10)]).save(path)
-    assert _passes_check(path)
+    assert reads_back(path, FeatureSet.load)
     _flip_bit(path, path.stat().st_size - 3)
-    assert not _passes_check(path)
+    assert not reads_back(path, FeatureSet.load)
 
 
 def test_a_damaged_png_in_a_shard_names_the_shard_and_the_sample(tmp_path, shards_dir):

@@ -105,3 +105,14 @@ def finished_part(path: Path, load: Callable[[Path], T], fits: Callable[[T], boo
         log.warning("%s %s does not hold this block of these settings; recomputing it", what, path)
         return None
     return part
+
+
+def reads_back(path: Path, load: Callable[[Path], object]) -> bool:
+    """Whether a stage's finished output at `path` reads back whole with `load` (its checksum and
+    checks); one that fails is logged and then recomputed by the caller."""
+    try:
+        load(path)
+    except JaguarError as err:
+        log.warning("%s fails its check (%s); recomputing it", path, err)
+        return False
+    return True

@@ -25,14 +25,14 @@ from jaguar.data.manifest import file_sha256
 from jaguar.data.shards import ShardSplit
 from jaguar.errors import JaguarError
 from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, fingerprint
-from jaguar.core.features import FeatureFileError, FeatureSet
+from jaguar.core.features import FeatureSet
 from jaguar.run import RunDir
 from jaguar.run_checkpoints import EMA_WEIGHTS_FILE, WEIGHTS_FILE
 from jaguar.core.accelerator import build_accelerator
 from jaguar.core.run_split import build_run_split, open_train_split
 
 from jaguar.core.embedding import Embedder, autocast_for, embed_batch, load_embedder
-from jaguar.retrieval.blockwork import finished_part, images_fingerprint, plan_blocks, split_viewpoints
+from jaguar.retrieval.blockwork import finished_part, images_fingerprint, plan_blocks, reads_back, split_viewpoints
 
 if TYPE_CHECKING:  # onnxruntime is an optional extra: imported only when an exported model is used
     from jaguar.core.onnx_model import OnnxEmbedding
@@ -160,17 +160,6 @@ def _stored_key(path: Path) -> Optional[str]:
         return None
 
 
-def _passes_check(path: Path) -> bool:
-    """Whether a features file reads back whole (its content checksum and finite rows, see
-    FeatureSet.load); one that fails is logged and recomputed."""
-    try:
-        FeatureSet.load(path)
-    except FeatureFileError as err:
-        log.warning("%s fails its check (%s); recomputing it", path, err)
-        return False
-    return True
-
-
 def _finished_part(path: Path, names: list[str], key: str, newer_than: Optional[int] = None) -> bool:
     """Whether `path` is a complete part of these images made under `key`, written after `newer_than`."""
     return finished_part(path, FeatureSet.load, lambda part: part.names == names and part.meta.get("key") == key,
@@ -230,7 +219,7 @@ def extract_split(run: RunDir, split_name: str, cfg: Config, checkpoint: Optiona
     accelerator = build_accelerator(cfg)
     autocast = autocast_for(accelerator.device)
     key = extraction_key(cfg, split_name, split, positions, checkpoint, autocast, onnx_model)
-    if out.is_file() and not force and _stored_key(out) == key and _passes_check(out):
+    if out.is_file() and not force and _stored_key(out) == key and reads_back(out, FeatureSet.load):
         if accelerator.is_main_process:
             log.info("%s is up to date; nothing to do (--force recomputes)", out)
             run.remove_feature_parts(split_name)  # left by a run killed between its merge and clean-up

@@ -26,7 +26,7 @@ from jaguar.core.blocks import DEFAULT_BLOCK_SIZE, fingerprint
 from jaguar.core.features import FeatureSet
 from jaguar.core.knn import knn
 from jaguar.errors import JaguarError
-from jaguar.retrieval.blockwork import finished_part, plan_blocks
+from jaguar.retrieval.blockwork import finished_part, plan_blocks, reads_back
 from jaguar.retrieval.extract import require_features
 from jaguar.retrieval.local.configured import make_matcher
 from jaguar.retrieval.local.matching import MatchSettings, match_shortlist
@@ -88,14 +88,8 @@ def _finished_part(path: Path, start: int, end: int, key: str, newer_than: Optio
 
 
 def _up_to_date(path: Path, key: str) -> bool:
-    if stored_meta(path).get("fingerprint") != key:
-        return False
-    try:
-        SplitMatches.load(path)
-    except JaguarError as err:
-        log.warning("%s fails its check (%s); recomputing it", path, err)
-        return False
-    return True
+    """Whether the split's matches at `path` were made under `key` and read back whole."""
+    return stored_meta(path).get("fingerprint") == key and reads_back(path, SplitMatches.load)
 
 
 def match_split(run: RunDir, split_name: str, cfg: Config, force: bool = False,
