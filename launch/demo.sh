@@ -29,6 +29,16 @@ else
   TRAIN=()
 fi
 RAW="$DEMO/raw"; SHARDS="$DEMO/shards"; RUN="$DEMO/run"
+# One folder holds one variant: the full demo would otherwise skip the fast demo's data and then refuse
+# to resume its run with another model.img_size.
+VARIANT=$([ "$FAST" = 1 ] && echo fast || echo full)
+mkdir -p "$DEMO"
+if [ -f "$DEMO/variant" ] && [ "$(cat "$DEMO/variant")" != "$VARIANT" ]; then
+  echo "demo.sh: $DEMO holds the $(cat "$DEMO/variant") demo; run this one in another folder" \
+       "(bash launch/demo.sh$([ "$FAST" = 1 ] && echo " --fast") --dir DIR) or remove $DEMO first" >&2
+  exit 2
+fi
+echo "$VARIANT" > "$DEMO/variant"
 LAUNCH=(accelerate launch --config_file "$ROOT/launch/cpu_2proc.yaml")
 stage() { printf '\n==> %s\n' "$*"; }
 t0=$(date +%s)

@@ -28,3 +28,7 @@ if ! grep -q "TORCH_EXTENSIONS_DIR" "$VENV/bin/activate"; then
   printf '\n# added by jaguar launch/setup.sh: DeepSpeed ops built once, kept across shells\nexport TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"\n' >> "$VENV/bin/activate"
 fi
 export PATH="$VENV/bin:$PATH"
+if [ "$(cat "$STAMP.announced" 2>/dev/null || true)" != "$WANT" ]; then  # once, after the first install
+  echo "[setup] done; in a new shell, \`source $VENV/bin/activate\` puts jaguar and tensorboard on the PATH"
+  echo "$WANT" > "$STAMP.announced"
+fi

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         score = score_submission(args.submission, args.test_csv, args.labels)
     print(f"identity-balanced mAP: {score.mAP_balanced:.6f} "
-          f"({score.num_pairs} pairs, {score.num_images} images, {len(score.per_identity)} identities)")
+          f"({score.num_pairs} pairs, {score.num_images} images, {len(score.per_identity)} identities with a "
+          f"true match among them)")
     if score.mAP is not None:
         print(f"mAP {score.mAP:.6f}, rank-1 {score.rank1:.6f}, rank-5 {score.rank5:.6f}, mINP {score.mINP:.6f}")
     if args.per_identity:

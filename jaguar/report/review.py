@@ -69,7 +69,7 @@ validation (balanced accuracy {{ "%.3f"|format(balanced) }}); otherwise it is a 
   <div class="decision {{ 'known' if photo.known else 'new' }}">{{ photo.decision }}</div></div>
  <div class="cands">{% for cand in photo.candidates %}<div class="cand{{ ' best' if loop.first and photo.known }}">
   <div>{{ loop.index }}. <span class="name">{{ cand.name }}</span> {% if local %}P(same) {{ "%.4f"|format(cand.probability) }} ·
-  cosine {{ "%.4f"|format(cand.score) }} · {{ cand.inliers }} inliers{% else %}{{ "%.4f"|format(cand.score) }}{% endif %}{% if cand.enrolled %} (enrolled){% endif %}</div>
+  individual's cosine {{ "%.4f"|format(cand.score) }} · {{ cand.inliers }} inliers{% else %}{{ "%.4f"|format(cand.score) }}{% endif %}{% if cand.enrolled %} (enrolled){% endif %}</div>
   {% if cand.match %}<div><img class="match" src="{{ cand.match }}" alt="matched spots: {{ cand.name }}"></div>{% endif %}
   {% for src in cand.images %}{% if src %}<img src="{{ src }}" alt="{{ cand.name }}">{% else %}<span class="noimg">no image</span>{% endif %}{% endfor %}
  </div>{% endfor %}</div>
@@ -117,7 +117,7 @@ def _match_picture(photo_png: bytes, match, run: RunDir, shards: Optional[ImageL
     to_candidate = np.array([candidate.shape[1] / match.gallery_size[1], candidate.shape[0] / match.gallery_size[0]])
     canvas = draw_match(photo, candidate, (match.query_xy + 0.5) * to_photo - 0.5,
                         (match.gallery_xy + 0.5) * to_candidate - 0.5, height=MATCH_HEIGHT,
-                        caption=f"{match.inliers} inliers with this image · cosine {match.cosine:.3f}")
+                        caption=f"{match.inliers} inliers with this image · its cosine {match.cosine:.3f}")
     buffer = io.BytesIO()
     Image.fromarray(canvas).save(buffer, format="JPEG", quality=88)
     return buffer.getvalue()
